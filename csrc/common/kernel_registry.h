@@ -23,10 +23,24 @@ struct KernelRecord {
   int threads_per_block;
 };
 
-// Defined in csrc/common/kernel_registry.cpp; returns its argument's index.
+// What one API op supports, as JSON mapping a feature name to the list of
+// values it accepts, e.g. for "dense_prefill_fwd":
+//   {"dtype": ["bf16", "fp16"], "head_dims": [[64, 64], [128, 128], [192, 128]]}
+// build_info() reports it under "ops"; the Python dispatch asks it before
+// choosing the native backend, and the C++ validation enforces the same sets.
+struct OpCapability {
+  const char* op;
+  const char* capabilities_json;
+};
+
+// Defined in csrc/common/kernel_registry.cpp; each returns its argument's index.
 int register_kernel(const KernelRecord& record);
 int kernel_count();
 const KernelRecord& kernel_at(int index);
+
+int register_op(const OpCapability& capability);
+int op_count();
+const OpCapability& op_at(int index);
 
 }  // namespace flash_mla
 
@@ -35,3 +49,7 @@ const KernelRecord& kernel_at(int index);
                 "kernel " #id " needs more shared memory than sm_120 allows (101376 B)"); \
   static const int flash_mla_kernel_record_##id =                                         \
       ::flash_mla::register_kernel(::flash_mla::KernelRecord{op, variant, smem_bytes, threads})
+
+#define FLASH_MLA_REGISTER_OP(id, op, capabilities_json) \
+  static const int flash_mla_op_record_##id =             \
+      ::flash_mla::register_op(::flash_mla::OpCapability{op, capabilities_json})
