@@ -112,4 +112,13 @@ struct DensePrefillBwdParams {
   cudaStream_t stream;
 };
 
+// Pinned sizes. These structs are built by host code and read by device code
+// compiled through a different front end (MSVC lays out some classes
+// differently): a static_assert seen by both the host and the device pass
+// catches a layout drift at compile time. Update the number when a field is
+// added, on purpose.
+static_assert(sizeof(CombineParams) == 104, "CombineParams layout changed");
+static_assert(sizeof(DensePrefillFwdParams) == 200, "DensePrefillFwdParams layout changed");
+static_assert(sizeof(DensePrefillBwdParams) == 312, "DensePrefillBwdParams layout changed");
+
 }  // namespace flash_mla
