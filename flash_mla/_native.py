@@ -1,28 +1,198 @@
-"""Loader of the native library (placeholder until the build toolkit lands).
+"""Loader of the native library (flash_mla/lib/libflash_mla_native.so or
+flash_mla_native.dll, or the file FLASH_MLA_LIBRARY_PATH names).
 
-Contract used by the dispatch layer; the build-toolkit implementation keeps it:
+Contract used by the dispatch layer:
 
 - ``unavailable_reason(op, device, features=None) -> str | None``: None when the
   loaded library has a kernel for ``op`` on ``device`` supporting ``features``
-  (a dict of feature name -> value, matched against the op's capability lists),
+  (a dict of feature name -> value, matched against the op's capability lists in
+  build_info()["ops"]; a feature the op does not list does not constrain it),
   else a sentence naming the reason.
 - ``function(name)``: the exported tvm-ffi function; RuntimeError if unavailable.
 - ``build_info() -> dict | None``: the library's build info, None if not loaded.
+
+The library is loaded once per process (it is process-wide); answers that depend
+on the GPU (compute capability against the compiled targets) are computed and
+cached per device. tvm_ffi is imported before the library so libtvm_ffi is
+resolvable, and on Windows the DLL folders are added explicitly.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import ctypes
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
 
-_REASON = "no native library built (flash_mla/lib has no flash_mla_native library)"
+from . import _arch
+
+__all__ = ["unavailable_reason", "function", "build_info", "library_path", "load_error"]
+
+_LIB_NAMES = ("flash_mla_native.dll",) if sys.platform.startswith("win") else (
+    "libflash_mla_native.so", "flash_mla_native.so")
+
+_lock = threading.Lock()
+_state: Dict[str, Any] = {}          # "module", "info", "error", "path" once loaded
+_capabilities: Dict[int, Tuple[int, int]] = {}
+_dll_handles = []                    # keep os.add_dll_directory handles alive
 
 
-def unavailable_reason(op: str, device: Any, features: Optional[dict] = None) -> Optional[str]:
-    return _REASON
+def library_path() -> Optional[Path]:
+    """The library file the loader uses, or None if none exists."""
+    env = os.environ.get("FLASH_MLA_LIBRARY_PATH")
+    if env:
+        return Path(env)
+    lib_dir = Path(__file__).resolve().parent / "lib"
+    for name in _LIB_NAMES:
+        if (lib_dir / name).is_file():
+            return lib_dir / name
+    return None
 
 
-def function(name: str) -> Callable:
-    raise RuntimeError(f"native function {name!r} is unavailable: {_REASON}")
+def _driver_cuda_version() -> Optional[Tuple[int, int]]:
+    """The newest CUDA version the installed driver supports, None without a driver."""
+    names = ["nvcuda.dll"] if sys.platform.startswith("win") else ["libcuda.so.1", "libcuda.so"]
+    for name in names:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        version = ctypes.c_int(0)
+        try:
+            if lib.cuDriverGetVersion(ctypes.byref(version)) == 0 and version.value > 0:
+                return version.value // 1000, (version.value % 1000) // 10
+        except AttributeError:
+            return None
+    return None
+
+
+def _load() -> Dict[str, Any]:
+    with _lock:
+        if _state:
+            return _state
+        path = library_path()
+        if path is None:
+            _state["error"] = ("no native library built (flash_mla/lib has no flash_mla_native "
+                               "library; build with `pip install .` or set "
+                               "FLASH_MLA_LIBRARY_PATH)")
+            return _state
+        _state["path"] = path
+        if not path.is_file():
+            _state["error"] = f"native library {path} does not exist (FLASH_MLA_LIBRARY_PATH)"
+            return _state
+        try:
+            import tvm_ffi  # loads libtvm_ffi, which the library links against
+        except ImportError as exc:
+            _state["error"] = f"apache-tvm-ffi is not importable ({exc}); pip install apache-tvm-ffi"
+            return _state
+        if sys.platform.startswith("win") and hasattr(os, "add_dll_directory"):
+            tvm_lib = Path(tvm_ffi.__file__).resolve().parent / "lib"
+            for folder in (tvm_lib, path.resolve().parent):
+                if folder.is_dir():
+                    _dll_handles.append(os.add_dll_directory(str(folder)))
+        try:
+            module = tvm_ffi.load_module(str(path))
+            info = json.loads(module.build_info())
+        except Exception as exc:  # noqa: BLE001 - any load failure becomes the reason
+            _state["error"] = f"native library {path} failed to load: {exc}"
+            return _state
+        error = _cuda_mismatch(info)
+        if error:
+            _state["error"] = error
+            _state["info"] = info
+            return _state
+        _state["module"] = module
+        _state["info"] = info
+        return _state
+
+
+def _cuda_mismatch(info: dict) -> Optional[str]:
+    built = str(info.get("cuda_version", "0.0"))
+    try:
+        built_major = int(built.split(".")[0])
+    except ValueError:
+        return f"native library reports an unreadable CUDA version {built!r}"
+    torch_cuda = None
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch_cuda = getattr(getattr(torch, "version", None), "cuda", None)
+    if torch_cuda:
+        torch_major = int(str(torch_cuda).split(".")[0])
+        if torch_major != built_major:
+            return (f"native library was built with CUDA {built} but torch uses the CUDA "
+                    f"{torch_cuda} runtime; install the flash_mla build for CUDA {torch_major}")
+    driver = _driver_cuda_version()
+    if driver is not None and driver[0] < built_major:
+        return (f"native library was built with CUDA {built} but the NVIDIA driver supports only "
+                f"CUDA {driver[0]}.{driver[1]}; update the driver")
+    return None
+
+
+def load_error() -> Optional[str]:
+    """Why the library is not usable (process-wide), or None when it is."""
+    return _load().get("error")
 
 
 def build_info() -> Optional[dict]:
+    state = _load()
+    return state.get("info") if "module" in state else None
+
+
+def function(name: str) -> Callable:
+    state = _load()
+    if "module" not in state:
+        raise RuntimeError(f"native function {name!r} is unavailable: {state['error']}")
+    try:
+        return getattr(state["module"], name)
+    except AttributeError:
+        raise RuntimeError(f"native function {name!r} is not exported by {state['path']}") from None
+
+
+def _device_capability(device: Any) -> Tuple[Optional[int], Optional[Tuple[int, int]], str]:
+    """(cuda index or None, (major, minor) or None, description)."""
+    import torch
+
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if dev.type != "cuda":
+        return None, None, str(dev)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if index not in _capabilities:
+        _capabilities[index] = tuple(torch.cuda.get_device_capability(index))
+    return index, _capabilities[index], f"cuda:{index}"
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def unavailable_reason(op: str, device: Any, features: Optional[dict] = None) -> Optional[str]:
+    state = _load()
+    if "module" not in state:
+        return state["error"]
+    info = state["info"]
+    ops = info.get("ops", {})
+    if op not in ops:
+        built = ", ".join(sorted(ops)) or "none"
+        return (f"op {op!r} is not in this native build (ops built: {built}); rebuild with "
+                "FLASH_MLA_KERNELS=all")
+    _, cap, desc = _device_capability(device)
+    if cap is None:
+        return f"device {desc} is not a CUDA device"
+    targets = info.get("targets", [])
+    if _arch.runnable_target(targets, info.get("ptx"), cap[0], cap[1]) is None:
+        return (f"no kernel for {_arch.sm_name(*cap)} in this build (targets: "
+                f"{', '.join(targets) or 'none'})")
+    capabilities = ops[op]
+    for name, value in (features or {}).items():
+        if name not in capabilities:
+            continue
+        accepted = capabilities[name]
+        if _normalise(value) not in accepted:
+            shown = json.dumps(_normalise(value))
+            return (f"feature {name}={shown} not implemented natively for {op} "
+                    f"(supported: {json.dumps(accepted)})")
     return None

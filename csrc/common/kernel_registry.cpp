@@ -1,5 +1,6 @@
 #include "kernel_registry.h"
 
+#include <cstddef>
 #include <vector>
 
 namespace flash_mla {
@@ -24,7 +25,7 @@ int register_kernel(const KernelRecord& record) {
 
 int kernel_count() { return static_cast<int>(records().size()); }
 
-const KernelRecord& kernel_at(int index) { return records()[static_cast<size_t>(index)]; }
+const KernelRecord& kernel_at(int index) { return records()[static_cast<std::size_t>(index)]; }
 
 int register_op(const OpCapability& capability) {
   ops().push_back(capability);
@@ -33,6 +34,6 @@ int register_op(const OpCapability& capability) {
 
 int op_count() { return static_cast<int>(ops().size()); }
 
-const OpCapability& op_at(int index) { return ops()[static_cast<size_t>(index)]; }
+const OpCapability& op_at(int index) { return ops()[static_cast<std::size_t>(index)]; }
 
 }  // namespace flash_mla

@@ -1,0 +1,51 @@
+// Launch helpers shared by the tvm-ffi entry points: the caller's stream, a
+// scoped device switch, and the post-launch error check.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+
+namespace flash_mla::api {
+
+// The stream the caller is on (torch's current stream when called from torch).
+inline cudaStream_t current_stream(int device_id) {
+  return static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device_id));
+}
+
+// Makes `device_id` current for the launch and restores the caller's device, so a
+// call with tensors on cuda:1 works while cuda:0 is current (per call, no
+// process-wide state).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device_id) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device_id) check(cudaSetDevice(device_id), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int now = previous_;
+    if (cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+  static void check(cudaError_t err, const char* what) {
+    if (err != cudaSuccess) {
+      TVM_FFI_THROW(RuntimeError) << what << " failed: " << cudaGetErrorString(err);
+    }
+  }
+
+ private:
+  int previous_ = 0;
+};
+
+// Raises RuntimeError naming the kernel when its launch failed.
+inline void check_launch(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    TVM_FFI_THROW(RuntimeError) << "launch of " << kernel << " failed: " << cudaGetErrorString(err);
+  }
+}
+
+}  // namespace flash_mla::api

@@ -1,0 +1,123 @@
+// Tile sizes, shared-memory budget and workspace layout of the portable dense MHA
+// prefill backward. The ONE place that decides them: the host dispatch (grid,
+// dynamic shared memory, kernel registry, workspace size) and the kernel
+// templates all read these constants.
+#pragma once
+
+#include <cstdint>
+
+#include "../../../common/limits.h"
+
+namespace flash_mla::portable::dense_bwd {
+
+// One CTA owns kBlockN keys of one kv head of one sequence and loops over the
+// kBlockM-row query blocks (and the query heads of its GQA group) that see them.
+// 64 x 64 is the largest square tile whose K, V, Q, dO, P^T and dS^T all fit in
+// 99 KB at d = 192 (see Config below); 64-element rows are also the narrowest the
+// shared XOR swizzle (common/swizzle.cuh) serves, which P^T and dS^T need.
+constexpr int kBlockM = 64;  // query rows per step
+constexpr int kBlockN = 64;  // keys per CTA
+constexpr int kNumWarps = 8;
+constexpr int kThreads = kNumWarps * 32;
+constexpr int kElemBytes = 2;  // bf16 / fp16
+
+// Warp grid of the key-major products (S^T = K Q^T, dP^T = V dO^T, dV, dK):
+// 4 warps down the 64 keys (one m16 slab each) x 2 across the columns.
+constexpr int kWarpRowsN = kBlockN / 16;
+constexpr int kWarpColsN = kNumWarps / kWarpRowsN;
+// Warp grid of the query-major product dQ = dS K: 4 x 2 likewise.
+constexpr int kWarpRowsM = kBlockM / 16;
+constexpr int kWarpColsM = kNumWarps / kWarpRowsM;
+static_assert(kWarpRowsN * kWarpColsN == kNumWarps && kWarpRowsM * kWarpColsM == kNumWarps,
+              "warp grids must use every warp");
+static_assert(kBlockM % 64 == 0, "P^T / dS^T rows (kBlockM elements) must suit the swizzle");
+
+template <int kDQK, int kDV>
+struct Config {
+  static_assert((kDQK == 64 && kDV == 64) || (kDQK == 128 && kDV == 128) ||
+                    (kDQK == 192 && kDV == 128),
+                "supported (d_qk, d_v): (64, 64), (128, 128), (192, 128)");
+  static constexpr int kHeadDimQK = kDQK;
+  static constexpr int kHeadDimV = kDV;
+
+  // Shared-memory byte layout (all tiles XOR-swizzled, 16-bit elements):
+  //   kOffK     K tile     [kBlockN, d_qk]  resident for the whole CTA; dK staging at the end
+  //   kOffV     V tile     [kBlockN, d_v]   resident; dV staging at the end
+  //   kOffQ     Q tile     [kBlockM, d_qk]  one query block, reloaded per step
+  //   kOffDO    dO tile    [kBlockM, d_v]
+  //   kOffP     P^T        [kBlockN, kBlockM]  rounded to the input dtype
+  //   kOffDS    dS^T       [kBlockN, kBlockM]
+  //   kOffLse   lse * log2(e) of the query block, fp32 [kBlockM] (+inf: row sees nothing)
+  //   kOffDelta delta = rowsum(dO * O), fp32 [kBlockM]
+  static constexpr int kKBytes = kBlockN * kDQK * kElemBytes;
+  static constexpr int kVBytes = kBlockN * kDV * kElemBytes;
+  static constexpr int kQBytes = kBlockM * kDQK * kElemBytes;
+  static constexpr int kDOBytes = kBlockM * kDV * kElemBytes;
+  static constexpr int kPBytes = kBlockN * kBlockM * kElemBytes;
+  static constexpr int kOffK = 0;
+  static constexpr int kOffV = kOffK + kKBytes;
+  static constexpr int kOffQ = kOffV + kVBytes;
+  static constexpr int kOffDO = kOffQ + kQBytes;
+  static constexpr int kOffP = kOffDO + kDOBytes;
+  static constexpr int kOffDS = kOffP + kPBytes;
+  static constexpr int kOffLse = kOffDS + kPBytes;
+  static constexpr int kOffDelta = kOffLse + kBlockM * 4;
+  static constexpr int kSmemBytes = kOffDelta + kBlockM * 4;
+
+  // d = 192: 24 KB K + 16 KB V + 24 KB Q + 16 KB dO + 8 KB P^T + 8 KB dS^T + 512 B
+  // = 98816 B, 2560 B under sm_120's 101376 B. No room for a second Q/dO stage:
+  // the next block's Q/dO load overlaps the dQ product instead (kernel.cuh).
+  static_assert(kSmemBytes <= kMaxSmemPerBlockSm120, "backward tile exceeds sm_120's 99 KB");
+  static_assert(kOffK % 128 == 0 && kOffV % 128 == 0 && kOffQ % 128 == 0 && kOffDO % 128 == 0 &&
+                    kOffP % 128 == 0 && kOffDS % 128 == 0 && kOffLse % 16 == 0,
+                "tiles must start on 128-byte boundaries for the swizzle");
+
+  // Per-warp accumulator columns (mma n8 tiles) of each product.
+  static constexpr int kDVCols = kDV / kWarpColsN;    // dV columns per warp
+  static constexpr int kDKCols = kDQK / kWarpColsN;   // dK columns per warp
+  static constexpr int kSCols = kBlockM / kWarpColsN; // S^T / dP^T query columns per warp
+  static constexpr int kDQCols = kDQK / kWarpColsM;   // dQ columns per warp
+  static_assert(kDVCols % 16 == 0 && kDKCols % 16 == 0 && kSCols % 16 == 0 && kDQCols % 16 == 0,
+                "B fragments are loaded two n8 tiles at a time");
+};
+
+static_assert(Config<192, 128>::kSmemBytes == 98816, "d=192 budget as documented");
+static_assert(Config<128, 128>::kSmemBytes == 82432, "d=128 budget");
+static_assert(Config<64, 64>::kSmemBytes == 49664, "d=64 budget");
+
+// One CTA (8 warps) per SM as the register cap: at two CTAs (128 registers per
+// thread) ptxas spills 48-612 bytes for d >= 128 (measured with -Xptxas -v,
+// sm_90, nvcc 13.0); uncapped the kernels use 160-245 registers and no spills.
+// On sm_120 one CTA per SM is also all that the 100 KB of shared memory allows
+// for d >= 128.
+constexpr int kMinBlocksPerSm = 1;
+
+// Block sizes of the preprocess (delta, dq_accum zeroing) and dQ convert kernels.
+constexpr int kPreprocessThreads = 256;
+constexpr int kConvertThreads = 256;
+
+// Grid: x = key blocks of the longest kv sequence, y = kv heads, z = sequences.
+constexpr int kMaxGridYZ = 65535;
+inline int num_n_blocks(int max_seqlen_k) { return (max_seqlen_k + kBlockN - 1) / kBlockN; }
+
+// ---------------------------------------------------------------------------
+// Workspace (constexpr so device code calls them too): two fp32 pieces, each starting on a 256-byte boundary.
+//   delta     [h_q, total_q_padded]   rowsum(dO * O); head h's row starts at h * padded
+//   dq_accum  [total_q, h_q, d_qk]    dQ / softmax_scale accumulated with fp32 atomics
+// ---------------------------------------------------------------------------
+constexpr int64_t kWorkspaceAlign = 256;
+constexpr int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+// Rows padded to 64 floats = 256 bytes, so every head's delta row is aligned.
+constexpr int64_t delta_row_stride(int64_t total_q) { return align_up(total_q, 64); }
+constexpr int64_t delta_bytes(int64_t total_q, int64_t h_q) {
+  return align_up(h_q * delta_row_stride(total_q) * 4, kWorkspaceAlign);
+}
+constexpr int64_t dq_accum_offset(int64_t total_q, int64_t h_q) { return delta_bytes(total_q, h_q); }
+constexpr int64_t dq_accum_bytes(int64_t total_q, int64_t h_q, int64_t d_qk) {
+  return align_up(total_q * h_q * d_qk * 4, kWorkspaceAlign);
+}
+constexpr int64_t workspace_bytes(int64_t total_q, int64_t h_q, int64_t d_qk) {
+  return dq_accum_offset(total_q, h_q) + dq_accum_bytes(total_q, h_q, d_qk);
+}
+
+}  // namespace flash_mla::portable::dense_bwd

@@ -1,0 +1,433 @@
+// Portable dense MHA prefill backward (FA2-style), built only from sm_120-legal
+// instructions: mma.sync m16n8k16, ldmatrix, cp.async, shuffles, RED.
+//
+// Three launches on one stream (run_dense_prefill_bwd below):
+//   1. preprocess (preprocess.cuh): delta = rowsum(dO * O) into the workspace,
+//      dq_accum zeroed;
+//   2. main kernel (this file): one CTA per (key block of kBlockN keys, kv head,
+//      sequence); it loops over every query head of the kv head's GQA group and
+//      over every query block that sees its keys (causal: fully masked blocks are
+//      skipped), recomputing P from Q, K and lse:
+//        S^T  = K Q^T                  P^T = exp2(S^T * scale_log2 - lse * log2 e)
+//        dP^T = V dO^T                 dS^T = P^T * (dP^T - delta)
+//        dV  += P^T dO                 dK  += dS^T Q
+//        dq_accum += dS K              (fp32 RED into the workspace)
+//      dK and dV stay in registers for the whole CTA and are written once at the
+//      end (times softmax_scale for dK): bit-deterministic, no atomics. dQ comes
+//      from many CTAs through fp32 atomics: NOT bit-deterministic.
+//   3. convert (convert_dq.cuh): dq = softmax_scale * dq_accum, rounded.
+//
+// Global layout: q/dq [total_q, h_q, d_qk], k/dk [total_k, h_k, d_qk],
+// v/dv [total_k, h_k, d_v], out/dout [total_q, h_q, d_v] (row and head strides
+// free, multiples of 8 elements; last dim contiguous); lse at
+// lse[h * lse_head_stride + t] (natural log, +inf = row sees nothing);
+// workspace: see config.h.
+//
+// Shared memory (Config<d_qk, d_v>, all 16-bit tiles XOR-swizzled by
+// common/swizzle.cuh): K, V (resident), Q, dO (one query block), P^T, dS^T
+// ([kBlockN keys][kBlockM queries]), lse * log2 e and delta of the query block.
+// d = 192 uses 98816 B.
+//
+// Warp roles: 8 warps, no producer warp. For S^T/dP^T/dV/dK warp w owns keys
+// 16 * (w % 4) .. +16 and the column half w / 4 (queries for S^T/dP^T, head dims
+// for dV/dK); for dQ it owns queries 16 * (w % 4) .. +16 and head-dim half w / 4.
+//
+// Barrier protocol per step (one step = one query block of one head):
+//   B1  wait for this step's cp.async group, __syncthreads: Q, dO, lse, delta
+//       visible; also every warp has finished the previous step's dQ product,
+//       so P^T/dS^T may be overwritten.
+//       S^T, dP^T in registers -> P^T, dS^T written to shared memory.
+//   B2  __syncthreads: P^T, dS^T visible.
+//       dV += P^T dO, dK += dS^T Q (read Q, dO, P^T, dS^T).
+//   B3  __syncthreads: Q, dO, lse, delta are free -> issue the next step's
+//       cp.async loads (and lse/delta stores), overlapping the dQ product:
+//       dq = dS K (reads dS^T and K only), RED into dq_accum.
+// Epilogue: wait for all copies, __syncthreads, stage dK/dV (input dtype) in the
+// K/V tiles, __syncthreads, 16-byte coalesced stores of the valid key rows.
+#pragma once
+
+#include <cstdint>
+
+#include "../../../params.h"
+#include "../../common/cp_async.cuh"
+#include "../../common/element.cuh"
+#include "../../common/ldmatrix.cuh"
+#include "../../common/math.cuh"
+#include "../../common/mma.cuh"
+#include "../../common/swizzle.cuh"
+#include "atomics.cuh"
+#include "config.h"
+#include "convert_dq.cuh"
+#include "kernel.h"
+#include "mask.cuh"
+#include "preprocess.cuh"
+
+namespace flash_mla::portable::dense_bwd {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Returns x through an opaque move. Values derived from it inside the step loop
+// (shared/global addresses of every unrolled ldmatrix and cp.async) cannot be
+// hoisted out of the loop, where they would pin ~100 registers for the whole
+// CTA; recomputing them costs a few integer ops per step.
+__device__ __forceinline__ int opaque(int x) {
+  int y;
+  asm volatile("mov.b32 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+// Asynchronously copies a [kRows, kCols] tile (row r at gmem + r * row_stride)
+// into a swizzled shared tile; rows >= rows_valid become zeros and read nothing.
+template <int kRows, int kCols, typename Storage>
+__device__ __forceinline__ void load_tile_async(uint32_t smem_tile, const Storage* gmem,
+                                                int64_t row_stride, int rows_valid, int tid) {
+  constexpr int kChunksPerRow = kCols / 8;
+  constexpr int kChunks = kRows * kChunksPerRow;
+  static_assert(kChunks % kThreads == 0, "tile chunks must split evenly over the CTA");
+#pragma unroll
+  for (int i = 0; i < kChunks / kThreads; ++i) {
+    const int idx = i * kThreads + tid;
+    const int r = idx / kChunksPerRow;
+    const int c = (idx % kChunksPerRow) * 8;
+    const bool valid = r < rows_valid;
+    const Storage* src = valid ? gmem + r * row_stride + c : gmem;
+    cp_async_16_zfill(smem_tile + swizzled_offset<kCols>(r, c), src, valid);
+  }
+}
+
+// Writes the first rows_valid rows of a swizzled [kRows, kCols] shared tile to
+// global memory, 16 bytes per thread per access (coalesced along a row).
+template <int kRows, int kCols, typename Storage>
+__device__ __forceinline__ void store_tile(Storage* gmem, int64_t row_stride, int rows_valid,
+                                           const uint8_t* smem_tile, int tid) {
+  constexpr int kChunksPerRow = kCols / 8;
+  constexpr int kChunks = kRows * kChunksPerRow;
+  static_assert(kChunks % kThreads == 0, "tile chunks must split evenly over the CTA");
+#pragma unroll
+  for (int i = 0; i < kChunks / kThreads; ++i) {
+    const int idx = i * kThreads + tid;
+    const int r = idx / kChunksPerRow;
+    const int c = (idx % kChunksPerRow) * 8;
+    if (r < rows_valid) {
+      *reinterpret_cast<uint4*>(gmem + r * row_stride + c) =
+          *reinterpret_cast<const uint4*>(smem_tile + swizzled_offset<kCols>(r, c));
+    }
+  }
+}
+
+// ldmatrix addresses into a swizzled tile (common/swizzle.cuh) for a lane that
+// reads row `row` + dr and 16-byte chunk `chunk` + dc, where dr is a multiple of 8
+// and dc an even number, both compile-time constants after unrolling. Because
+// (x + 8m) ^ z = (x ^ z) + 8m for z < 8, four per-lane bases (dc % 8 = 0, 2, 4, 6)
+// plus immediate offsets cover every (dr, dc): four registers per operand
+// instead of one per unrolled ldmatrix (which the compiler hoists out of the step
+// loop and then spills).
+template <int kRowElems>
+struct SwizzledAddr {
+  uint32_t base[4];
+  __device__ __forceinline__ SwizzledAddr(uint32_t tile, int row, int chunk) {
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      base[b] = tile + static_cast<uint32_t>(row * (kRowElems * 2) +
+                                             (((chunk + 2 * b) ^ (row & 7)) << 4));
+    }
+  }
+  __device__ __forceinline__ uint32_t at(int dr, int dc) const {
+    return base[(dc >> 1) & 3] + static_cast<uint32_t>(dr * (kRowElems * 2) + ((dc & ~7) << 4));
+  }
+};
+
+// acc[j] += A (16 x kK) * B (kK x 8 for each n8 tile j).
+//   kATrans = false: A stored [m][k] (row-major) at rows a_row0..;
+//            true:   A stored [k][m], columns a_row0.. are A's rows.
+//   kBTrans = false: B stored [n][k] at rows n0..;  true: B stored [k][n], columns n0...
+// Lane address offsets follow the fragment order of common/mma.cuh.
+template <typename Elem, int kK, int kNTiles, int kARowElems, int kBRowElems, bool kATrans,
+          bool kBTrans>
+__device__ __forceinline__ void warp_gemm(float (&acc)[kNTiles][4], uint32_t a_tile, int a_row0,
+                                          uint32_t b_tile, int n0, int lane) {
+  static_assert(kNTiles % 2 == 0, "B fragments come two n8 tiles per ldmatrix.x4");
+  static_assert(kK % 16 == 0, "k steps of 16");
+  // (r1, c1): matrices ordered (rows 0-7, chunk 0), (rows 8-15, chunk 0), (rows
+  // 0-7, chunk 1), (rows 8-15, chunk 1): A without .trans, B with .trans.
+  // (r2, c2): (rows 0-7, chunk 0), (rows 0-7, chunk 1), (rows 8-15, chunk 0),
+  // (rows 8-15, chunk 1): B without .trans, A with .trans.
+  const int r1 = (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int c1 = lane >> 4;
+  const int r2 = (lane & 7) + (lane >> 4) * 8;
+  const int c2 = (lane >> 3) & 1;
+  // Row / chunk origins must keep the (dr multiple of 8, dc even) contract.
+  const SwizzledAddr<kARowElems> a_addr =
+      kATrans ? SwizzledAddr<kARowElems>(a_tile, r2, (a_row0 >> 3) + c2)
+              : SwizzledAddr<kARowElems>(a_tile, a_row0 + r1, c1);
+  const SwizzledAddr<kBRowElems> b_addr =
+      kBTrans ? SwizzledAddr<kBRowElems>(b_tile, r1, (n0 >> 3) + c1)
+              : SwizzledAddr<kBRowElems>(b_tile, n0 + r2, c2);
+#pragma unroll
+  for (int kk = 0; kk < kK; kk += 16) {
+    uint32_t a[4];
+    if constexpr (kATrans) {
+      ldmatrix_x4_trans(a, a_addr.at(kk, 0));
+    } else {
+      ldmatrix_x4(a, a_addr.at(0, kk >> 3));
+    }
+#pragma unroll
+    for (int j = 0; j < kNTiles; j += 2) {
+      uint32_t b[4];
+      if constexpr (kBTrans) {
+        ldmatrix_x4_trans(b, b_addr.at(kk, j));
+      } else {
+        ldmatrix_x4(b, b_addr.at(j * 8, kk >> 3));
+      }
+      const uint32_t b_lo[2] = {b[0], b[1]};
+      const uint32_t b_hi[2] = {b[2], b[3]};
+      mma_m16n8k16<Elem>(acc[j], a, b_lo);
+      mma_m16n8k16<Elem>(acc[j + 1], a, b_hi);
+    }
+  }
+}
+
+// Stores accumulator fragments (16 rows from row0, kNTiles n8 tiles from col0),
+// times `scale`, rounded to the input dtype, into a swizzled shared tile.
+template <typename Elem, int kNTiles, int kRowElems>
+__device__ __forceinline__ void store_acc_to_smem(uint8_t* tile, const float (&acc)[kNTiles][4],
+                                                  int row0, int col0, float scale, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int j = 0; j < kNTiles; ++j) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + g + half * 8;
+      const int col = col0 + j * 8 + t * 2;
+      *reinterpret_cast<uint32_t*>(tile + swizzled_offset<kRowElems>(row, col)) =
+          pack_float2<Elem>(acc[j][2 * half] * scale, acc[j][2 * half + 1] * scale);
+    }
+  }
+}
+
+template <typename Elem, int kDQK, int kDV, typename Mask>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    dense_bwd_main_kernel(const DensePrefillBwdParams p) {
+  using Cfg = Config<kDQK, kDV>;
+  using Storage = typename Elem::Storage;
+  extern __shared__ __align__(128) uint8_t smem[];
+
+  const int n_block = blockIdx.x;
+  const int kv_head = blockIdx.y;
+  const int seq = blockIdx.z;
+  // Clamp to the tensors so a malformed cu_seqlens can never index outside them.
+  const int q_begin = min(max(p.cu_seqlens_q[seq], 0), p.total_q);
+  const int s_q = max(min(p.cu_seqlens_q[seq + 1], p.total_q) - q_begin, 0);
+  const int k_begin = min(max(p.cu_seqlens_k[seq], 0), p.total_k);
+  const int s_k = max(min(p.cu_seqlens_k[seq + 1], p.total_k) - k_begin, 0);
+  const int n0 = n_block * kBlockN;
+  if (n0 >= s_k) return;  // past this sequence's keys: nothing to write
+  const int n_valid = min(kBlockN, s_k - n0);
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int g = lane >> 2;
+  const int t4 = lane & 3;
+
+  const uint32_t sK = cvta_shared(smem + Cfg::kOffK);
+  const uint32_t sV = cvta_shared(smem + Cfg::kOffV);
+  const uint32_t sQ = cvta_shared(smem + Cfg::kOffQ);
+  const uint32_t sDO = cvta_shared(smem + Cfg::kOffDO);
+  const uint32_t sP = cvta_shared(smem + Cfg::kOffP);
+  const uint32_t sDS = cvta_shared(smem + Cfg::kOffDS);
+  float* s_lse = reinterpret_cast<float*>(smem + Cfg::kOffLse);
+  float* s_delta = reinterpret_cast<float*>(smem + Cfg::kOffDelta);
+
+  const Storage* q = static_cast<const Storage*>(p.q);
+  const Storage* d_o = static_cast<const Storage*>(p.dout);
+  const float* delta = static_cast<const float*>(p.workspace);
+  const int64_t delta_stride = delta_row_stride(p.total_q);
+  float* dq_accum = reinterpret_cast<float*>(static_cast<char*>(p.workspace) +
+                                             dq_accum_offset(p.total_q, p.h_q));
+
+  {
+    const int64_t row = k_begin + n0;
+    load_tile_async<kBlockN, kDQK>(
+        sK, static_cast<const Storage*>(p.k) + row * p.k_row_stride + kv_head * p.k_head_stride,
+        p.k_row_stride, n_valid, tid);
+    load_tile_async<kBlockN, kDV>(
+        sV, static_cast<const Storage*>(p.v) + row * p.v_row_stride + kv_head * p.v_head_stride,
+        p.v_row_stride, n_valid, tid);
+  }
+
+  const int group = p.h_q / p.h_k;
+  const int m_first = Mask::first_m_block(n0, s_q, s_k);
+  const int m_blocks = (s_q + kBlockM - 1) / kBlockM;
+  const int steps_per_head = max(m_blocks - m_first, 0);
+  const int num_steps = steps_per_head * group;
+
+  // Step s covers query head kv_head * group + s / steps_per_head and query
+  // block m_first + s % steps_per_head.
+  auto load_step = [&](int step) {
+    const int h = kv_head * group + step / steps_per_head;
+    const int m0 = (m_first + step % steps_per_head) * kBlockM;
+    const int m_valid = min(kBlockM, s_q - m0);
+    const int64_t row = q_begin + m0;
+    const int tid_s = opaque(tid);
+    load_tile_async<kBlockM, kDQK>(sQ, q + row * p.q_row_stride + h * p.q_head_stride,
+                                   p.q_row_stride, m_valid, tid_s);
+    load_tile_async<kBlockM, kDV>(sDO, d_o + row * p.dout_row_stride + h * p.dout_head_stride,
+                                  p.dout_row_stride, m_valid, tid_s);
+    if (tid < kBlockM) {
+      const bool valid = tid < m_valid;
+      // +inf marks a row outside the sequence (or one that sees no key): P = 0.
+      const float lse = valid ? p.lse[h * p.lse_head_stride + row + tid] : INFINITY;
+      s_lse[tid] = lse * kLog2e;
+      s_delta[tid] = valid ? delta[h * delta_stride + row + tid] : 0.f;
+    }
+  };
+
+  // Key-major warp tile: keys key_row0.. +16, columns (queries / head dims).
+  const int key_row0 = (warp % kWarpRowsN) * 16;
+  const int col_half_n = warp / kWarpRowsN;
+  // Query-major warp tile for dQ.
+  const int q_row0 = (warp % kWarpRowsM) * 16;
+  const int col_half_m = warp / kWarpRowsM;
+
+  constexpr int kSTiles = Cfg::kSCols / 8;
+  constexpr int kDVTiles = Cfg::kDVCols / 8;
+  constexpr int kDKTiles = Cfg::kDKCols / 8;
+  constexpr int kDQTiles = Cfg::kDQCols / 8;
+  float acc_dk[kDKTiles][4];
+  float acc_dv[kDVTiles][4];
+#pragma unroll
+  for (int j = 0; j < kDKTiles; ++j) acc_dk[j][0] = acc_dk[j][1] = acc_dk[j][2] = acc_dk[j][3] = 0.f;
+#pragma unroll
+  for (int j = 0; j < kDVTiles; ++j) acc_dv[j][0] = acc_dv[j][1] = acc_dv[j][2] = acc_dv[j][3] = 0.f;
+
+  if (num_steps > 0) load_step(0);
+  cp_async_commit();  // K, V and step 0 in one group
+
+  for (int step = 0; step < num_steps; ++step) {
+    const int h = kv_head * group + step / steps_per_head;
+    const int m0 = (m_first + step % steps_per_head) * kBlockM;
+    const int lane_s = opaque(lane);
+
+    cp_async_wait<0>();
+    __syncthreads();  // B1
+
+    // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys x kSCols queries.
+    const int s_col0 = col_half_n * Cfg::kSCols;
+    float s[kSTiles][4];
+    float dp[kSTiles][4];
+#pragma unroll
+    for (int j = 0; j < kSTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+    }
+    warp_gemm<Elem, kDQK, kSTiles, kDQK, kDQK, false, false>(s, sK, key_row0, sQ, s_col0, lane_s);
+    warp_gemm<Elem, kDV, kSTiles, kDV, kDV, false, false>(dp, sV, key_row0, sDO, s_col0, lane_s);
+
+    // P^T and dS^T. Hidden elements get P = 0 (not exp2 of -inf - lse); rows with
+    // lse = +inf (no visible key, or past the sequence) get P = 0, never
+    // exp2(s - inf) which is NaN when s overflowed to +inf.
+    const bool check_mask = Mask::needs_mask(m0, n0, s_q, s_k);
+#pragma unroll
+    for (int j = 0; j < kSTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = key_row0 + g + (e >> 1) * 8;
+        const int qr = s_col0 + j * 8 + t4 * 2 + (e & 1);
+        const float lse2 = s_lse[qr];
+        float pv = exp2_approx(fmaf(s[j][e], p.softmax_scale_log2, -lse2));
+        if (lse2 == INFINITY) pv = 0.f;
+        if (check_mask && !Mask::visible(m0 + qr, n0 + key, s_q, s_k)) pv = 0.f;
+        s[j][e] = pv;
+        dp[j][e] = pv * (dp[j][e] - s_delta[qr]);
+      }
+    }
+    store_acc_to_smem<Elem, kSTiles, kBlockM>(smem + Cfg::kOffP, s, key_row0, s_col0, 1.f, lane_s);
+    store_acc_to_smem<Elem, kSTiles, kBlockM>(smem + Cfg::kOffDS, dp, key_row0, s_col0, 1.f,
+                                              lane_s);
+    __syncthreads();  // B2
+
+    // dV += P^T dO, dK += dS^T Q (contraction over the kBlockM queries).
+    warp_gemm<Elem, kBlockM, kDVTiles, kBlockM, kDV, false, true>(
+        acc_dv, sP, key_row0, sDO, col_half_n * Cfg::kDVCols, lane_s);
+    warp_gemm<Elem, kBlockM, kDKTiles, kBlockM, kDQK, false, true>(
+        acc_dk, sDS, key_row0, sQ, col_half_n * Cfg::kDKCols, lane_s);
+    __syncthreads();  // B3
+
+    if (step + 1 < num_steps) load_step(step + 1);
+    cp_async_commit();
+
+    // dq_accum += dS K (contraction over the kBlockN keys): A = dS read
+    // transposed from dS^T, B = K read transposed.
+    float dq[kDQTiles][4];
+#pragma unroll
+    for (int j = 0; j < kDQTiles; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
+    warp_gemm<Elem, kBlockN, kDQTiles, kBlockM, kDQK, true, true>(
+        dq, sDS, q_row0, sK, col_half_m * Cfg::kDQCols, lane_s);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int qr = m0 + q_row0 + g + half * 8;
+      if (qr < s_q) {
+        float* dst = dq_accum + (static_cast<int64_t>(q_begin + qr) * p.h_q + h) * kDQK +
+                     col_half_m * Cfg::kDQCols + t4 * 2;
+#pragma unroll
+        for (int j = 0; j < kDQTiles; ++j) {
+          red_add_f32x2(dst + j * 8, dq[j][2 * half], dq[j][2 * half + 1]);
+        }
+      }
+    }
+  }
+
+  // Epilogue. Keys no query sees (num_steps == 0) still get dK = dV = 0.
+  cp_async_wait<0>();  // K/V copies are still in flight when num_steps == 0
+  __syncthreads();     // every warp is done reading K (dQ) before it is overwritten
+  store_acc_to_smem<Elem, kDKTiles, kDQK>(smem + Cfg::kOffK, acc_dk, key_row0,
+                                          col_half_n * Cfg::kDKCols, p.softmax_scale, lane);
+  store_acc_to_smem<Elem, kDVTiles, kDV>(smem + Cfg::kOffV, acc_dv, key_row0,
+                                         col_half_n * Cfg::kDVCols, 1.f, lane);
+  __syncthreads();
+  const int64_t row = k_begin + n0;
+  store_tile<kBlockN, kDQK>(
+      static_cast<Storage*>(p.dk) + row * p.dk_row_stride + kv_head * p.dk_head_stride,
+      p.dk_row_stride, n_valid, smem + Cfg::kOffK, tid);
+  store_tile<kBlockN, kDV>(
+      static_cast<Storage*>(p.dv) + row * p.dv_row_stride + kv_head * p.dv_head_stride,
+      p.dv_row_stride, n_valid, smem + Cfg::kOffV, tid);
+}
+
+template <typename Elem, int kDQK, int kDV, typename Mask>
+void launch_main(const DensePrefillBwdParams& p) {
+  using Cfg = Config<kDQK, kDV>;
+  auto kernel = dense_bwd_main_kernel<Elem, kDQK, kDV, Mask>;
+  // Above 48 KB a kernel must opt in; set on every launch (cheap, and correct
+  // for whichever device is current: no process-wide "done" flag).
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  const dim3 grid(num_n_blocks(p.max_seqlen_k), p.h_k, p.batch);
+  kernel<<<grid, kThreads, Cfg::kSmemBytes, p.stream>>>(p);
+}
+
+template <typename Elem, int kDQK, int kDV>
+void run_dense_prefill_bwd(const DensePrefillBwdParams& p) {
+  const int64_t rows = static_cast<int64_t>(p.total_q) * p.h_q;
+  if (rows > 0) {
+    constexpr int kRowsPerBlock = kPreprocessThreads / (kDV / 8);
+    const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+    dense_bwd_preprocess_kernel<Elem, kDQK, kDV>
+        <<<static_cast<unsigned>(blocks), kPreprocessThreads, 0, p.stream>>>(p);
+  }
+  if (p.batch > 0 && p.max_seqlen_k > 0 && p.h_k > 0) {
+    if (p.is_causal) {
+      launch_main<Elem, kDQK, kDV, CausalMask>(p);
+    } else {
+      launch_main<Elem, kDQK, kDV, NoMask>(p);
+    }
+  }
+  if (rows > 0) {
+    const int64_t chunks = rows * (kDQK / 8);
+    const int64_t blocks = (chunks + kConvertThreads - 1) / kConvertThreads;
+    dense_bwd_convert_dq_kernel<Elem, kDQK>
+        <<<static_cast<unsigned>(blocks), kConvertThreads, 0, p.stream>>>(p);
+  }
+}
+
+}  // namespace flash_mla::portable::dense_bwd

@@ -1,0 +1,45 @@
+// Masking policies of the backward, from the point of view of one key block
+// [n0, n0 + kBlockN) of a sequence with s_q queries and s_k keys.
+// Causal is bottom-right aligned: query r sees keys [0, s_k - s_q + r].
+//   first_m_block(): the first query block with any row that sees the key block
+//                    (earlier blocks are skipped, not masked);
+//   needs_mask():    whether a (query block, key block) pair has any element the
+//                    policy hides, so fully visible pairs skip the per-element test;
+//   visible():       the per-element test. Keys >= s_k are hidden by every policy;
+//                    query rows >= s_q are handled by the caller (lse = +inf).
+#pragma once
+
+#include "config.h"
+
+namespace flash_mla::portable::dense_bwd {
+
+struct NoMask {
+  static constexpr bool kCausal = false;
+  __device__ __forceinline__ static int first_m_block(int /*n0*/, int /*s_q*/, int /*s_k*/) {
+    return 0;
+  }
+  __device__ __forceinline__ static bool needs_mask(int /*m0*/, int n0, int /*s_q*/, int s_k) {
+    return n0 + kBlockN > s_k;
+  }
+  __device__ __forceinline__ static bool visible(int /*q*/, int key, int /*s_q*/, int s_k) {
+    return key < s_k;
+  }
+};
+
+struct CausalMask {
+  static constexpr bool kCausal = true;
+  __device__ __forceinline__ static int first_m_block(int n0, int s_q, int s_k) {
+    // Row r sees key n0 iff r >= n0 - (s_k - s_q).
+    const int first_row = n0 - (s_k - s_q);
+    return first_row <= 0 ? 0 : first_row / kBlockM;
+  }
+  __device__ __forceinline__ static bool needs_mask(int m0, int n0, int s_q, int s_k) {
+    // Fully visible iff the block's first row sees the block's last key.
+    return n0 + kBlockN > s_k || n0 + kBlockN - 1 > s_k - s_q + m0;
+  }
+  __device__ __forceinline__ static bool visible(int q, int key, int s_q, int s_k) {
+    return key < s_k && key <= s_k - s_q + q;
+  }
+};
+
+}  // namespace flash_mla::portable::dense_bwd

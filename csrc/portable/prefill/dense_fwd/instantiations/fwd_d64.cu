@@ -1,0 +1,8 @@
+// Portable dense prefill forward, (d_qk, d_v) = (64, 64): bf16 and fp16, causal
+// and not (the causal switch is inside run_dense_prefill_fwd).
+#include "../kernel.cuh"
+
+namespace flash_mla::portable::dense_fwd {
+template void run_dense_prefill_fwd<DType::kBF16, 64, 64>(const DensePrefillFwdParams&);
+template void run_dense_prefill_fwd<DType::kFP16, 64, 64>(const DensePrefillFwdParams&);
+}  // namespace flash_mla::portable::dense_fwd

@@ -1,0 +1,404 @@
+// Portable dense MHA prefill forward: FA2-style, mma.sync m16n8k16 + ldmatrix +
+// cp.async only, so the same source runs on sm_80 .. sm_90 and sm_120/121.
+//
+// Work split. One CTA per (128-query block, query head, sequence):
+//   blockIdx.x = query block (reversed when causal, so the longest blocks start
+//   first and the short ones fill the tail), blockIdx.y = query head,
+//   blockIdx.z = sequence. 8 warps, warp w owns query rows [16w, 16w + 16) of the
+//   block; its Q fragments (d_qk / 16 x 4 registers), the S tile (16 x 64 fp32)
+//   and the O accumulator (16 x d_v fp32) stay in registers. Rows never cross
+//   warps, so the online softmax needs only quad shuffles.
+//
+// Global memory. q/k/v rows are 16-byte aligned with arbitrary (multiple of 8
+// elements) row and head strides; the last dim is contiguous. K/V tiles of 64
+// keys are read with 16-byte cp.async, 16 consecutive lanes per 256-byte row.
+// Rows past a sequence's end are zero-filled without being read (src-size 0).
+// out is written with 16-byte stores, one warp per 16 rows; lse (natural log)
+// by the lane with t == 0 of each accumulator row. Nothing past cu_seqlens is
+// read or written; no atomics, fixed reduction order: bit-identical reruns.
+//
+// Shared memory (bytes; config.h computes them, 16-bit elements, every row XOR-
+// swizzled in 16-byte chunks, swizzle.cuh):
+//   [0, stage)            stage 1: K tile [64][d_qk], then V tile [64][d_v]
+//   [0, 128*d_qk*2)       Q tile, aliased on stage 1 (Q moves to registers before
+//                         stage 1 is first filled); stage 0 starts at max(Q, stage)
+//   [stage0, +stage)      stage 0: K tile, V tile
+//   [0, 128*d_v*2)        O staging, aliased after the last tile
+//   d=192: Q 49152, stage 40960 -> 90112 B; d=128: 65536 B; d=64: 32768 B.
+//
+// Barrier / cp.async protocol (key tiles walk from the last one down to 0, so
+// the partial and diagonal tiles, which need masking, come first):
+//   prologue: cp.async Q -> commit; cp.async tile T-1 -> stage 0 -> commit;
+//             wait_group 1 (Q landed); __syncthreads; ldmatrix Q -> registers.
+//   iteration i (tile n = T-1-i, stage i % 2):
+//             wait_group 0 (tile n landed, this thread's part);
+//             __syncthreads: tile n visible to all, and every warp has finished
+//             iteration i-1 (so stage (i+1) % 2, or Q at i == 0, is free);
+//             cp.async tile n-1 -> stage (i+1) % 2 -> commit (overlaps compute);
+//             S = Q K^T, scale to log2 units, mask, online softmax, O += P V.
+//   epilogue: __syncthreads (all warps done with the last tile; no copy in
+//             flight), each warp writes its own 16 rows of O into the staging
+//             buffer, __syncwarp, 16-byte global stores of those rows.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include <cuda_runtime.h>
+
+#include "../../../params.h"
+#include "../../common/cp_async.cuh"
+#include "../../common/element.cuh"
+#include "../../common/ldmatrix.cuh"
+#include "../../common/math.cuh"
+#include "../../common/mma.cuh"
+#include "../../common/swizzle.cuh"
+#include "config.h"
+#include "kernel.h"
+
+namespace flash_mla::portable::dense_fwd {
+
+// The kernel takes the params struct by value: its layout must be the same for
+// the host compiler (MSVC or gcc) and the device pass (WINDOWS.md).
+static_assert(sizeof(DensePrefillFwdParams) == 200, "DensePrefillFwdParams layout changed");
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------
+// Masking policies. For a query block starting at row m0 of a sequence with
+// s_q queries and s_k keys, `num_tiles` is how many 64-key tiles any of its rows
+// sees (tiles 0 .. num_tiles-1) and `num_masked` how many of the highest ones
+// need per-element masking. apply() returns whether key `col` is visible to
+// query `row` (both 0-based in the sequence).
+// ---------------------------------------------------------------------------
+struct NoMask {
+  int s_k;
+  __device__ __forceinline__ NoMask(int /*s_q*/, int s_k_, int /*m0*/) : s_k(s_k_) {}
+  __device__ __forceinline__ int num_tiles() const { return (s_k + kBlockN - 1) / kBlockN; }
+  // Only a partial last tile has keys past s_k.
+  __device__ __forceinline__ int num_masked() const { return s_k % kBlockN != 0 ? 1 : 0; }
+  __device__ __forceinline__ bool visible(int /*row*/, int col) const { return col < s_k; }
+};
+
+// Bottom-right aligned: query r sees keys [0, s_k - s_q + r].
+struct CausalMask {
+  int s_k, offset, tiles, masked;
+  __device__ __forceinline__ CausalMask(int s_q, int s_k_, int m0) : s_k(s_k_), offset(s_k_ - s_q) {
+    const int last_row = min(m0 + kBlockM, s_q) - 1;
+    // Keys [0, end) are seen by some row of the block; keys [0, full) by all rows.
+    const int end = min(s_k, last_row + offset + 1);
+    const int full = min(s_k, m0 + offset + 1);
+    tiles = end > 0 ? (end + kBlockN - 1) / kBlockN : 0;
+    const int full_tiles = full > 0 ? full / kBlockN : 0;
+    masked = tiles - min(full_tiles, tiles);
+  }
+  __device__ __forceinline__ int num_tiles() const { return tiles; }
+  __device__ __forceinline__ int num_masked() const { return masked; }
+  __device__ __forceinline__ bool visible(int row, int col) const {
+    return col < s_k && col <= row + offset;
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Global -> shared tile copies (all 256 threads, 16 bytes each per step).
+// ---------------------------------------------------------------------------
+template <int kRows, int kDim, typename Storage>
+__device__ __forceinline__ void load_tile_async(uint32_t smem_base, const Storage* head_base,
+                                                int64_t row_stride, int first_row, int valid_rows,
+                                                int tid) {
+  constexpr int kChunksPerRow = kDim / 8;
+  constexpr int kChunks = kRows * kChunksPerRow;
+  static_assert(kChunks % kThreads == 0, "tile copy must divide evenly over the CTA");
+#pragma unroll
+  for (int j = 0; j < kChunks / kThreads; ++j) {
+    const int idx = tid + j * kThreads;
+    const int row = idx / kChunksPerRow;
+    const int col = (idx % kChunksPerRow) * 8;
+    const bool valid = row < valid_rows;
+    const Storage* src =
+        valid ? head_base + static_cast<int64_t>(first_row + row) * row_stride + col : head_base;
+    cp_async_16_zfill(smem_base + swizzled_offset<kDim>(row, col), src, valid);
+  }
+}
+
+template <typename Elem, int kDQK, int kDV, bool kIsCausal>
+__global__ void __launch_bounds__(kThreads, 1)
+    dense_prefill_fwd_kernel(const __grid_constant__ DensePrefillFwdParams params) {
+  using Cfg = Config<kDQK, kDV>;
+  using Storage = typename Elem::Storage;
+  using Mask = typename std::conditional<kIsCausal, CausalMask, NoMask>::type;
+  constexpr int kKSteps = kDQK / 16;  // k-steps of S = Q K^T
+  constexpr int kNTilesS = kBlockN / 8;
+  constexpr int kNTilesO = kDV / 8;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t smem_base = cvta_shared(smem);
+  // Stage 0 after max(Q, stage) bytes, stage 1 at 0 (aliasing Q). A function,
+  // not a two-element array: a run-time index would put the array in local memory.
+  auto stage_addr = [&](int stage) { return smem_base + (stage == 0 ? Cfg::kStage0Offset : 0); };
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+
+  // Sequence bounds, clamped to the tensors so a bad cu_seqlens can never make
+  // this CTA read or write outside q/k/v/out/lse.
+  const int seq = blockIdx.z;
+  const int q_start = min(max(params.cu_seqlens_q[seq], 0), params.total_q);
+  const int s_q = min(max(params.cu_seqlens_q[seq + 1], q_start), params.total_q) - q_start;
+  const int m_block = kIsCausal ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : blockIdx.x;
+  const int m0 = m_block * kBlockM;
+  if (m0 >= s_q) return;  // the grid covers max_seqlen_q; this sequence is shorter
+  const int k_start = min(max(params.cu_seqlens_k[seq], 0), params.total_k);
+  const int s_k = min(max(params.cu_seqlens_k[seq + 1], k_start), params.total_k) - k_start;
+
+  const int head = blockIdx.y;
+  const int kv_head = head / (params.h_q / params.h_k);
+  const Storage* q_head = static_cast<const Storage*>(params.q) +
+                          static_cast<int64_t>(q_start + m0) * params.q_row_stride +
+                          static_cast<int64_t>(head) * params.q_head_stride;
+  const Storage* k_head = static_cast<const Storage*>(params.k) +
+                          static_cast<int64_t>(k_start) * params.k_row_stride +
+                          static_cast<int64_t>(kv_head) * params.k_head_stride;
+  const Storage* v_head = static_cast<const Storage*>(params.v) +
+                          static_cast<int64_t>(k_start) * params.v_row_stride +
+                          static_cast<int64_t>(kv_head) * params.v_head_stride;
+
+  const Mask mask(s_q, s_k, m0);
+  const int num_tiles = mask.num_tiles();
+  const int num_masked = mask.num_masked();
+
+  const float scale_log2 = params.softmax_scale_log2;
+  // Accumulator rows of this thread: g and g + 8 of the warp's slab.
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int row0 = m0 + warp * 16 + g;  // 0-based in the sequence; row1 = row0 + 8
+
+  float o_acc[kNTilesO][4];
+#pragma unroll
+  for (int i = 0; i < kNTilesO; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
+  float row_max[2] = {kNegInf, kNegInf};  // log2 units (scores x scale_log2)
+  float row_sum[2] = {0.f, 0.f};          // this thread's partial sums; quad-reduced at the end
+
+  auto issue_kv = [&](int tile, int stage) {
+    const int first = tile * kBlockN;
+    const int valid = s_k - first;
+    load_tile_async<kBlockN, kDQK>(stage_addr(stage), k_head, params.k_row_stride, first, valid,
+                                   tid);
+    load_tile_async<kBlockN, kDV>(stage_addr(stage) + Cfg::kKTileBytes, v_head,
+                                  params.v_row_stride, first, valid, tid);
+    cp_async_commit();
+  };
+
+  if (num_tiles > 0) {
+    // ---- prologue: Q and the first (highest) K/V tile ----
+    load_tile_async<kBlockM, kDQK>(smem_base, q_head, params.q_row_stride, 0, s_q - m0, tid);
+    cp_async_commit();
+    issue_kv(num_tiles - 1, 0);
+    cp_async_wait<1>();
+    __syncthreads();
+
+    uint32_t q_frag[kKSteps][4];
+    {
+      const int q_row = warp * 16 + (lane & 15);
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        ldmatrix_x4(q_frag[ks], smem_base + swizzled_offset<kDQK>(q_row, ks * 16 + (lane >> 4) * 8));
+      }
+    }
+
+    // Per-lane ldmatrix byte offsets. Lane l addresses row (l & 7) + 8 * (one of
+    // its bits) of a 16-row slab and 16-byte chunk 2j + (another bit); under the
+    // swizzle that chunk lands at (2j ^ x) with x = bit ^ (l & 7) (2j is even, so
+    // the low bit never carries). Only j % 4 changes the lane-dependent part, so
+    // four offsets per operand cover every k-step; the rest are compile-time
+    // constants added at the call. (Letting the compiler materialise one address
+    // per (k-step, n-pair) costs ~50 registers and spills d = 192 on sm_120.)
+    uint32_t k_off[4], v_off[4];
+    {
+      const int r = lane & 7;
+      const int k_row = r + ((lane >> 4) & 1) * 8;
+      const int k_x = ((lane >> 3) & 1) ^ r;
+      const int v_row = r + ((lane >> 3) & 1) * 8;
+      const int v_x = (lane >> 4) ^ r;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        k_off[j] = k_row * (kDQK * 2) + ((2 * j) ^ k_x) * 16;
+        v_off[j] = v_row * (kDV * 2) + ((2 * j) ^ v_x) * 16;
+      }
+    }
+
+    auto compute_tile = [&](int tile, int stage, auto masked_tag) {
+      constexpr bool kMasked = decltype(masked_tag)::value;
+      const uint32_t k_smem = stage_addr(stage);
+      const uint32_t v_smem = stage_addr(stage) + Cfg::kKTileBytes;
+
+      // S = Q K^T (16 x 64 per warp, fp32).
+      float s[kNTilesS][4];
+#pragma unroll
+      for (int i = 0; i < kNTilesS; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+#pragma unroll
+        for (int np = 0; np < kNTilesS / 2; ++np) {
+          uint32_t b[4];
+          ldmatrix_x4(b, k_smem + k_off[ks % 4] + (ks / 4) * 128 + np * 16 * (kDQK * 2));
+          const uint32_t b_lo[2] = {b[0], b[1]};
+          const uint32_t b_hi[2] = {b[2], b[3]};
+          mma_m16n8k16<Elem>(s[2 * np], q_frag[ks], b_lo);
+          mma_m16n8k16<Elem>(s[2 * np + 1], q_frag[ks], b_hi);
+        }
+      }
+
+      // To log2 units (before masking, so a negative scale cannot turn -inf into
+      // +inf), then mask.
+#pragma unroll
+      for (int nt = 0; nt < kNTilesS; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[nt][e] *= scale_log2;
+          if (kMasked) {
+            const int col = tile * kBlockN + nt * 8 + 2 * t + (e & 1);
+            const int row = row0 + (e >> 1) * 8;
+            if (!mask.visible(row, col)) s[nt][e] = kNegInf;
+          }
+        }
+      }
+
+      // Online softmax, base 2. A row that has seen no key yet keeps max -inf;
+      // its exponent reference is then 0 so exp2(-inf - ref) = 0, never NaN.
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float tile_max = row_max[r];
+#pragma unroll
+        for (int nt = 0; nt < kNTilesS; ++nt) {
+          tile_max = fmaxf(tile_max, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+        }
+        tile_max = quad_max(tile_max);
+        const float ref = tile_max == kNegInf ? 0.f : tile_max;
+        const float correction = exp2_approx(row_max[r] - ref);
+        row_max[r] = tile_max;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kNTilesS; ++nt) {
+          s[nt][2 * r] = exp2_approx(s[nt][2 * r] - ref);
+          s[nt][2 * r + 1] = exp2_approx(s[nt][2 * r + 1] - ref);
+          sum += s[nt][2 * r] + s[nt][2 * r + 1];
+        }
+        row_sum[r] = row_sum[r] * correction + sum;
+#pragma unroll
+        for (int nt = 0; nt < kNTilesO; ++nt) {
+          o_acc[nt][2 * r] *= correction;
+          o_acc[nt][2 * r + 1] *= correction;
+        }
+      }
+
+      // O += P V: P (rounded to the input dtype) is already in A-fragment order.
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        uint32_t p_frag[4];
+        p_frag[0] = pack_float2<Elem>(s[2 * kk][0], s[2 * kk][1]);
+        p_frag[1] = pack_float2<Elem>(s[2 * kk][2], s[2 * kk][3]);
+        p_frag[2] = pack_float2<Elem>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        p_frag[3] = pack_float2<Elem>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+        for (int dp = 0; dp < kNTilesO / 2; ++dp) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, v_smem + v_off[dp % 4] + (dp / 4) * 128 + kk * 16 * (kDV * 2));
+          const uint32_t b_lo[2] = {b[0], b[1]};
+          const uint32_t b_hi[2] = {b[2], b[3]};
+          mma_m16n8k16<Elem>(o_acc[2 * dp], p_frag, b_lo);
+          mma_m16n8k16<Elem>(o_acc[2 * dp + 1], p_frag, b_hi);
+        }
+      }
+    };
+
+    // ---- main loop: tiles num_tiles-1 .. 0; the masked ones come first ----
+    for (int i = 0; i < num_tiles; ++i) {
+      const int tile = num_tiles - 1 - i;
+      const int stage = i & 1;
+      cp_async_wait<0>();
+      __syncthreads();
+      if (tile > 0) issue_kv(tile - 1, stage ^ 1);
+      if (i < num_masked) {
+        compute_tile(tile, stage, std::true_type{});
+      } else {
+        compute_tile(tile, stage, std::false_type{});
+      }
+    }
+    __syncthreads();  // every warp is done reading the last tile: staging may overwrite it
+  }
+
+  // ---- epilogue ----
+  // Rows that saw no key (sum 0) get out = 0 and lse = +inf.
+  float inv_sum[2];
+  float lse[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float sum = quad_sum(row_sum[r]);
+    inv_sum[r] = sum > 0.f ? 1.f / sum : 0.f;
+    constexpr float kLn2 = 0.69314718055994530942f;
+    lse[r] = sum > 0.f ? (row_max[r] + __log2f(sum)) * kLn2 : __int_as_float(0x7f800000);
+  }
+
+  // Each warp stages its own 16 rows (swizzled, conflict-free 4-byte writes).
+#pragma unroll
+  for (int nt = 0; nt < kNTilesO; ++nt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const uint32_t packed =
+          pack_float2<Elem>(o_acc[nt][2 * r] * inv_sum[r], o_acc[nt][2 * r + 1] * inv_sum[r]);
+      const int row = warp * 16 + g + 8 * r;
+      *reinterpret_cast<uint32_t*>(smem + swizzled_offset<kDV>(row, nt * 8 + 2 * t)) = packed;
+    }
+  }
+  __syncwarp();
+
+  Storage* out_head = static_cast<Storage*>(params.out) +
+                      static_cast<int64_t>(q_start + m0) * params.out_row_stride +
+                      static_cast<int64_t>(head) * params.out_head_stride;
+  constexpr int kChunksPerRow = kDV / 8;
+#pragma unroll
+  for (int j = 0; j < 16 * kChunksPerRow / 32; ++j) {
+    const int idx = lane + 32 * j;
+    const int row = warp * 16 + idx / kChunksPerRow;
+    const int col = (idx % kChunksPerRow) * 8;
+    if (m0 + row < s_q) {
+      const uint4 value = *reinterpret_cast<const uint4*>(smem + swizzled_offset<kDV>(row, col));
+      *reinterpret_cast<uint4*>(out_head + static_cast<int64_t>(row) * params.out_row_stride + col) =
+          value;
+    }
+  }
+
+  if (t == 0) {
+    float* lse_head = params.lse + static_cast<int64_t>(head) * params.lse_head_stride + q_start;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + 8 * r;
+      if (row < s_q) lse_head[row] = lse[r];
+    }
+  }
+}
+
+template <typename Elem, int kDQK, int kDV, bool kIsCausal>
+void launch_dense_prefill_fwd(const DensePrefillFwdParams& params) {
+  using Cfg = Config<kDQK, kDV>;
+  auto kernel = dense_prefill_fwd_kernel<Elem, kDQK, kDV, kIsCausal>;
+  // Per launch, not cached: the attribute belongs to the current device.
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  const dim3 grid(num_m_blocks(params.max_seqlen_q), params.h_q, params.batch);
+  kernel<<<grid, kThreads, Cfg::kSmemBytes, params.stream>>>(params);
+}
+
+template <DType kDType, int kDQK, int kDV>
+void run_dense_prefill_fwd(const DensePrefillFwdParams& params) {
+  using Elem = typename std::conditional<kDType == DType::kBF16, BF16, FP16>::type;
+  if (params.is_causal) {
+    launch_dense_prefill_fwd<Elem, kDQK, kDV, true>(params);
+  } else {
+    launch_dense_prefill_fwd<Elem, kDQK, kDV, false>(params);
+  }
+}
+
+}  // namespace flash_mla::portable::dense_fwd

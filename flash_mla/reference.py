@@ -1,0 +1,609 @@
+"""fp32 PyTorch references of every flash_mla op: the test oracle and the CPU fallback.
+
+Each function takes bf16/fp16/fp32 tensors on any device (non-contiguous is fine),
+computes in fp32 on that device and returns fp32 tensors; the public API casts
+them. References may synchronise with the host (they read sequence lengths and
+check indices). Semantics are SPEC.md's; the choices SPEC.md leaves open are
+written in each docstring. Common rules:
+
+- A row with nothing to attend to gives out = 0 and lse = +inf (max_logits = -inf),
+  never NaN. Masked logits are -inf and masked K/V rows are replaced by zeros
+  before any product, so NaN in cache slots that are not read never leaks in.
+- lse is the natural log of sum(exp(logit)), logit = q.k * softmax_scale.
+- Attention sink (per query head, natural log):
+  out_final = out * exp(lse) / (exp(lse) + exp(sink)); the returned lse excludes it.
+- Memory is bounded by processing query rows in chunks, so the references also
+  serve the benchmark shapes (s_q up to 70000) on a GPU.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import quant
+
+__all__ = [
+    "dense_decode",
+    "sparse_decode",
+    "sparse_prefill",
+    "mha_prefill_fwd",
+    "mha_prefill_bwd",
+    "combine",
+]
+
+# Upper bound on the fp32 logits held at once (elements); chunks of query rows keep
+# below it. 2**26 elements = 256 MiB per live [rows, keys] tensor.
+_MAX_CHUNK_ELEMENTS = 1 << 26
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_INF = float("inf")
+
+
+# ---------------------------------------------------------------------------
+# validation helpers (messages: argument, expectation, actual value)
+# ---------------------------------------------------------------------------
+def _tensor(name: str, value: object, dtypes: Tuple[torch.dtype, ...], ndim: int, layout: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in dtypes:
+        names = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {value.dtype}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must have shape {layout}, got shape {tuple(value.shape)}")
+    return value
+
+
+def _optional_tensor(name: str, value: object, dtypes: Tuple[torch.dtype, ...], ndim: int, layout: str):
+    return None if value is None else _tensor(name, value, dtypes, ndim, layout)
+
+
+def _same_device(device: torch.device, **tensors: Optional[torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} must be on {device} like q, got {t.device}")
+
+
+def _expect_dim(name: str, t: torch.Tensor, dim: int, size: int, what: str) -> None:
+    if t.shape[dim] != size:
+        raise ValueError(f"{name} must have size {size} in dim {dim} ({what}), got shape {tuple(t.shape)}")
+
+
+def _scale(softmax_scale: Optional[float], d_qk: int) -> float:
+    if softmax_scale is None:
+        return d_qk ** -0.5
+    value = float(softmax_scale)
+    if not math.isfinite(value):
+        raise ValueError(f"softmax_scale must be a finite float, got {softmax_scale!r}")
+    return value
+
+
+def _cu_seqlens(name: str, cu: torch.Tensor, total: int) -> List[int]:
+    values = [int(v) for v in cu.tolist()]
+    if len(values) < 1 or values[0] != 0:
+        raise ValueError(f"{name} must start with 0, got {values[:4]}")
+    for i in range(len(values) - 1):
+        if values[i + 1] < values[i]:
+            raise ValueError(f"{name} must be non-decreasing, got {values[i]} then {values[i + 1]} at {i}")
+    if values[-1] > total:
+        raise ValueError(f"{name} must end at most at {total} (rows of the tensor), got {values[-1]}")
+    return values
+
+
+# ---------------------------------------------------------------------------
+# shared math
+# ---------------------------------------------------------------------------
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Masked softmax attention in fp32, batched over leading dims (broadcast).
+
+    q [..., m, d], k [..., n, d], v [..., n, dv] (finite wherever mask is True; callers
+    zero the rows they mask), mask bool broadcastable to [..., m, n], True = attend.
+    Returns out [..., m, dv] (0 for empty rows), lse [..., m] (+inf for empty rows),
+    max_logits [..., m] (-inf for empty rows).
+    """
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, -_INF)
+    lead = logits.shape[:-1]
+    if logits.shape[-1] == 0:
+        out_shape = torch.broadcast_shapes(lead, v.shape[:-2]) + (v.shape[-1],)
+        out = torch.zeros(out_shape, dtype=torch.float32, device=q.device)
+        return out, torch.full(lead, _INF, device=q.device), torch.full(lead, -_INF, device=q.device)
+    max_logits = logits.amax(dim=-1)
+    empty = max_logits == -_INF
+    lse = torch.logsumexp(logits, dim=-1)
+    # An empty row has lse -inf; subtracting +inf instead makes every probability exp(-inf) = 0.
+    lse = torch.where(empty, torch.full_like(lse, _INF), lse)
+    probs = torch.exp(logits - lse.unsqueeze(-1))
+    out = torch.matmul(probs, v)
+    return out, lse, max_logits
+
+
+def _apply_sink(out: torch.Tensor, lse: torch.Tensor, sink: Optional[torch.Tensor]) -> torch.Tensor:
+    """out [..., h, dv], lse [..., h] natural log (+inf = empty row), sink [h] or None."""
+    if sink is None:
+        return out
+    # exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink): exact limits for sink = +-inf.
+    factor = torch.sigmoid(lse - sink.to(torch.float32))
+    scaled = out * factor.unsqueeze(-1)
+    empty = (lse == _INF).unsqueeze(-1)
+    return torch.where(empty, torch.zeros_like(scaled), scaled)
+
+
+def _rows_per_chunk(rows: int, elements_per_row: int) -> int:
+    return max(1, min(rows, _MAX_CHUNK_ELEMENTS // max(1, elements_per_row)))
+
+
+def _causal_mask(q_rows: torch.Tensor, s_q: int, s_k: int) -> torch.Tensor:
+    """Bottom-right causal mask [len(q_rows), s_k]: query row r sees keys [0, s_k - s_q + r]."""
+    keys = torch.arange(s_k, device=q_rows.device)
+    return keys.unsqueeze(0) <= (q_rows + (s_k - s_q)).unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------
+# dense decode
+# ---------------------------------------------------------------------------
+def _check_dense_decode(q, k_cache, block_table, cache_seqlens, head_dim_v) -> None:
+    _tensor("q", q, _FLOAT_DTYPES, 4, "[b, s_q, h_q, d_qk]")
+    _tensor("k_cache", k_cache, _FLOAT_DTYPES, 4, "[num_blocks, page_size, h_k, d_qk]")
+    _tensor("block_table", block_table, _INDEX_DTYPES, 2, "[b, max_blocks]")
+    _tensor("cache_seqlens", cache_seqlens, _INDEX_DTYPES, 1, "[b]")
+    _same_device(q.device, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens)
+    b, _, h_q, d_qk = q.shape
+    _expect_dim("k_cache", k_cache, 3, d_qk, "d_qk of q")
+    h_k = k_cache.shape[2]
+    if h_k < 1 or h_q % h_k != 0:
+        raise ValueError(f"h_q must be a multiple of h_k, got h_q {h_q} and k_cache shape {tuple(k_cache.shape)}")
+    _expect_dim("block_table", block_table, 0, b, "batch of q")
+    _expect_dim("cache_seqlens", cache_seqlens, 0, b, "batch of q")
+    if not isinstance(head_dim_v, int) or not 0 < head_dim_v <= d_qk:
+        raise ValueError(f"head_dim_v must be an int in [1, {d_qk}], got {head_dim_v!r}")
+
+
+def dense_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    softmax_scale: Optional[float],
+    causal: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dense paged MLA decode. Returns out fp32 [b, s_q, h_q, head_dim_v], lse fp32 [b, h_q, s_q].
+
+    q [b, s_q, h_q, d_qk]; k_cache [num_blocks, page_size, h_k, d_qk] (page size =
+    k_cache.shape[1], any value is accepted here), V = k_cache[..., :head_dim_v].
+    Token t of batch i is k_cache[block_table[i, t // page_size], t % page_size];
+    only t < cache_seqlens[i] is read, so unused table entries and cache slots may
+    hold anything. Query head h reads kv head h // (h_q // h_k). Causal (bottom-right):
+    query j sees keys [0, s_k - s_q + j]; a query that sees none is an empty row.
+    softmax_scale None means d_qk ** -0.5. ValueError for a negative seqlen, or a
+    referenced page outside [0, num_blocks).
+    """
+    _check_dense_decode(q, k_cache, block_table, cache_seqlens, head_dim_v)
+    b, s_q, h_q, d_qk = q.shape
+    num_blocks, page_size, h_k, _ = k_cache.shape
+    group = h_q // h_k
+    scale = _scale(softmax_scale, d_qk)
+    out = torch.zeros(b, s_q, h_q, head_dim_v, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, h_q, s_q), _INF, dtype=torch.float32, device=q.device)
+    seqlens = [int(s) for s in cache_seqlens.tolist()]
+    for i, s_k in enumerate(seqlens):
+        if s_k < 0:
+            raise ValueError(f"cache_seqlens must be >= 0, got {s_k} for batch {i}")
+        if s_k == 0 or s_q == 0:
+            continue
+        n_pages = -(-s_k // page_size)
+        if n_pages > block_table.shape[1]:
+            raise ValueError(
+                f"block_table has {block_table.shape[1]} columns but cache_seqlens[{i}] = {s_k} needs {n_pages} pages"
+            )
+        pages = block_table[i, :n_pages].to(torch.int64)
+        if int(pages.min()) < 0 or int(pages.max()) >= num_blocks:
+            raise ValueError(
+                f"block_table[{i}, :{n_pages}] must hold pages in [0, {num_blocks}), "
+                f"got values in [{int(pages.min())}, {int(pages.max())}]"
+            )
+        kv = k_cache[pages].reshape(n_pages * page_size, h_k, d_qk)[:s_k].to(torch.float32)
+        k = kv.permute(1, 0, 2).unsqueeze(1)  # [h_k, 1, s_k, d_qk]
+        v = k[..., :head_dim_v]
+        # [s_q, h_q, d] -> [h_k, group, s_q, d]: query head h = kv_head * group + g
+        qi = q[i].to(torch.float32).reshape(s_q, h_k, group, d_qk).permute(1, 2, 0, 3)
+        mask = _causal_mask(torch.arange(s_q, device=q.device), s_q, s_k) if causal else None
+        o, l, _ = _attention(qi, k, v, mask, scale)  # [h_k, group, s_q, dv], [h_k, group, s_q]
+        out[i] = o.permute(2, 0, 1, 3).reshape(s_q, h_q, head_dim_v)
+        lse[i] = l.reshape(h_q, s_q)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------
+# sparse decode (FP8 cache)
+# ---------------------------------------------------------------------------
+def _check_sparse_decode(q, k_cache, indices, topk_length, d_v, attn_sink,
+                         extra_k_cache, extra_indices, extra_topk_length) -> None:
+    _tensor("q", q, _FLOAT_DTYPES, 4, "[b, s_q, h_q, d_qk]")
+    b, s_q, h_q, d_qk = q.shape
+    quant.bytes_per_token(d_qk)  # ValueError unless 576 or 512
+    if not isinstance(d_v, int) or not 0 < d_v <= d_qk:
+        raise ValueError(f"d_v must be an int in [1, {d_qk}], got {d_v!r}")
+    _optional_tensor("attn_sink", attn_sink, (torch.float32,), 1, f"[h_q={h_q}]")
+    if attn_sink is not None:
+        _expect_dim("attn_sink", attn_sink, 0, h_q, "h_q of q")
+    pools = [("", k_cache, indices, topk_length)]
+    extras = (extra_k_cache, extra_indices, extra_topk_length)
+    if extra_k_cache is not None or extra_indices is not None:
+        if extra_k_cache is None or extra_indices is None:
+            raise ValueError(
+                "extra_k_cache and extra_indices must be given together, got "
+                f"extra_k_cache {'None' if extra_k_cache is None else 'a tensor'} and "
+                f"extra_indices {'None' if extra_indices is None else 'a tensor'}"
+            )
+        pools.append(("extra_", *extras))
+    elif extra_topk_length is not None:
+        raise ValueError("extra_topk_length must be None when there is no extra_k_cache, got a tensor")
+    for prefix, cache, idx, length in pools:
+        quant._check_kv_cache(cache, d_qk)
+        _tensor(f"{prefix}indices", idx, (torch.int32,), 3, f"[b={b}, s_q={s_q}, topk]")
+        if tuple(idx.shape[:2]) != (b, s_q):
+            raise ValueError(f"{prefix}indices must have shape [b={b}, s_q={s_q}, topk], got {tuple(idx.shape)}")
+        _optional_tensor(f"{prefix}topk_length", length, (torch.int32,), 1, f"[b={b}]")
+        if length is not None:
+            _expect_dim(f"{prefix}topk_length", length, 0, b, "batch of q")
+        _same_device(q.device, **{f"{prefix}k_cache": cache, f"{prefix}indices": idx,
+                                  f"{prefix}topk_length": length})
+    _same_device(q.device, attn_sink=attn_sink)
+
+
+def _gather_sparse_tokens(
+    name: str, k_cache: torch.Tensor, indices: torch.Tensor, length: Optional[int], d_qk: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One batch's pool: indices [s_q, topk] -> (tokens fp32 [s_q, topk, d_qk] with zero rows where
+    invalid, valid bool [s_q, topk])."""
+    s_q, topk = indices.shape
+    valid = indices != -1
+    if length is not None:
+        valid &= torch.arange(topk, device=indices.device).unsqueeze(0) < length
+    tokens = torch.zeros(s_q, topk, d_qk, dtype=torch.float32, device=indices.device)
+    wanted = indices[valid]
+    if wanted.numel() > 0:
+        capacity = k_cache.shape[0] * k_cache.shape[1]
+        lo, hi = int(wanted.min()), int(wanted.max())
+        if lo < 0 or hi >= capacity:
+            raise ValueError(
+                f"{name} must be -1 or a token in [0, {capacity}) (num_blocks x page_size) among the first "
+                f"topk_length entries, got values in [{lo}, {hi}]"
+            )
+        tokens[valid] = quant.dequantize_kv_tokens(k_cache, d_qk, wanted)
+    return tokens, valid
+
+
+def sparse_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    indices: torch.Tensor,
+    topk_length: Optional[torch.Tensor],
+    softmax_scale: Optional[float],
+    d_v: int = 512,
+    attn_sink: Optional[torch.Tensor] = None,
+    extra_k_cache: Optional[torch.Tensor] = None,
+    extra_indices: Optional[torch.Tensor] = None,
+    extra_topk_length: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MLA decode on an FP8 cache. Returns out fp32 [b, s_q, h_q, d_v], lse fp32 [b, s_q, h_q].
+
+    q [b, s_q, h_q, d_qk]; d_qk 576 selects the V3.2 format, 512 MODEL1 (see
+    flash_mla.quant). k_cache [num_blocks, page_size, 1, bytes_per_token] of
+    uint8/int8/float8_e4m3fn. indices int32 [b, s_q, topk], block * page_size +
+    offset; exactly -1 is invalid. topk_length int32 [b] or None: entries at or past
+    topk_length[i] are ignored whatever they hold (a negative length counts as 0).
+    Any other counted index outside [0, num_blocks * page_size) raises ValueError
+    (the kernels assume such indices never occur). Each counted slot is one logit:
+    a token listed twice counts twice. The extra pool (its own cache, page size and
+    indices [b, s_q, extra_topk]) joins the same softmax. V = the first d_v
+    dequantised dims. attn_sink fp32 [h_q] as in the module docstring.
+    softmax_scale None means d_qk ** -0.5.
+    """
+    _check_sparse_decode(q, k_cache, indices, topk_length, d_v, attn_sink,
+                         extra_k_cache, extra_indices, extra_topk_length)
+    b, s_q, h_q, d_qk = q.shape
+    scale = _scale(softmax_scale, d_qk)
+    pools = [("indices", k_cache, indices, topk_length)]
+    if extra_k_cache is not None:
+        pools.append(("extra_indices", extra_k_cache, extra_indices, extra_topk_length))
+    lengths = [None if length is None else [int(x) for x in length.tolist()] for _, _, _, length in pools]
+    out = torch.zeros(b, s_q, h_q, d_v, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, s_q, h_q), _INF, dtype=torch.float32, device=q.device)
+    for i in range(b):
+        parts = [
+            _gather_sparse_tokens(name, cache, idx[i], None if lens is None else lens[i], d_qk)
+            for (name, cache, idx, _), lens in zip(pools, lengths)
+        ]
+        k = torch.cat([p[0] for p in parts], dim=1)  # [s_q, n, d_qk]
+        valid = torch.cat([p[1] for p in parts], dim=1)  # [s_q, n]
+        o, l, _ = _attention(q[i].to(torch.float32), k, k[..., :d_v], valid.unsqueeze(1), scale)
+        out[i] = _apply_sink(o, l, attn_sink)
+        lse[i] = l
+    return out, lse
+
+
+# ---------------------------------------------------------------------------
+# sparse prefill
+# ---------------------------------------------------------------------------
+def _check_sparse_prefill(q, kv, indices, d_v, attn_sink, topk_length) -> None:
+    _tensor("q", q, _FLOAT_DTYPES, 3, "[s_q, h_q, d_qk]")
+    _tensor("kv", kv, _FLOAT_DTYPES, 3, "[s_kv, 1, d_qk]")
+    _tensor("indices", indices, _INDEX_DTYPES, 3, "[s_q, 1, topk]")
+    s_q, h_q, d_qk = q.shape
+    if kv.shape[1] != 1 or kv.shape[2] != d_qk:
+        raise ValueError(f"kv must have shape [s_kv, 1, d_qk={d_qk}], got shape {tuple(kv.shape)}")
+    if indices.shape[0] != s_q or indices.shape[1] != 1:
+        raise ValueError(f"indices must have shape [s_q={s_q}, 1, topk], got shape {tuple(indices.shape)}")
+    if not isinstance(d_v, int) or not 0 < d_v <= d_qk:
+        raise ValueError(f"d_v must be an int in [1, {d_qk}], got {d_v!r}")
+    _optional_tensor("attn_sink", attn_sink, (torch.float32,), 1, f"[h_q={h_q}]")
+    if attn_sink is not None:
+        _expect_dim("attn_sink", attn_sink, 0, h_q, "h_q of q")
+    _optional_tensor("topk_length", topk_length, _INDEX_DTYPES, 1, f"[s_q={s_q}]")
+    if topk_length is not None:
+        _expect_dim("topk_length", topk_length, 0, s_q, "s_q of q")
+    _same_device(q.device, kv=kv, indices=indices, attn_sink=attn_sink, topk_length=topk_length)
+
+
+def sparse_prefill(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    d_v: int = 512,
+    attn_sink: Optional[torch.Tensor] = None,
+    topk_length: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse MLA prefill. Returns out fp32 [s_q, h_q, d_v], max_logits fp32 [s_q, h_q], lse fp32 [s_q, h_q].
+
+    q [s_q, h_q, d_qk], kv [s_kv, 1, d_qk], indices [s_q, 1, topk]; an index < 0 or
+    >= s_kv is invalid (any value), and so is every slot at or past topk_length[r]
+    (int32 [s_q] or None). A token listed twice counts twice. V = kv[..., :d_v].
+    max_logits = max over valid slots of q.k * sm_scale. Empty row: out 0,
+    max_logits -inf, lse +inf. attn_sink [h_q] scales out only (module docstring).
+    """
+    _check_sparse_prefill(q, kv, indices, d_v, attn_sink, topk_length)
+    s_q, h_q, d_qk = q.shape
+    s_kv, topk = kv.shape[0], indices.shape[2]
+    scale = _scale(sm_scale, d_qk)
+    out = torch.zeros(s_q, h_q, d_v, dtype=torch.float32, device=q.device)
+    max_logits = torch.full((s_q, h_q), -_INF, dtype=torch.float32, device=q.device)
+    lse = torch.full((s_q, h_q), _INF, dtype=torch.float32, device=q.device)
+    if topk == 0 or s_kv == 0:
+        return out, max_logits, lse
+    keys = kv[:, 0, :]
+    idx_all = indices[:, 0, :].to(torch.int64)
+    slot = torch.arange(topk, device=q.device)
+    rows = _rows_per_chunk(s_q, topk * max(d_qk, h_q))
+    for r0 in range(0, s_q, rows):
+        r1 = min(s_q, r0 + rows)
+        idx = idx_all[r0:r1]
+        valid = (idx >= 0) & (idx < s_kv)
+        if topk_length is not None:
+            valid &= slot.unsqueeze(0) < topk_length[r0:r1].to(torch.int64).unsqueeze(1)
+        safe = torch.where(valid, idx, torch.zeros_like(idx))
+        k = keys[safe].to(torch.float32)  # [rows, topk, d_qk]
+        k = torch.where(valid.unsqueeze(-1), k, torch.zeros_like(k))
+        o, l, m = _attention(q[r0:r1].to(torch.float32), k, k[..., :d_v], valid.unsqueeze(1), scale)
+        out[r0:r1] = _apply_sink(o, l, attn_sink)
+        lse[r0:r1] = l
+        max_logits[r0:r1] = m
+    return out, max_logits, lse
+
+
+# ---------------------------------------------------------------------------
+# dense MHA prefill (training), forward and backward
+# ---------------------------------------------------------------------------
+def _check_mha(q, k, v, cu_seqlens_q, cu_seqlens_k) -> Tuple[List[int], List[int]]:
+    _tensor("q", q, _FLOAT_DTYPES, 3, "[total_q, h_q, d_qk]")
+    _tensor("k", k, _FLOAT_DTYPES, 3, "[total_k, h_k, d_qk]")
+    _tensor("v", v, _FLOAT_DTYPES, 3, "[total_k, h_k, d_v]")
+    _tensor("cu_seqlens_q", cu_seqlens_q, _INDEX_DTYPES, 1, "[batch + 1]")
+    _tensor("cu_seqlens_k", cu_seqlens_k, _INDEX_DTYPES, 1, "[batch + 1]")
+    _same_device(q.device, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    _, h_q, d_qk = q.shape
+    if k.shape[2] != d_qk:
+        raise ValueError(f"k must have last dimension d_qk={d_qk} like q, got shape {tuple(k.shape)}")
+    if v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"v must have shape [total_k={k.shape[0]}, h_k={k.shape[1]}, d_v], got {tuple(v.shape)}")
+    if k.shape[1] < 1 or h_q % k.shape[1] != 0:
+        raise ValueError(f"h_q must be a multiple of h_k, got q shape {tuple(q.shape)} and k shape {tuple(k.shape)}")
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError(
+            f"cu_seqlens_k must have batch + 1 = {cu_seqlens_q.shape[0]} entries like cu_seqlens_q, "
+            f"got {cu_seqlens_k.shape[0]}"
+        )
+    return _cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0]), _cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+
+
+def _heads_grouped(x: torch.Tensor, h_k: int) -> torch.Tensor:
+    """[rows, h_q, d] -> fp32 [h_k, group, rows, d]; query head h = kv head * group + g."""
+    rows, h_q, d = x.shape
+    return x.to(torch.float32).reshape(rows, h_k, h_q // h_k, d).permute(1, 2, 0, 3)
+
+
+def _heads_ungrouped(x: torch.Tensor) -> torch.Tensor:
+    """[h_k, group, rows, d] -> [rows, h_k * group, d]."""
+    h_k, group, rows, d = x.shape
+    return x.permute(2, 0, 1, 3).reshape(rows, h_k * group, d)
+
+
+def _kv_heads(x: torch.Tensor) -> torch.Tensor:
+    """[rows, h_k, d] -> fp32 [h_k, 1, rows, d] (broadcast over the query-head group)."""
+    return x.to(torch.float32).permute(1, 0, 2).unsqueeze(1)
+
+
+def mha_prefill_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    softmax_scale: Optional[float],
+    causal: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Varlen dense MHA forward. Returns out fp32 [total_q, h_q, d_v], lse fp32 [total_q, h_q].
+
+    Sequence i: q rows [cu_q[i], cu_q[i+1]), k/v rows [cu_k[i], cu_k[i+1]); lengths
+    may be 0. GQA: query head h reads kv head h // (h_q // h_k). Causal is
+    bottom-right per sequence (row r of s_q sees keys [0, s_k - s_q + r]). Rows that
+    see no key, and rows past cu_seqlens_q[-1], give out 0 and lse +inf.
+    softmax_scale None means d_qk ** -0.5.
+    """
+    cu_q, cu_k = _check_mha(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    total_q, h_q, d_qk = q.shape
+    h_k, d_v = k.shape[1], v.shape[2]
+    scale = _scale(softmax_scale, d_qk)
+    out = torch.zeros(total_q, h_q, d_v, dtype=torch.float32, device=q.device)
+    lse = torch.full((total_q, h_q), _INF, dtype=torch.float32, device=q.device)
+    for i in range(len(cu_q) - 1):
+        q0, s_q = cu_q[i], cu_q[i + 1] - cu_q[i]
+        k0, s_k = cu_k[i], cu_k[i + 1] - cu_k[i]
+        if s_q == 0 or s_k == 0:
+            continue
+        ks, vs = _kv_heads(k[k0:k0 + s_k]), _kv_heads(v[k0:k0 + s_k])
+        rows = _rows_per_chunk(s_q, h_q * s_k)
+        for r0 in range(0, s_q, rows):
+            r1 = min(s_q, r0 + rows)
+            qs = _heads_grouped(q[q0 + r0:q0 + r1], h_k)
+            mask = _causal_mask(torch.arange(r0, r1, device=q.device), s_q, s_k) if causal else None
+            o, l, _ = _attention(qs, ks, vs, mask, scale)
+            out[q0 + r0:q0 + r1] = _heads_ungrouped(o)
+            lse[q0 + r0:q0 + r1] = _heads_ungrouped(l.unsqueeze(-1)).squeeze(-1)
+    return out, lse
+
+
+def mha_prefill_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    softmax_scale: Optional[float],
+    causal: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Varlen dense MHA backward. Returns (dq, dk, dv) fp32 with the shapes of q, k, v.
+
+    Uses the given out and lse (as the kernels do): P = exp(S - lse) on unmasked
+    pairs, dV = P^T dO, dP = dO V^T, delta = rowsum(dO * O), dS = P * (dP - delta),
+    dQ = scale * dS K, dK = scale * dS^T Q. GQA: dk/dv sum over the query heads of
+    each kv head. Rows with lse = +inf (empty rows) contribute nothing; keys no
+    query sees get 0. The gradient of lse is not part of this backward.
+    """
+    cu_q, cu_k = _check_mha(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    total_q, h_q, d_qk = q.shape
+    h_k, d_v = k.shape[1], v.shape[2]
+    _tensor("dout", dout, _FLOAT_DTYPES, 3, f"[total_q={total_q}, h_q={h_q}, d_v={d_v}]")
+    _tensor("out", out, _FLOAT_DTYPES, 3, f"[total_q={total_q}, h_q={h_q}, d_v={d_v}]")
+    _tensor("lse", lse, (torch.float32,), 2, f"[total_q={total_q}, h_q={h_q}]")
+    for name, t, shape in (("dout", dout, (total_q, h_q, d_v)), ("out", out, (total_q, h_q, d_v)),
+                           ("lse", lse, (total_q, h_q))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got shape {tuple(t.shape)}")
+    _same_device(q.device, dout=dout, out=out, lse=lse)
+    scale = _scale(softmax_scale, d_qk)
+    dq = torch.zeros(total_q, h_q, d_qk, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    for i in range(len(cu_q) - 1):
+        q0, s_q = cu_q[i], cu_q[i + 1] - cu_q[i]
+        k0, s_k = cu_k[i], cu_k[i + 1] - cu_k[i]
+        if s_q == 0 or s_k == 0:
+            continue
+        ks, vs = _kv_heads(k[k0:k0 + s_k]), _kv_heads(v[k0:k0 + s_k])  # [h_k, 1, s_k, d]
+        dk_seq = torch.zeros(h_k, s_k, d_qk, dtype=torch.float32, device=q.device)
+        dv_seq = torch.zeros(h_k, s_k, d_v, dtype=torch.float32, device=q.device)
+        rows = _rows_per_chunk(s_q, 2 * h_q * s_k)
+        for r0 in range(0, s_q, rows):
+            r1 = min(s_q, r0 + rows)
+            sl = slice(q0 + r0, q0 + r1)
+            qs = _heads_grouped(q[sl], h_k)        # [h_k, g, c, d_qk]
+            dos = _heads_grouped(dout[sl], h_k)    # [h_k, g, c, d_v]
+            os_ = _heads_grouped(out[sl], h_k)
+            ls = _heads_grouped(lse[sl].unsqueeze(-1), h_k).squeeze(-1)  # [h_k, g, c]
+            logits = torch.matmul(qs, ks.transpose(-1, -2)) * scale      # [h_k, g, c, s_k]
+            keep = ls.unsqueeze(-1) != _INF
+            if causal:
+                keep = keep & _causal_mask(torch.arange(r0, r1, device=q.device), s_q, s_k)
+            probs = torch.where(keep, torch.exp(logits - ls.unsqueeze(-1)), torch.zeros_like(logits))
+            delta = (dos * os_).sum(dim=-1, keepdim=True)                # [h_k, g, c, 1]
+            dprobs = torch.matmul(dos, vs.transpose(-1, -2))             # [h_k, g, c, s_k]
+            dlogits = probs * (dprobs - delta)
+            dq[sl] = _heads_ungrouped(torch.matmul(dlogits, ks) * scale)
+            dk_seq += (torch.matmul(dlogits.transpose(-1, -2), qs) * scale).sum(dim=1)
+            dv_seq += torch.matmul(probs.transpose(-1, -2), dos).sum(dim=1)
+        dk[k0:k0 + s_k] = dk_seq.permute(1, 0, 2)
+        dv[k0:k0 + s_k] = dv_seq.permute(1, 0, 2)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------
+# split-KV combine
+# ---------------------------------------------------------------------------
+def _check_combine(o_accum, lse_accum, split_offsets, attn_sink) -> None:
+    _tensor("o_accum", o_accum, (torch.float32,), 4, "[num_splits_total, s_q, h_q, d_v]")
+    num_splits, s_q, h_q, _ = o_accum.shape
+    _tensor("lse_accum", lse_accum, (torch.float32,), 3, f"[num_splits_total={num_splits}, s_q={s_q}, h_q={h_q}]")
+    if tuple(lse_accum.shape) != (num_splits, s_q, h_q):
+        raise ValueError(
+            f"lse_accum must have shape [num_splits_total={num_splits}, s_q={s_q}, h_q={h_q}], "
+            f"got shape {tuple(lse_accum.shape)}"
+        )
+    _tensor("split_offsets", split_offsets, _INDEX_DTYPES, 1, "[batch + 1]")
+    if split_offsets.shape[0] < 1:
+        raise ValueError(f"split_offsets must have batch + 1 >= 1 entries, got shape {tuple(split_offsets.shape)}")
+    _optional_tensor("attn_sink", attn_sink, (torch.float32,), 1, f"[h_q={h_q}]")
+    if attn_sink is not None:
+        _expect_dim("attn_sink", attn_sink, 0, h_q, "h_q of o_accum")
+    _same_device(o_accum.device, lse_accum=lse_accum, split_offsets=split_offsets, attn_sink=attn_sink)
+
+
+def combine(
+    o_accum: torch.Tensor,
+    lse_accum: torch.Tensor,
+    split_offsets: torch.Tensor,
+    attn_sink: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Merge split-KV partial results. Returns out fp32 [b, s_q, h_q, d_v], lse fp32 [b, s_q, h_q] (natural log).
+
+    o_accum fp32 [num_splits_total, s_q, h_q, d_v] (each split normalised by its own
+    sum), lse_accum fp32 [num_splits_total, s_q, h_q] in log2 units, -inf = empty
+    split (its o_accum row is never read, so it may hold garbage). Batch i merges
+    splits [off[i], off[i+1]) with both offsets clamped to [0, num_splits_total] and
+    a reversed range taken as empty, as the kernel does (csrc/params.h):
+    out = sum_j 2^(lse_j - m) o_j / sum_j 2^(lse_j - m), lse = (m + log2 sum) * ln 2.
+    No split or only empty ones: out 0, lse +inf. The sink is applied once, after merging.
+    """
+    _check_combine(o_accum, lse_accum, split_offsets, attn_sink)
+    num_splits, s_q, h_q, d_v = o_accum.shape
+    offsets = [min(max(int(x), 0), num_splits) for x in split_offsets.tolist()]
+    b = len(offsets) - 1
+    out = torch.zeros(b, s_q, h_q, d_v, dtype=torch.float32, device=o_accum.device)
+    lse = torch.full((b, s_q, h_q), _INF, dtype=torch.float32, device=o_accum.device)
+    for i in range(b):
+        lo, hi = offsets[i], offsets[i + 1]
+        if hi <= lo:
+            continue
+        part_lse = lse_accum[lo:hi]
+        used = part_lse != -_INF                                   # [n, s_q, h_q]
+        any_used = used.any(dim=0)
+        peak = torch.where(used, part_lse, torch.full_like(part_lse, -_INF)).amax(dim=0)
+        peak = torch.where(any_used, peak, torch.zeros_like(peak))
+        weights = torch.where(used, torch.exp2(part_lse - peak), torch.zeros_like(part_lse))
+        parts = torch.where(used.unsqueeze(-1), o_accum[lo:hi], torch.zeros_like(o_accum[lo:hi]))
+        total = weights.sum(dim=0)
+        merged = (weights.unsqueeze(-1) * parts).sum(dim=0) / torch.where(any_used, total, torch.ones_like(total)).unsqueeze(-1)
+        merged_lse = (peak + torch.log2(total)) * math.log(2.0)
+        out[i] = torch.where(any_used.unsqueeze(-1), merged, torch.zeros_like(merged))
+        lse[i] = torch.where(any_used, merged_lse, torch.full_like(merged_lse, _INF))
+    return _apply_sink(out, lse, attn_sink), lse

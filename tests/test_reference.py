@@ -1,0 +1,411 @@
+"""flash_mla.reference against the independent float64 formulations in tests/_float64_reference.py,
+on small hostile inputs (CPU)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flash_mla import quant, reference
+from flash_mla.testing import check_close, invalid_prefill_indices, make_noncontiguous, make_paged_kv_cache
+from tests import _float64_reference as f64
+
+# fp32 reference vs float64 oracle: fp32 rounding over dot products of a few hundred terms.
+FP32_TOL = dict(abs_tol=2e-5, rel_tol=2e-4, cos_tol=1e-9)
+INF = float("inf")
+
+
+def _close(actual, expected, name, **tol):
+    assert actual.dtype == torch.float32, f"{name} must be fp32, got {actual.dtype}"
+    check_close(actual, expected, name=name, **{**FP32_TOL, **tol})
+
+
+def _finite_where_expected(t: torch.Tensor, name: str):
+    assert not torch.isnan(t).any(), f"{name} has NaN"
+
+
+# ---------------------------------------------------------------------------
+# dense decode
+# ---------------------------------------------------------------------------
+DENSE_CASES = [
+    # seqlens, s_q, h_q, h_k, causal, page_size
+    ([0, 1, 70, 130], 1, 4, 1, False, 64),
+    ([5, 64, 129, 2], 3, 4, 2, True, 64),   # seqlen 2 < s_q 3: first query sees no key
+    ([33, 0, 17], 2, 6, 3, True, 16),
+    ([40, 9], 2, 2, 2, False, 7),
+]
+
+
+@pytest.mark.parametrize("seqlens,s_q,h_q,h_k,causal,page_size", DENSE_CASES)
+def test_dense_decode_matches_float64(seqlens, s_q, h_q, h_k, causal, page_size):
+    gen = torch.Generator().manual_seed(sum(seqlens) + s_q)
+    cache = make_paged_kv_cache(seqlens, page_size=page_size, h_k=h_k, d=576, generator=gen)
+    q = make_noncontiguous(torch.randn(len(seqlens), s_q, h_q, 576, generator=gen).to(torch.bfloat16))
+    k_cache = make_noncontiguous(cache.k_cache)
+    table = make_noncontiguous(cache.block_table)
+    scale = 576 ** -0.5
+    out, lse = reference.dense_decode(q, k_cache, table, cache.cache_seqlens, head_dim_v=512,
+                                      softmax_scale=scale, causal=causal)
+    assert out.shape == (len(seqlens), s_q, h_q, 512) and lse.shape == (len(seqlens), h_q, s_q)
+    exp_out, exp_lse = f64.dense_decode(q, cache.k_cache, cache.block_table, seqlens, 512, scale, causal)
+    _finite_where_expected(out, "out")
+    _close(out, exp_out, "dense_decode.out")
+    _close(lse, exp_lse, "dense_decode.lse")
+    for i, s in enumerate(seqlens):
+        if s == 0:
+            assert (out[i] == 0).all() and (lse[i] == INF).all()
+
+
+def test_dense_decode_causal_empty_row_and_default_scale():
+    gen = torch.Generator().manual_seed(3)
+    cache = make_paged_kv_cache([2], page_size=64, d=576, generator=gen)
+    q = torch.randn(1, 4, 2, 576, generator=gen, dtype=torch.float32)
+    out, lse = reference.dense_decode(q, cache.k_cache, cache.block_table, cache.cache_seqlens, 512, None, True)
+    # s_k 2, s_q 4: queries 0 and 1 see nothing, query 2 sees key 0, query 3 keys 0..1
+    assert (out[0, :2] == 0).all() and (lse[0, :, :2] == INF).all()
+    k0 = cache.sequences[0][0, 0].float()
+    q2 = q[0, 2].double()
+    assert torch.allclose(lse[0, :, 2].double(), q2 @ k0.double() * 576 ** -0.5, atol=1e-5)
+    assert torch.allclose(out[0, 2], k0[:512].expand(2, 512))
+
+
+def test_dense_decode_rejects_bad_inputs():
+    cache = make_paged_kv_cache([10], page_size=64, d=576)
+    q = torch.zeros(1, 1, 4, 576, dtype=torch.bfloat16)
+    bad_table = cache.block_table.clone()
+    bad_table[0, 0] = cache.k_cache.shape[0]
+    with pytest.raises(ValueError, match=r"block_table\[0, :1\] must hold pages in \[0, 3\)"):
+        reference.dense_decode(q, cache.k_cache, bad_table, cache.cache_seqlens, 512, None, False)
+    with pytest.raises(ValueError, match="h_q must be a multiple of h_k"):
+        reference.dense_decode(q[:, :, :3], cache.k_cache.expand(-1, -1, 2, -1), cache.block_table,
+                               cache.cache_seqlens, 512, None, False)
+    with pytest.raises(TypeError, match=r"block_table must have dtype in .*got torch.float32"):
+        reference.dense_decode(q, cache.k_cache, cache.block_table.float(), cache.cache_seqlens, 512, None, False)
+    with pytest.raises(ValueError, match=r"head_dim_v must be an int in \[1, 576\], got 600"):
+        reference.dense_decode(q, cache.k_cache, cache.block_table, cache.cache_seqlens, 600, None, False)
+
+
+# ---------------------------------------------------------------------------
+# sparse decode (FP8 cache)
+# ---------------------------------------------------------------------------
+def _fp8_pool(d_qk, num_blocks, page_size, gen, live_fraction=0.5):
+    """Quantised cache whose non-live tokens are NaN before quantisation (so their bytes are NaN),
+    and the list of live physical indices."""
+    total = num_blocks * page_size
+    kv = torch.randn(num_blocks, page_size, 1, d_qk, generator=gen).to(torch.bfloat16)
+    live = torch.randperm(total, generator=gen)[: max(1, int(total * live_fraction))]
+    dead = torch.ones(total, dtype=torch.bool)
+    dead[live] = False
+    kv.view(total, d_qk)[dead] = float("nan")
+    packed = quant.quantize_kv_v32(kv) if d_qk == 576 else quant.quantize_kv_model1(kv)
+    return packed, live
+
+
+def _sparse_indices(b, s_q, topk, live, gen, invalid_fraction=0.25):
+    picks = live[torch.randint(0, live.numel(), (b, s_q, topk), generator=gen)].to(torch.int32)
+    invalid = torch.rand(b, s_q, topk, generator=gen) < invalid_fraction
+    return torch.where(invalid, torch.full_like(picks, -1), picks)
+
+
+@pytest.mark.parametrize("d_qk", [576, 512])
+@pytest.mark.parametrize("page_size", [1, 2, 61, 64, 69])
+def test_sparse_decode_matches_float64(d_qk, page_size):
+    gen = torch.Generator().manual_seed(100 * page_size + d_qk)
+    b, s_q, h_q, topk = 3, 2, 4, 20
+    num_blocks = max(2, 90 // page_size)
+    cache, live = _fp8_pool(d_qk, num_blocks, page_size, gen)
+    indices = _sparse_indices(b, s_q, topk, live, gen)
+    indices[1, 1] = -1  # an all-invalid row
+    topk_length = torch.tensor([topk, 13, 0], dtype=torch.int32)  # batch 2 attends to nothing
+    # past topk_length anything may sit there: it must be ignored
+    indices[1, :, 13:] = 2 ** 31 - 1
+    indices[2] = torch.randint(-5, 10 ** 6, (s_q, topk), generator=gen, dtype=torch.int32)
+    q = make_noncontiguous(torch.randn(b, s_q, h_q, d_qk, generator=gen).to(torch.bfloat16))
+    scale = d_qk ** -0.5
+    out, lse = reference.sparse_decode(q, cache, indices, topk_length, scale, d_v=512)
+    assert out.shape == (b, s_q, h_q, 512) and lse.shape == (b, s_q, h_q)
+    exp_out, exp_lse = f64.sparse_decode(q, [(cache, indices, topk_length.tolist())], scale, 512)
+    _finite_where_expected(out, "out")
+    _close(out, exp_out, "sparse_decode.out")
+    _close(lse, exp_lse, "sparse_decode.lse")
+    assert (lse[1, 1] == INF).all() and (out[1, 1] == 0).all()
+    assert (lse[2] == INF).all() and (out[2] == 0).all()
+
+
+@pytest.mark.parametrize("d_qk", [576, 512])
+def test_sparse_decode_extra_pool_and_sinks(d_qk):
+    gen = torch.Generator().manual_seed(7 + d_qk)
+    b, s_q, h_q, topk, extra_topk = 2, 3, 4, 16, 9
+    cache, live = _fp8_pool(d_qk, 5, 64, gen)
+    extra, extra_live = _fp8_pool(d_qk, 7, 3, gen)  # a different page size
+    indices = _sparse_indices(b, s_q, topk, live, gen)
+    extra_indices = _sparse_indices(b, s_q, extra_topk, extra_live, gen)
+    indices[0, 0] = -1                    # row served by the extra pool only
+    indices[1, 2] = -1
+    extra_indices[1, 2] = -1              # row empty in both pools
+    extra_length = torch.tensor([extra_topk, 4], dtype=torch.int32)
+    extra_indices[1, :, 4:] = -123456     # ignored: past extra_topk_length
+    sink = torch.tensor([0.5, INF, -INF, -1.25])
+    q = torch.randn(b, s_q, h_q, d_qk, generator=gen).to(torch.bfloat16)
+    scale = 0.07
+    out, lse = reference.sparse_decode(q, cache, indices, None, scale, d_v=512, attn_sink=sink,
+                                       extra_k_cache=extra, extra_indices=extra_indices,
+                                       extra_topk_length=extra_length)
+    pools = [(cache, indices, None), (extra, extra_indices, extra_length.tolist())]
+    exp_out, exp_lse = f64.sparse_decode(q, pools, scale, 512, sink=sink)
+    _finite_where_expected(out, "out")
+    _close(out, exp_out, "sparse_decode.out")
+    _close(lse, exp_lse, "sparse_decode.lse")
+    assert (out[..., 1, :] == 0).all()  # sink +inf zeroes the head
+    assert (out[1, 2] == 0).all() and (lse[1, 2] == INF).all()
+    # sink -inf changes nothing; the returned lse never includes the sink
+    plain, plain_lse = reference.sparse_decode(q, cache, indices, None, scale, d_v=512,
+                                               extra_k_cache=extra, extra_indices=extra_indices,
+                                               extra_topk_length=extra_length)
+    assert torch.equal(out[..., 2, :], plain[..., 2, :]) and torch.equal(lse, plain_lse)
+    factor = torch.sigmoid(plain_lse[..., 0] - 0.5)
+    assert torch.allclose(out[..., 0, :], plain[..., 0, :] * factor.unsqueeze(-1), atol=1e-6)
+
+
+def test_sparse_decode_duplicates_count_twice_and_topk_beyond_pool():
+    gen = torch.Generator().manual_seed(21)
+    cache, live = _fp8_pool(576, 2, 4, gen, live_fraction=0.5)  # 4 live tokens, topk 40 > 8 slots
+    indices = live[torch.randint(0, live.numel(), (1, 1, 40), generator=gen)].to(torch.int32)
+    q = torch.randn(1, 1, 2, 576, generator=gen).to(torch.bfloat16)
+    out, lse = reference.sparse_decode(q, cache, indices, None, 0.05)
+    exp_out, exp_lse = f64.sparse_decode(q, [(cache, indices, None)], 0.05, 512)
+    _close(out, exp_out, "out")
+    _close(lse, exp_lse, "lse")
+
+
+def test_sparse_decode_rejects_out_of_range_counted_index():
+    gen = torch.Generator().manual_seed(22)
+    cache, _ = _fp8_pool(576, 2, 4, gen)
+    q = torch.zeros(1, 1, 2, 576, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"indices must be -1 or a token in \[0, 8\).*got values in \[-2, 3\]"):
+        reference.sparse_decode(q, cache, torch.tensor([[[3, -2]]], dtype=torch.int32), None, 0.1)
+    with pytest.raises(ValueError, match="d_qk must be 576"):
+        reference.sparse_decode(torch.zeros(1, 1, 2, 128), cache, torch.zeros(1, 1, 1, dtype=torch.int32), None, 0.1)
+    with pytest.raises(ValueError, match=r"k_cache must have shape \[num_blocks, page_size, 1, 584\]"):
+        reference.sparse_decode(torch.zeros(1, 1, 2, 512), cache, torch.zeros(1, 1, 1, dtype=torch.int32), None, 0.1)
+    with pytest.raises(ValueError, match="extra_k_cache and extra_indices must be given together"):
+        reference.sparse_decode(q, cache, torch.zeros(1, 1, 1, dtype=torch.int32), None, 0.1, extra_k_cache=cache)
+
+
+# ---------------------------------------------------------------------------
+# sparse prefill
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("d_qk,d_v", [(576, 512), (512, 512)])
+def test_sparse_prefill_matches_float64(d_qk, d_v):
+    gen = torch.Generator().manual_seed(d_qk)
+    s_q, h_q, s_kv, topk = 7, 4, 40, 64  # topk > s_kv
+    bad = invalid_prefill_indices(s_kv)
+    assert len(bad) == 7
+    indices = torch.randint(0, s_kv, (s_q, 1, topk), generator=gen, dtype=torch.int32)
+    where_bad = torch.rand(s_q, 1, topk, generator=gen) < 0.3
+    bad_values = torch.tensor(bad, dtype=torch.int32)[torch.randint(0, len(bad), (s_q, 1, topk), generator=gen)]
+    indices = torch.where(where_bad, bad_values, indices)
+    indices[0, 0, : len(bad)] = torch.tensor(bad, dtype=torch.int32)  # every candidate appears
+    indices[3, 0] = torch.tensor(bad, dtype=torch.int32).repeat(10)[:topk]  # an all-invalid row
+    topk_length = torch.tensor([topk, 50, 0, topk, 1, 200, 33], dtype=torch.int32)  # 0, and > topk
+    sink = torch.tensor([INF, 0.3, -INF, -2.0])
+    q = make_noncontiguous(torch.randn(s_q, h_q, d_qk, generator=gen).to(torch.bfloat16))
+    kv = make_noncontiguous(torch.randn(s_kv, 1, d_qk, generator=gen).to(torch.bfloat16))
+    for use_sink, use_length in ((False, False), (True, True)):
+        kwargs = dict(attn_sink=sink if use_sink else None, topk_length=topk_length if use_length else None)
+        out, max_logits, lse = reference.sparse_prefill(q, kv, make_noncontiguous(indices), 0.06,
+                                                        d_v=d_v, **kwargs)
+        exp = f64.sparse_prefill(q, kv, indices, 0.06, d_v, sink=kwargs["attn_sink"],
+                                 topk_length=kwargs["topk_length"])
+        _finite_where_expected(out, "out")
+        _close(out, exp[0], "sparse_prefill.out")
+        _close(max_logits, exp[1], "sparse_prefill.max_logits")
+        _close(lse, exp[2], "sparse_prefill.lse")
+        assert (out[3] == 0).all() and (lse[3] == INF).all() and (max_logits[3] == -INF).all()
+        if use_length:
+            assert (lse[2] == INF).all() and (max_logits[2] == -INF).all()
+
+
+def test_sparse_prefill_noncontiguous_indices_and_small_chunks(monkeypatch):
+    """Chunked evaluation (forced tiny chunks) must equal the one-shot result."""
+    gen = torch.Generator().manual_seed(31)
+    q = torch.randn(9, 2, 576, generator=gen)
+    kv = torch.randn(20, 1, 576, generator=gen)
+    indices = torch.randint(-3, 23, (9, 1, 12), generator=gen, dtype=torch.int32)
+    whole = reference.sparse_prefill(q, kv, indices, 0.05)
+    monkeypatch.setattr(reference, "_MAX_CHUNK_ELEMENTS", 1)
+    chunked = reference.sparse_prefill(q, kv, make_noncontiguous(indices), 0.05)
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
+
+
+def test_sparse_prefill_no_keys_at_all():
+    q = torch.randn(3, 2, 512)
+    out, m, lse = reference.sparse_prefill(q, torch.zeros(0, 1, 512), torch.zeros(3, 1, 4, dtype=torch.int32), 0.1)
+    assert (out == 0).all() and (m == -INF).all() and (lse == INF).all()
+
+
+# ---------------------------------------------------------------------------
+# dense MHA prefill
+# ---------------------------------------------------------------------------
+VARLEN_Q = [17, 1, 0, 300, 3]
+VARLEN_K = [20, 0, 5, 300, 1]
+
+
+def _cu(lengths):
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+
+
+def _mha_inputs(gen, d_qk, d_v, h_q, h_k):
+    total_q, total_k = sum(VARLEN_Q), sum(VARLEN_K)
+    q = make_noncontiguous(torch.randn(total_q, h_q, d_qk, generator=gen).to(torch.bfloat16))
+    k = make_noncontiguous(torch.randn(total_k, h_k, d_qk, generator=gen).to(torch.bfloat16))
+    v = make_noncontiguous(torch.randn(total_k, h_k, d_v, generator=gen).to(torch.bfloat16))
+    return q, k, v, _cu(VARLEN_Q), _cu(VARLEN_K)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d_qk,d_v,h_q,h_k", [(192, 128, 4, 2), (64, 64, 2, 2)])
+def test_mha_prefill_fwd_matches_float64(causal, d_qk, d_v, h_q, h_k):
+    gen = torch.Generator().manual_seed(d_qk + int(causal))
+    q, k, v, cu_q, cu_k = _mha_inputs(gen, d_qk, d_v, h_q, h_k)
+    scale = d_qk ** -0.5
+    out, lse = reference.mha_prefill_fwd(q, k, v, cu_q, cu_k, scale, causal)
+    assert out.shape == (q.shape[0], h_q, d_v) and lse.shape == (q.shape[0], h_q)
+    exp_out, exp_lse = f64.mha_fwd(q, k, v, cu_q.tolist(), cu_k.tolist(), scale, causal)
+    _finite_where_expected(out, "out")
+    _close(out, exp_out, "mha.out")
+    _close(lse, exp_lse, "mha.lse")
+    row_of_empty_k = VARLEN_Q[0]  # sequence 1: s_q 1, s_k 0
+    assert (lse[row_of_empty_k] == INF).all() and (out[row_of_empty_k] == 0).all()
+    if causal:  # sequence 4: s_q 3, s_k 1 -> rows 0 and 1 see nothing
+        start = sum(VARLEN_Q[:4])
+        assert (lse[start:start + 2] == INF).all() and (lse[start + 2] != INF).all()
+
+
+def _autograd_mha(q, k, v, cu_q, cu_k, scale, causal):
+    """float64 forward written with torch ops, one (sequence, head) at a time, differentiated by
+    torch.autograd. Rows that see no key stay 0 and are left out of the softmax (no NaN)."""
+    h_q, h_k = q.shape[1], k.shape[1]
+    out = torch.zeros(q.shape[0], h_q, v.shape[2], dtype=torch.float64)
+    for i in range(len(cu_q) - 1):
+        q0, q1, k0, k1 = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
+        s_q, s_k = q1 - q0, k1 - k0
+        limits = [min(s_k, s_k - s_q + r + 1) if causal else s_k for r in range(s_q)]
+        live = [r for r in range(s_q) if limits[r] > 0]
+        if not live:
+            continue
+        allowed = torch.tensor([[t < limits[r] for t in range(s_k)] for r in live])
+        for h in range(h_q):
+            kvh = h // (h_q // h_k)
+            logits = (q[q0:q1, h][live] @ k[k0:k1, kvh].T * scale).masked_fill(~allowed, -INF)
+            rows = torch.softmax(logits, dim=-1) @ v[k0:k1, kvh]
+            out = out.index_put((torch.tensor(live) + q0, torch.tensor(h)), rows)
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_mha_prefill_bwd_matches_float64_and_autograd(causal):
+    gen = torch.Generator().manual_seed(40 + int(causal))
+    d_qk, d_v, h_q, h_k = 64, 32, 4, 2
+    q, k, v, cu_q, cu_k = _mha_inputs(gen, d_qk, d_v, h_q, h_k)
+    scale = d_qk ** -0.5
+    out, lse = reference.mha_prefill_fwd(q, k, v, cu_q, cu_k, scale, causal)
+    dout = make_noncontiguous(torch.randn(out.shape, generator=gen).to(torch.bfloat16))
+    dq, dk, dv = reference.mha_prefill_bwd(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert dq.dtype == dk.dtype == dv.dtype == torch.float32
+    exp = f64.mha_bwd(dout, q, k, v, cu_q.tolist(), cu_k.tolist(), scale, causal)
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), exp):
+        _finite_where_expected(got, name)
+        _close(got, want, f"mha_bwd.{name}", abs_tol=5e-5)
+
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    auto_out = _autograd_mha(*leaves, cu_q.tolist(), cu_k.tolist(), scale, causal)
+    auto_out.backward(dout.double())
+    for name, got, leaf in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves):
+        _close(got, leaf.grad, f"mha_bwd.{name} vs autograd", abs_tol=5e-5)
+    # rows that see no key get zero gradient; keys of an s_q = 0 sequence get zero gradient
+    row_of_empty_k = VARLEN_Q[0]
+    assert (dq[row_of_empty_k] == 0).all()
+    k_start = sum(VARLEN_K[:2])
+    assert (dk[k_start:k_start + VARLEN_K[2]] == 0).all() and (dv[k_start:k_start + VARLEN_K[2]] == 0).all()
+
+
+def test_mha_prefill_chunking_is_exact(monkeypatch):
+    gen = torch.Generator().manual_seed(50)
+    q, k, v, cu_q, cu_k = _mha_inputs(gen, 64, 64, 2, 1)
+    fwd = reference.mha_prefill_fwd(q, k, v, cu_q, cu_k, 0.1, True)
+    dout = torch.randn(fwd[0].shape, generator=gen)
+    bwd = reference.mha_prefill_bwd(dout, q, k, v, *fwd, cu_q, cu_k, 0.1, True)
+    monkeypatch.setattr(reference, "_MAX_CHUNK_ELEMENTS", 5000)  # 8 rows per chunk, uneven tail
+    fwd2 = reference.mha_prefill_fwd(q, k, v, cu_q, cu_k, 0.1, True)
+    bwd2 = reference.mha_prefill_bwd(dout, q, k, v, *fwd2, cu_q, cu_k, 0.1, True)
+    for a, b in zip(fwd + bwd, fwd2 + bwd2):
+        check_close(a, b, abs_tol=1e-6, rel_tol=1e-5, cos_tol=1e-12, name="chunked")
+
+
+def test_mha_prefill_rejects_bad_cu_seqlens():
+    q = torch.zeros(4, 2, 64)
+    k = torch.zeros(4, 1, 64)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q must be non-decreasing, got 3 then 2 at 1"):
+        reference.mha_prefill_fwd(q, k, k, torch.tensor([0, 3, 2], dtype=torch.int32),
+                                  torch.tensor([0, 1, 2], dtype=torch.int32), None, False)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k must end at most at 4 .*got 5"):
+        reference.mha_prefill_fwd(q, k, k, torch.tensor([0, 2, 4], dtype=torch.int32),
+                                  torch.tensor([0, 1, 5], dtype=torch.int32), None, False)
+    with pytest.raises(ValueError, match="h_q must be a multiple of h_k"):
+        reference.mha_prefill_fwd(torch.zeros(4, 3, 64), torch.zeros(4, 2, 64), torch.zeros(4, 2, 64),
+                                  torch.tensor([0, 4], dtype=torch.int32), torch.tensor([0, 4], dtype=torch.int32),
+                                  None, False)
+
+
+# ---------------------------------------------------------------------------
+# combine
+# ---------------------------------------------------------------------------
+def test_combine_matches_float64():
+    gen = torch.Generator().manual_seed(60)
+    num_splits, s_q, h_q, d_v = 10, 2, 4, 16
+    o_accum = torch.randn(num_splits, s_q, h_q, d_v, generator=gen)
+    lse_accum = torch.randn(num_splits, s_q, h_q, generator=gen) * 4
+    empty = torch.rand(num_splits, s_q, h_q, generator=gen) < 0.3
+    lse_accum[empty] = -INF
+    o_accum[empty.unsqueeze(-1).expand_as(o_accum)] = float("nan")  # never read
+    lse_accum[7:9] = -INF  # batch 3: every split empty
+    o_accum[7:9] = float("nan")
+    offsets = torch.tensor([0, 3, 3, 7, 9, 14], dtype=torch.int32)  # batch 1 none; last clamped to 10
+    sink = torch.tensor([0.1, INF, -INF, 2.0])
+    for use_sink in (False, True):
+        out, lse = reference.combine(o_accum, lse_accum, offsets, sink if use_sink else None)
+        assert out.shape == (5, s_q, h_q, d_v) and lse.shape == (5, s_q, h_q)
+        exp_out, exp_lse = f64.combine(o_accum, lse_accum, offsets.tolist(), sink if use_sink else None)
+        _finite_where_expected(out, "out")
+        _close(out, exp_out, "combine.out")
+        _close(lse, exp_lse, "combine.lse")
+        assert (lse[1] == INF).all() and (out[1] == 0).all()
+        assert (lse[3] == INF).all() and (out[3] == 0).all()
+
+
+def test_combine_of_split_attention_equals_whole():
+    """Splitting the keys of a sparse prefill and merging with combine gives the unsplit result."""
+    gen = torch.Generator().manual_seed(61)
+    s_q, h_q, s_kv = 3, 2, 30
+    q = torch.randn(s_q, h_q, 512, generator=gen)
+    kv = torch.randn(s_kv, 1, 512, generator=gen)
+    indices = torch.randint(0, s_kv, (s_q, 1, 24), generator=gen, dtype=torch.int32)
+    whole_out, _, whole_lse = reference.sparse_prefill(q, kv, indices, 0.04)
+    parts = [reference.sparse_prefill(q, kv, indices[..., a:b], 0.04) for a, b in ((0, 5), (5, 5), (5, 24))]
+    o_accum = torch.stack([p[0] for p in parts])
+    lse_log2 = torch.stack([torch.where(p[2] == INF, torch.full_like(p[2], -INF), p[2] / math.log(2.0)) for p in parts])
+    out, lse = reference.combine(o_accum, lse_log2, torch.tensor([0, 3], dtype=torch.int32))
+    check_close(out[0], whole_out, abs_tol=1e-5, rel_tol=1e-4, cos_tol=1e-10, name="combined out")
+    check_close(lse[0], whole_lse, abs_tol=1e-5, rel_tol=1e-5, name="combined lse")
+
+
+def test_combine_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"lse_accum must have shape \[num_splits_total=2, s_q=1, h_q=3\]"):
+        reference.combine(torch.zeros(2, 1, 3, 8), torch.zeros(2, 3, 1), torch.tensor([0, 2], dtype=torch.int32))
+    with pytest.raises(TypeError, match=r"o_accum must have dtype in \(torch.float32\), got torch.bfloat16"):
+        reference.combine(torch.zeros(2, 1, 3, 8, dtype=torch.bfloat16), torch.zeros(2, 1, 3),
+                          torch.tensor([0, 2], dtype=torch.int32))
