@@ -81,33 +81,45 @@ class Timer:
         # Larger than any current L2 (H100 50 MB, H200 60 MB, RTX 5090 96 MB).
         self.flush_buf = torch_mod.empty(512 * 1024 * 1024, dtype=torch_mod.uint8, device="cuda")
 
-    def time_us(self, fn: Callable[[], None]) -> float:
+    def _median(self, run: Callable[[], None]) -> float:
         torch = self.torch
-        fn()  # first call outside capture: lazy init, workspace allocation
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()  # warm the capture stream's allocator
-            torch.cuda.synchronize()
-            with torch.cuda.graph(graph, stream=stream):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
         times = []
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         for i in range(self.warmup + self.iters):
             self.flush_buf.zero_()
             start.record()
-            graph.replay()
+            run()
             end.record()
             end.synchronize()
             if i >= self.warmup:
                 times.append(start.elapsed_time(end) * 1000.0)
-        del graph
         return statistics.median(times)
+
+    def time_us(self, fn: Callable[[], None]) -> Tuple[float, str]:
+        """Median microseconds of fn and how they were taken ("graph" or "eager")."""
+        torch = self.torch
+        fn()  # first call outside capture: lazy init, workspace allocation
+        torch.cuda.synchronize()
+        try:
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn()  # warm the capture stream's allocator
+                torch.cuda.synchronize()
+                with torch.cuda.graph(graph, stream=stream):
+                    fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()
+        except Exception:
+            # Capture refused (e.g. autograd's backward streams): plain launches
+            # between the events; the ms-long kernels hide the launch latency.
+            torch.cuda.synchronize()
+            return self._median(fn), "eager"
+        us = self._median(graph.replay)
+        del graph
+        return us, "graph"
 
 
 # ---------------------------------------------------------------------------
@@ -135,7 +147,8 @@ def bench_shape(torch, native: Native, timer: Timer, s: int, h_q: int, h_k: int,
     pairs = b * pairs_count(s, causal)
     flop = {"fwd": pairs * h_q * 2 * (d_qk + d_v), "bwd": pairs * h_q * 2 * (3 * d_qk + 2 * d_v)}
     row = {"seqlen": s, "batch": b, "h_q": h_q, "h_k": h_k, "d_qk": d_qk, "d_v": d_v,
-           "causal": causal, "flop": flop, "us": {}, "notes": {}}
+           "causal": causal, "flop": flop, "us": {}, "timing": {},
+           "notes": {}}
     mask_code = 1 if causal else 0
 
     # --- this library ---
@@ -149,7 +162,7 @@ def bench_shape(torch, native: Native, timer: Timer, s: int, h_q: int, h_k: int,
         ws_bytes = ws_fn(b, b * s, b * s, h_q, h_k, d_qk, d_v) if ws_fn else 0
         ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device="cuda")
         call = lambda: fwd(ws, q, k, v, cu, cu, out, lse, mask_code, scale, s, s, True)
-        row["us"]["ours_fwd"] = timer.time_us(call)
+        row["us"]["ours_fwd"], row["timing"]["ours_fwd"] = timer.time_us(call)
     bwd, why = native.get("dense_prefill_bwd")
     if bwd is None or fwd is None:
         row["notes"]["ours_bwd"] = why if bwd is None else "forward unavailable"
@@ -160,7 +173,7 @@ def bench_shape(torch, native: Native, timer: Timer, s: int, h_q: int, h_k: int,
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         call = lambda: bwd(ws_b, dout, q, k, v, out, lse, cu, cu, dq, dk, dv, mask_code, scale, s, s,
                            True)
-        row["us"]["ours_bwd"] = timer.time_us(call)
+        row["us"]["ours_bwd"], row["timing"]["ours_bwd"] = timer.time_us(call)
 
     # --- torch SDPA, [b, h, s, d] views; GQA heads expanded (not timed) ---
     group = h_q // h_k
@@ -178,13 +191,13 @@ def bench_shape(torch, native: Native, timer: Timer, s: int, h_q: int, h_k: int,
                 vg = vs.detach().requires_grad_(True)
                 ref = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal, scale=scale)
                 torch.cuda.synchronize()
-                if fwd is not None and name + "_maxdiff" not in row:
+                if fwd is not None:  # sanity: ours (last timed run) against this backend
                     row[name + "_maxdiff_vs_ours"] = float(
                         (ref.detach().transpose(1, 2).reshape(b * s, h_q, d_v).float() - out.float())
                         .abs().max())
-                row["us"][name + "_fwd"] = timer.time_us(
+                row["us"][name + "_fwd"], row["timing"][name + "_fwd"] = timer.time_us(
                     lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale))
-                row["us"][name + "_bwd"] = timer.time_us(
+                row["us"][name + "_bwd"], row["timing"][name + "_bwd"] = timer.time_us(
                     lambda: torch.autograd.grad(ref, (qg, kg, vg), douts, retain_graph=True))
                 del ref, qg, kg, vg
         except Exception as err:  # backend refuses the shape, or capture failed
@@ -216,6 +229,12 @@ def print_row(row: Dict) -> None:
               f" | flash {fmt(us['flash'], '9.1f')} us {fmt(tf['flash'], '6.1f')} TF"
               f" | cudnn {fmt(us['cudnn'], '9.1f')} us {fmt(tf['cudnn'], '6.1f')} TF"
               f" | x flash {fmt(r_flash, '5.2f')} | x cudnn {fmt(r_cudnn, '5.2f')}", flush=True)
+    eager = sorted(k for k, m in row["timing"].items() if m != "graph")
+    if eager:
+        print(f"    note timing: eager launches (graph capture refused) for {', '.join(eager)}")
+    if row.get("flash_maxdiff_vs_ours") is not None or row.get("cudnn_maxdiff_vs_ours") is not None:
+        print(f"    max |ours - flash| {fmt(row.get('flash_maxdiff_vs_ours'), '.2e')}, "
+              f"max |ours - cudnn| {fmt(row.get('cudnn_maxdiff_vs_ours'), '.2e')}")
     for key, note in row["notes"].items():
         print(f"    note {key}: {note}", flush=True)
 

@@ -196,3 +196,10 @@ def unavailable_reason(op: str, device: Any, features: Optional[dict] = None) ->
             return (f"feature {name}={shown} not implemented natively for {op} "
                     f"(supported: {json.dumps(accepted)})")
     return None
+
+
+def _reset_for_tests() -> None:
+    """Forget the loaded library and cached device answers (tests only)."""
+    with _lock:
+        _state.clear()
+        _capabilities.clear()

@@ -7,8 +7,9 @@ decides and warns once). Outputs are in q's dtype; LSEs are fp32, natural log.
 
 Choices SPEC.md leaves open, made here:
 - Decode and sparse prefill have no native kernel in this version; on a GPU they run
-  the reference (with the one-time warning), which is exact fp32 math but slow and
-  allocates O(b * s_q * h_q * s_k) temporaries.
+  the reference (with the one-time warning), which is exact fp32 math but slow,
+  allocates O(b * s_q * h_q * s_k) temporaries and reads sequence lengths on the
+  host, so it is not capturable in a CUDA graph.
 - ``tile_scheduler_metadata`` on the reference path records the configuration only:
   ``tile_scheduler_metadata``/``num_splits`` fields stay None (no schedule needed).
 - Tensor values (cu_seqlens, cache_seqlens, indices, block_table) are never read on

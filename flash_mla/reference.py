@@ -109,8 +109,7 @@ def _attention(
         logits = logits.masked_fill(~mask, -_INF)
     lead = logits.shape[:-1]
     if logits.shape[-1] == 0:
-        out_shape = torch.broadcast_shapes(lead, v.shape[:-2]) + (v.shape[-1],)
-        out = torch.zeros(out_shape, dtype=torch.float32, device=q.device)
+        out = torch.zeros(lead + (v.shape[-1],), dtype=torch.float32, device=q.device)
         return out, torch.full(lead, _INF, device=q.device), torch.full(lead, -_INF, device=q.device)
     max_logits = logits.amax(dim=-1)
     empty = max_logits == -_INF

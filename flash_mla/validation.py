@@ -137,7 +137,7 @@ def _ndim(t: torch.Tensor, name: str, ndim: int, layout: str) -> None:
 
 def _dim_eq(t: torch.Tensor, name: str, dim: int, expected: int, what: str) -> None:
     if t.shape[dim] != expected:
-        raise ValueError(f"{name} must have {what} {expected}, got shape {_shape(t)}")
+        raise ValueError(f"{name} must have {what} {int(expected)}, got shape {_shape(t)}")
 
 
 def _is_int(x: Any) -> bool:
@@ -457,21 +457,24 @@ def _mha_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
     _ndim(q, "q", 3, "[total_q, h_q, d_qk]")
     _ndim(k, "k", 3, "[total_k, h_k, d_qk]")
     _ndim(v, "v", 3, "[total_k, h_k, d_v]")
-    total_q, h_q, d_qk = _shape(q)
-    total_k, h_k, _ = _shape(k)
-    d_v = int(v.shape[2])
+    # Sizes stay as torch gives them (SymInts under torch.compile(dynamic=True), so
+    # no guard ties the graph to one total length); only messages convert to int.
+    total_q, h_q, d_qk = q.shape
+    total_k, h_k, _ = k.shape
+    d_v = v.shape[2]
     _dim_eq(k, "k", 2, d_qk, "head dim (last dim) equal to q's")
-    if _shape(v)[:2] != (total_k, h_k):
+    if v.shape[0] != total_k or v.shape[1] != h_k:
         raise ValueError(
-            f"v must have the rows and heads of k, [{total_k}, {h_k}, d_v], got shape {_shape(v)}"
+            f"v must have the rows and heads of k, [{int(total_k)}, {int(h_k)}, d_v], "
+            f"got shape {_shape(v)}"
         )
     if (d_qk, d_v) not in MHA_HEAD_DIMS:
         raise ValueError(
             f"q and v head dims (d_qk, d_v) must be one of {list(MHA_HEAD_DIMS)}, "
-            f"got ({d_qk}, {d_v})"
+            f"got ({int(d_qk)}, {int(d_v)})"
         )
     if h_k < 1 or h_q % h_k != 0:
-        raise ValueError(f"k heads (dim 1) must divide q's {h_q} heads, got shape {_shape(k)}")
+        raise ValueError(f"k heads (dim 1) must divide q's {int(h_q)} heads, got shape {_shape(k)}")
     _ndim(cu_seqlens_q, cu_q_name, 1, "[batch + 1]")
     _ndim(cu_seqlens_k, cu_k_name, 1, "[batch + 1]")
     if cu_seqlens_q.shape[0] < 2:
@@ -483,7 +486,7 @@ def _mha_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
             f"{cu_k_name} must have the length of {cu_q_name} ({int(cu_seqlens_q.shape[0])}), "
             f"got shape {_shape(cu_seqlens_k)}"
         )
-    return MhaSizes(batch=int(cu_seqlens_q.shape[0]) - 1, total_q=total_q, total_k=total_k,
+    return MhaSizes(batch=cu_seqlens_q.shape[0] - 1, total_q=total_q, total_k=total_k,
                     h_q=h_q, h_k=h_k, d_qk=d_qk, d_v=d_v)
 
 

@@ -29,7 +29,7 @@ from . import sources as S
 from . import toolchain as T
 
 __all__ = ["BuildError", "BuildConfig", "BuildPlan", "BuildResult", "plan_build",
-           "build_library", "package_version"]
+           "build_library", "package_version", "stream_process"]
 
 
 class BuildError(RuntimeError):
@@ -151,6 +151,24 @@ def plan_build(config: BuildConfig, log: Callable[[str], None] = print) -> Build
                      build_dir / library_rel)
 
 
+def stream_process(cmd, env, log: Callable[[str], None]) -> tuple:
+    """Run cmd, passing progress/error lines to log as they come; (returncode, text).
+
+    Output is decoded as UTF-8 with replacement: a non-English compiler or a
+    stray byte never crashes the build.
+    """
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    captured = []
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        captured.append(line)
+        lowered = line.lower()
+        if line.startswith("[") or "error" in lowered or "warning" in lowered:
+            log(line)
+    return proc.wait(), "\n".join(captured)
+
+
 def _run_ninja(plan: BuildPlan, log: Callable[[str], None]) -> str:
     cfg = plan.config
     cmd = [plan.ninja, "-C", str(cfg.build_dir)]
@@ -159,20 +177,10 @@ def _run_ninja(plan: BuildPlan, log: Callable[[str], None]) -> str:
     env = dict(os.environ)
     env.update(plan.host.env)
     env.update(F.compiler_env(cfg.platform))
-    # ptxas -v output goes to stderr of a command that succeeded; ninja prints it
-    # only with the command's output, which it always shows for nvcc (non-empty).
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    captured = []
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        captured.append(line)
-        if line.startswith("[") or "error" in line.lower() or "warning" in line.lower():
-            log(line)
-    rc = proc.wait()
-    text = "\n".join(captured)
+    # ninja prints a command's output (ptxas -v goes to stderr) after its [n/N] line.
+    rc, text = stream_process(cmd, env, log)
     if rc != 0:
-        tail = "\n".join(captured[-60:])
+        tail = "\n".join(text.splitlines()[-60:])
         raise BuildError(f"ninja failed with exit code {rc} in {cfg.build_dir}:\n{tail}")
     return text
 
@@ -185,6 +193,8 @@ def build_library(config: BuildConfig, out_dir: Optional[Path] = None,
     if config.release:
         spills = F.spilling_kernels(output)
         if spills:
+            # Drop the objects so the next build recompiles and reports them again.
+            shutil.rmtree(Path(config.build_dir) / "obj", ignore_errors=True)
             raise BuildError("release build refused: ptxas reports register spills in "
                              + "; ".join(spills))
     if not plan.library.is_file():

@@ -388,8 +388,8 @@ def _check_torch_and_gpus(facts: dict) -> List[Check]:
                             "not needed to build; the smoke step installs torch==2.13.0 into its "
                             "venv (or pass --torch-spec)"))
     else:
-        cuda = t["cuda"] or "CPU-only build"
-        checks.append(Check("torch", OK, f"{t['version']} (CUDA {cuda})"))
+        flavour = f"CUDA {t['cuda']}" if t["cuda"] else "CPU-only build"
+        checks.append(Check("torch", OK, f"{t['version']} ({flavour})"))
     gpus = g["gpus"]
     if not gpus:
         why = f" ({g['error']})" if g.get("error") else ""

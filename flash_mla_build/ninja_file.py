@@ -15,6 +15,7 @@ no Windows MAX_PATH trouble from absolute object names).
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -39,12 +40,23 @@ class NinjaPlan:
     gencode_for: dict = field(default_factory=dict)   # rel -> list of -gencode flags
 
 
+_NINJA_VAR = re.compile(r"\$(out|in)\b")
+
+
 def quote_arg(arg: str, platform: str) -> str:
-    """Quote for the shell ninja uses: /bin/sh on Linux, CreateProcess on Windows."""
+    """Quote for the shell ninja uses: /bin/sh on Linux, CreateProcess on Windows.
+
+    ninja's own $out / $in references stay live; every other '$' is escaped.
+    """
+    if _NINJA_VAR.search(arg):
+        plain = _NINJA_VAR.sub("x", arg)
+        safe = subprocess.list2cmdline([plain]) == plain if platform == F.WINDOWS \
+            else shlex.quote(plain) == plain
+        if not safe:
+            raise ValueError(f"argument {arg!r} mixes a ninja variable with characters that "
+                             "need quoting")
+        return arg
     text = subprocess.list2cmdline([arg]) if platform == F.WINDOWS else shlex.quote(arg)
-    # Keep ninja's own $out/$in references; escape every other '$'.
-    if "$out" in arg or "$in" in arg:
-        return text
     return text.replace("$", "$$")
 
 

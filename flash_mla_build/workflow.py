@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import Callable, List, Mapping, Optional, Sequence
 
-__all__ = ["Runner", "Host", "build", "smoke", "test", "main", "read_build_requires",
+__all__ = ["Call", "Runner", "Host", "WorkflowError", "build", "smoke", "test", "main", "read_build_requires",
            "read_requirements", "default_torch_spec", "newest_wheel"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +74,8 @@ def _show(cmd: Sequence[object]) -> str:
     parts = []
     for part in cmd:
         text = str(part)
+        if "\n" in text:
+            text = "<inline script>"
         parts.append(f'"{text}"' if (not text or re.search(r"[\s\"';&|<>()*]", text)) else text)
     return " ".join(parts)
 
@@ -84,17 +86,31 @@ def _print(line: str) -> None:
 
 
 @dataclass
+class Call:
+    """One command the workflow ran (or, in a dry run, would run)."""
+
+    argv: List[str]
+    cwd: Optional[str] = None
+    env: Optional[dict] = None
+
+
+@dataclass
 class Runner:
     """Runs (or, with dry_run, only prints and records) the workflow's commands."""
 
     dry_run: bool = False
     log: Callable[[str], None] = _print
-    commands: List[List[str]] = field(default_factory=list)
+    calls: List[Call] = field(default_factory=list)
+
+    def _record(self, cmd: Sequence[object], cwd: Optional[PurePath],
+                env: Optional[Mapping[str, str]]) -> List[str]:
+        argv = [str(c) for c in cmd]
+        self.calls.append(Call(argv, str(cwd) if cwd else None, dict(env) if env is not None else None))
+        return argv
 
     def run(self, cmd: Sequence[object], cwd: Optional[PurePath] = None,
             env: Optional[Mapping[str, str]] = None) -> int:
-        argv = [str(c) for c in cmd]
-        self.commands.append(argv)
+        argv = self._record(cmd, cwd, env)
         self.log(f"+ {_show(argv)}" + (f"    (in {cwd})" if cwd else ""))
         if self.dry_run:
             return 0
@@ -108,8 +124,7 @@ class Runner:
     def capture(self, cmd: Sequence[object], cwd: Optional[PurePath] = None,
                 env: Optional[Mapping[str, str]] = None) -> Optional[str]:
         """stdout of a read-only query; None in a dry run or when it fails."""
-        argv = [str(c) for c in cmd]
-        self.commands.append(argv)
+        argv = self._record(cmd, cwd, env)
         if self.dry_run:
             self.log(f"+ {_show(argv)}")
             return None
@@ -187,34 +202,32 @@ class _Steps:
 # ----------------------------------------------------------------------------------
 # Requirements
 # ----------------------------------------------------------------------------------
-def _toml_load(path: Path) -> dict:
-    text = path.read_text(encoding="utf-8")
-    try:
-        import tomllib  # Python 3.11+
-        return tomllib.loads(text)
-    except ImportError:
-        pass
-    try:
-        import tomli  # the backport, if present
-        return tomli.loads(text)
-    except ImportError:
-        pass
-    # Python 3.9/3.10 without tomli: read only [build-system].requires, the one
-    # key this module needs, which pyproject.toml keeps as a plain string array.
+def _build_requires_fallback(text: str) -> List[str]:
+    """[build-system].requires without a TOML library (Python 3.9/3.10 without tomli):
+    pyproject.toml keeps it as a plain array of strings, which is all this reads."""
     section = re.search(r"^\[build-system\]\s*$(.*?)(?=^\[|\Z)", text, re.M | re.S)
     if not section:
-        return {}
+        return []
     array = re.search(r"^requires\s*=\s*\[(.*?)\]", section.group(1), re.M | re.S)
     if not array:
-        return {}
+        return []
     body = re.sub(r"#[^\n]*", "", array.group(1))
-    strings = [a or b for a, b in re.findall(r"\"([^\"]*)\"|'([^']*)'", body)]
-    return {"build-system": {"requires": strings}}
+    return [a or b for a, b in re.findall(r"\"([^\"]*)\"|'([^']*)'", body)]
+
+
+def _build_requires(text: str) -> List[str]:
+    try:
+        import tomllib  # Python 3.11+
+    except ImportError:
+        try:
+            import tomli as tomllib  # the backport, if present
+        except ImportError:
+            return _build_requires_fallback(text)
+    return list(tomllib.loads(text).get("build-system", {}).get("requires", []))
 
 
 def read_build_requires(root: Path = REPO_ROOT) -> List[str]:
-    data = _toml_load(Path(root) / "pyproject.toml")
-    requires = data.get("build-system", {}).get("requires")
+    requires = _build_requires((Path(root) / "pyproject.toml").read_text(encoding="utf-8"))
     if not requires:
         raise WorkflowError(f"{Path(root) / 'pyproject.toml'} has no [build-system] requires list")
     return list(requires)
@@ -399,7 +412,7 @@ def smoke(args: argparse.Namespace, runner: Runner, host: Host, root: PurePath =
 
 def test(args: argparse.Namespace, pytest_args: Sequence[str], runner: Runner, host: Host,
          root: PurePath = REPO_ROOT) -> int:
-    steps = _Steps(3, runner.log)
+    steps = _Steps(2, runner.log)
     steps("test requirements (installed only when missing)")
     if args.venv:
         venv = _resolve(host, root, args.venv, "")
@@ -437,11 +450,12 @@ def test(args: argparse.Namespace, pytest_args: Sequence[str], runner: Runner, h
     else:
         runner.log("    all present")
 
-    steps("portability lint (csrc/, flash_mla/)")
-    runner.log("    runs inside the suite as tests/test_lint.py")
-
     steps("pytest")
-    return runner.run([python, "-m", "pytest", "-q", "tests", *pytest_args], cwd=root, env=env)
+    # Test paths among the extra arguments (tests/x.py, tests\x.py::case) replace the
+    # default "tests" folder; option values such as `-k lint` are not paths under tests.
+    chosen = [a for a in pytest_args if a.replace("\\", "/").split("/")[0] == "tests"]
+    targets = [] if chosen else ["tests"]
+    return runner.run([python, "-m", "pytest", "-q", *targets, *pytest_args], cwd=root, env=env)
 
 
 # ----------------------------------------------------------------------------------

@@ -121,3 +121,42 @@ def test_import_is_cheap_and_silent():
                           timeout=120, cwd=str(Path(__file__).resolve().parents[1]))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok ")
+
+
+# --------------------------------------------------------------------------- return contracts
+
+def test_dense_decode_returns():
+    import torch
+    meta, _ = flash_mla.get_mla_metadata()
+    q = torch.randn(2, 3, 4, 576).to(torch.float16)
+    cache = torch.randn(2, 64, 2, 576).to(torch.float16)
+    out, lse = flash_mla.flash_mla_with_kvcache(q, cache, torch.tensor([[0], [1]], dtype=torch.int32),
+                                                torch.tensor([5, 64], dtype=torch.int32), 512, meta,
+                                                causal=True)
+    assert out.dtype == torch.float16 and out.shape == (2, 3, 4, 512)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 4, 3) and lse.is_contiguous()
+
+
+def test_sparse_decode_returns_lse_as_transposed_view():
+    import torch
+    from flash_mla import quant
+    meta, _ = flash_mla.get_mla_metadata()
+    q = torch.randn(2, 3, 4, 576).to(torch.bfloat16)
+    cache = quant.quantize_kv_v32(torch.randn(1, 16, 1, 576))
+    indices = torch.randint(-1, 16, (2, 3, 5), dtype=torch.int32)
+    out, lse = flash_mla.flash_mla_with_kvcache(q, cache, None, None, 512, meta, is_fp8_kvcache=True,
+                                                indices=indices)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 4, 512)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 4, 3)
+    assert lse.transpose(1, 2).is_contiguous() and lse.stride() == (12, 1, 4)
+
+
+def test_sparse_prefill_returns():
+    import torch
+    q = torch.randn(6, 4, 512).to(torch.bfloat16)
+    kv = torch.randn(9, 1, 512).to(torch.bfloat16)
+    indices = torch.randint(-3, 12, (6, 1, 7), dtype=torch.int32)
+    out, max_logits, lse = flash_mla.flash_mla_sparse_fwd(q, kv, indices, 0.05)
+    assert out.dtype == torch.bfloat16 and out.shape == (6, 4, 512)
+    for t in (max_logits, lse):
+        assert t.dtype == torch.float32 and t.shape == (6, 4) and t.is_contiguous()

@@ -185,7 +185,7 @@ def test_combine_validation_errors():
     fn = _combine()
     o, lse_acc, offs, out, lse = _make(2, 1, 4, 128, seed=1, counts=[1, 2])
     with pytest.raises(ValueError, match="lse_accum must have shape"):
-        fn(o, lse_acc[:, :, :2], offs, None, out, lse)
+        fn(o, lse_acc[:, :, :2].contiguous(), offs, None, out, lse)
     with pytest.raises(ValueError, match="split_offsets must have shape"):
         fn(o, lse_acc, offs[:2], None, out, lse)
     with pytest.raises(TypeError, match="out must have dtype bfloat16 or float16, got float32"):
@@ -201,4 +201,4 @@ def test_combine_validation_errors():
         fn(o2, lse_acc, offs, None, torch.zeros(2, 1, 4, 6, dtype=torch.bfloat16,
                                                 device="cuda"), lse)
     with pytest.raises(ValueError, match="o_accum must be contiguous"):
-        fn(o.transpose(1, 2), lse_acc, offs, None, out, lse)
+        fn(o.transpose(0, 2), lse_acc, offs, None, out, lse)

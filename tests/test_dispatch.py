@@ -224,3 +224,28 @@ def test_public_mha_uses_native_path_forward_and_backward(fake_native):
                      "dense_prefill_bwd_workspace_bytes", "dense_prefill_bwd"]
     assert fake_native.calls[1][1].numel() == 1000 and fake_native.calls[3][1].numel() == 5000
     assert lse.stride(0) == 1 and q.grad is not None
+
+
+# --------------------------------------------------------------------------- on a GPU
+
+@pytest.mark.gpu
+def test_gpu_low_level_small_workspace_matches_large():
+    """flash_mla.cuda with an undersized workspace (grown internally) gives the same
+    bits as with a generous one; the backend is native where the library serves it."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    q, k, v, cu_q, cu_k = (t.to(dev) for t in _mha_inputs())
+    features = {"dtype": "bf16", "head_dims": [64, 64]}
+    expect = "native" if _native.unavailable_reason("dense_prefill_fwd", dev, features) is None else "reference"
+    results = []
+    for ws_bytes in (1, 256 << 20):
+        ws = torch.empty(ws_bytes, dtype=torch.uint8, device=dev)
+        out = torch.empty(9, 4, 64, dtype=torch.bfloat16, device=dev)
+        lse = torch.empty(4, 9, device=dev).t()
+        flash_mla.cuda.dense_prefill_fwd(ws, q, k, v, cu_q, cu_k, out, lse, 1, 0.125, 5, 6, True)
+        assert dispatch.last_backend("dense_prefill_fwd") == expect
+        dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+        flash_mla.cuda.dense_prefill_bwd(ws, torch.ones_like(out), q, k, v, out, lse, cu_q, cu_k,
+                                         dq, dk, dv, 1, 0.125, 5, 6, True)
+        results.append((out, lse, dk, dv))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

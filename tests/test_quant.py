@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from flash_mla import quant
+from flash_mla.testing import make_noncontiguous
 from tests import _float64_reference as f64
 
 NAN_CODES = (0x7F, 0xFF)
@@ -85,9 +86,11 @@ def test_v32_round_trip_bit_exact_when_representable(dtype):
     gen = torch.Generator().manual_seed(3)
     lead = (4, 5)
     x = torch.cat([_representable(lead, 4, 128, gen, dtype), _rope(lead, gen, dtype)], dim=-1)
-    back = quant.dequantize_kv_v32(quant.quantize_kv_v32(x))
+    packed = quant.quantize_kv_v32(x)
+    back = quant.dequantize_kv_v32(packed)
     assert back.dtype == torch.float32 and back.shape == (4, 5, 576)
     assert torch.equal(back, x.float())
+    assert torch.equal(quant.quantize_kv_v32(make_noncontiguous(x)), packed)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -163,9 +166,11 @@ def test_model1_round_trip_bit_exact_when_representable(dtype):
     gen = torch.Generator().manual_seed(7)
     lead = (3, 5, 1)
     x = torch.cat([_representable(lead, 7, 64, gen, dtype), _rope(lead, gen, dtype)], dim=-1)
-    back = quant.dequantize_kv_model1(quant.quantize_kv_model1(x))
+    packed = quant.quantize_kv_model1(x)
+    back = quant.dequantize_kv_model1(packed)
     assert back.dtype == torch.float32 and back.shape == (3, 5, 1, 512)
     assert torch.equal(back, x.float())
+    assert torch.equal(quant.quantize_kv_model1(make_noncontiguous(x)), packed)
 
 
 def test_model1_round_trip_within_e4m3_error():

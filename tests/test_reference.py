@@ -179,6 +179,14 @@ def test_sparse_decode_duplicates_count_twice_and_topk_beyond_pool():
     _close(lse, exp_lse, "lse")
 
 
+def test_sparse_decode_topk_zero():
+    gen = torch.Generator().manual_seed(23)
+    cache, _ = _fp8_pool(512, 2, 4, gen)
+    q = torch.randn(2, 3, 4, 512, generator=gen).to(torch.bfloat16)
+    out, lse = reference.sparse_decode(q, cache, torch.zeros(2, 3, 0, dtype=torch.int32), None, 0.1)
+    assert out.shape == (2, 3, 4, 512) and (out == 0).all() and (lse == INF).all()
+
+
 def test_sparse_decode_rejects_out_of_range_counted_index():
     gen = torch.Generator().manual_seed(22)
     cache, _ = _fp8_pool(576, 2, 4, gen)

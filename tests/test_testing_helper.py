@@ -79,6 +79,8 @@ def test_abs_or_rel_rule():
     ],
 )
 def test_special_value_pattern_must_match(actual, ref, what):
+    report = compare(torch.tensor(actual), torch.tensor(ref), abs_tol=1e9, rel_tol=1e9)
+    assert not report.passed and report.num_special_mismatch == 1 and report.num_failed == 0
     with pytest.raises(AssertionError, match=what):
         check_close(torch.tensor(actual), torch.tensor(ref), abs_tol=1e9, rel_tol=1e9, name="pattern")
 

@@ -116,6 +116,9 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineParams p
     for (int k = 0; k < kColsPerLane; ++k) acc[c][k] = 0.f;
 
   if (!empty) {
+    // Not unrolled: the body is already 4 * kChunks loads wide, and unrolling made
+    // ptxas spill on sm_80 (kChunks = 2) for no bandwidth gain.
+#pragma unroll 1
     for (int i = start; i < end; ++i) {
       const float w = exp2f(p.lse_accum[i * split_stride + sh] - lse2);
       if (w == 0.f) continue;

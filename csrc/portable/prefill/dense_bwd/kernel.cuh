@@ -1,7 +1,7 @@
 // Portable dense MHA prefill backward (FA2-style), built only from sm_120-legal
 // instructions: mma.sync m16n8k16, ldmatrix, cp.async, shuffles, RED.
 //
-// Three launches on one stream (run_dense_prefill_bwd below):
+// Four launches on one stream (run_dense_prefill_bwd below):
 //   1. preprocess (preprocess.cuh): delta = rowsum(dO * O) into the workspace,
 //      dq_accum zeroed;
 //   2. main kernel (this file): one CTA per (key block of kBlockN keys, kv head,
@@ -12,10 +12,14 @@
 //        dP^T = V dO^T                 dS^T = P^T * (dP^T - delta)
 //        dV  += P^T dO                 dK  += dS^T Q
 //        dq_accum += dS K              (fp32 RED into the workspace)
+//      where dK and dQ use dS as hi + lo parts in the input dtype (config.h,
+//      kCompensatedDS), so cancelling sums keep ~16 mantissa bits.
 //      dK and dV stay in registers for the whole CTA and are written once at the
 //      end (times softmax_scale for dK): bit-deterministic, no atomics. dQ comes
 //      from many CTAs through fp32 atomics: NOT bit-deterministic.
-//   3. convert (convert_dq.cuh): dq = softmax_scale * dq_accum, rounded.
+//   3. outside rows (outside_rows.cuh): dk = dv = 0 on rows before
+//      cu_seqlens_k[0] or from cu_seqlens_k[batch] on (no sequence owns them);
+//   4. convert (convert_dq.cuh): dq = softmax_scale * dq_accum, rounded.
 //
 // Global layout: q/dq [total_q, h_q, d_qk], k/dk [total_k, h_k, d_qk],
 // v/dv [total_k, h_k, d_v], out/dout [total_q, h_q, d_v] (row and head strides
@@ -38,10 +42,13 @@
 //       so P^T/dS^T may be overwritten.
 //       S^T, dP^T in registers -> P^T, dS^T written to shared memory.
 //   B2  __syncthreads: P^T, dS^T visible.
-//       dV += P^T dO, dK += dS^T Q (read Q, dO, P^T, dS^T).
+//       dV += P^T dO (reads P^T, dO).
+//   With kCompensatedDS (config.h): B2a __syncthreads (P^T no longer read), each
+//       warp writes its dS lo part into the P^T buffer, B2b __syncthreads.
+//       dK += dS^T Q (reads dS^T hi [and lo], Q).
 //   B3  __syncthreads: Q, dO, lse, delta are free -> issue the next step's
 //       cp.async loads (and lse/delta stores), overlapping the dQ product:
-//       dq = dS K (reads dS^T and K only), RED into dq_accum.
+//       dq = dS K (reads dS^T hi [and lo] and K only), RED into dq_accum.
 // Epilogue: wait for all copies, __syncthreads, stage dK/dV (input dtype) in the
 // K/V tiles, __syncthreads, 16-byte coalesced stores of the valid key rows.
 #pragma once
@@ -60,6 +67,7 @@
 #include "convert_dq.cuh"
 #include "kernel.h"
 #include "mask.cuh"
+#include "outside_rows.cuh"
 #include "preprocess.cuh"
 
 namespace flash_mla::portable::dense_bwd {
@@ -142,10 +150,13 @@ struct SwizzledAddr {
 //            true:   A stored [k][m], columns a_row0.. are A's rows.
 //   kBTrans = false: B stored [n][k] at rows n0..;  true: B stored [k][n], columns n0...
 // Lane address offsets follow the fragment order of common/mma.cuh.
+// kTwoA: acc += (A + A2) * B with A2 at a2_tile (same layout as A), sharing
+// the B fragments (compensated dS: hi and lo parts).
 template <typename Elem, int kK, int kNTiles, int kARowElems, int kBRowElems, bool kATrans,
-          bool kBTrans>
+          bool kBTrans, bool kTwoA = false>
 __device__ __forceinline__ void warp_gemm(float (&acc)[kNTiles][4], uint32_t a_tile, int a_row0,
-                                          uint32_t b_tile, int n0, int lane) {
+                                          uint32_t b_tile, int n0, int lane,
+                                          uint32_t a2_tile = 0) {
   static_assert(kNTiles % 2 == 0, "B fragments come two n8 tiles per ldmatrix.x4");
   static_assert(kK % 16 == 0, "k steps of 16");
   // (r1, c1): matrices ordered (rows 0-7, chunk 0), (rows 8-15, chunk 0), (rows
@@ -166,10 +177,13 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[kNTiles][4], uint32_t a_t
 #pragma unroll
   for (int kk = 0; kk < kK; kk += 16) {
     uint32_t a[4];
+    uint32_t a2[4];
     if constexpr (kATrans) {
       ldmatrix_x4_trans(a, a_addr.at(kk, 0));
+      if constexpr (kTwoA) ldmatrix_x4_trans(a2, a_addr.at(kk, 0) - a_tile + a2_tile);
     } else {
       ldmatrix_x4(a, a_addr.at(0, kk >> 3));
+      if constexpr (kTwoA) ldmatrix_x4(a2, a_addr.at(0, kk >> 3) - a_tile + a2_tile);
     }
 #pragma unroll
     for (int j = 0; j < kNTiles; j += 2) {
@@ -183,6 +197,10 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[kNTiles][4], uint32_t a_t
       const uint32_t b_hi[2] = {b[2], b[3]};
       mma_m16n8k16<Elem>(acc[j], a, b_lo);
       mma_m16n8k16<Elem>(acc[j + 1], a, b_hi);
+      if constexpr (kTwoA) {
+        mma_m16n8k16<Elem>(acc[j], a2, b_lo);
+        mma_m16n8k16<Elem>(acc[j + 1], a2, b_hi);
+      }
     }
   }
 }
@@ -345,13 +363,31 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     store_acc_to_smem<Elem, kSTiles, kBlockM>(smem + Cfg::kOffP, s, key_row0, s_col0, 1.f, lane_s);
     store_acc_to_smem<Elem, kSTiles, kBlockM>(smem + Cfg::kOffDS, dp, key_row0, s_col0, 1.f,
                                               lane_s);
+    if constexpr (kCompensatedDS) {
+      // lo = dS - round(dS), kept in fp32 registers until P^T is free.
+#pragma unroll
+      for (int j = 0; j < kSTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {
+          const float2 hi = unpack_float2<Elem>(pack_float2<Elem>(dp[j][e], dp[j][e + 1]));
+          dp[j][e] -= hi.x;
+          dp[j][e + 1] -= hi.y;
+        }
+      }
+    }
     __syncthreads();  // B2
 
     // dV += P^T dO, dK += dS^T Q (contraction over the kBlockM queries).
     warp_gemm<Elem, kBlockM, kDVTiles, kBlockM, kDV, false, true>(
         acc_dv, sP, key_row0, sDO, col_half_n * Cfg::kDVCols, lane_s);
-    warp_gemm<Elem, kBlockM, kDKTiles, kBlockM, kDQK, false, true>(
-        acc_dk, sDS, key_row0, sQ, col_half_n * Cfg::kDKCols, lane_s);
+    if constexpr (kCompensatedDS) {
+      __syncthreads();  // B2a: every warp is done reading P^T
+      store_acc_to_smem<Elem, kSTiles, kBlockM>(smem + Cfg::kOffP, dp, key_row0, s_col0, 1.f,
+                                                lane_s);
+      __syncthreads();  // B2b: dS lo visible in the P^T buffer
+    }
+    warp_gemm<Elem, kBlockM, kDKTiles, kBlockM, kDQK, false, true, kCompensatedDS>(
+        acc_dk, sDS, key_row0, sQ, col_half_n * Cfg::kDKCols, lane_s, sP);
     __syncthreads();  // B3
 
     if (step + 1 < num_steps) load_step(step + 1);
@@ -362,8 +398,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     float dq[kDQTiles][4];
 #pragma unroll
     for (int j = 0; j < kDQTiles; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
-    warp_gemm<Elem, kBlockN, kDQTiles, kBlockM, kDQK, true, true>(
-        dq, sDS, q_row0, sK, col_half_m * Cfg::kDQCols, lane_s);
+    warp_gemm<Elem, kBlockN, kDQTiles, kBlockM, kDQK, true, true, kCompensatedDS>(
+        dq, sDS, q_row0, sK, col_half_m * Cfg::kDQCols, lane_s, sP);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int qr = m0 + q_row0 + g + half * 8;
@@ -421,6 +457,10 @@ void run_dense_prefill_bwd(const DensePrefillBwdParams& p) {
     } else {
       launch_main<Elem, kDQK, kDV, NoMask>(p);
     }
+  }
+  if (p.total_k > 0 && p.h_k > 0) {
+    dense_bwd_zero_outside_rows_kernel<typename Elem::Storage, kDQK, kDV>
+        <<<kOutsideBlocks, kConvertThreads, 0, p.stream>>>(p);
   }
   if (rows > 0) {
     const int64_t chunks = rows * (kDQK / 8);

@@ -4,13 +4,15 @@
 #pragma once
 
 #include "../../../params.h"
+#include "config.h"
 
 namespace flash_mla::portable::dense_fwd {
 
-// kDType: DType::kBF16 or kFP16; (kDQK, kDV) one of config.h's head-dim pairs.
-// params.is_causal is switched inside. Launches on params.stream and never
-// synchronises; the caller reads cudaGetLastError() afterwards.
+// kDType: DType::kBF16 or kFP16; (kDQK, kDV) one of config.h's head-dim pairs;
+// `layout` picks the warp layout (config.h: choose_warp_layout). params.is_causal is
+// switched inside. Launches on params.stream and never synchronises; the caller
+// reads cudaGetLastError() afterwards.
 template <DType kDType, int kDQK, int kDV>
-void run_dense_prefill_fwd(const DensePrefillFwdParams& params);
+void run_dense_prefill_fwd(const DensePrefillFwdParams& params, WarpLayout layout);
 
 }  // namespace flash_mla::portable::dense_fwd

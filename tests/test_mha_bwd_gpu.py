@@ -1,0 +1,253 @@
+"""GPU tests of the native dense MHA prefill backward (dense_prefill_bwd).
+
+dq, dk and dv are compared with the fp32 oracle flash_mla.reference.mha_prefill_bwd
+at SPEC.md's "MHA prefill out, dq, dk, dv" tolerances through
+flash_mla.testing.check_op_close: abs 1e-3 OR rel 8.01/128 per element,
+cos_diff <= 7e-6, and the +inf/NaN pattern must match exactly.
+
+The forward output and lse come from the fp32 reference forward (out cast to the
+input dtype), so these tests do not depend on the native forward; one end-to-end
+case uses the native forward when the library has it.
+
+Hostile inputs: dq/dk/dv are poisoned with NaN before each call (an unwritten
+element fails); q/out/dout and k/v carry NaN rows after the last sequence
+(reading past cu_seqlens shows up as NaN); zero-length sequences; a sequence with
+queries but no keys and one with keys but no queries (those keys need dk = dv = 0).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import pytest
+import torch
+
+from flash_mla import reference
+from flash_mla.testing import check_op_close, make_noncontiguous
+from tests.gpu_native import native_function
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+HEAD_DIMS = [(64, 64), (128, 128), (192, 128)]
+HEADS = {"mha": (4, 4), "mqa": (8, 1), "gqa": (8, 2)}  # (h_q, h_k)
+NAN_PAD_ROWS = 3
+
+
+def _cu(lengths: Sequence[int]) -> torch.Tensor:
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32, device="cuda")
+
+
+class Problem:
+    """Inputs of one backward call plus the reference forward's out / lse."""
+
+    def __init__(self, seq_q: Sequence[int], seq_k: Sequence[int], h_q: int, h_k: int, d_qk: int,
+                 d_v: int, dtype: torch.dtype, causal: bool, seed: int = 0):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        self.seq_q, self.seq_k = list(seq_q), list(seq_k)
+        self.causal = causal
+        self.scale = d_qk ** -0.5
+        tq, tk = sum(seq_q), sum(seq_k)
+        pad = NAN_PAD_ROWS
+
+        def randn(*shape):
+            return torch.randn(*shape, device="cuda", generator=gen).to(dtype)
+
+        # NaN rows after the last sequence (part of the tensors, outside every sequence).
+        self.q = randn(tq + pad, h_q, d_qk)
+        self.k = randn(tk + pad, h_k, d_qk)
+        self.v = randn(tk + pad, h_k, d_v)
+        self.dout = randn(tq + pad, h_q, d_v)
+        for t, n in ((self.q, tq), (self.k, tk), (self.v, tk), (self.dout, tq)):
+            t[n:] = float("nan")
+        self.cu_q, self.cu_k = _cu(seq_q), _cu(seq_k)
+        out, lse = reference.mha_prefill_fwd(self.q, self.k, self.v, self.cu_q, self.cu_k,
+                                             self.scale, causal)
+        self.out = out.to(dtype)
+        self.out[tq:] = float("nan")
+        # The [total_q, h_q] transpose view of a contiguous [h_q, total_q] buffer.
+        self.lse = lse.T.contiguous().T
+
+    def reference(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return reference.mha_prefill_bwd(self.dout, self.q, self.k, self.v, self.out, self.lse,
+                                         self.cu_q, self.cu_k, self.scale, self.causal)
+
+
+def _run_bwd(pb: Problem, *, dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None,
+             dv: Optional[torch.Tensor] = None, q=None, k=None, v=None, out=None, dout=None,
+             lse=None, workspace: Optional[torch.Tensor] = None):
+    bwd = native_function("dense_prefill_bwd")
+    ws_bytes = native_function("dense_prefill_bwd_workspace_bytes")
+    q = pb.q if q is None else q
+    k = pb.k if k is None else k
+    v = pb.v if v is None else v
+    out = pb.out if out is None else out
+    dout = pb.dout if dout is None else dout
+    lse = pb.lse if lse is None else lse
+    total_q, h_q, d_qk = q.shape
+    total_k, h_k, d_v = v.shape
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
+    for t in (dq, dk, dv):
+        t.fill_(float("nan"))
+    if workspace is None:
+        n = ws_bytes(len(pb.seq_q), total_q, total_k, h_q, h_k, d_qk, d_v)
+        workspace = torch.empty(n, dtype=torch.uint8, device="cuda")
+    bwd(workspace, dout, q, k, v, out, lse, pb.cu_q, pb.cu_k, dq, dk, dv,
+        1 if pb.causal else 0, pb.scale, max(pb.seq_q + [0]), max(pb.seq_k + [0]), True)
+    return dq, dk, dv
+
+
+def _check(pb: Problem, got, tag: str) -> None:
+    ref = pb.reference()
+    for what, a, r in zip(("dq", "dk", "dv"), got, ref):
+        check_op_close("mha_prefill", what, a, r, name=f"{tag} {what}")
+
+
+def _case_id(dtype_name, dims, causal, heads):
+    return f"{dtype_name}-d{dims[0]}_{dims[1]}-{'causal' if causal else 'full'}-{heads}"
+
+
+VARLEN_CASES = [
+    (dn, dims, causal, heads)
+    for dn in DTYPES
+    for dims in HEAD_DIMS
+    for causal in (False, True)
+    for heads in HEADS
+]
+
+
+@pytest.mark.parametrize("dtype_name,dims,causal,heads", VARLEN_CASES,
+                         ids=[_case_id(*c) for c in VARLEN_CASES])
+def test_bwd_varlen(dtype_name, dims, causal, heads):
+    """Varlen [17, 1, 0, 300, 4096] for queries and keys, every dtype / head dims /
+    mask / head grouping."""
+    h_q, h_k = HEADS[heads]
+    seqs = [17, 1, 0, 300, 4096]
+    pb = Problem(seqs, seqs, h_q, h_k, dims[0], dims[1], DTYPES[dtype_name], causal)
+    _check(pb, _run_bwd(pb), _case_id(dtype_name, dims, causal, heads))
+
+
+@pytest.mark.parametrize("dims", HEAD_DIMS, ids=[f"d{a}_{b}" for a, b in HEAD_DIMS])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_bwd_seqlen_q_ne_k(dims, causal):
+    """s_q != s_k both ways (causal: rows that see no key when s_q > s_k), queries
+    without keys (s_k = 0) and keys without queries (s_q = 0: dk = dv = 0)."""
+    seq_q = [5, 200, 64, 0, 7, 130]
+    seq_k = [77, 13, 200, 9, 0, 129]
+    pb = Problem(seq_q, seq_k, 8, 2, dims[0], dims[1], torch.bfloat16, causal, seed=1)
+    got = _run_bwd(pb)
+    _check(pb, got, f"q!=k d{dims} causal={causal}")
+    # Keys of the sequence with no queries (rows 77 + 13 + 200 .. + 9) are exactly 0.
+    k0 = 77 + 13 + 200
+    assert torch.all(got[1][k0:k0 + 9] == 0) and torch.all(got[2][k0:k0 + 9] == 0)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_bwd_seqlen_one(dtype_name, causal):
+    pb = Problem([1, 1, 1], [1, 3, 1], 8, 1, 128, 128, DTYPES[dtype_name], causal, seed=2)
+    _check(pb, _run_bwd(pb), f"seqlen1 {dtype_name} causal={causal}")
+
+
+@pytest.mark.parametrize("dims", HEAD_DIMS, ids=[f"d{a}_{b}" for a, b in HEAD_DIMS])
+def test_bwd_noncontiguous(dims):
+    """Every tensor a strided view (last dim padded by 128, other dims by 1, NaN in
+    the padding); lse a transposed view with a padded head stride."""
+    pb = Problem([33, 0, 250], [40, 5, 250], 4, 2, dims[0], dims[1], torch.bfloat16, True, seed=3)
+    nc = {name: make_noncontiguous(getattr(pb, name)) for name in ("q", "k", "v", "out", "dout")}
+    total_q, h_q = pb.lse.shape
+    lse_buf = torch.full((h_q, total_q + 8), float("nan"), device="cuda")
+    lse = lse_buf[:, :total_q].T
+    lse.copy_(pb.lse)
+    dq, dk, dv = (make_noncontiguous(t) for t in (pb.q, pb.k, pb.v))
+    assert not dq.is_contiguous() and lse.stride(0) == 1 and lse.stride(1) == total_q + 8
+    got = _run_bwd(pb, dq=dq, dk=dk, dv=dv, lse=lse, **nc)
+    _check(pb, got, f"noncontiguous d{dims}")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_bwd_dk_dv_bit_deterministic(causal):
+    """dk and dv are written once per element from a fixed-order sum: repeated runs
+    are bit-identical. dq goes through fp32 atomics (documented as not
+    bit-deterministic) and is only checked against the reference."""
+    pb = Problem([300, 1000, 17], [300, 1000, 17], 8, 2, 128, 128, torch.bfloat16, causal, seed=4)
+    first = _run_bwd(pb)
+    _check(pb, first, f"determinism causal={causal}")
+    for _ in range(3):
+        again = _run_bwd(pb)
+        assert torch.equal(again[1].view(torch.int16), first[1].view(torch.int16)), "dk changed"
+        assert torch.equal(again[2].view(torch.int16), first[2].view(torch.int16)), "dv changed"
+
+
+def test_bwd_long_sequence_grid():
+    """One long sequence (many key blocks, 8 query heads per kv head)."""
+    pb = Problem([9000], [9000], 8, 1, 64, 64, torch.bfloat16, True, seed=5)
+    _check(pb, _run_bwd(pb), "long")
+
+
+def test_bwd_end_to_end_with_native_forward():
+    """out and lse from the native forward (H5's kernel) feed the native backward."""
+    fwd = native_function("dense_prefill_fwd")
+    pb = Problem([100, 0, 513], [120, 3, 513], 8, 2, 128, 128, torch.bfloat16, True, seed=6)
+    total_q, h_q, _ = pb.q.shape
+    out = torch.full_like(pb.out, float("nan"))
+    lse = torch.full((h_q, total_q), float("nan"), device="cuda").T
+    fwd(torch.empty(0, dtype=torch.uint8, device="cuda"), pb.q, pb.k, pb.v, pb.cu_q, pb.cu_k, out,
+        lse, 1, pb.scale, 513, 513, True)
+    pb.out, pb.lse = out, lse
+    _check(pb, _run_bwd(pb), "end-to-end")
+
+
+# ---------------------------------------------------------------------------
+# errors from the entry (validation happens before any launch)
+# ---------------------------------------------------------------------------
+def _small() -> Problem:
+    return Problem([10, 6], [10, 6], 4, 2, 64, 64, torch.bfloat16, False, seed=7)
+
+
+def test_bwd_error_workspace_too_small():
+    pb = _small()
+    with pytest.raises(ValueError, match="workspace must hold at least"):
+        _run_bwd(pb, workspace=torch.empty(16, dtype=torch.uint8, device="cuda"))
+
+
+def test_bwd_error_dtype():
+    pb = _small()
+    with pytest.raises(TypeError, match="q must have dtype"):
+        _run_bwd(pb, q=pb.q.float(), dq=torch.empty_like(pb.q))
+    with pytest.raises(TypeError, match="dout must have dtype"):
+        _run_bwd(pb, dout=pb.dout.half())
+    with pytest.raises(TypeError, match="lse must have dtype float32"):
+        _run_bwd(pb, lse=pb.lse.double())
+
+
+def test_bwd_error_shapes():
+    pb = _small()
+    with pytest.raises(ValueError, match=r"\(d_qk, d_v\)"):
+        q = torch.zeros(pb.q.shape[0], 4, 96, dtype=torch.bfloat16, device="cuda")
+        k = torch.zeros(pb.k.shape[0], 2, 96, dtype=torch.bfloat16, device="cuda")
+        _run_bwd(pb, q=q, k=k, dq=torch.empty_like(q), dk=torch.empty_like(k))
+    with pytest.raises(ValueError, match="multiple of h_k"):
+        k = torch.zeros(pb.k.shape[0], 3, 64, dtype=torch.bfloat16, device="cuda")
+        _run_bwd(pb, k=k, v=k.clone(), dk=torch.empty_like(k), dv=torch.empty_like(k))
+    with pytest.raises(ValueError, match="dk must have shape"):
+        _run_bwd(pb, dk=pb.k[:-1].clone())
+    with pytest.raises(ValueError, match="lse must be the"):
+        _run_bwd(pb, lse=pb.lse.contiguous())
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        _run_bwd(pb, dout=pb.dout.transpose(0, 2).contiguous().transpose(0, 2))
+
+
+def test_workspace_bytes_formula():
+    """delta [h_q, total_q padded to 64] + dq_accum [total_q, h_q, d_qk], fp32, each
+    rounded up to 256 bytes."""
+    ws_bytes = native_function("dense_prefill_bwd_workspace_bytes")
+    for total_q, h_q, d_qk in ((0, 1, 64), (1, 1, 64), (4414, 8, 192), (70000, 128, 128)):
+        delta = math.ceil(h_q * (math.ceil(total_q / 64) * 64) * 4 / 256) * 256
+        acc = math.ceil(total_q * h_q * d_qk * 4 / 256) * 256
+        assert ws_bytes(1, total_q, 5, h_q, 1, d_qk, 128) == delta + acc

@@ -1,0 +1,154 @@
+"""flash_mla_build.wheel_verify on recorded cuobjdump output (an excerpt of
+`cuobjdump --dump-resource-usage` on a FLASH_MLA_CUDA_ARCHS=all
+FLASH_MLA_KERNELS=combine build, CUDA 13.0), plus synthetic failing kernels."""
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+
+from flash_mla_build import wheel_verify as W
+
+K4 = "_ZN9flash_mla7combine14combine_kernelI13__nv_bfloat16Li4EEEvNS_13CombineParamsE"
+K1 = "_ZN9flash_mla7combine14combine_kernelI13__nv_bfloat16Li1EEEvNS_13CombineParamsE"
+
+RECORDED = f"""
+Fatbin elf code:
+================
+arch = sm_75
+code version = [1,8]
+host = linux
+compile_size = 64bit
+
+Resource usage:
+ Common:
+  GLOBAL:0
+
+Fatbin ptx code:
+================
+arch = sm_120
+code version = [9,0]
+host = linux
+compile_size = 64bit
+compressed
+ptxasOptions = -v --warn-on-spills --warn-on-local-memory-usage  
+
+Fatbin elf code:
+================
+arch = sm_80
+code version = [1,8]
+host = linux
+compile_size = 64bit
+
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function {K4}:
+  REG:56 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:456 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function {K1}:
+  REG:40 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:456 TEXTURE:0 SURFACE:0 SAMPLER:0
+
+Fatbin elf code:
+================
+arch = sm_120f
+code version = [1,8]
+host = linux
+compile_size = 64bit
+
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function {K4}:
+  REG:55 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:1000 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function {K1}:
+  REG:40 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:1000 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+INFO = {"targets": ["80", "120f"], "kernels": [
+    {"op": "combine", "variant": "bf16 d_v<=512", "dynamic_smem_bytes": 0, "threads": 128},
+    {"op": "dense_prefill_fwd", "variant": "bf16 d128", "dynamic_smem_bytes": 98304,
+     "threads": 288}]}
+
+
+def test_parse_recorded_output():
+    usages = W.parse_resource_usage(RECORDED)
+    assert [(u.arch, u.name, u.registers) for u in usages] == [
+        ("sm_80", K4, 56), ("sm_80", K1, 40), ("sm_120f", K4, 55), ("sm_120f", K1, 40)]
+    assert all(u.stack == 0 and u.local == 0 and u.static_smem == 0 for u in usages)
+
+
+def test_recorded_build_passes_and_lists_targets():
+    report = W.verify(W.parse_resource_usage(RECORDED), INFO, required=["120f", "sm_80"])
+    assert report.ok, report.problems
+    assert report.kernels == {K1: ["sm_120f", "sm_80"], K4: ["sm_120f", "sm_80"]}
+    entry = [e for e in report.sm120 if e["kernel"] == K4][0]
+    # Joined with build_info by op name ("combine" is in the symbol).
+    assert (entry["registers"], entry["dynamic_smem"], entry["dynamic_from"]) == \
+        (55, 0, "op combine")
+
+
+def test_missing_required_target_fails():
+    report = W.verify(W.parse_resource_usage(RECORDED), INFO, required=["100f"])
+    assert not report.ok
+    assert f"{K4} has no sm_100f cubin (built for sm_120f, sm_80)" in report.problems
+
+
+def _synthetic(name, stack=0, local=0, shared=0):
+    return (f"Fatbin elf code:\n================\narch = sm_120f\n\nResource usage:\n"
+            f" Function {name}:\n  REG:255 STACK:{stack} SHARED:{shared} LOCAL:{local} "
+            "CONSTANT[0]:900 TEXTURE:0 SURFACE:0 SAMPLER:0\n")
+
+
+def test_spills_and_shared_memory_over_sm120_limit_fail():
+    name = "_ZN9flash_mla17dense_prefill_fwd6kernelEv"
+    report = W.verify(W.parse_resource_usage(_synthetic(name, stack=16, local=8, shared=4096)),
+                      INFO)
+    assert not report.ok
+    assert report.problems == [
+        f"{name} on sm_120f needs 102400 B of shared memory (4096 static + 98304 dynamic, op "
+        "dense_prefill_fwd); sm_120 allows 101376 B",
+        f"{name} on sm_120f uses local memory (stack 16 B, local 8 B): register spills are "
+        "not allowed in release kernels",
+    ]
+
+
+def test_unknown_op_uses_library_maximum():
+    report = W.verify(W.parse_resource_usage(_synthetic("_Z6mysteryv", shared=3073)), INFO)
+    assert report.problems == ["_Z6mysteryv on sm_120f needs 101377 B of shared memory (3073 "
+                               "static + 98304 dynamic, library maximum); sm_120 allows "
+                               "101376 B"]
+
+
+def test_empty_fatbinary_fails():
+    assert W.verify([], INFO).problems == ["no kernels found in the library's fatbinary"]
+
+
+def test_cli_on_a_wheel_with_fake_cuobjdump(tmp_path, monkeypatch, capsys):
+    wheel = tmp_path / "flash_mla-0.1.0-py3-none-linux_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("flash_mla/__init__.py", "")
+        zf.writestr("flash_mla/lib/libflash_mla_native.so", b"\x7fELF fake")
+    seen = {}
+
+    class Done:
+        returncode, stdout, stderr = 0, RECORDED.encode(), b""
+
+    def fake_run(cmd, **kwargs):
+        seen["cmd"] = cmd
+        return Done()
+
+    monkeypatch.setattr(W.subprocess, "run", fake_run)
+    monkeypatch.setattr(W, "read_build_info", lambda lib: INFO)
+    out_json = tmp_path / "r.json"
+    assert W.main([str(wheel), "--cuobjdump", "cuobjdump", "--require", "120f",
+                   "--json", str(out_json)]) == 0
+    assert seen["cmd"][:2] == ["cuobjdump", "--dump-resource-usage"]
+    assert seen["cmd"][2].endswith("libflash_mla_native.so")
+    assert json.loads(out_json.read_text())[str(wheel)]["ok"] is True
+    assert "OK" in capsys.readouterr().out
+    empty = tmp_path / "empty.whl"
+    with zipfile.ZipFile(empty, "w") as zf:
+        zf.writestr("flash_mla/__init__.py", "")
+    with pytest.raises(FileNotFoundError, match="holds no flash_mla_native library"):
+        W.main([str(empty), "--cuobjdump", "cuobjdump"])
