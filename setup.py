@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Distribution, setup
 from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_py import build_py
 
@@ -41,12 +41,15 @@ class BuildPyWithNative(build_py):
         build_library(config, out_dir=out_dir, log=_log)
 
 
+class BinaryDistribution(Distribution):
+    """Holds a native library: installs to platlib, wheel root not purelib."""
+
+    def has_ext_modules(self) -> bool:
+        return True
+
+
 class PlatformWheel(bdist_wheel):
     """py3-none-<platform>: platform-specific, independent of the Python ABI."""
-
-    def finalize_options(self) -> None:
-        super().finalize_options()
-        self.root_is_pure = False
 
     def get_tag(self):
         _, _, plat = super().get_tag()
@@ -54,6 +57,7 @@ class PlatformWheel(bdist_wheel):
 
 
 setup(
+    distclass=BinaryDistribution,
     cmdclass={"build_py": BuildPyWithNative, "bdist_wheel": PlatformWheel},
     package_data={"flash_mla": ["lib/*.so", "lib/*.dll"]},
     include_package_data=False,

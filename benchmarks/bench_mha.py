@@ -131,7 +131,7 @@ def pairs_count(seqlen: int, causal: bool) -> int:
 
 
 def bench_shape(torch, native: Native, timer: Timer, s: int, h_q: int, h_k: int, d_qk: int,
-                d_v: int, causal: bool) -> Dict:
+                d_v: int, causal: bool, baselines: bool = True) -> Dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
 
@@ -175,6 +175,8 @@ def bench_shape(torch, native: Native, timer: Timer, s: int, h_q: int, h_k: int,
                            True)
         row["us"]["ours_bwd"], row["timing"]["ours_bwd"] = timer.time_us(call)
 
+    if not baselines:
+        return row
     # --- torch SDPA, [b, h, s, d] views; GQA heads expanded (not timed) ---
     group = h_q // h_k
     qs = q.view(b, s, h_q, d_qk).transpose(1, 2)
@@ -289,6 +291,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--iters", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="seqlen 4096 only")
     parser.add_argument("--plot", type=Path, help="only draw the PNG from an existing JSON")
+    parser.add_argument("--ours-only", action="store_true",
+                        help="skip the SDPA baselines (A/B runs of this library's variants; "
+                             "FLASH_MLA_DENSE_FWD_WARPS=8|4 picks the forward's warp layout)")
     args = parser.parse_args(argv)
 
     if args.plot is not None:
@@ -310,6 +315,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     timer = Timer(torch, args.warmup, args.iters)
     props = torch.cuda.get_device_properties(0)
     device = f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}"
+    forced = os.environ.get("FLASH_MLA_DENSE_FWD_WARPS")
+    if forced:
+        device += f", FLASH_MLA_DENSE_FWD_WARPS={forced}"
     print(f"device: {device}")
     print("times: median of CUDA-graph replays between CUDA events, L2 flushed before each; "
           "x flash / x cudnn = their time / ours (> 1: ours faster)", flush=True)
@@ -320,7 +328,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for h_q, h_k in SHAPES_HEADS:
             for d_qk, d_v in SHAPES_DIMS:
                 for causal in (False, True):
-                    row = bench_shape(torch, native, timer, s, h_q, h_k, d_qk, d_v, causal)
+                    row = bench_shape(torch, native, timer, s, h_q, h_k, d_qk, d_v, causal,
+                                      baselines=not args.ours_only)
                     rows.append(row)
                     print_row(row)
                     torch.cuda.empty_cache()

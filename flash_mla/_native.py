@@ -88,8 +88,14 @@ def _load() -> Dict[str, Any]:
             _state["error"] = f"apache-tvm-ffi is not importable ({exc}); pip install apache-tvm-ffi"
             return _state
         if sys.platform.startswith("win") and hasattr(os, "add_dll_directory"):
-            tvm_lib = Path(tvm_ffi.__file__).resolve().parent / "lib"
-            for folder in (tvm_lib, path.resolve().parent):
+            folders = [path.resolve().parent]
+            try:
+                from tvm_ffi import libinfo
+
+                folders.append(Path(libinfo.find_libtvm_ffi()).resolve().parent)
+            except Exception:  # noqa: BLE001 - fall back to the package's lib folder
+                folders.append(Path(tvm_ffi.__file__).resolve().parent / "lib")
+            for folder in folders:
                 if folder.is_dir():
                     _dll_handles.append(os.add_dll_directory(str(folder)))
         try:

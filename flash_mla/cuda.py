@@ -30,7 +30,7 @@ out/dq/dk/dv in q's dtype. Choices SPEC leaves open, made here:
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -43,6 +43,40 @@ _DTYPE_FEATURE = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 def _features(q: torch.Tensor, d_qk: int, d_v: int) -> dict:
     return {"dtype": _DTYPE_FEATURE.get(q.dtype, str(q.dtype)), "head_dims": [int(d_qk), int(d_v)]}
+
+
+# Native functions by name, and workspace sizes by problem size: both are fixed for
+# the process, and looking them up costs microseconds per call. The caches belong to
+# the loader function they were filled from; a replaced loader (tests) empties them.
+_functions: Dict[str, Callable] = {}
+_workspace_bytes: Dict[Tuple[str, Tuple[int, ...]], int] = {}
+_cache_owner: list = [None]
+_WORKSPACE_CACHE_LIMIT = 4096
+
+
+def _sync_caches() -> None:
+    if _cache_owner[0] is not _native.function:
+        _functions.clear()
+        _workspace_bytes.clear()
+        _cache_owner[0] = _native.function
+
+
+def _function(name: str) -> Callable:
+    _sync_caches()
+    fn = _functions.get(name)
+    if fn is None:
+        fn = _functions[name] = _native.function(name)
+    return fn
+
+
+def _needed_bytes(name: str, dims: Tuple[int, ...]) -> int:
+    _sync_caches()
+    needed = _workspace_bytes.get((name, dims))
+    if needed is None:
+        if len(_workspace_bytes) >= _WORKSPACE_CACHE_LIMIT:
+            _workspace_bytes.clear()  # varlen training sees many sizes; stay bounded
+        needed = _workspace_bytes[(name, dims)] = int(_function(name)(*dims))
+    return needed
 
 
 def _workspace_for(workspace: Optional[torch.Tensor], needed: int, device: torch.device) -> torch.Tensor:
@@ -67,11 +101,11 @@ def run_fwd_into(workspace: Optional[torch.Tensor], q: torch.Tensor, k: torch.Te
     total_k, h_k, d_v = v.shape
     backend = dispatch.choose("dense_prefill_fwd", q.device, _features(q, d_qk, d_v))
     if backend == dispatch.NATIVE:
-        batch = cu_seqlens_q.shape[0] - 1
-        needed = _native.function("dense_prefill_fwd_workspace_bytes")(
-            int(batch), int(total_q), int(total_k), int(h_q), int(h_k), int(d_qk), int(d_v))
-        ws = _workspace_for(workspace, int(needed), q.device)
-        _native.function("dense_prefill_fwd")(
+        dims = (int(cu_seqlens_q.shape[0]) - 1, int(total_q), int(total_k), int(h_q), int(h_k),
+                int(d_qk), int(d_v))
+        ws = _workspace_for(workspace, _needed_bytes("dense_prefill_fwd_workspace_bytes", dims),
+                            q.device)
+        _function("dense_prefill_fwd")(
             ws, q, k, v, cu_seqlens_q, cu_seqlens_kv, out, lse, 1 if causal else 0,
             float(softmax_scale), int(max_seqlen_q), int(max_seqlen_kv), bool(is_varlen))
         return backend
@@ -93,11 +127,11 @@ def run_bwd_into(workspace: Optional[torch.Tensor], dout: torch.Tensor, q: torch
     total_k, h_k, d_v = v.shape
     backend = dispatch.choose("dense_prefill_bwd", q.device, _features(q, d_qk, d_v))
     if backend == dispatch.NATIVE:
-        batch = cu_seqlens_q.shape[0] - 1
-        needed = _native.function("dense_prefill_bwd_workspace_bytes")(
-            int(batch), int(total_q), int(total_k), int(h_q), int(h_k), int(d_qk), int(d_v))
-        ws = _workspace_for(workspace, int(needed), q.device)
-        _native.function("dense_prefill_bwd")(
+        dims = (int(cu_seqlens_q.shape[0]) - 1, int(total_q), int(total_k), int(h_q), int(h_k),
+                int(d_qk), int(d_v))
+        ws = _workspace_for(workspace, _needed_bytes("dense_prefill_bwd_workspace_bytes", dims),
+                            q.device)
+        _function("dense_prefill_bwd")(
             ws, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_kv, dq, dk, dv,
             1 if causal else 0, float(softmax_scale), int(max_seqlen_q), int(max_seqlen_kv),
             bool(is_varlen))

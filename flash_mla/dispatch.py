@@ -15,9 +15,12 @@
 Some ops have no native binding in the Python layer yet (the library exports no
 entry point for them in this version): for those, the reason says so.
 
-State (warnings already given, last backend per op) lives in dicts keyed by op and
-device, never in a process-wide flag: one process may drive several GPUs, each with
-its own answer.
+State (warnings already given, last backend per op, and the loader's answer per
+(op, device, features)) lives in dicts keyed by op and device, never in a
+process-wide flag: one process may drive several GPUs, each with its own answer. The
+loader's answer is cached because it cannot change within a process (the library is
+loaded once; a device's compute capability is fixed) and asking costs tens of
+microseconds per call; ``reset_state()`` forgets it.
 """
 from __future__ import annotations
 
@@ -56,6 +59,10 @@ class FlashMLAFallbackWarning(UserWarning):
 _warned: Dict[Tuple[str, str, str], bool] = {}
 # op -> (backend, device string) of the most recent choice.
 _last: Dict[str, Tuple[str, str]] = {}
+# (op, device string, features key) -> reason or None, as the loader answered; owned
+# by the loader function that answered (a replaced one, in tests, empties it).
+_reasons: Dict[Tuple[str, str, Any], Optional[str]] = {}
+_reasons_owner: list = [None]
 
 
 def backend_setting() -> str:
@@ -78,6 +85,13 @@ def _device_type(device: Any) -> str:
     if kind is None:
         kind = str(device).split(":", 1)[0]
     return kind
+
+
+def _features_key(features: Optional[dict]) -> Any:
+    if not features:
+        return None
+    return tuple(sorted((name, tuple(value) if isinstance(value, list) else value)
+                        for name, value in features.items()))
 
 
 def native_unavailable_reason(op: str, device: Any, features: Optional[dict] = None) -> Optional[str]:
@@ -104,7 +118,15 @@ def choose(op: str, device: Any, features: Optional[dict] = None) -> str:
     if setting == REFERENCE:
         _last[op] = (REFERENCE, key)
         return REFERENCE
-    reason = native_unavailable_reason(op, device, features)
+    if _reasons_owner[0] is not _native.unavailable_reason:
+        _reasons.clear()
+        _reasons_owner[0] = _native.unavailable_reason
+    cache_key = (op, key, _features_key(features))
+    if cache_key in _reasons:
+        reason = _reasons[cache_key]
+    else:
+        reason = native_unavailable_reason(op, device, features)
+        _reasons[cache_key] = reason
     if reason is None:
         _last[op] = (NATIVE, key)
         return NATIVE
@@ -140,3 +162,4 @@ def reset_state() -> None:
     """Forget the warnings given and the last choices (for tests)."""
     _warned.clear()
     _last.clear()
+    _reasons.clear()

@@ -14,6 +14,10 @@ Choices SPEC.md leaves open, made here:
   ``tile_scheduler_metadata``/``num_splits`` fields stay None (no schedule needed).
 - Tensor values (cu_seqlens, cache_seqlens, indices, block_table) are never read on
   the host for validation: that would synchronise and break CUDA-graph capture.
+- Dense decode takes bf16/fp16 caches only; ``is_fp8_kvcache=True`` without
+  ``indices`` is rejected (the FP8 cache is a sparse-decode format).
+- Under torch.compile every op is a torch.library custom op (flash_mla.ops), so
+  ``fullgraph=True`` traces; eager calls skip that layer (it costs ~100 us).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import dispatch, ops, validation
+from . import ops, validation
 from .sched_meta import FlashMLASchedMeta, bind_or_check_config, check_sched_meta_type
 
 __all__ = [
@@ -33,11 +37,6 @@ __all__ = [
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_varlen_kvpacked_func",
 ]
-
-
-def _reference():
-    from . import reference  # the fallback only; keeps the fast path's imports small
-    return reference
 
 
 def get_mla_metadata(*args, **kwargs) -> Tuple[FlashMLASchedMeta, None]:
@@ -121,24 +120,12 @@ def flash_mla_with_kvcache(
         op = "sparse_decode"
     bind_or_check_config(tile_scheduler_metadata, config)
 
-    features = {"dtype": "bf16" if q.dtype == torch.bfloat16 else "fp16", "d_qk": sizes.d_qk}
-    # No native decode entry point exists yet, so dispatch answers "reference" (or
-    # raises under FLASH_MLA_BACKEND=native); the call still goes through it so the
-    # fallback is announced and recorded.
-    dispatch.choose(op, q.device, features)
-    reference = _reference()
     if op == "dense_decode":
-        out, lse = reference.dense_decode(
-            q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
-            head_dim_v=head_dim_v, softmax_scale=float(softmax_scale), causal=bool(causal))
-        return out.to(q.dtype), lse.to(torch.float32).contiguous()
-    out, lse = reference.sparse_decode(
-        q=q, k_cache=k_cache, indices=indices, topk_length=topk_length,
-        softmax_scale=float(softmax_scale), d_v=head_dim_v, attn_sink=attn_sink,
-        extra_k_cache=extra_k_cache, extra_indices=extra_indices_in_kvcache,
-        extra_topk_length=extra_topk_length)
-    # [b, s_q, h_q] contiguous, returned as the [b, h_q, s_q] view.
-    return out.to(q.dtype), lse.to(torch.float32).contiguous().transpose(1, 2)
+        return ops.dense_decode(q, k_cache, block_table, cache_seqlens, int(head_dim_v),
+                                float(softmax_scale), bool(causal))
+    return ops.sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
+                             extra_indices_in_kvcache, extra_topk_length, int(head_dim_v),
+                             float(softmax_scale))
 
 
 def flash_mla_sparse_fwd(
@@ -163,12 +150,7 @@ def flash_mla_sparse_fwd(
     """
     validation.validate_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink=attn_sink,
                                        topk_length=topk_length)
-    dispatch.choose("sparse_prefill", q.device, {"dtype": "bf16", "d_qk": int(q.shape[-1])})
-    out, max_logits, lse = _reference().sparse_prefill(
-        q=q, kv=kv, indices=indices, sm_scale=float(sm_scale), d_v=d_v, attn_sink=attn_sink,
-        topk_length=topk_length)
-    return (out.to(q.dtype), max_logits.to(torch.float32).contiguous(),
-            lse.to(torch.float32).contiguous())
+    return ops.sparse_prefill(q, kv, indices, float(sm_scale), int(d_v), attn_sink, topk_length)
 
 
 def flash_attn_varlen_func(

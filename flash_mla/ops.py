@@ -1,4 +1,5 @@
-"""torch integration of the dense MHA prefill: custom ops, fake kernels, autograd.
+"""torch integration: custom ops with fake kernels for every public op, autograd for
+the dense MHA prefill.
 
 Two custom ops in the ``flash_mla`` namespace, so ``torch.compile`` can trace
 ``flash_attn_varlen_func`` (the native call is opaque to dynamo):
@@ -11,6 +12,9 @@ Two custom ops in the ``flash_mla`` namespace, so ``torch.compile`` can trace
 Both have fake (meta) implementations with the real output strides (lse is the
 [total_q, h_q] transpose of a contiguous [h_q, total_q] buffer), and the forward has
 an autograd formula that calls the backward op and ignores the lse gradient.
+Forward-only ops ``flash_mla::dense_decode``, ``flash_mla::sparse_decode`` and
+``flash_mla::sparse_prefill`` (no autograd, as upstream) make the decode and sparse
+prefill traceable too.
 
 Dispatch cost. ``measure_overhead()`` times the forward on a 1-token problem with
 the compute replaced by a no-op (median of 2000 calls, CPU, torch 2.13, a shared
@@ -21,6 +25,11 @@ direct path, far over the few-microsecond budget of DESIGN.md decision 7, so eag
 calls take the direct ``MhaPrefillFunction`` path and only code being compiled
 (``torch.compiler.is_compiling()``) goes through the registered op. Both paths run
 the same ``flash_mla.cuda.run_*_into`` code, so they give identical numbers.
+Host time per forward call on H100 machines (torch 2.11, tiny problem, native
+kernels, 2026-11-22, three runs on two machines, +-30% between machines): raw tvm-ffi
+entry 11.2-11.6 us, ``flash_mla.cuda.dense_prefill_fwd`` 38-57 us (full validation,
+cached dispatch and workspace size), ``flash_attn_varlen_func`` 56-61 us without
+gradients (validation fast path, no autograd.Function) and 78-90 us with them.
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ from typing import Any, Tuple
 import torch
 
 from . import cuda as _cuda
+from . import dispatch as _dispatch
 
 _FWD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
@@ -178,12 +188,124 @@ def mha_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
                 cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                 softmax_scale: float, causal: bool, is_varlen: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Differentiable MHA prefill on validated inputs: the registered op while
-    compiling, the direct autograd.Function otherwise (see the module docstring)."""
+    compiling, the direct autograd.Function when a gradient is wanted, else the bare
+    forward (see the module docstring)."""
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             float(softmax_scale), bool(causal), bool(is_varlen))
     if _is_compiling():
         return mha_prefill_fwd_op(*args)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # Inference: no graph to record, and autograd.Function.apply costs tens of us.
+        return mha_prefill_fwd_impl(*args)
     return MhaPrefillFunction.apply(*args)
+
+
+# --------------------------------------------------------------------------- decode, sparse prefill
+# Forward-only ops (upstream has no backward for them either). They exist so that
+# torch.compile(fullgraph=True) can trace models calling flash_mla_with_kvcache /
+# flash_mla_sparse_fwd: the bodies read sequence lengths on the host (reference
+# path), which dynamo cannot trace. Eager calls use the *_impl functions directly.
+
+_DENSE_DECODE_SCHEMA = (
+    "(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "
+    "float softmax_scale, bool causal) -> (Tensor, Tensor)"
+)
+_SPARSE_DECODE_SCHEMA = (
+    "(Tensor q, Tensor k_cache, Tensor indices, Tensor? topk_length, Tensor? attn_sink, "
+    "Tensor? extra_k_cache, Tensor? extra_indices, Tensor? extra_topk_length, int head_dim_v, "
+    "float softmax_scale) -> (Tensor, Tensor)"
+)
+_SPARSE_PREFILL_SCHEMA = (
+    "(Tensor q, Tensor kv, Tensor indices, float sm_scale, int d_v, Tensor? attn_sink, "
+    "Tensor? topk_length) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def _reference():
+    from . import reference  # fallback only
+    return reference
+
+
+def _dtype_feature(q: torch.Tensor) -> str:
+    return "bf16" if q.dtype == torch.bfloat16 else "fp16"
+
+
+def dense_decode_impl(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):
+    """Dense decode on validated inputs: (out [b, s_q, h_q, d_v] q dtype, lse fp32
+    [b, h_q, s_q] contiguous). No native kernel yet: dispatch announces the fallback."""
+    _dispatch.choose("dense_decode", q.device, {"dtype": _dtype_feature(q), "d_qk": int(q.shape[-1])})
+    out, lse = _reference().dense_decode(
+        q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
+        head_dim_v=head_dim_v, softmax_scale=float(softmax_scale), causal=bool(causal))
+    return out.to(q.dtype), lse.to(torch.float32).contiguous()
+
+
+def sparse_decode_impl(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
+                       extra_topk_length, head_dim_v, softmax_scale):
+    """Sparse FP8 decode on validated inputs: (out [b, s_q, h_q, d_v] q dtype, lse fp32
+    [b, h_q, s_q] as the transposed view of a contiguous [b, s_q, h_q] buffer)."""
+    _dispatch.choose("sparse_decode", q.device, {"dtype": "bf16", "d_qk": int(q.shape[-1])})
+    out, lse = _reference().sparse_decode(
+        q=q, k_cache=k_cache, indices=indices, topk_length=topk_length,
+        softmax_scale=float(softmax_scale), d_v=head_dim_v, attn_sink=attn_sink,
+        extra_k_cache=extra_k_cache, extra_indices=extra_indices,
+        extra_topk_length=extra_topk_length)
+    return out.to(q.dtype), lse.to(torch.float32).contiguous().transpose(1, 2)
+
+
+def sparse_prefill_impl(q, kv, indices, sm_scale, d_v, attn_sink, topk_length):
+    """Sparse prefill on validated inputs: (out [s_q, h_q, d_v] q dtype, max_logits,
+    lse fp32 [s_q, h_q] contiguous)."""
+    _dispatch.choose("sparse_prefill", q.device, {"dtype": "bf16", "d_qk": int(q.shape[-1])})
+    out, max_logits, lse = _reference().sparse_prefill(
+        q=q, kv=kv, indices=indices, sm_scale=float(sm_scale), d_v=d_v, attn_sink=attn_sink,
+        topk_length=topk_length)
+    return (out.to(q.dtype), max_logits.to(torch.float32).contiguous(),
+            lse.to(torch.float32).contiguous())
+
+
+dense_decode_op = torch.library.custom_op(
+    "flash_mla::dense_decode", dense_decode_impl, mutates_args=(), schema=_DENSE_DECODE_SCHEMA)
+sparse_decode_op = torch.library.custom_op(
+    "flash_mla::sparse_decode", sparse_decode_impl, mutates_args=(), schema=_SPARSE_DECODE_SCHEMA)
+sparse_prefill_op = torch.library.custom_op(
+    "flash_mla::sparse_prefill", sparse_prefill_impl, mutates_args=(), schema=_SPARSE_PREFILL_SCHEMA)
+
+
+@dense_decode_op.register_fake
+def _dense_decode_fake(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):
+    b, s_q, h_q, _ = q.shape
+    return (q.new_empty((b, s_q, h_q, head_dim_v)),
+            torch.empty((b, h_q, s_q), dtype=torch.float32, device=q.device))
+
+
+@sparse_decode_op.register_fake
+def _sparse_decode_fake(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
+                        extra_topk_length, head_dim_v, softmax_scale):
+    b, s_q, h_q, _ = q.shape
+    return (q.new_empty((b, s_q, h_q, head_dim_v)),
+            torch.empty((b, s_q, h_q), dtype=torch.float32, device=q.device).transpose(1, 2))
+
+
+@sparse_prefill_op.register_fake
+def _sparse_prefill_fake(q, kv, indices, sm_scale, d_v, attn_sink, topk_length):
+    s_q, h_q, _ = q.shape
+    return (q.new_empty((s_q, h_q, d_v)),
+            torch.empty((s_q, h_q), dtype=torch.float32, device=q.device),
+            torch.empty((s_q, h_q), dtype=torch.float32, device=q.device))
+
+
+def dense_decode(*args):
+    """Registered op while compiling, direct call otherwise."""
+    return dense_decode_op(*args) if _is_compiling() else dense_decode_impl(*args)
+
+
+def sparse_decode(*args):
+    return sparse_decode_op(*args) if _is_compiling() else sparse_decode_impl(*args)
+
+
+def sparse_prefill(*args):
+    return sparse_prefill_op(*args) if _is_compiling() else sparse_prefill_impl(*args)
 
 
 def measure_overhead(iterations: int = 2000) -> dict:

@@ -53,6 +53,10 @@ class FlashMLASchedMeta:
     num_splits: Optional["torch.Tensor"] = None
 
 
+# Field names in declaration order, computed once (torch.compile can iterate a tuple
+# of strings but not dataclasses.fields() of a class).
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(FlashMLASchedMeta.Config))
+
 # What each Config field means to a caller, for the mismatch message.
 _FIELD_MEANING = {
     "b": "batch size (q.shape[0])",
@@ -94,13 +98,13 @@ def bind_or_check_config(sched_meta: FlashMLASchedMeta, config: FlashMLASchedMet
             "tile_scheduler_metadata has have_initialized=True but no config; pass a "
             "fresh holder from get_mla_metadata()"
         )
-    for field in dataclasses.fields(FlashMLASchedMeta.Config):
-        was = getattr(recorded, field.name)
-        now = getattr(config, field.name)
+    for name in _CONFIG_FIELDS:
+        was = getattr(recorded, name)
+        now = getattr(config, name)
         if was != now:
             raise ValueError(
-                f"tile_scheduler_metadata was initialised with {field.name}={was!r} "
-                f"({_FIELD_MEANING[field.name]}) but this call has {field.name}={now!r}; "
+                f"tile_scheduler_metadata was initialised with {name}={was!r} "
+                f"({_FIELD_MEANING[name]}) but this call has {name}={now!r}; "
                 "a schedule can only be reused by calls with the same configuration, "
                 "so get a new one from get_mla_metadata() for this call"
             )

@@ -490,6 +490,50 @@ def _mha_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
                     h_q=h_q, h_k=h_k, d_qk=d_qk, d_v=d_v)
 
 
+def _mha_fast(q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, max_q: Any, max_k: Any, dropout_p: Any,
+              softmax_scale: Any, causal: Any, deterministic: Any, is_varlen: Any) -> Optional[MhaSizes]:
+    """The common valid call of validate_mha_prefill in a few expressions (it runs once
+    per layer per step, and the full checks cost ~10-25 us of Python). Returns the
+    sizes only when every condition of the full checks holds, stricter where that is
+    simpler (plain int/float/bool scalars, unit last-dim strides); None means "run the
+    full checks", which then raise the precise error or accept."""
+    tensor = torch.Tensor
+    if not (isinstance(q, tensor) and isinstance(k, tensor) and isinstance(v, tensor)
+            and isinstance(cu_q, tensor) and isinstance(cu_k, tensor)):
+        return None
+    if type(max_q) is not int or type(max_k) is not int or max_q < 0 or max_k < 0:
+        return None
+    if type(dropout_p) not in (float, int) or dropout_p != 0:
+        return None
+    if softmax_scale is not None and not (type(softmax_scale) is float
+                                          and 0.0 < softmax_scale < math.inf):
+        return None
+    if type(causal) is not bool or type(deterministic) is not bool or type(is_varlen) is not bool:
+        return None
+    device, dtype = q.device, q.dtype
+    if k.device != device or v.device != device or cu_q.device != device or cu_k.device != device:
+        return None
+    if (dtype not in MHA_DTYPES or k.dtype != dtype or v.dtype != dtype
+            or cu_q.dtype != torch.int32 or cu_k.dtype != torch.int32):
+        return None
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or cu_q.dim() != 1 or cu_k.dim() != 1:
+        return None
+    if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1 or cu_q.stride(0) != 1 or cu_k.stride(0) != 1:
+        return None
+    total_q, h_q, d_qk = q.shape
+    total_k, h_k, d_k = k.shape
+    d_v = v.shape[2]
+    if d_k != d_qk or v.shape[0] != total_k or v.shape[1] != h_k:
+        return None
+    if (d_qk, d_v) not in MHA_HEAD_DIMS or h_k < 1 or h_q % h_k != 0:
+        return None
+    entries = cu_q.shape[0]
+    if entries < 2 or cu_k.shape[0] != entries:
+        return None
+    return MhaSizes(batch=entries - 1, total_q=total_q, total_k=total_k, h_q=h_q, h_k=h_k,
+                    d_qk=d_qk, d_v=d_v)
+
+
 def validate_mha_prefill(
     q: Any,
     k: Any,
@@ -505,6 +549,10 @@ def validate_mha_prefill(
     is_varlen: Any,
 ) -> MhaSizes:
     """``flash_attn_varlen_func`` (and the packed forms after splitting)."""
+    sizes = _mha_fast(q, k, v, cu_seqlens_qo, cu_seqlens_kv, max_seqlen_qo, max_seqlen_kv,
+                      dropout_p, softmax_scale, causal, deterministic, is_varlen)
+    if sizes is not None:
+        return sizes
     _mha_common(q, k, v, cu_seqlens_qo, cu_seqlens_kv, "cu_seqlens_qo", "cu_seqlens_kv")
     sizes = _mha_shapes(q, k, v, cu_seqlens_qo, cu_seqlens_kv, "cu_seqlens_qo", "cu_seqlens_kv")
     _int(max_seqlen_qo, "max_seqlen_qo", minimum=0)

@@ -17,6 +17,7 @@ Public API (used by setup.py through build.py, and by scripts/check_env):
   newest target (plain compute_XY) embedded for forward compatibility.
 - ``target_for_capability(major, minor, nvcc_version) -> Target``: the target
   "native" picks for one GPU.
+- ``check_target(target, nvcc_version)``: raises ArchError if the nvcc cannot build it.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ __all__ = [
     "gencode_flags",
     "target_for_capability",
     "ptx_target",
+    "check_target",
 ]
 
 

@@ -66,9 +66,11 @@ HOST_SPECIFIERS = frozenset({"__host__", "CUTE_HOST_DEVICE", "CUTLASS_HOST_DEVIC
 # Macros whose device branch is removed by the preprocessor in the host pass.
 DEVICE_TARGET_MACROS = frozenset({"NV_IF_TARGET", "NV_IF_ELSE_TARGET", "NV_DISPATCH_TARGET"})
 # Macros that, like __CUDA_ARCH__, are only defined in the device compilation pass.
+# CuTe's *_ACTIVATED and CUTLASS's ARCH_MMA_*_ENABLED are; CuTe's CUTE_ARCH_*_ENABLED
+# are not all (CUTE_ARCH_LDSM_SM75_ENABLED holds on the host), so they do not count.
 _DEVICE_PASS_MACRO_RE = re.compile(
     r"__CUDA_ARCH__|__CUDA_ARCH_FEAT_\w+|__CUDA_ARCH_SPECIFIC__|__CUDA_ARCH_FAMILY_SPECIFIC__"
-    r"|CUTE_ARCH_\w+_ENABLED")
+    r"|CUTE_ARCH_\w+_ACTIVATED|CUTLASS_ARCH_MMA_\w+_ENABLED")
 
 _ALLOW_RE = re.compile(r"lint-allow\(([\w-]+)\)")
 _MACRO_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")

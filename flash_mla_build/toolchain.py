@@ -143,14 +143,30 @@ class HostCompiler:
 
 
 def _msvc_env_from_setuptools() -> Optional[dict]:
-    """The Visual Studio environment, found the way setuptools finds it."""
+    """The Visual Studio x64 environment (PATH, INCLUDE, LIB), found the way
+    setuptools finds it: ``setuptools.msvc.msvc14_get_vc_env`` where it still exists
+    (setuptools < 74), else the MSVC compiler class setuptools' distutils provides
+    (public attributes only: cc, include_dirs, library_dirs)."""
     try:
-        from setuptools import msvc  # noqa: WPS433 - public module of setuptools
-    except ImportError:
-        return None
+        from setuptools import msvc
+
+        getter = getattr(msvc, "msvc14_get_vc_env", None)
+        if getter is not None:
+            return {k.upper(): v for k, v in getter("x64").items()}
+    except Exception:  # noqa: BLE001 - no Visual Studio: fall through
+        pass
     try:
-        return dict(msvc.msvc14_get_vc_env("x64"))
-    except Exception:  # noqa: BLE001 - setuptools raises several kinds when no VS is found
+        from distutils.ccompiler import new_compiler  # setuptools' vendored distutils
+
+        cc = new_compiler(compiler="msvc")
+        cc.initialize("win-amd64")
+        cl = Path(cc.cc)
+        if not cl.is_absolute():
+            return None
+        return {"PATH": os.pathsep.join([str(cl.parent), os.environ.get("PATH", "")]),
+                "INCLUDE": os.pathsep.join(cc.include_dirs),
+                "LIB": os.pathsep.join(cc.library_dirs)}
+    except Exception:  # noqa: BLE001 - distutils raises several kinds when no VS is found
         return None
 
 
@@ -162,11 +178,9 @@ def find_host_compiler(platform: str, env: Optional[Mapping[str, str]] = None) -
             return HostCompiler("msvc", cl, {})
         vc_env = _msvc_env_from_setuptools()
         if vc_env:
-            path = vc_env.get("path") or vc_env.get("PATH") or ""
-            cl = shutil.which("cl", path=path)
-            if cl:
-                merged = {k.upper(): v for k, v in vc_env.items()}
-                return HostCompiler("msvc", cl, merged)
+            found = shutil.which("cl", path=vc_env.get("PATH", ""))
+            if found:
+                return HostCompiler("msvc", found, vc_env)
         if cl:
             return HostCompiler("msvc", cl, {})
         raise ToolchainError(

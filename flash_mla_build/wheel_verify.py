@@ -10,7 +10,8 @@ shared memory or uses local memory (spills), or when a required target is missin
 Public API (scripts/, ci/ and tests call these):
 - ``parse_resource_usage(text) -> list[KernelUsage]``: parses
   ``cuobjdump --dump-resource-usage`` output (one entry per (arch, kernel)).
-- ``verify(usages, build_info, required=()) -> Report``: the checks; ``Report.ok``,
+- ``verify(usages, build_info, required=()) -> Report``: the checks (required targets
+  default to the ones build_info claims, plus ``required``); ``Report.ok``,
   ``Report.problems`` (sentences), ``Report.kernels`` (name -> arches).
 - ``verify_file(path, cuobjdump=None, required=()) -> Report``: extracts the library
   from a wheel if needed, runs cuobjdump (toolkit, nvidia-cuda-cuobjdump wheel or
@@ -137,11 +138,16 @@ def verify(usages: Sequence[KernelUsage], build_info: Optional[dict],
             report.problems.append(
                 f"{u.name} on {u.arch} uses local memory (stack {u.stack} B, local {u.local} B): "
                 "register spills are not allowed in release kernels")
-    for want in required:
+    # Every target the library claims (build_info "targets") plus --require'd ones must
+    # hold a cubin of every portable kernel. Portable = built for a plain target or for
+    # two or more majors; an arch-specific kernel (csrc/sm90/, csrc/sm100/, ...) exists
+    # for its own family only.
+    wanted = list(dict.fromkeys(list(report.targets) + list(required)))
+    for want in wanted:
         arch = want if want.startswith("sm_") else f"sm_{want}"
-        # Arch-specific kernels ('a' only) legitimately exist for one target only.
         for name, arches in report.kernels.items():
-            portable = any(not a.endswith("a") for a in arches)
+            majors = {re.sub(r"[af]$", "", a)[3:-1] for a in arches}
+            portable = len(majors) >= 2 or any(re.fullmatch(r"sm_\d+", a) for a in arches)
             if portable and arch not in arches:
                 report.problems.append(f"{name} has no {arch} cubin (built for "
                                        f"{', '.join(arches)})")

@@ -179,6 +179,11 @@ CASES: List[Tuple[str, str, str, Callable[[Dict[str, Any]], Any], type, List[str
     ("mha-heads-divide", "mha", "q", const(torch.zeros(10, 3, 64, dtype=BF16)), ValueError, ["k heads (dim 1) must divide q's 3 heads", "(12, 2, 64)"]),
     ("mha-deterministic-str", "mha", "deterministic", const("no"), TypeError, ["deterministic must be a bool"]),
     ("mha-cu-device", "mha", "cu_seqlens_kv", on_meta("cu_seqlens_kv"), ValueError, ["cu_seqlens_kv must be on the same device as q"]),
+    ("mha-scale-negative", "mha", "softmax_scale", const(-0.1), ValueError, ["softmax_scale must be a finite positive float", "-0.1"]),
+    ("mha-scale-inf", "mha", "softmax_scale", const(float("inf")), ValueError, ["softmax_scale must be a finite positive float", "inf"]),
+    ("mha-causal-2", "mha", "causal", const(2), TypeError, ["causal must be a bool", "2"]),
+    ("mha-dropout-bool", "mha", "dropout_p", const(False), TypeError, ["dropout_p must be a float", "False"]),
+    ("mha-max-bool", "mha", "max_seqlen_qo", const(True), TypeError, ["max_seqlen_qo must be an int", "True"]),
     # ---- packed forms
     ("qkv-too-narrow", "qkv", "qkv", const(torch.zeros(10, 4, 128, dtype=BF16)), ValueError, ["qkv must have a last dim larger than 2 * head_dim_qk = 128", "(10, 4, 128)"]),
     ("qkv-not-tensor", "qkv", "qkv", const((1, 2)), TypeError, ["qkv must be a torch.Tensor", "tuple"]),
@@ -228,3 +233,28 @@ def test_valid_baseline_passes_validation(op, monkeypatch):
     # (all on the CPU reference; small shapes).
     build, call = OPS[op]
     call(**build())
+
+
+MHA_CALL_ORDER = ("q", "k", "v", "cu_seqlens_qo", "cu_seqlens_kv", "max_seqlen_qo", "max_seqlen_kv",
+                  "dropout_p", "softmax_scale", "causal", "deterministic", "is_varlen")
+MHA_DEFAULTS = {"dropout_p": 0.0, "softmax_scale": None, "causal": False, "deterministic": False,
+                "is_varlen": True}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] == "mha"], ids=lambda c: c[0])
+def test_mha_fast_path_declines_every_bad_case(case):
+    # validate_mha_prefill's fast path must never accept what the full checks reject.
+    from flash_mla.validation import _mha_fast
+    _, _, arg, value, _, _ = case
+    args = {**MHA_DEFAULTS, **mha_args()}
+    args[arg] = value(args)
+    assert _mha_fast(*(args[name] for name in MHA_CALL_ORDER)) is None
+
+
+def test_mha_fast_path_agrees_with_full_checks_on_valid_calls():
+    from flash_mla import validation
+    args = {**MHA_DEFAULTS, **mha_args()}
+    fast = validation._mha_fast(*(args[name] for name in MHA_CALL_ORDER))
+    full = validation._mha_shapes(args["q"], args["k"], args["v"], args["cu_seqlens_qo"],
+                                  args["cu_seqlens_kv"], "cu_seqlens_qo", "cu_seqlens_kv")
+    assert fast is not None and tuple(fast) == tuple(full) == (2, 10, 12, 4, 2, 64, 64)

@@ -18,7 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-pytestmark = pytest.mark.gpu
+gpu = pytest.mark.gpu
 
 from flash_mla import _native  # noqa: E402
 
@@ -90,7 +90,7 @@ def _check(name, got, ref, abs_tol, rel_tol, cos_tol=None):
 
 
 def _make(batch, s_q, h_q, d_v, seed, counts=None, neg_inf_frac=0.3, padded_out=False,
-          dtype=torch.bfloat16):
+          dtype=torch.bfloat16, dev="cuda"):
     g = torch.Generator().manual_seed(seed)
     if counts is None:
         counts = torch.randint(0, 6, (batch,), generator=g).tolist()
@@ -103,7 +103,6 @@ def _make(batch, s_q, h_q, d_v, seed, counts=None, neg_inf_frac=0.3, padded_out=
     drop = torch.rand(total, s_q, h_q, generator=g) < neg_inf_frac
     lse[drop] = -math.inf
     o[drop] = math.nan  # an empty split's partial output must never be read
-    dev = "cuda"
     out_shape = (batch, s_q, h_q, d_v)
     if padded_out:
         # Non-contiguous output: pad every dim, keep the last one contiguous.
@@ -125,6 +124,7 @@ SINKS = {
 }
 
 
+@gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("d_v", [512, 128, 260])
 @pytest.mark.parametrize("sink_kind", list(SINKS))
@@ -141,6 +141,7 @@ def test_combine_matches_oracle(dtype, d_v, sink_kind):
     _check("lse", lse, ref_lse, LSE_ABS, LSE_REL)
 
 
+@gpu
 def test_combine_many_splits_and_empty_rows():
     """Over 32 splits (lanes loop), a zero-split batch, an all -inf batch."""
     fn = _combine()
@@ -157,6 +158,7 @@ def test_combine_many_splits_and_empty_rows():
     _check("lse", lse, ref_lse, LSE_ABS, LSE_REL)
 
 
+@gpu
 def test_combine_clamps_bad_offsets():
     """Offsets past the end or decreasing never read out of bounds (sanitizer run)."""
     fn = _combine()
@@ -171,6 +173,7 @@ def test_combine_clamps_bad_offsets():
     _check("lse", lse, ref_lse, LSE_ABS, LSE_REL)
 
 
+@gpu
 def test_combine_is_deterministic():
     fn = _combine()
     o, lse_acc, offs, out, lse = _make(6, 2, 32, 512, seed=5)
@@ -181,6 +184,7 @@ def test_combine_is_deterministic():
         assert torch.equal(out, first[0]) and torch.equal(lse, first[1])
 
 
+@gpu
 def test_combine_validation_errors():
     fn = _combine()
     o, lse_acc, offs, out, lse = _make(2, 1, 4, 128, seed=1, counts=[1, 2])
@@ -202,3 +206,18 @@ def test_combine_validation_errors():
                                                 device="cuda"), lse)
     with pytest.raises(ValueError, match="o_accum must be contiguous"):
         fn(o.transpose(0, 2), lse_acc, offs, None, out, lse)
+
+
+def test_oracle_agrees_with_reference_combine():
+    """CPU: this file's float64 oracle and flash_mla.reference.combine (the library's
+    fp32 reference) agree, including empty splits, clamped offsets and every sink kind."""
+    reference = pytest.importorskip("flash_mla.reference")
+    for sink_kind, maker in SINKS.items():
+        o, lse_acc, offs, _, _ = _make(4, 2, 8, 64, seed=2, counts=[3, 0, 40, 2], dev="cpu")
+        lse_acc[43:45] = -math.inf
+        sink = None if maker is None else maker(8)
+        for offsets in (offs, torch.tensor([-5, 4, 1, 1000, 45], dtype=torch.int32)):
+            ref_out, ref_lse = reference.combine(o, lse_acc, offsets, sink)
+            want_out, want_lse = oracle(o, lse_acc, offsets, sink)
+            _check(f"out ({sink_kind})", ref_out, want_out, 1e-5, 1e-5)
+            _check(f"lse ({sink_kind})", ref_lse, want_lse, 1e-5, 1e-6)

@@ -73,12 +73,13 @@ def test_native_setting_raises_with_the_reason(monkeypatch):
 
 
 def test_auto_warns_once_per_op_device_and_reason(monkeypatch):
-    reasons = {"value": "no native library built"}
     seen = []
 
     def fake_reason(op, device, features=None):
         seen.append((op, str(device), features))
-        return reasons["value"]
+        if features and features.get("head_dims") == [96, 96]:
+            return "feature head_dims=[96, 96] not implemented natively"
+        return "no native library built"
 
     monkeypatch.setattr(_native, "unavailable_reason", fake_reason)
     features = {"dtype": "bf16", "head_dims": [64, 64]}
@@ -94,15 +95,38 @@ def test_auto_warns_once_per_op_device_and_reason(monkeypatch):
         dispatch.choose("dense_prefill_fwd", CUDA1, features)
         # another op on the first device: its own warning
         dispatch.choose("dense_prefill_bwd", CUDA0, features)
-        # a new reason on the first device: warned again
-        reasons["value"] = "feature head_dims=[96, 96] not implemented natively"
-        dispatch.choose("dense_prefill_fwd", CUDA0, features)
-        dispatch.choose("dense_prefill_fwd", CUDA0, features)
+        # another reason on the first device (other features): warned again, once
+        odd = {"dtype": "bf16", "head_dims": [96, 96]}
+        dispatch.choose("dense_prefill_fwd", CUDA0, odd)
+        dispatch.choose("dense_prefill_fwd", CUDA0, odd)
     messages = [str(w.message) for w in _fallback_warnings(record)]
     assert len(messages) == 4, messages
     assert "cuda:1" in messages[1] and "dense_prefill_bwd" in messages[2]
     assert "head_dims=[96, 96]" in messages[3]
     assert seen[0] == ("dense_prefill_fwd", "cuda:0", features)  # features reach the loader
+
+
+def test_loader_answer_is_cached_per_op_device_features(monkeypatch):
+    calls = []
+
+    def fake_reason(op, device, features=None):
+        calls.append(op)
+        return None
+
+    monkeypatch.setattr(_native, "unavailable_reason", fake_reason)
+    for _ in range(5):
+        assert dispatch.choose("dense_prefill_fwd", CUDA0, {"dtype": "bf16", "head_dims": [64, 64]}) == "native"
+    assert calls == ["dense_prefill_fwd"]
+    dispatch.choose("dense_prefill_fwd", CUDA0, {"dtype": "fp16", "head_dims": [64, 64]})
+    dispatch.choose("dense_prefill_fwd", CUDA1, {"dtype": "bf16", "head_dims": [64, 64]})
+    assert len(calls) == 3
+    dispatch.reset_state()
+    dispatch.choose("dense_prefill_fwd", CUDA0, {"dtype": "bf16", "head_dims": [64, 64]})
+    assert len(calls) == 4
+    # a replaced loader is asked afresh (its answers may differ)
+    monkeypatch.setattr(_native, "unavailable_reason", lambda *a, **k: "gone")
+    with pytest.warns(dispatch.FlashMLAFallbackWarning, match="gone"):
+        assert dispatch.choose("dense_prefill_fwd", CUDA0, {"dtype": "bf16", "head_dims": [64, 64]}) == "reference"
 
 
 def test_reference_setting_is_silent(monkeypatch):
@@ -211,6 +235,9 @@ def test_low_level_keeps_a_large_workspace(fake_native):
                                      dv, 0, 0.125, 5, 6, False)
     assert fake_native.calls[2] == ("dense_prefill_bwd_workspace_bytes", (2, 9, 11, 4, 2, 64, 64))
     assert fake_native.calls[3][1] is big and fake_native.calls[3][2] == 0
+    # the workspace size of a problem size is asked once per process (cached)
+    flash_mla.cuda.dense_prefill_fwd(big, q, k, v, cu_q, cu_k, out, lse, 0, 0.125, 5, 6, False)
+    assert [c[0] for c in fake_native.calls[4:]] == ["dense_prefill_fwd"]
 
 
 def test_public_mha_uses_native_path_forward_and_backward(fake_native):

@@ -202,3 +202,20 @@ def test_gpu_api_matches_reference(cfg):
     check_op_close("mha_prefill", "dq", q.grad, dq)
     check_op_close("mha_prefill", "dk", k.grad, dk)
     check_op_close("mha_prefill", "dv", v.grad, dv)
+
+
+def test_inference_path_equals_autograd_path():
+    # Without requires_grad (or under no_grad) the forward skips autograd.Function;
+    # the numbers must not change.
+    cfg = CONFIGS[0]
+    lens_q, lens_k, *_, causal = cfg
+    q, k, v, _ = _inputs(cfg, seed=9)
+    args = (_cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k))
+    out_g, lse_g = flash_mla.flash_attn_varlen_func(q, k, v, *args, causal=causal)
+    assert out_g.requires_grad
+    out_i, lse_i = flash_mla.flash_attn_varlen_func(q.detach(), k.detach(), v.detach(), *args, causal=causal)
+    with torch.no_grad():
+        out_n, lse_n = flash_mla.flash_attn_varlen_func(q, k, v, *args, causal=causal)
+    assert not out_i.requires_grad and not out_n.requires_grad
+    for o, l in ((out_i, lse_i), (out_n, lse_n)):
+        assert torch.equal(o, out_g) and torch.equal(l, lse_g) and l.stride() == lse_g.stride()

@@ -152,3 +152,17 @@ def test_cli_on_a_wheel_with_fake_cuobjdump(tmp_path, monkeypatch, capsys):
         zf.writestr("flash_mla/__init__.py", "")
     with pytest.raises(FileNotFoundError, match="holds no flash_mla_native library"):
         W.main([str(empty), "--cuobjdump", "cuobjdump"])
+
+
+def test_claimed_target_without_cubins_fails_by_default():
+    info = dict(INFO, targets=["80", "90a", "120f"])
+    report = W.verify(W.parse_resource_usage(RECORDED), info)
+    assert not report.ok
+    assert f"{K1} has no sm_90a cubin (built for sm_120f, sm_80)" in report.problems
+
+
+def test_arch_specific_kernel_is_not_required_elsewhere():
+    text = RECORDED + _synthetic("_ZN9flash_mla4sm1206kernelEv").replace(
+        "REG:255 STACK:0", "REG:128 STACK:0")
+    report = W.verify(W.parse_resource_usage(text), INFO)
+    assert report.ok, report.problems

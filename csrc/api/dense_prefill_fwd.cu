@@ -36,29 +36,20 @@ namespace fwd = ::flash_mla::portable::dense_fwd;
 
 // Kernels compiled into the library, with the dynamic shared memory they launch
 // with (each record stands for the causal and the non-causal instance).
-using fwd::WarpLayout;
-template <int kDQK, int kDV, WarpLayout kLayout>
-using FwdCfg = fwd::Config<kDQK, kDV, kLayout>;
-constexpr int kSmemD64W8 = FwdCfg<64, 64, WarpLayout::kWarps8>::kSmemBytes;
-constexpr int kSmemD128W8 = FwdCfg<128, 128, WarpLayout::kWarps8>::kSmemBytes;
-constexpr int kSmemD192W8 = FwdCfg<192, 128, WarpLayout::kWarps8>::kSmemBytes;
-constexpr int kSmemD64W4 = FwdCfg<64, 64, WarpLayout::kWarps4>::kSmemBytes;
-constexpr int kSmemD128W4 = FwdCfg<128, 128, WarpLayout::kWarps4>::kSmemBytes;
-constexpr int kSmemD192W4 = FwdCfg<192, 128, WarpLayout::kWarps4>::kSmemBytes;
-constexpr int kThreadsW8 = FwdCfg<128, 128, WarpLayout::kWarps8>::kThreads;
-constexpr int kThreadsW4 = FwdCfg<128, 128, WarpLayout::kWarps4>::kThreads;
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d64_w8, "dense_prefill_fwd", "bf16 d64 dv64 8 warps x 16 rows, causal|full", kSmemD64W8, kThreadsW8);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d64_w8, "dense_prefill_fwd", "fp16 d64 dv64 8 warps x 16 rows, causal|full", kSmemD64W8, kThreadsW8);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d128_w8, "dense_prefill_fwd", "bf16 d128 dv128 8 warps x 16 rows, causal|full", kSmemD128W8, kThreadsW8);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d128_w8, "dense_prefill_fwd", "fp16 d128 dv128 8 warps x 16 rows, causal|full", kSmemD128W8, kThreadsW8);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d192_w8, "dense_prefill_fwd", "bf16 d192 dv128 8 warps x 16 rows, causal|full", kSmemD192W8, kThreadsW8);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d192_w8, "dense_prefill_fwd", "fp16 d192 dv128 8 warps x 16 rows, causal|full", kSmemD192W8, kThreadsW8);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d64_w4, "dense_prefill_fwd", "bf16 d64 dv64 4 warps x 32 rows, causal|full", kSmemD64W4, kThreadsW4);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d64_w4, "dense_prefill_fwd", "fp16 d64 dv64 4 warps x 32 rows, causal|full", kSmemD64W4, kThreadsW4);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d128_w4, "dense_prefill_fwd", "bf16 d128 dv128 4 warps x 32 rows, causal|full", kSmemD128W4, kThreadsW4);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d128_w4, "dense_prefill_fwd", "fp16 d128 dv128 4 warps x 32 rows, causal|full", kSmemD128W4, kThreadsW4);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d192_w4, "dense_prefill_fwd", "bf16 d192 dv128 4 warps x 32 rows, causal|full", kSmemD192W4, kThreadsW4);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d192_w4, "dense_prefill_fwd", "fp16 d192 dv128 4 warps x 32 rows, causal|full", kSmemD192W4, kThreadsW4);
+template <int kDQK, int kDV, int kWarps>
+constexpr int kFwdSmem = fwd::Config<kDQK, kDV, kWarps>::kSmemBytes;
+FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d64_w8, "dense_prefill_fwd", "bf16 d64 dv64 8 warps, causal|full", (kFwdSmem<64, 64, 8>), 256);
+FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d64_w8, "dense_prefill_fwd", "fp16 d64 dv64 8 warps, causal|full", (kFwdSmem<64, 64, 8>), 256);
+FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d128_w8, "dense_prefill_fwd", "bf16 d128 dv128 8 warps, causal|full", (kFwdSmem<128, 128, 8>), 256);
+FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d128_w8, "dense_prefill_fwd", "fp16 d128 dv128 8 warps, causal|full", (kFwdSmem<128, 128, 8>), 256);
+FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d192_w8, "dense_prefill_fwd", "bf16 d192 dv128 8 warps, causal|full", (kFwdSmem<192, 128, 8>), 256);
+FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d192_w8, "dense_prefill_fwd", "fp16 d192 dv128 8 warps, causal|full", (kFwdSmem<192, 128, 8>), 256);
+FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d64_w4, "dense_prefill_fwd", "bf16 d64 dv64 4 warps, causal|full", (kFwdSmem<64, 64, 4>), 128);
+FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d64_w4, "dense_prefill_fwd", "fp16 d64 dv64 4 warps, causal|full", (kFwdSmem<64, 64, 4>), 128);
+FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d128_w4, "dense_prefill_fwd", "bf16 d128 dv128 4 warps, causal|full", (kFwdSmem<128, 128, 4>), 128);
+FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d128_w4, "dense_prefill_fwd", "fp16 d128 dv128 4 warps, causal|full", (kFwdSmem<128, 128, 4>), 128);
+FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d192_w4, "dense_prefill_fwd", "bf16 d192 dv128 4 warps, causal|full", (kFwdSmem<192, 128, 4>), 128);
+FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d192_w4, "dense_prefill_fwd", "fp16 d192 dv128 4 warps, causal|full", (kFwdSmem<192, 128, 4>), 128);
 
 FLASH_MLA_REGISTER_OP(dense_prefill_fwd, "dense_prefill_fwd",
                       R"({"dtype": ["bf16", "fp16"], "head_dims": [[64, 64], [128, 128], [192, 128]]})");
@@ -236,26 +227,26 @@ DensePrefillFwdParams validate_dense_prefill_fwd(
 }
 
 template <DType kDType>
-void dispatch_head_dims(const DensePrefillFwdParams& p, WarpLayout layout) {
+void dispatch_head_dims(const DensePrefillFwdParams& p, int num_warps) {
   if (p.d_qk == 64) {
-    fwd::run_dense_prefill_fwd<kDType, 64, 64>(p, layout);
+    fwd::run_dense_prefill_fwd<kDType, 64, 64>(p, num_warps);
   } else if (p.d_qk == 128) {
-    fwd::run_dense_prefill_fwd<kDType, 128, 128>(p, layout);
+    fwd::run_dense_prefill_fwd<kDType, 128, 128>(p, num_warps);
   } else {
-    fwd::run_dense_prefill_fwd<kDType, 192, 128>(p, layout);
+    fwd::run_dense_prefill_fwd<kDType, 192, 128>(p, num_warps);
   }
 }
 
-// The warp layout for `device` (config.h: by shared memory per SM). The
-// environment variable FLASH_MLA_DENSE_FWD_WARPS=8|4 forces one, so both layouts
-// can be tested on one GPU (the 8-warp layout, sm_120's, is validated on Hopper
-// that way); it is read on every call, no process-wide state.
-WarpLayout warp_layout_for(int device) {
+// Warps per CTA for `device` (config.h: by shared memory per SM). The environment
+// variable FLASH_MLA_DENSE_FWD_WARPS=8|4 forces one, so both are tested on one GPU
+// (the 8-warp CTA, sm_120's, is validated on Hopper that way); it is read on every
+// call, no process-wide state.
+int num_warps_for(int device) {
   const char* forced = std::getenv("FLASH_MLA_DENSE_FWD_WARPS");
   if (forced != nullptr && forced[0] != '\0') {
     const std::string value(forced);
-    if (value == "8") return WarpLayout::kWarps8;
-    if (value == "4") return WarpLayout::kWarps4;
+    if (value == "8") return 8;
+    if (value == "4") return 4;
     TVM_FFI_THROW(ValueError) << "FLASH_MLA_DENSE_FWD_WARPS must be 8 or 4 (or unset), got '"
                               << value << "'";
   }
@@ -263,7 +254,7 @@ WarpLayout warp_layout_for(int device) {
   DeviceGuard::check(
       cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
       "cudaDeviceGetAttribute(MaxSharedMemoryPerMultiprocessor)");
-  return fwd::choose_warp_layout(smem_per_sm);
+  return fwd::choose_num_warps(smem_per_sm);
 }
 
 void dense_prefill_fwd(TensorView workspace, TensorView q, TensorView k, TensorView v,
@@ -281,11 +272,11 @@ void dense_prefill_fwd(TensorView workspace, TensorView q, TensorView k, TensorV
   cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, device);
   p.stream = current_stream(device);
 
-  const WarpLayout layout = warp_layout_for(device);
+  const int num_warps = num_warps_for(device);
   if (p.dtype == DType::kBF16) {
-    dispatch_head_dims<DType::kBF16>(p, layout);
+    dispatch_head_dims<DType::kBF16>(p, num_warps);
   } else {
-    dispatch_head_dims<DType::kFP16>(p, layout);
+    dispatch_head_dims<DType::kFP16>(p, num_warps);
   }
   check_launch("dense_prefill_fwd");
 }

@@ -32,6 +32,24 @@ static_assert(kWarpRowsN * kWarpColsN == kNumWarps && kWarpRowsM * kWarpColsM ==
               "warp grids must use every warp");
 static_assert(kBlockM % 64 == 0, "P^T / dS^T rows (kBlockM elements) must suit the swizzle");
 
+// Compensated P and dS: each is split into hi = round(x) and lo = round(x - hi),
+// both in the input dtype, and the products that read them (dV from P; dK and dQ
+// from dS) run on both parts (two MMAs per fragment). Rounding once to bf16
+// leaves a relative error up to 2^-8 per term, and dV / dK / dQ are sums of
+// terms of both signs (dO, Q, K are signed) that cancel: on random inputs a few
+// hundred elements per million then miss SPEC's per-element bound (abs 1e-3 or
+// rel 8.01/128) although cos_diff is 2.5e-6 (measured on an H100). hi + lo
+// carries ~16 bits. Costs 2 * d_qk + d_v more MMA work per (query, key) pair
+// (MMA work 1.6x at d = 128). Where they fit (d <= 128) the lo parts get tiles
+// of their own; at d = 192 they reuse the P^T / dS^T buffers in turn, which
+// costs two more barriers per step. Build with -DFLASH_MLA_BWD_PLAIN_DS for plain
+// FA2 numerics (P and dS rounded once; faster, fails the per-element bound).
+#if defined(FLASH_MLA_BWD_PLAIN_DS)
+constexpr bool kCompensatedDS = false;
+#else
+constexpr bool kCompensatedDS = true;
+#endif
+
 template <int kDQK, int kDV>
 struct Config {
   static_assert((kDQK == 64 && kDV == 64) || (kDQK == 128 && kDV == 128) ||
@@ -62,14 +80,22 @@ struct Config {
   static constexpr int kOffDS = kOffP + kPBytes;
   static constexpr int kOffLse = kOffDS + kPBytes;
   static constexpr int kOffDelta = kOffLse + kBlockM * 4;
-  static constexpr int kSmemBytes = kOffDelta + kBlockM * 4;
+  //   kOffPLo   P^T lo and dS^T lo, [kBlockN, kBlockM] each: only where they fit
+  //   kOffDSLo  (d <= 128). Without them (d = 192) the lo parts take turns in the
+  //             P^T / dS^T buffers at the cost of two more barriers per step.
+  static constexpr int kOffPLo = kOffDelta + kBlockM * 4;
+  static constexpr int kOffDSLo = kOffPLo + kPBytes;
+  static constexpr bool kSeparateLo =
+      kCompensatedDS && kOffDSLo + kPBytes <= kMaxSmemPerBlockSm120;
+  static constexpr int kSmemBytes = kSeparateLo ? kOffDSLo + kPBytes : kOffPLo;
 
   // d = 192: 24 KB K + 16 KB V + 24 KB Q + 16 KB dO + 8 KB P^T + 8 KB dS^T + 512 B
   // = 98816 B, 2560 B under sm_120's 101376 B. No room for a second Q/dO stage:
   // the next block's Q/dO load overlaps the dQ product instead (kernel.cuh).
   static_assert(kSmemBytes <= kMaxSmemPerBlockSm120, "backward tile exceeds sm_120's 99 KB");
   static_assert(kOffK % 128 == 0 && kOffV % 128 == 0 && kOffQ % 128 == 0 && kOffDO % 128 == 0 &&
-                    kOffP % 128 == 0 && kOffDS % 128 == 0 && kOffLse % 16 == 0,
+                    kOffP % 128 == 0 && kOffDS % 128 == 0 && kOffLse % 16 == 0 &&
+                    kOffPLo % 128 == 0,
                 "tiles must start on 128-byte boundaries for the swizzle");
 
   // Per-warp accumulator columns (mma n8 tiles) of each product.
@@ -82,19 +108,9 @@ struct Config {
 };
 
 static_assert(Config<192, 128>::kSmemBytes == 98816, "d=192 budget as documented");
-static_assert(Config<128, 128>::kSmemBytes == 82432, "d=128 budget");
-static_assert(Config<64, 64>::kSmemBytes == 49664, "d=64 budget");
+static_assert(Config<128, 128>::kSmemBytes == (kCompensatedDS ? 98816 : 82432), "d=128 budget");
+static_assert(Config<64, 64>::kSmemBytes == (kCompensatedDS ? 66048 : 49664), "d=64 budget");
 
-// Compensated dS: dS is split into hi = round(dS) and lo = round(dS - hi), both
-// in the input dtype, and the dK and dQ products run on both (two MMAs each).
-// Rounding dS to bf16 once leaves a relative error of 2^-9 per term, and dQ / dK
-// are sums of terms with both signs that cancel: on random inputs a few elements
-// per million then miss SPEC's per-element bound (abs 1e-3 or rel 8.01/128)
-// although cos_diff is 2.8e-6 (measured on an H100). hi + lo carries 16 bits.
-// Costs 2 * d_qk of the 3 * d_qk + 2 * d_v MMA work per pair (+40% at d = 128)
-// and two barriers per step; lo reuses the P^T buffer once dV is done, so the
-// shared-memory budget is unchanged.
-constexpr bool kCompensatedDS = true;
 
 // One CTA (8 warps) per SM as the register cap: at two CTAs (128 registers per
 // thread) ptxas spills 48-612 bytes for d >= 128 (measured with -Xptxas -v,

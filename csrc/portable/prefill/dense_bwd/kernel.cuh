@@ -12,8 +12,8 @@
 //        dP^T = V dO^T                 dS^T = P^T * (dP^T - delta)
 //        dV  += P^T dO                 dK  += dS^T Q
 //        dq_accum += dS K              (fp32 RED into the workspace)
-//      where dK and dQ use dS as hi + lo parts in the input dtype (config.h,
-//      kCompensatedDS), so cancelling sums keep ~16 mantissa bits.
+//      where dV uses P, and dK and dQ use dS, as hi + lo parts in the input
+//      dtype (config.h, kCompensatedDS), so cancelling sums keep ~16 bits.
 //      dK and dV stay in registers for the whole CTA and are written once at the
 //      end (times softmax_scale for dK): bit-deterministic, no atomics. dQ comes
 //      from many CTAs through fp32 atomics: NOT bit-deterministic.
@@ -40,12 +40,16 @@
 //   B1  wait for this step's cp.async group, __syncthreads: Q, dO, lse, delta
 //       visible; also every warp has finished the previous step's dQ product,
 //       so P^T/dS^T may be overwritten.
-//       S^T, dP^T in registers -> P^T, dS^T written to shared memory.
-//   B2  __syncthreads: P^T, dS^T visible.
-//       dV += P^T dO (reads P^T, dO).
-//   With kCompensatedDS (config.h): B2a __syncthreads (P^T no longer read), each
-//       warp writes its dS lo part into the P^T buffer, B2b __syncthreads.
-//       dK += dS^T Q (reads dS^T hi [and lo], Q).
+//       S^T, dP^T in registers -> P^T, dS^T written to shared memory
+//       (kCompensatedDS: P^T hi into the P^T buffer, P^T lo into the dS^T buffer;
+//       dS stays in fp32 registers).
+//   B2  __syncthreads: P^T visible.
+//       dV += P^T dO (reads P^T [hi and lo], dO).
+//   (kSeparateLo, d <= 128: all four hi / lo tiles are written before B2 and
+//   B2a / B2b do not exist.)
+//   kCompensatedDS only: B2a __syncthreads (P^T no longer read); dS^T hi into
+//       the dS^T buffer, dS^T lo into the P^T buffer; B2b __syncthreads.
+//       dK += dS^T Q (reads dS^T [hi and lo], Q).
 //   B3  __syncthreads: Q, dO, lse, delta are free -> issue the next step's
 //       cp.async loads (and lse/delta stores), overlapping the dQ product:
 //       dq = dS K (reads dS^T hi [and lo] and K only), RED into dq_accum.
@@ -174,32 +178,47 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[kNTiles][4], uint32_t a_t
   const SwizzledAddr<kBRowElems> b_addr =
       kBTrans ? SwizzledAddr<kBRowElems>(b_tile, r1, (n0 >> 3) + c1)
               : SwizzledAddr<kBRowElems>(b_tile, n0 + r2, c2);
+  // The contraction runs in chunks of 64 (a rolled loop) with the 4 k16 steps of a
+  // chunk unrolled: this bounds how many fragments the scheduler loads ahead
+  // (d = 192 spilled on sm_120 with all 12 steps unrolled). A chunk moves the
+  // A / B addresses by whole 128-byte column groups or by 64 rows, which keeps
+  // SwizzledAddr's (dr % 8 == 0, dc even) contract.
+  static_assert(kK % 64 == 0, "contraction in chunks of 64");
+#pragma unroll 1
+  for (int k0 = 0; k0 < kK; k0 += 64) {
+    const uint32_t a_off = kATrans ? static_cast<uint32_t>(k0 * kARowElems * 2)
+                                   : static_cast<uint32_t>((k0 >> 3) << 4);
+    const uint32_t b_off = kBTrans ? static_cast<uint32_t>(k0 * kBRowElems * 2)
+                                   : static_cast<uint32_t>((k0 >> 3) << 4);
 #pragma unroll
-  for (int kk = 0; kk < kK; kk += 16) {
-    uint32_t a[4];
-    uint32_t a2[4];
-    if constexpr (kATrans) {
-      ldmatrix_x4_trans(a, a_addr.at(kk, 0));
-      if constexpr (kTwoA) ldmatrix_x4_trans(a2, a_addr.at(kk, 0) - a_tile + a2_tile);
-    } else {
-      ldmatrix_x4(a, a_addr.at(0, kk >> 3));
-      if constexpr (kTwoA) ldmatrix_x4(a2, a_addr.at(0, kk >> 3) - a_tile + a2_tile);
-    }
-#pragma unroll
-    for (int j = 0; j < kNTiles; j += 2) {
-      uint32_t b[4];
-      if constexpr (kBTrans) {
-        ldmatrix_x4_trans(b, b_addr.at(kk, j));
+    for (int kk = 0; kk < 64; kk += 16) {
+      uint32_t a[4];
+      uint32_t a2[4];
+      if constexpr (kATrans) {
+        const uint32_t addr = a_addr.at(kk, 0) + a_off;
+        ldmatrix_x4_trans(a, addr);
+        if constexpr (kTwoA) ldmatrix_x4_trans(a2, addr - a_tile + a2_tile);
       } else {
-        ldmatrix_x4(b, b_addr.at(j * 8, kk >> 3));
+        const uint32_t addr = a_addr.at(0, kk >> 3) + a_off;
+        ldmatrix_x4(a, addr);
+        if constexpr (kTwoA) ldmatrix_x4(a2, addr - a_tile + a2_tile);
       }
-      const uint32_t b_lo[2] = {b[0], b[1]};
-      const uint32_t b_hi[2] = {b[2], b[3]};
-      mma_m16n8k16<Elem>(acc[j], a, b_lo);
-      mma_m16n8k16<Elem>(acc[j + 1], a, b_hi);
-      if constexpr (kTwoA) {
-        mma_m16n8k16<Elem>(acc[j], a2, b_lo);
-        mma_m16n8k16<Elem>(acc[j + 1], a2, b_hi);
+#pragma unroll
+      for (int j = 0; j < kNTiles; j += 2) {
+        uint32_t b[4];
+        if constexpr (kBTrans) {
+          ldmatrix_x4_trans(b, b_addr.at(kk, j) + b_off);
+        } else {
+          ldmatrix_x4(b, b_addr.at(j * 8, kk >> 3) + b_off);
+        }
+        const uint32_t b_lo[2] = {b[0], b[1]};
+        const uint32_t b_hi[2] = {b[2], b[3]};
+        mma_m16n8k16<Elem>(acc[j], a, b_lo);
+        mma_m16n8k16<Elem>(acc[j + 1], a, b_hi);
+        if constexpr (kTwoA) {
+          mma_m16n8k16<Elem>(acc[j], a2, b_lo);
+          mma_m16n8k16<Elem>(acc[j + 1], a2, b_hi);
+        }
       }
     }
   }
@@ -219,6 +238,30 @@ __device__ __forceinline__ void store_acc_to_smem(uint8_t* tile, const float (&a
       const int col = col0 + j * 8 + t * 2;
       *reinterpret_cast<uint32_t*>(tile + swizzled_offset<kRowElems>(row, col)) =
           pack_float2<Elem>(acc[j][2 * half] * scale, acc[j][2 * half + 1] * scale);
+    }
+  }
+}
+
+// Stores a [16 x kNTiles*8] accumulator block (row0, col0) of a [kBlockN][kBlockM]
+// tile as two tiles in the input dtype: hi = round(x) and lo = round(x - hi), so
+// hi + lo keeps ~16 significant bits (compensated products, config.h).
+template <typename Elem, int kNTiles>
+__device__ __forceinline__ void store_split_to_smem(uint8_t* tile_hi, uint8_t* tile_lo,
+                                                    const float (&acc)[kNTiles][4], int row0,
+                                                    int col0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int j = 0; j < kNTiles; ++j) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + g + half * 8;
+      const int col = col0 + j * 8 + t * 2;
+      const uint32_t off = swizzled_offset<kBlockM>(row, col);
+      const float x0 = acc[j][2 * half], x1 = acc[j][2 * half + 1];
+      const uint32_t hi = pack_float2<Elem>(x0, x1);
+      const float2 h = unpack_float2<Elem>(hi);
+      *reinterpret_cast<uint32_t*>(tile_hi + off) = hi;
+      *reinterpret_cast<uint32_t*>(tile_lo + off) = pack_float2<Elem>(x0 - h.x, x1 - h.y);
     }
   }
 }
@@ -254,6 +297,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const uint32_t sDO = cvta_shared(smem + Cfg::kOffDO);
   const uint32_t sP = cvta_shared(smem + Cfg::kOffP);
   const uint32_t sDS = cvta_shared(smem + Cfg::kOffDS);
+  // Where the lo parts of P^T and dS^T are read (compensated products).
+  const uint32_t sPLo = Cfg::kSeparateLo ? cvta_shared(smem + Cfg::kOffPLo) : sDS;
+  const uint32_t sDSLo = Cfg::kSeparateLo ? cvta_shared(smem + Cfg::kOffDSLo) : sP;
   float* s_lse = reinterpret_cast<float*>(smem + Cfg::kOffLse);
   float* s_delta = reinterpret_cast<float*>(smem + Cfg::kOffDelta);
 
@@ -360,34 +406,36 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         dp[j][e] = pv * (dp[j][e] - s_delta[qr]);
       }
     }
-    store_acc_to_smem<Elem, kSTiles, kBlockM>(smem + Cfg::kOffP, s, key_row0, s_col0, 1.f, lane_s);
-    store_acc_to_smem<Elem, kSTiles, kBlockM>(smem + Cfg::kOffDS, dp, key_row0, s_col0, 1.f,
-                                              lane_s);
-    if constexpr (kCompensatedDS) {
-      // lo = dS - round(dS), kept in fp32 registers until P^T is free.
-#pragma unroll
-      for (int j = 0; j < kSTiles; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; e += 2) {
-          const float2 hi = unpack_float2<Elem>(pack_float2<Elem>(dp[j][e], dp[j][e + 1]));
-          dp[j][e] -= hi.x;
-          dp[j][e + 1] -= hi.y;
-        }
-      }
+    if constexpr (Cfg::kSeparateLo) {
+      store_split_to_smem<Elem, kSTiles>(smem + Cfg::kOffP, smem + Cfg::kOffPLo, s, key_row0,
+                                         s_col0, lane_s);
+      store_split_to_smem<Elem, kSTiles>(smem + Cfg::kOffDS, smem + Cfg::kOffDSLo, dp, key_row0,
+                                         s_col0, lane_s);
+    } else if constexpr (kCompensatedDS) {
+      // P as hi + lo: hi in the P^T buffer, lo in the dS^T buffer until dV is done.
+      store_split_to_smem<Elem, kSTiles>(smem + Cfg::kOffP, smem + Cfg::kOffDS, s, key_row0,
+                                         s_col0, lane_s);
+    } else {
+      store_acc_to_smem<Elem, kSTiles, kBlockM>(smem + Cfg::kOffP, s, key_row0, s_col0, 1.f,
+                                                lane_s);
+      store_acc_to_smem<Elem, kSTiles, kBlockM>(smem + Cfg::kOffDS, dp, key_row0, s_col0, 1.f,
+                                                lane_s);
     }
     __syncthreads();  // B2
 
-    // dV += P^T dO, dK += dS^T Q (contraction over the kBlockM queries).
-    warp_gemm<Elem, kBlockM, kDVTiles, kBlockM, kDV, false, true>(
-        acc_dv, sP, key_row0, sDO, col_half_n * Cfg::kDVCols, lane_s);
-    if constexpr (kCompensatedDS) {
-      __syncthreads();  // B2a: every warp is done reading P^T
-      store_acc_to_smem<Elem, kSTiles, kBlockM>(smem + Cfg::kOffP, dp, key_row0, s_col0, 1.f,
-                                                lane_s);
-      __syncthreads();  // B2b: dS lo visible in the P^T buffer
+    // dV += P^T dO (contraction over the kBlockM queries).
+    warp_gemm<Elem, kBlockM, kDVTiles, kBlockM, kDV, false, true, kCompensatedDS>(
+        acc_dv, sP, key_row0, sDO, col_half_n * Cfg::kDVCols, lane_s, sPLo);
+    if constexpr (kCompensatedDS && !Cfg::kSeparateLo) {
+      __syncthreads();  // B2a: every warp is done reading P^T hi / lo
+      // dS as hi + lo: hi in the dS^T buffer, lo in the P^T buffer.
+      store_split_to_smem<Elem, kSTiles>(smem + Cfg::kOffDS, smem + Cfg::kOffP, dp, key_row0,
+                                         s_col0, lane_s);
+      __syncthreads();  // B2b: dS^T hi / lo visible
     }
+    // dK += dS^T Q.
     warp_gemm<Elem, kBlockM, kDKTiles, kBlockM, kDQK, false, true, kCompensatedDS>(
-        acc_dk, sDS, key_row0, sQ, col_half_n * Cfg::kDKCols, lane_s, sP);
+        acc_dk, sDS, key_row0, sQ, col_half_n * Cfg::kDKCols, lane_s, sDSLo);
     __syncthreads();  // B3
 
     if (step + 1 < num_steps) load_step(step + 1);
@@ -399,7 +447,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 #pragma unroll
     for (int j = 0; j < kDQTiles; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
     warp_gemm<Elem, kBlockN, kDQTiles, kBlockM, kDQK, true, true, kCompensatedDS>(
-        dq, sDS, q_row0, sK, col_half_m * Cfg::kDQCols, lane_s, sP);
+        dq, sDS, q_row0, sK, col_half_m * Cfg::kDQCols, lane_s, sDSLo);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int qr = m0 + q_row0 + g + half * 8;

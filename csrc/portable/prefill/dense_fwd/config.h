@@ -1,4 +1,4 @@
-// Tile shapes and shared-memory budgets of the portable dense MHA prefill forward.
+// Tile sizes and shared-memory budget of the portable dense MHA prefill forward.
 // The ONE place that decides them: the host dispatch (launch geometry, dynamic
 // shared memory, kernel registry) and the kernel template both read these.
 #pragma once
@@ -9,83 +9,72 @@
 
 namespace flash_mla::portable::dense_fwd {
 
-constexpr int kBlockM = 128;  // query rows per CTA
-constexpr int kBlockN = 64;   // keys per K/V tile
+constexpr int kBlockN = 64;  // keys per K/V tile
 constexpr int kElemBytes = 2;  // bf16 / fp16
 
-// Two warp layouts of the same 128-row block (docs/mha_fwd.md has the arithmetic):
-//  - kWarps8: 8 warps x 16 rows, Q in registers, K/V double-buffered with Q
-//    aliased on stage 1. For GPUs with ~100 KB of shared memory per SM (sm_120/121,
-//    sm_86/89): one CTA per SM, 8 warps to hide latency. 4 warps x 32 rows with Q
-//    in registers would need ~255+ registers and spill (SM120.md).
-//  - kWarps4: 4 warps x 32 rows, Q re-read from shared memory each tile, one K
-//    and one V buffer (FA2 schedule). Each warp reads every K/V tile once, so
-//    32-row warps halve the ldmatrix traffic; on Hopper (mma rate ~5x sm_120's per
-//    SM) 16-row warps are bound by shared-memory bandwidth. Two CTAs per SM
-//    overlap one's softmax with the other's MMAs. For GPUs with >= 160 KB per SM.
-enum class WarpLayout : int { kWarps8 = 8, kWarps4 = 4 };
+// Each warp owns one m16 slab of query rows (16 rows), so softmax statistics
+// never cross warps. A CTA has kNumWarps warps and kBlockM = 16 * kNumWarps rows;
+// the per-warp code is the same for both sizes:
+//  - 8 warps, 128 rows: for GPUs with ~100 KB of shared memory per SM (sm_120/121,
+//    sm_86/89), where one CTA fits per SM and needs 8 warps to hide latency.
+//  - 4 warps, 64 rows: for GPUs with >= 160 KB per SM (sm_80, sm_90, sm_100). Two
+//    CTAs share an SM (registers allow 2 x 128 threads x <= 255) and their
+//    barriers drift apart, so one CTA's softmax overlaps the other's MMAs; with
+//    one 8-warp CTA per SM all warps meet at every tile's barrier (docs/mha_fwd.md).
+// 4 warps x 32 rows (FA2's layout, fewer K/V re-reads) was built and measured too:
+// 255 registers with 108-200 bytes of spills on sm_90 at d >= 128, no faster.
+constexpr int kMinSmemPerSmForFourWarps = 160 * 1024;
 
-constexpr int kMinSmemPerSmForWarps4 = 160 * 1024;
+inline int choose_num_warps(int smem_per_sm) {
+  return smem_per_sm >= kMinSmemPerSmForFourWarps ? 4 : 8;
+}
 
-template <int kDQK, int kDV, WarpLayout kLayout>
+template <int kDQK, int kDV, int kNumWarps_>
 struct Config {
+  static_assert(kNumWarps_ == 8 || kNumWarps_ == 4, "8 or 4 warps");
+  static constexpr int kNumWarps = kNumWarps_;
+  static constexpr int kThreads = kNumWarps * 32;
+  static constexpr int kBlockM = 16 * kNumWarps;  // query rows per CTA
   static_assert((kDQK == 64 && kDV == 64) || (kDQK == 128 && kDV == 128) ||
                     (kDQK == 192 && kDV == 128),
                 "supported (d_qk, d_v): (64, 64), (128, 128), (192, 128)");
   static constexpr int kHeadDimQK = kDQK;
   static constexpr int kHeadDimV = kDV;
-  static constexpr int kNumWarps = static_cast<int>(kLayout);
-  static constexpr int kThreads = kNumWarps * 32;
-  static constexpr int kMTiles = kBlockM / (16 * kNumWarps);  // m16 slabs per warp
-  static constexpr int kWarpRows = 16 * kMTiles;
-  static constexpr bool kQInRegisters = kLayout == WarpLayout::kWarps8;
-  static_assert(kBlockM == kNumWarps * kWarpRows, "warps tile the block's rows");
 
+  // Shared-memory byte layout (see kernel.cuh for the protocol):
+  //   [0, kStageBytes)                     stage 1 (K tile, then V tile)
+  //   [0, kQBytes)                         Q tile, aliased on stage 1: Q is moved
+  //                                        to registers before stage 1 is first filled
+  //   [kStage0Offset, +kStageBytes)        stage 0
+  //   [0, kOBytes)                         output staging, aliased after the last tile
   static constexpr int kQBytes = kBlockM * kDQK * kElemBytes;
   static constexpr int kKTileBytes = kBlockN * kDQK * kElemBytes;
   static constexpr int kVTileBytes = kBlockN * kDV * kElemBytes;
   static constexpr int kStageBytes = kKTileBytes + kVTileBytes;
-  static constexpr int kOBytes = kBlockM * kDV * kElemBytes;
-
-  // Shared-memory byte layout.
-  // kWarps8 (Q moves to registers before stage 1 is first filled):
-  //   [0, kStageBytes)            stage 1: K tile then V tile; Q [0, kQBytes) aliased
-  //   [kStage0Offset, +kStage)    stage 0: K tile then V tile
-  // kWarps4 (Q stays resident):
-  //   [0, kQBytes)                Q
-  //   [kQBytes, +kKTileBytes)     K buffer
-  //   [.., +kVTileBytes)          V buffer
-  // Both: [0, kOBytes) output staging, after the last tile.
   static constexpr int kStage0Offset = kQBytes > kStageBytes ? kQBytes : kStageBytes;
-  static constexpr int kKOffset = kQBytes;
-  static constexpr int kVOffset = kQBytes + kKTileBytes;
-  static constexpr int kSmemBytes =
-      kQInRegisters ? kStage0Offset + kStageBytes : kQBytes + kStageBytes;
+  static constexpr int kOBytes = kBlockM * kDV * kElemBytes;
+  static constexpr int kSmemBytes = kStage0Offset + kStageBytes;
 
+  // d = 192, 8 warps: Q 48 KB + one stage (24 KB K + 16 KB V) = 88 KB = 90112 B:
+  // two K/V stages fit only because Q shares its bytes with stage 1. A separate Q
+  // buffer would need 128 KB. 4 warps: Q 24 KB aliased, 80 KB in all.
   static_assert(kSmemBytes <= kMaxSmemPerBlockSm120, "forward tile exceeds sm_120's 99 KB");
   static_assert(kOBytes <= kSmemBytes, "output staging must fit in the K/V buffers");
 };
 
-// d = 192 budgets: kWarps8: Q 48 KB aliased on stage 1 + stage 0 (24 KB K + 16 KB V)
-// = 88 KB; two stages fit only because Q shares stage 1's bytes (a separate Q would
-// need 128 KB). kWarps4: Q 48 KB + one K and one V buffer = 88 KB (2 CTAs on an
-// H100 SM, 176 of 228 KB).
-static_assert(Config<192, 128, WarpLayout::kWarps8>::kSmemBytes == 90112, "documented budget");
-static_assert(Config<128, 128, WarpLayout::kWarps8>::kSmemBytes == 65536, "documented budget");
-static_assert(Config<64, 64, WarpLayout::kWarps8>::kSmemBytes == 32768, "documented budget");
-static_assert(Config<192, 128, WarpLayout::kWarps4>::kSmemBytes == 90112, "documented budget");
-static_assert(Config<128, 128, WarpLayout::kWarps4>::kSmemBytes == 65536, "documented budget");
-static_assert(Config<64, 64, WarpLayout::kWarps4>::kSmemBytes == 32768, "documented budget");
+static_assert(Config<192, 128, 8>::kSmemBytes == 90112, "d=192 budget as documented");
+static_assert(Config<128, 128, 8>::kSmemBytes == 65536, "d=128 budget as documented");
+static_assert(Config<64, 64, 8>::kSmemBytes == 32768, "d=64 budget as documented");
+static_assert(Config<192, 128, 4>::kSmemBytes == 81920, "d=192 budget as documented");
+static_assert(Config<128, 128, 4>::kSmemBytes == 65536, "d=128 budget as documented");
+static_assert(Config<64, 64, 4>::kSmemBytes == 32768, "d=64 budget as documented");
 
 // Grid: x = query blocks of the longest sequence, y = query heads, z = sequences.
 // gridDim.y and gridDim.z are limited to 65535.
 constexpr int kMaxGridYZ = 65535;
 
-inline int num_m_blocks(int max_seqlen_q) { return (max_seqlen_q + kBlockM - 1) / kBlockM; }
-
-// The layout for a GPU with `smem_per_sm` bytes of shared memory per SM.
-inline WarpLayout choose_warp_layout(int smem_per_sm) {
-  return smem_per_sm >= kMinSmemPerSmForWarps4 ? WarpLayout::kWarps4 : WarpLayout::kWarps8;
+inline int num_m_blocks(int max_seqlen_q, int block_m) {
+  return (max_seqlen_q + block_m - 1) / block_m;
 }
 
 }  // namespace flash_mla::portable::dense_fwd
