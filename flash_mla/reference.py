@@ -94,8 +94,18 @@ def _cu_seqlens(name: str, cu: torch.Tensor, total: int) -> List[int]:
 # ---------------------------------------------------------------------------
 # shared math
 # ---------------------------------------------------------------------------
+def _round_to(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """x rounded to `dtype` (round to nearest) and back to fp32; x itself when dtype is None."""
+    return x if dtype is None else x.to(dtype).to(torch.float32)
+
+
 def _attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scale: float,
+    p_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masked softmax attention in fp32, batched over leading dims (broadcast).
 
@@ -103,6 +113,10 @@ def _attention(
     zero the rows they mask), mask bool broadcastable to [..., m, n], True = attend.
     Returns out [..., m, dv] (0 for empty rows), lse [..., m] (+inf for empty rows),
     max_logits [..., m] (-inf for empty rows).
+
+    p_dtype None: exact fp32 softmax. p_dtype bf16/fp16 models the kernels' numerics
+    (SPEC.md): the unnormalised probabilities exp(s - rowmax) are rounded to p_dtype
+    before P.V, and the fp32 sum of the unrounded ones normalises the result.
     """
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale
     if mask is not None:
@@ -116,8 +130,14 @@ def _attention(
     lse = torch.logsumexp(logits, dim=-1)
     # An empty row has lse -inf; subtracting +inf instead makes every probability exp(-inf) = 0.
     lse = torch.where(empty, torch.full_like(lse, _INF), lse)
-    probs = torch.exp(logits - lse.unsqueeze(-1))
-    out = torch.matmul(probs, v)
+    if p_dtype is None:
+        probs = torch.exp(logits - lse.unsqueeze(-1))
+        out = torch.matmul(probs, v)
+        return out, lse, max_logits
+    shift = torch.where(empty, torch.full_like(max_logits, _INF), max_logits).unsqueeze(-1)
+    unnormalised = torch.exp(logits - shift)
+    row_sum = unnormalised.sum(dim=-1, keepdim=True)
+    out = torch.matmul(_round_to(unnormalised, p_dtype), v) / torch.where(row_sum > 0, row_sum, 1.0)
     return out, lse, max_logits
 
 
@@ -447,8 +467,14 @@ def mha_prefill_fwd(
     cu_seqlens_k: torch.Tensor,
     softmax_scale: Optional[float],
     causal: bool,
+    *,
+    p_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Varlen dense MHA forward. Returns out fp32 [total_q, h_q, d_v], lse fp32 [total_q, h_q].
+
+    p_dtype (keyword, default None = exact fp32): when bf16/fp16, P is rounded to it
+    before P.V as SPEC.md's numerics prescribe for the kernels; kernel tests use
+    this oracle for the element-wise tolerances (see _attention).
 
     Sequence i: q rows [cu_q[i], cu_q[i+1]), k/v rows [cu_k[i], cu_k[i+1]); lengths
     may be 0. GQA: query head h reads kv head h // (h_q // h_k). Causal is
@@ -473,7 +499,7 @@ def mha_prefill_fwd(
             r1 = min(s_q, r0 + rows)
             qs = _heads_grouped(q[q0 + r0:q0 + r1], h_k)
             mask = _causal_mask(torch.arange(r0, r1, device=q.device), s_q, s_k) if causal else None
-            o, l, _ = _attention(qs, ks, vs, mask, scale)
+            o, l, _ = _attention(qs, ks, vs, mask, scale, p_dtype)
             out[q0 + r0:q0 + r1] = _heads_ungrouped(o)
             lse[q0 + r0:q0 + r1] = _heads_ungrouped(l.unsqueeze(-1)).squeeze(-1)
     return out, lse
@@ -490,8 +516,14 @@ def mha_prefill_bwd(
     cu_seqlens_k: torch.Tensor,
     softmax_scale: Optional[float],
     causal: bool,
+    *,
+    p_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Varlen dense MHA backward. Returns (dq, dk, dv) fp32 with the shapes of q, k, v.
+
+    p_dtype (keyword, default None = exact fp32): when bf16/fp16, P is rounded to it
+    before dV = P^T dO and dS before dQ = dS K and dK = dS^T Q, where the kernels'
+    tensor-core products take them in the input dtype.
 
     Uses the given out and lse (as the kernels do): P = exp(S - lse) on unmasked
     pairs, dV = P^T dO, dP = dO V^T, delta = rowsum(dO * O), dS = P * (dP - delta),
@@ -538,9 +570,10 @@ def mha_prefill_bwd(
             delta = (dos * os_).sum(dim=-1, keepdim=True)                # [h_k, g, c, 1]
             dprobs = torch.matmul(dos, vs.transpose(-1, -2))             # [h_k, g, c, s_k]
             dlogits = probs * (dprobs - delta)
+            dlogits = _round_to(dlogits, p_dtype)
             dq[sl] = _heads_ungrouped(torch.matmul(dlogits, ks) * scale)
             dk_seq += (torch.matmul(dlogits.transpose(-1, -2), qs) * scale).sum(dim=1)
-            dv_seq += torch.matmul(probs.transpose(-1, -2), dos).sum(dim=1)
+            dv_seq += torch.matmul(_round_to(probs, p_dtype).transpose(-1, -2), dos).sum(dim=1)
         dk[k0:k0 + s_k] = dk_seq.permute(1, 0, 2)
         dv[k0:k0 + s_k] = dv_seq.permute(1, 0, 2)
     return dq, dk, dv

@@ -36,25 +36,39 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float64)
 
 
+def _round64(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """t rounded to dtype (nearest) and back to float64; t itself when dtype is None."""
+    return t if dtype is None else t.to(dtype).to(torch.float64)
+
+
 def _attend64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
-              scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+              scale: float, p_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """q [h, m, d], k [h, n, d], v [h, n, dv], visible bool [h or 1, m, n] -> (out [h, m, dv],
     lse [h, m]). Rows that see nothing give out 0, lse +inf, and no gradient (their
-    logits are zeroed before the softmax and their probabilities multiplied by 0)."""
+    logits are zeroed before the softmax and their probabilities multiplied by 0).
+
+    p_dtype None: exact. bf16/fp16: the native kernels' contract (SPEC.md numerics), the
+    unnormalised probabilities exp(s - rowmax) rounded to p_dtype before P.V and
+    normalised by the sum of the unrounded ones."""
     logits = torch.einsum("hmd,hnd->hmn", q, k) * scale
     any_row = visible.any(dim=-1, keepdim=True)
     safe = torch.where(visible, logits, torch.full_like(logits, float("-inf")))
     safe = torch.where(any_row, safe, torch.zeros_like(safe))
-    p = torch.softmax(safe, dim=-1) * any_row
-    out = torch.einsum("hmn,hnd->hmd", p, v)
+    row_max = safe.amax(dim=-1, keepdim=True) if safe.shape[-1] else torch.zeros_like(safe[..., :1])
+    unnormalised = torch.exp(safe - row_max) * any_row
+    row_sum = unnormalised.sum(dim=-1, keepdim=True)
+    row_sum = torch.where(any_row, row_sum, torch.ones_like(row_sum))
+    out = torch.einsum("hmn,hnd->hmd", _round64(unnormalised, p_dtype), v) / row_sum
     lse = torch.where(any_row.squeeze(-1), torch.logsumexp(safe, dim=-1),
                       torch.full(logits.shape[:-1], float("inf"), dtype=logits.dtype))
     return out, lse
 
 
 def _mha64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens_q: Sequence[int],
-           lens_k: Sequence[int], scale: float, causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Varlen MHA in float64 (differentiable): q [total_q, h_q, d], k/v [total_k, h_k, *]."""
+           lens_k: Sequence[int], scale: float, causal: bool,
+           p_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Varlen MHA in float64 (differentiable): q [total_q, h_q, d], k/v [total_k, h_k, *].
+    p_dtype as in _attend64."""
     h_q, h_k = q.shape[1], k.shape[1]
     group = h_q // h_k
     outs, lses = [], []
@@ -66,7 +80,7 @@ def _mha64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens_q: Sequence[i
         rows = torch.arange(s_q).unsqueeze(1)
         cols = torch.arange(s_k).unsqueeze(0)
         visible = (cols <= rows + (s_k - s_q)) if causal else torch.ones(s_q, s_k, dtype=torch.bool)
-        o, l = _attend64(qs, ks, vs, visible.unsqueeze(0), scale)
+        o, l = _attend64(qs, ks, vs, visible.unsqueeze(0), scale, p_dtype)
         outs.append(o.transpose(0, 1))
         lses.append(l.transpose(0, 1))
         q0 += s_q
@@ -76,7 +90,8 @@ def _mha64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens_q: Sequence[i
 
 def mha_bwd64(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               out: torch.Tensor, lens_q: Sequence[int], lens_k: Sequence[int], scale: float,
-              causal: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              causal: bool, p_dtype: Optional[torch.dtype] = None,
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Varlen MHA backward in float64, written out: P = softmax(q.k * scale) (exact),
     dV = P^T dO, dP = dO V^T, delta = rowsum(dO * out), dS = P * (dP - delta),
     dQ = scale * dS K, dK = scale * dS^T Q; GQA sums dK/dV over each kv head's group.
@@ -85,7 +100,10 @@ def mha_bwd64(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     upstream's): delta uses it as rounded to bf16/fp16, which is why this is not plain
     autograd of the float64 forward (that would use the unrounded out and differ by
     more than SPEC's tolerance in rows with cancellation). With an exact ``out`` the
-    two agree to float64 rounding; tests/test_mha_autograd_cpu.py checks that."""
+    two agree to float64 rounding; tests/test_mha_autograd_cpu.py checks that.
+
+    p_dtype bf16/fp16 models the native kernels' tensor-core inputs: P is rounded to it
+    before dV = P^T dO, and dS before dQ = dS K and dK = dS^T Q."""
     dout, q, k, v, out = (_f64(t).cpu() for t in (dout, q, k, v, out))
     h_q, h_k = q.shape[1], k.shape[1]
     group = h_q // h_k
@@ -106,10 +124,10 @@ def mha_bwd64(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         safe = torch.where(any_row, safe, torch.zeros_like(safe))
         p = torch.softmax(safe, dim=-1) * any_row
         delta = (dos * os_).sum(dim=-1, keepdim=True)
-        ds = p * (torch.einsum("hmd,hnd->hmn", dos, vs) - delta)
+        ds = _round64(p * (torch.einsum("hmd,hnd->hmn", dos, vs) - delta), p_dtype)
         dq[q0:q0 + s_q] = (torch.einsum("hmn,hnd->hmd", ds, ks) * scale).transpose(0, 1)
         dk_h = torch.einsum("hmn,hmd->hnd", ds, qs) * scale                 # [h_q, s_k, d]
-        dv_h = torch.einsum("hmn,hmd->hnd", p, dos)
+        dv_h = torch.einsum("hmn,hmd->hnd", _round64(p, p_dtype), dos)
         dk[k0:k0 + s_k] = dk_h.reshape(h_k, group, s_k, k.shape[2]).sum(1).transpose(0, 1)
         dv[k0:k0 + s_k] = dv_h.reshape(h_k, group, s_k, v.shape[2]).sum(1).transpose(0, 1)
         q0 += s_q
@@ -159,9 +177,13 @@ def _case_mha(device: torch.device, gen: torch.Generator) -> List[Row]:
     out.backward(dout)
     bwd_backend = dispatch.last_backend("dense_prefill_bwd")
 
+    # Each backend is held to its own contract at SPEC's tolerances: the reference is exact
+    # fp32 math; native kernels round P (and dS) to the input dtype for the tensor cores.
+    fwd_p = q.dtype if fwd_backend == "native" else None
+    bwd_p = q.dtype if bwd_backend == "native" else None
     out64, lse64 = _mha64(_f64(q).cpu(), _f64(k).cpu(), _f64(v).cpu(), lens_q, lens_k, scale,
-                          causal=True)
-    dq64, dk64, dv64 = mha_bwd64(dout, q, k, v, out, lens_q, lens_k, scale, causal=True)
+                          causal=True, p_dtype=fwd_p)
+    dq64, dk64, dv64 = mha_bwd64(dout, q, k, v, out, lens_q, lens_k, scale, causal=True, p_dtype=bwd_p)
     rows = _compare_rows("mha_prefill_fwd", fwd_backend, device,
                          [("out", out, out64), ("lse", lse, lse64)], "mha_prefill")
     rows += _compare_rows("mha_prefill_bwd", bwd_backend, device,

@@ -301,12 +301,13 @@ def _pypi_cuda_spec() -> str:
 
 
 def _resolve(host: Host, root: PurePath, value: Optional[str], default: str) -> PurePath:
-    if value:
-        p = host.path(value)
-        if host.is_current:
-            return Path(value).resolve()
-        return p if p.is_absolute() else host.path(root, value)
-    return host.path(root, default)
+    """A user-given path (relative to where the user is), else root/default."""
+    if not value:
+        return host.path(root, default)
+    if host.is_current:
+        return Path(value).resolve()
+    given = host.path(value)
+    return given if given.is_absolute() else host.path(root, value)
 
 
 def build(args: argparse.Namespace, runner: Runner, host: Host, root: PurePath = REPO_ROOT) -> int:
@@ -322,7 +323,8 @@ def build(args: argparse.Namespace, runner: Runner, host: Host, root: PurePath =
     want_pypi = args.cuda_from_pypi == "always" or (
         args.cuda_from_pypi == "auto" and not _cuda_installed())
     if want_pypi:
-        runner.log("    no CUDA toolkit found: installing nvcc from PyPI into the venv")
+        why = "asked for" if args.cuda_from_pypi == "always" else "no CUDA toolkit found"
+        runner.log(f"    {why}: installing nvcc from PyPI into the venv")
         requires.append(_pypi_cuda_spec())
     if runner.run([python, "-m", "pip", "install", *requires], env=env) != 0:
         raise WorkflowError("installing the build requirements failed (see pip's message above)")

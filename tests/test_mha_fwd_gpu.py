@@ -175,7 +175,7 @@ def test_noncontiguous_views(dims):
     _check(qn, kn, vn, cu_q, cu_k, True, out=out, lse=lse)
 
 
-@pytest.mark.parametrize("scale", [0.3, 2.0, -0.05])
+@pytest.mark.parametrize("scale", [0.3, 2.0, -0.05, 0.0])
 def test_user_softmax_scale(scale):
     q, k, v, cu_q, cu_k = _inputs([200, 65], [260, 65], 4, 2, 64, 64, torch.bfloat16, seed=5)
     _check(q, k, v, cu_q, cu_k, True, scale=scale)

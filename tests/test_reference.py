@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flash_mla import quant, reference
-from flash_mla.testing import check_close, invalid_prefill_indices, make_noncontiguous, make_paged_kv_cache
+from flash_mla.testing import TOLERANCES, check_close, compare, invalid_prefill_indices, make_noncontiguous, make_paged_kv_cache
 from tests import _float64_reference as f64
 
 # fp32 reference vs float64 oracle: fp32 rounding over dot products of a few hundred terms.
@@ -339,6 +339,35 @@ def test_mha_prefill_bwd_matches_float64_and_autograd(causal):
     assert (dq[row_of_empty_k] == 0).all()
     k_start = sum(VARLEN_K[:2])
     assert (dk[k_start:k_start + VARLEN_K[2]] == 0).all() and (dv[k_start:k_start + VARLEN_K[2]] == 0).all()
+
+
+@pytest.mark.parametrize("p_dtype", [torch.bfloat16, torch.float16])
+def test_mha_prefill_p_rounding_models_the_kernel_numerics(p_dtype):
+    """p_dtype rounds P (fwd) and P, dS (bwd) to the input dtype, nothing else: a row that
+    sees one key is exact (P = 1), the rest stay within a few units of p_dtype of the exact
+    fp32 result, and the rounding does change results (the option is not a no-op)."""
+    gen = torch.Generator().manual_seed(60)
+    q, k, v, cu_q, cu_k = _mha_inputs(gen, 64, 64, 4, 2)
+    scale = 64 ** -0.5
+    exact_out, exact_lse = reference.mha_prefill_fwd(q, k, v, cu_q, cu_k, scale, True)
+    out, lse = reference.mha_prefill_fwd(q, k, v, cu_q, cu_k, scale, True, p_dtype=p_dtype)
+    assert torch.equal(lse, exact_lse)
+    assert not torch.equal(out, exact_out)
+    eps = torch.finfo(p_dtype).eps
+    finite = exact_lse != INF
+    assert ((out - exact_out).abs()[finite] <= 4 * eps * v.float().abs().max()).all()
+    start = sum(VARLEN_Q[:3])  # sequence 3: s_q == s_k == 300, its first row sees one key
+    expected_first_row = v[sum(VARLEN_K[:3])].float().repeat_interleave(2, dim=0)  # GQA: head h reads kv h // 2
+    torch.testing.assert_close(out[start], expected_first_row, rtol=0, atol=0)
+
+    dout = torch.randn(out.shape, generator=gen).to(torch.bfloat16)
+    exact = reference.mha_prefill_bwd(dout, q, k, v, exact_out, exact_lse, cu_q, cu_k, scale, True)
+    rounded = reference.mha_prefill_bwd(dout, q, k, v, exact_out, exact_lse, cu_q, cu_k, scale, True,
+                                        p_dtype=p_dtype)
+    for name, got, want in zip(("dq", "dk", "dv"), rounded, exact):
+        assert not torch.equal(got, want), name
+        report = compare(got, want, abs_tol=0.0, rel_tol=0.0, cos_tol=TOLERANCES["mha_prefill"]["out"][2])
+        assert report.cos_diff <= TOLERANCES["mha_prefill"]["out"][2], (name, report)
 
 
 def test_mha_prefill_chunking_is_exact(monkeypatch):

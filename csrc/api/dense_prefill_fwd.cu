@@ -237,11 +237,11 @@ void dispatch_head_dims(const DensePrefillFwdParams& p, int num_warps) {
   }
 }
 
-// Warps per CTA for `device` (config.h: by shared memory per SM). The environment
+// Warps per CTA for `device` and d_qk (config.h: choose_num_warps). The environment
 // variable FLASH_MLA_DENSE_FWD_WARPS=8|4 forces one, so both are tested on one GPU
 // (the 8-warp CTA, sm_120's, is validated on Hopper that way); it is read on every
 // call, no process-wide state.
-int num_warps_for(int device) {
+int num_warps_for(int device, int d_qk) {
   const char* forced = std::getenv("FLASH_MLA_DENSE_FWD_WARPS");
   if (forced != nullptr && forced[0] != '\0') {
     const std::string value(forced);
@@ -254,7 +254,7 @@ int num_warps_for(int device) {
   DeviceGuard::check(
       cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
       "cudaDeviceGetAttribute(MaxSharedMemoryPerMultiprocessor)");
-  return fwd::choose_num_warps(smem_per_sm);
+  return fwd::choose_num_warps(smem_per_sm, d_qk);
 }
 
 void dense_prefill_fwd(TensorView workspace, TensorView q, TensorView k, TensorView v,
@@ -272,7 +272,7 @@ void dense_prefill_fwd(TensorView workspace, TensorView q, TensorView k, TensorV
   cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, device);
   p.stream = current_stream(device);
 
-  const int num_warps = num_warps_for(device);
+  const int num_warps = num_warps_for(device, p.d_qk);
   if (p.dtype == DType::kBF16) {
     dispatch_head_dims<DType::kBF16>(p, num_warps);
   } else {

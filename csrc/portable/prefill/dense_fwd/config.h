@@ -17,16 +17,18 @@ constexpr int kElemBytes = 2;  // bf16 / fp16
 // the per-warp code is the same for both sizes:
 //  - 8 warps, 128 rows: for GPUs with ~100 KB of shared memory per SM (sm_120/121,
 //    sm_86/89), where one CTA fits per SM and needs 8 warps to hide latency.
-//  - 4 warps, 64 rows: for GPUs with >= 160 KB per SM (sm_80, sm_90, sm_100). Two
-//    CTAs share an SM (registers allow 2 x 128 threads x <= 255) and their
-//    barriers drift apart, so one CTA's softmax overlaps the other's MMAs; with
-//    one 8-warp CTA per SM all warps meet at every tile's barrier (docs/mha_fwd.md).
+//  - 4 warps, 64 rows: for GPUs with >= 160 KB per SM (sm_80, sm_90, sm_100) and
+//    d_qk <= 128. Two CTAs share an SM (registers allow 2 x 128 threads x <= 255)
+//    and their barriers drift apart, so one CTA's softmax overlaps the other's
+//    MMAs; with one 8-warp CTA per SM all warps meet at every tile's barrier. On an
+//    H100 this was 3-6% faster at d = 128 and up to 12% slower at d = 192 (twice
+//    the K/V tile loads per query row), so d = 192 keeps 8 warps (docs/mha_fwd.md).
 // 4 warps x 32 rows (FA2's layout, fewer K/V re-reads) was built and measured too:
 // 255 registers with 108-200 bytes of spills on sm_90 at d >= 128, no faster.
 constexpr int kMinSmemPerSmForFourWarps = 160 * 1024;
 
-inline int choose_num_warps(int smem_per_sm) {
-  return smem_per_sm >= kMinSmemPerSmForFourWarps ? 4 : 8;
+inline int choose_num_warps(int smem_per_sm, int d_qk) {
+  return smem_per_sm >= kMinSmemPerSmForFourWarps && d_qk <= 128 ? 4 : 8;
 }
 
 template <int kDQK, int kDV, int kNumWarps_>

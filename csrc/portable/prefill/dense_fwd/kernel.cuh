@@ -36,7 +36,7 @@
 //             __syncthreads: tile n visible to all, and every warp has finished
 //             iteration i-1 (so stage (i+1) % 2, or Q at i == 0, is free);
 //             cp.async tile n-1 -> stage (i+1) % 2 -> commit (overlaps compute);
-//             S = Q K^T, scale to log2 units, mask, online softmax, O += P V.
+//             S = Q K^T, mask, online softmax (base 2), O += P V.
 //   epilogue: __syncthreads (all warps done with the last tile; no copy in
 //             flight), each warp writes its own 16 rows of O (rounded to nearest)
 //             into the staging buffer, __syncwarp, 16-byte global stores.
@@ -186,7 +186,12 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
   const int num_tiles = mask.num_tiles();
   const int num_masked = mask.num_masked();
 
-  const float scale_log2 = params.softmax_scale_log2;
+  // softmax(s * c) with c < 0 equals softmax((-s) * |c|): a negative scale negates
+  // Q (a sign flip, exact; so is every score it yields) and uses |c|. c = 0 becomes
+  // the smallest normal float: the same uniform weights (2^(s * 1e-38) == 1), and
+  // -inf * c stays -inf instead of NaN.
+  const bool negate_q = params.softmax_scale_log2 < 0.f;
+  const float scale_log2 = fmaxf(fabsf(params.softmax_scale_log2), 1.17549435e-38f);
   // Accumulator rows of this thread: g and g + 8 of the warp's slab.
   const int g = lane / 4;
   const int t = lane % 4;
@@ -195,7 +200,7 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
   float o_acc[kNTilesO][4];
 #pragma unroll
   for (int i = 0; i < kNTilesO; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
-  float row_max[2] = {kNegInf, kNegInf};  // log2 units (scores x scale_log2)
+  float row_max[2] = {kNegInf, kNegInf};  // running max of raw scores q.k (Q negated if c < 0)
   float row_sum[2] = {0.f, 0.f};          // this thread's partial sums; quad-reduced at the end
 
   if (num_tiles > 0) {
@@ -232,6 +237,10 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) {
         ldmatrix_x4(q_frag[ks], smem_base + q_off[ks % 4] + (ks / 4) * 128);
+        if (negate_q) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) q_frag[ks][e] ^= 0x80008000u;  // both 16-bit halves
+        }
       }
     }
     lane_offsets<kDQK>(k_off, (lane & 7) + ((lane >> 4) & 1) * 8, (lane >> 3) & 1, lane);
@@ -260,18 +269,19 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
       }
     };
 
-    // Scale to log2 units (before masking, so a negative scale cannot turn -inf
-    // into +inf), mask, online softmax in base 2, and pack P (rounded to the input
+    // Mask (raw scores), online softmax in base 2, and pack P (rounded to the input
     // dtype) as A fragments: C fragments of n-tiles 2kk, 2kk+1 are exactly the A
-    // fragment of P.V k-step kk. Packing first frees S's registers before P.V.
+    // fragment of P.V k-step kk. Maxima are kept in raw score units and the scale
+    // is folded into one FFMA per element, p = 2^(s * c - max * c), c > 0
+    // (a negative softmax_scale was turned into a negated Q above). Packing P here
+    // frees S's registers before P.V.
     auto softmax = [&](int tile, auto masked_tag) {
       constexpr bool kMasked = decltype(masked_tag)::value;
+      if (kMasked) {
 #pragma unroll
-      for (int nt = 0; nt < kNTilesS; ++nt) {
+        for (int nt = 0; nt < kNTilesS; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[nt][e] *= scale_log2;
-          if (kMasked) {
+          for (int e = 0; e < 4; ++e) {
             const int col = tile * kBlockN + nt * 8 + 2 * t + (e & 1);
             const int row = row0 + (e >> 1) * 8;
             if (!mask.visible(row, col)) s[nt][e] = kNegInf;
@@ -288,15 +298,15 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
         }
         tile_max = quad_max(tile_max);
         // A row that has seen no key yet keeps max -inf; its exponent reference
-        // is then 0, so exp2(-inf - ref) = 0, never NaN.
-        const float ref = tile_max == kNegInf ? 0.f : tile_max;
-        correction[r] = exp2_approx(row_max[r] - ref);
+        // is then 0, so 2^(-inf - ref) = 0, never NaN.
+        const float ref = tile_max == kNegInf ? 0.f : tile_max * scale_log2;
+        correction[r] = exp2_approx(row_max[r] * scale_log2 - ref);
         row_max[r] = tile_max;
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < kNTilesS; ++nt) {
-          s[nt][2 * r] = exp2_approx(s[nt][2 * r] - ref);
-          s[nt][2 * r + 1] = exp2_approx(s[nt][2 * r + 1] - ref);
+          s[nt][2 * r] = exp2_approx(fmaf(s[nt][2 * r], scale_log2, -ref));
+          s[nt][2 * r + 1] = exp2_approx(fmaf(s[nt][2 * r + 1], scale_log2, -ref));
           sum += s[nt][2 * r] + s[nt][2 * r + 1];
         }
         row_sum[r] = row_sum[r] * correction[r] + sum;
@@ -362,7 +372,7 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
     const float sum = quad_sum(row_sum[r]);
     inv_sum[r] = sum > 0.f ? 1.f / sum : 0.f;
     constexpr float kLn2 = 0.69314718055994530942f;
-    lse[r] = sum > 0.f ? (row_max[r] + __log2f(sum)) * kLn2 : __int_as_float(0x7f800000);
+    lse[r] = sum > 0.f ? (row_max[r] * scale_log2 + __log2f(sum)) * kLn2 : __int_as_float(0x7f800000);
   }
 
   // Each warp stages its own 16 rows (swizzled, conflict-free 4-byte writes).
