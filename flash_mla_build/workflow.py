@@ -294,6 +294,27 @@ def _cuda_installed() -> bool:
         return False
 
 
+def _local_cuobjdump() -> str:
+    try:
+        from . import toolchain as T
+        return T.find_cuobjdump() or ""
+    except Exception:  # noqa: BLE001 - a broken toolchain means "none"; the check says so
+        return ""
+
+
+def _expected_targets(archs: Optional[str]) -> List[str]:
+    """The targets this build compiles (as setup.py will resolve them), for the wheel
+    check's --require; empty when they cannot be known here (no nvcc in this Python)."""
+    try:
+        from . import archs as A
+        from . import toolchain as T
+        version = T.find_cuda().version
+        request = archs or os.environ.get("FLASH_MLA_CUDA_ARCHS") or "all"
+        return [t.name for t in A.select_targets(request, version)]
+    except Exception:  # noqa: BLE001 - ToolchainError/ArchError: check-env already reported it
+        return []
+
+
 def _pypi_cuda_spec() -> str:
     from . import toolchain as T
     m = re.search(r"\"([^\"]+)\"", T.PYPI_CUDA_HINT)
@@ -348,8 +369,14 @@ def build(args: argparse.Namespace, runner: Runner, host: Host, root: PurePath =
     steps("wheel check (cubins, registers, spills, shared memory)")
     probe = runner.capture([python, "-c", "from flash_mla_build import toolchain as T; "
                             "print(T.find_cuobjdump() or '')"], cwd=root, env=env)
-    if runner.dry_run or (probe or "").strip():
-        if runner.run([python, "-m", "flash_mla_build.wheel_verify", wheel], cwd=root, env=env) != 0:
+    # The build venv may have no cuobjdump where this Python has one (a CUDA wheel).
+    tool = (probe or "").strip() or (_local_cuobjdump() if host.is_current else "")
+    if runner.dry_run or tool:
+        verify = [python, "-m", "flash_mla_build.wheel_verify", wheel]
+        verify += ["--cuobjdump", tool] if tool else []
+        for target in _expected_targets(args.archs) if host.is_current else []:
+            verify += ["--require", target]
+        if runner.run(verify, cwd=root, env=env) != 0:
             raise WorkflowError(f"the wheel check failed for {wheel} (see above)")
     else:
         runner.log("    skipped, NOT verified: no cuobjdump found (it comes with the CUDA Toolkit)")

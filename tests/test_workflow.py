@@ -98,7 +98,8 @@ def test_linux_build_steps_and_commands():
                           "--no-build-isolation", "-v"]
     assert wheel.cwd == str(REPO)
     verify = find(calls, "flash_mla_build.wheel_verify")
-    assert verify.argv[-1].endswith(".whl")
+    assert verify.argv[:3] == [venv_python, "-m", "flash_mla_build.wheel_verify"]
+    assert verify.argv[3].endswith(".whl")
     # The smoke step: a clean venv, torch, the wheel, flash_mla.smoke outside the tree.
     smoke_python = str(REPO / ".venv-smoke" / "bin" / "python")
     assert find(calls, "venv", "--clear").argv[-1] == str(REPO / ".venv-smoke")
@@ -158,7 +159,29 @@ def test_build_stops_when_the_wheel_fails(tmp_path):
         W.build(args, runner, W.Host("linux"), REPO)
 
 
-def test_build_skips_the_verifier_without_cuobjdump_and_says_so(tmp_path):
+def _repo_with_wheel(tmp_path):
+    root = tmp_path / "repo"
+    (root / "dist").mkdir(parents=True)
+    (root / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text(encoding="utf-8"),
+                                         encoding="utf-8")
+    (root / "dist" / "flash_mla-0.1.0-py3-none-linux_x86_64.whl").write_bytes(b"")
+    return root
+
+
+def test_build_verifier_gets_this_pythons_cuobjdump_and_the_targets(tmp_path, monkeypatch):
+    monkeypatch.setattr(W, "_local_cuobjdump", lambda: "/opt/cuda/bin/cuobjdump")
+    monkeypatch.setattr(W, "_expected_targets", lambda archs: ["100f", "120f"])
+    runner = Scripted(answers={"find_cuobjdump": "\n"})
+    args = W.make_parser().parse_args(["build", "--cuda-from-pypi", "never", "--no-smoke",
+                                       "--venv", str(tmp_path / "venv")])
+    assert W.build(args, runner, W.Host("linux"), _repo_with_wheel(tmp_path)) == 0
+    verify = find(runner.calls, "flash_mla_build.wheel_verify")
+    assert verify.argv[4:] == ["--cuobjdump", "/opt/cuda/bin/cuobjdump", "--require", "100f",
+                               "--require", "120f"]
+
+
+def test_build_skips_the_verifier_without_cuobjdump_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(W, "_local_cuobjdump", lambda: "")
     root = tmp_path / "repo"
     (root / "dist").mkdir(parents=True)
     (root / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text(encoding="utf-8"),

@@ -65,7 +65,7 @@ struct Config {
   //   kOffDO    dO tile    [kBlockM, d_v]
   //   kOffP     P^T        [kBlockN, kBlockM]  rounded to the input dtype
   //   kOffDS    dS^T       [kBlockN, kBlockM]
-  //   kOffLse   lse (natural log) of the query block, fp32 [kBlockM] (+inf: row sees nothing)
+  //   kOffLse   lse * log2(e) of the query block, fp32 [kBlockM] (+inf: row sees nothing)
   //   kOffDelta delta = rowsum(dO * O), fp32 [kBlockM]
   static constexpr int kKBytes = kBlockN * kDQK * kElemBytes;
   static constexpr int kVBytes = kBlockN * kDV * kElemBytes;

@@ -1,11 +1,12 @@
 // Portable dense MHA prefill forward: FA2-style, mma.sync m16n8k16 + ldmatrix +
 // cp.async only, so the same source runs on sm_80 .. sm_90 and sm_120/121.
 //
-// Work split. One CTA per (128-query block, query head, sequence):
+// Work split. One CTA per (query block, query head, sequence):
 //   blockIdx.x = query block (reversed when causal, so the longest blocks start
 //   first and the short ones fill the tail), blockIdx.y = query head,
-//   blockIdx.z = sequence. 8 warps, warp w owns query rows [16w, 16w + 16) of the
-//   block; its Q fragments (d_qk / 16 x 4 registers), the S tile (16 x 64 fp32)
+//   blockIdx.z = sequence. kNumWarps = 8 (128-row blocks) or 4 (64-row blocks;
+//   config.h says which GPUs get which); warp w owns query rows [16w, 16w + 16) of
+//   the block; its Q fragments (d_qk / 16 x 4 registers), the S tile (16 x 64 fp32)
 //   and the O accumulator (16 x d_v fp32) stay in registers. Rows never cross
 //   warps, so the online softmax needs only quad shuffles.
 //
@@ -19,13 +20,14 @@
 //
 // Shared memory (bytes; config.h computes them; 16-bit elements, every row XOR-
 // swizzled in 16-byte chunks, swizzle.cuh, so ldmatrix and cp.async are
-// conflict-free without padding):
+// conflict-free without padding; M = rows per CTA):
 //   [0, stage)            stage 1: K tile [64][d_qk], then V tile [64][d_v]
-//   [0, 128*d_qk*2)       Q tile, aliased on stage 1 (Q moves to registers before
+//   [0, M*d_qk*2)         Q tile, aliased on stage 1 (Q moves to registers before
 //                         stage 1 is first filled); stage 0 starts at max(Q, stage)
 //   [stage0, +stage)      stage 0: K tile, V tile
-//   [0, 128*d_v*2)        O staging, aliased after the last tile
-//   d=192: Q 49152, stage 40960 -> 90112 B; d=128: 65536 B; d=64: 32768 B.
+//   [0, M*d_v*2)          O staging, aliased after the last tile
+//   8 warps: d=192: Q 49152, stage 40960 -> 90112 B; d=128: 65536 B; d=64: 32768 B.
+//   4 warps: d=192: 81920 B; d=128: 65536 B; d=64: 32768 B.
 //
 // Barrier / cp.async protocol (key tiles walk from the last one down to 0, so
 // the partial and diagonal tiles, which need masking, come first):
@@ -40,6 +42,8 @@
 //   epilogue: __syncthreads (all warps done with the last tile; no copy in
 //             flight), each warp writes its own 16 rows of O (rounded to nearest)
 //             into the staging buffer, __syncwarp, 16-byte global stores.
+// (Not overlapped yet: S of tile n-1 could be issued while tile n's softmax runs
+// on the SFU, FA3-style; see docs/mha_fwd.md.)
 #pragma once
 
 #include <cstdint>
