@@ -251,27 +251,40 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
     lane_offsets<kDV>(v_off, (lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4, lane);
 
     // Per-tile working set, captured by the lambdas below (not passed: cudafe++
-    // 13.0 segfaulted on a lambda parameter of type float (&)[8][4]).
+    // 13.0 segfaulted on a lambda parameter of type float (&)[8][4]). s holds the
+    // scores of the tile being softmaxed, s_next those of the next tile, whose
+    // MMAs are interleaved with that softmax (tensor pipe and SFU overlap).
     float s[kNTilesS][4];
+    float s_next[kNTilesS][4];
     uint32_t p_frag[kPSteps][4];
 
-    // S = Q K^T (16 x 64 per warp, fp32) from the K tile at k_smem.
-    auto compute_s = [&](uint32_t k_smem) {
+    // Part of s_next = Q K^T (16 x 64 per warp, fp32): k-steps [kBegin, kEnd) of
+    // the K tile at k_smem; the first part also zeroes the accumulators.
+    auto compute_s = [&](uint32_t k_smem, auto begin_tag, auto end_tag) {
+      constexpr int kBegin = decltype(begin_tag)::value;
+      constexpr int kEnd = decltype(end_tag)::value;
+      if (kBegin == 0) {
 #pragma unroll
-      for (int i = 0; i < kNTilesS; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+        for (int i = 0; i < kNTilesS; ++i) {
+          s_next[i][0] = s_next[i][1] = s_next[i][2] = s_next[i][3] = 0.f;
+        }
+      }
 #pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) {
+      for (int ks = kBegin; ks < kEnd; ++ks) {
 #pragma unroll
         for (int np = 0; np < kNTilesS / 2; ++np) {
           uint32_t b[4];
           ldmatrix_x4(b, k_smem + k_off[ks % 4] + (ks / 4) * 128 + np * 16 * (kDQK * 2));
           const uint32_t b_lo[2] = {b[0], b[1]};
           const uint32_t b_hi[2] = {b[2], b[3]};
-          mma_m16n8k16<Elem>(s[2 * np], q_frag[ks], b_lo);
-          mma_m16n8k16<Elem>(s[2 * np + 1], q_frag[ks], b_hi);
+          mma_m16n8k16<Elem>(s_next[2 * np], q_frag[ks], b_lo);
+          mma_m16n8k16<Elem>(s_next[2 * np + 1], q_frag[ks], b_hi);
         }
       }
     };
+    using KStep0 = std::integral_constant<int, 0>;
+    using KStepHalf = std::integral_constant<int, kKSteps / 2>;
+    using KStepEnd = std::integral_constant<int, kKSteps>;
 
     // Mask (raw scores), online softmax in base 2, and pack P (rounded to the input
     // dtype) as A fragments: C fragments of n-tiles 2kk, 2kk+1 are exactly the A
@@ -279,7 +292,8 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
     // is folded into one FFMA per element, p = 2^(s * c - max * c), c > 0
     // (a negative softmax_scale was turned into a negated Q above). Packing P here
     // frees S's registers before P.V.
-    auto softmax = [&](int tile, auto masked_tag) {
+    float ref[2], correction[2];
+    auto softmax_max = [&](int tile, auto masked_tag) {
       constexpr bool kMasked = decltype(masked_tag)::value;
       if (kMasked) {
 #pragma unroll
@@ -292,7 +306,6 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
           }
         }
       }
-      float correction[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float tile_max = row_max[r];
@@ -303,14 +316,19 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
         tile_max = quad_max(tile_max);
         // A row that has seen no key yet keeps max -inf; its exponent reference
         // is then 0, so 2^(-inf - ref) = 0, never NaN.
-        const float ref = tile_max == kNegInf ? 0.f : tile_max * scale_log2;
-        correction[r] = exp2_approx(row_max[r] * scale_log2 - ref);
+        ref[r] = tile_max == kNegInf ? 0.f : tile_max * scale_log2;
+        correction[r] = exp2_approx(row_max[r] * scale_log2 - ref[r]);
         row_max[r] = tile_max;
+      }
+    };
+    auto softmax_exp = [&]() {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < kNTilesS; ++nt) {
-          s[nt][2 * r] = exp2_approx(fmaf(s[nt][2 * r], scale_log2, -ref));
-          s[nt][2 * r + 1] = exp2_approx(fmaf(s[nt][2 * r + 1], scale_log2, -ref));
+          s[nt][2 * r] = exp2_approx(fmaf(s[nt][2 * r], scale_log2, -ref[r]));
+          s[nt][2 * r + 1] = exp2_approx(fmaf(s[nt][2 * r + 1], scale_log2, -ref[r]));
           sum += s[nt][2 * r] + s[nt][2 * r + 1];
         }
         row_sum[r] = row_sum[r] * correction[r] + sum;
@@ -349,20 +367,60 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
       }
     };
 
+    // Slot j of K (V) is the K (V) half of stage j.
+    auto issue_k = [&](int tile, int slot) {
+      load_tile_async<kBlockN, kDQK, kThreads>(k_addr(slot), k_head, params.k_row_stride,
+                                               tile * kBlockN, s_k - tile * kBlockN, tid);
+    };
+    auto issue_v = [&](int tile, int slot) {
+      load_tile_async<kBlockN, kDV, kThreads>(k_addr(slot) + Cfg::kKTileBytes, v_head,
+                                              params.v_row_stride, tile * kBlockN,
+                                              s_k - tile * kBlockN, tid);
+    };
+
+    // ---- S of the first (highest) tile; K of the next one starts loading ----
+    cp_async_wait<0>();
+    __syncthreads();  // tile T-1 visible; every warp has read Q (stage 1 is free)
+    if (num_tiles > 1) {
+      issue_k(num_tiles - 2, 1);
+      cp_async_commit();
+    }
+    compute_s(k_addr(0), KStep0{}, KStepEnd{});
+
     // ---- main loop: tiles num_tiles-1 .. 0; the masked ones come first ----
+    // Iteration i (tile n, slot i % 2): K_n and V_n sit in slot i % 2, K_{n-1} in
+    // slot (i+1) % 2. After the barrier every warp is done with iteration i-1, so
+    // K slot i % 2 (K_n, consumed by S_n last iteration) takes K_{n-2} and V slot
+    // (i+1) % 2 (V_{n+1}) takes V_{n-1}; both are waited for at the next barrier.
     for (int i = 0; i < num_tiles; ++i) {
       const int tile = num_tiles - 1 - i;
-      const int stage = i & 1;
+      const int slot = i & 1;
+#pragma unroll
+      for (int nt = 0; nt < kNTilesS; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = s_next[nt][e];
+      }
       cp_async_wait<0>();
       __syncthreads();
-      if (tile > 0) issue_kv(tile - 1, stage ^ 1);
-      compute_s(k_addr(stage));
+      if (tile >= 1) issue_v(tile - 1, slot ^ 1);
+      if (tile >= 2) issue_k(tile - 2, slot);
+      cp_async_commit();
+      auto step = [&](auto masked_tag) {
+        if (tile >= 1) {
+          compute_s(k_addr(slot ^ 1), KStep0{}, KStepHalf{});
+          softmax_max(tile, masked_tag);
+          compute_s(k_addr(slot ^ 1), KStepHalf{}, KStepEnd{});
+        } else {
+          softmax_max(tile, masked_tag);
+        }
+        softmax_exp();
+      };
       if (i < num_masked) {
-        softmax(tile, std::true_type{});
+        step(std::true_type{});
       } else {
-        softmax(tile, std::false_type{});
+        step(std::false_type{});
       }
-      pv(k_addr(stage) + Cfg::kKTileBytes);
+      pv(k_addr(slot) + Cfg::kKTileBytes);
     }
     __syncthreads();  // every warp is done reading the last tile: staging may overwrite it
   }
