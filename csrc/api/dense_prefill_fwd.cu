@@ -48,8 +48,6 @@ FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d64_w4, "dense_prefill_fwd", "bf16 d64 
 FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d64_w4, "dense_prefill_fwd", "fp16 d64 dv64 4 warps, causal|full", (kFwdSmem<64, 64, 4>), 128);
 FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d128_w4, "dense_prefill_fwd", "bf16 d128 dv128 4 warps, causal|full", (kFwdSmem<128, 128, 4>), 128);
 FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d128_w4, "dense_prefill_fwd", "fp16 d128 dv128 4 warps, causal|full", (kFwdSmem<128, 128, 4>), 128);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d192_w4, "dense_prefill_fwd", "bf16 d192 dv128 4 warps, causal|full", (kFwdSmem<192, 128, 4>), 128);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d192_w4, "dense_prefill_fwd", "fp16 d192 dv128 4 warps, causal|full", (kFwdSmem<192, 128, 4>), 128);
 
 FLASH_MLA_REGISTER_OP(dense_prefill_fwd, "dense_prefill_fwd",
                       R"({"dtype": ["bf16", "fp16"], "head_dims": [[64, 64], [128, 128], [192, 128]]})");
@@ -239,8 +237,8 @@ void dispatch_head_dims(const DensePrefillFwdParams& p, int num_warps) {
 
 // Warps per CTA for `device` and d_qk (config.h: choose_num_warps). The environment
 // variable FLASH_MLA_DENSE_FWD_WARPS=8|4 forces one, so both are tested on one GPU
-// (the 8-warp CTA, sm_120's, is validated on Hopper that way); it is read on every
-// call, no process-wide state.
+// (the 8-warp CTA, sm_120's, is validated on Hopper that way; 4 applies to d_qk <=
+// 128 only); it is read on every call, no process-wide state.
 int num_warps_for(int device, int d_qk) {
   const char* forced = std::getenv("FLASH_MLA_DENSE_FWD_WARPS");
   if (forced != nullptr && forced[0] != '\0') {

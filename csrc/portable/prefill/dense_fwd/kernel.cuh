@@ -31,19 +31,27 @@
 //
 // Barrier / cp.async protocol (key tiles walk from the last one down to 0, so
 // the partial and diagonal tiles, which need masking, come first):
-//   prologue: cp.async Q -> commit; cp.async tile T-1 -> stage 0 -> commit;
+//   prologue: cp.async Q -> commit; cp.async K,V of tile T-1 -> stage 0 -> commit;
 //             wait_group 1 (Q landed); __syncthreads; ldmatrix Q -> registers.
-//   iteration i (tile n = T-1-i, stage i % 2):
+//   plain loop (kOverlap false), iteration i (tile n = T-1-i, stage i % 2):
 //             wait_group 0 (tile n landed, this thread's part);
 //             __syncthreads: tile n visible to all, and every warp has finished
 //             iteration i-1 (so stage (i+1) % 2, or Q at i == 0, is free);
-//             cp.async tile n-1 -> stage (i+1) % 2 -> commit (overlaps compute);
+//             cp.async K,V of tile n-1 -> stage (i+1) % 2 -> commit;
 //             S = Q K^T, mask, online softmax (base 2), O += P V.
+//   overlapped loop (kOverlap: 8 warps, d_qk <= 128): S of tile n-1 is computed
+//             while tile n's softmax runs, so K runs one tile ahead of V.
+//             prologue tail: wait_group 0; __syncthreads (tile T-1 visible, Q read
+//             by every warp); cp.async K_{T-2} -> stage 1; S_{T-1} = Q K_{T-1}^T.
+//             iteration i (tile n, slot i % 2 holds K_n and V_n, slot (i+1) % 2
+//             holds K_{n-1}): wait_group 0; __syncthreads (K_{n-1} and V_n visible;
+//             every warp done with iteration i-1, so K slot i % 2 and V slot
+//             (i+1) % 2 are free); cp.async V_{n-1} -> V slot (i+1) % 2 and
+//             K_{n-2} -> K slot i % 2 -> commit; first half of S_{n-1}, softmax
+//             max of S_n, second half of S_{n-1}, softmax exp of S_n; O += P V_n.
 //   epilogue: __syncthreads (all warps done with the last tile; no copy in
 //             flight), each warp writes its own 16 rows of O (rounded to nearest)
 //             into the staging buffer, __syncwarp, 16-byte global stores.
-// (Not overlapped yet: S of tile n-1 could be issued while tile n's softmax runs
-// on the SFU, FA3-style; see docs/mha_fwd.md.)
 #pragma once
 
 #include <cstdint>
@@ -155,6 +163,11 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
   constexpr int kNTilesS = kBlockN / 8;
   constexpr int kNTilesO = kDV / 8;
   constexpr int kPSteps = kBlockN / 16;  // k-steps of O += P V
+  // Interleave the next tile's S = Q K^T MMAs with this tile's softmax (tensor pipe
+  // and SFU overlap). Needs a second 16 x 64 score tile in registers: fits without
+  // spills for d_qk <= 128 with 8 warps; d = 192 (and the 4-warp CTA, 2 per SM)
+  // spilled on sm_90, so they run the plain loop.
+  constexpr bool kOverlap = kDQK <= 128 && kNumWarps == 8;
 
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t smem_base = cvta_shared(smem);
@@ -254,19 +267,21 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
     // 13.0 segfaulted on a lambda parameter of type float (&)[8][4]). s holds the
     // scores of the tile being softmaxed, s_next those of the next tile, whose
     // MMAs are interleaved with that softmax (tensor pipe and SFU overlap).
-    float s[kNTilesS][4];
-    float s_next[kNTilesS][4];
+    struct ScoreTile {
+      float v[kNTilesS][4];
+    };
+    ScoreTile tile_a, tile_b;  // alternate as "current" and "next" (no copies)
     uint32_t p_frag[kPSteps][4];
 
     // Part of s_next = Q K^T (16 x 64 per warp, fp32): k-steps [kBegin, kEnd) of
     // the K tile at k_smem; the first part also zeroes the accumulators.
-    auto compute_s = [&](uint32_t k_smem, auto begin_tag, auto end_tag) {
+    auto compute_s = [&](ScoreTile& out, uint32_t k_smem, auto begin_tag, auto end_tag) {
       constexpr int kBegin = decltype(begin_tag)::value;
       constexpr int kEnd = decltype(end_tag)::value;
       if (kBegin == 0) {
 #pragma unroll
         for (int i = 0; i < kNTilesS; ++i) {
-          s_next[i][0] = s_next[i][1] = s_next[i][2] = s_next[i][3] = 0.f;
+          out.v[i][0] = out.v[i][1] = out.v[i][2] = out.v[i][3] = 0.f;
         }
       }
 #pragma unroll
@@ -277,8 +292,8 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
           ldmatrix_x4(b, k_smem + k_off[ks % 4] + (ks / 4) * 128 + np * 16 * (kDQK * 2));
           const uint32_t b_lo[2] = {b[0], b[1]};
           const uint32_t b_hi[2] = {b[2], b[3]};
-          mma_m16n8k16<Elem>(s_next[2 * np], q_frag[ks], b_lo);
-          mma_m16n8k16<Elem>(s_next[2 * np + 1], q_frag[ks], b_hi);
+          mma_m16n8k16<Elem>(out.v[2 * np], q_frag[ks], b_lo);
+          mma_m16n8k16<Elem>(out.v[2 * np + 1], q_frag[ks], b_hi);
         }
       }
     };
@@ -293,7 +308,8 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
     // (a negative softmax_scale was turned into a negated Q above). Packing P here
     // frees S's registers before P.V.
     float ref[2], correction[2];
-    auto softmax_max = [&](int tile, auto masked_tag) {
+    auto softmax_max = [&](ScoreTile& st, int tile, auto masked_tag) {
+      auto& s = st.v;
       constexpr bool kMasked = decltype(masked_tag)::value;
       if (kMasked) {
 #pragma unroll
@@ -321,7 +337,8 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
         row_max[r] = tile_max;
       }
     };
-    auto softmax_exp = [&]() {
+    auto softmax_exp = [&](ScoreTile& st) {
+      auto& s = st.v;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float sum = 0.f;
@@ -378,28 +395,44 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
                                               s_k - tile * kBlockN, tid);
     };
 
-    // ---- S of the first (highest) tile; K of the next one starts loading ----
+    if (!kOverlap) {
+      // ---- plain loop: tiles num_tiles-1 .. 0; the masked ones come first ----
+      for (int i = 0; i < num_tiles; ++i) {
+        const int tile = num_tiles - 1 - i;
+        const int stage = i & 1;
+        cp_async_wait<0>();
+        __syncthreads();
+        if (tile > 0) issue_kv(tile - 1, stage ^ 1);
+        compute_s(tile_a, k_addr(stage), KStep0{}, KStepEnd{});
+        if (i < num_masked) {
+          softmax_max(tile_a, tile, std::true_type{});
+        } else {
+          softmax_max(tile_a, tile, std::false_type{});
+        }
+        softmax_exp(tile_a);
+        pv(k_addr(stage) + Cfg::kKTileBytes);
+      }
+    } else {
+    // ---- overlapped loop. S of the first (highest) tile; K of the next one loads ----
     cp_async_wait<0>();
     __syncthreads();  // tile T-1 visible; every warp has read Q (stage 1 is free)
     if (num_tiles > 1) {
       issue_k(num_tiles - 2, 1);
       cp_async_commit();
     }
-    compute_s(k_addr(0), KStep0{}, KStepEnd{});
+    compute_s(tile_a, k_addr(0), KStep0{}, KStepEnd{});
 
     // ---- main loop: tiles num_tiles-1 .. 0; the masked ones come first ----
     // Iteration i (tile n, slot i % 2): K_n and V_n sit in slot i % 2, K_{n-1} in
     // slot (i+1) % 2. After the barrier every warp is done with iteration i-1, so
     // K slot i % 2 (K_n, consumed by S_n last iteration) takes K_{n-2} and V slot
     // (i+1) % 2 (V_{n+1}) takes V_{n-1}; both are waited for at the next barrier.
-    for (int i = 0; i < num_tiles; ++i) {
+    // One iteration; `cur` holds S of tile n, `next` receives S of tile n-1. The
+    // loop runs two iterations per trip so the two score tiles swap roles without
+    // register copies.
+    auto iteration = [&](int i, ScoreTile& cur, ScoreTile& next) {
       const int tile = num_tiles - 1 - i;
       const int slot = i & 1;
-#pragma unroll
-      for (int nt = 0; nt < kNTilesS; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] = s_next[nt][e];
-      }
       cp_async_wait<0>();
       __syncthreads();
       if (tile >= 1) issue_v(tile - 1, slot ^ 1);
@@ -407,13 +440,13 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
       cp_async_commit();
       auto step = [&](auto masked_tag) {
         if (tile >= 1) {
-          compute_s(k_addr(slot ^ 1), KStep0{}, KStepHalf{});
-          softmax_max(tile, masked_tag);
-          compute_s(k_addr(slot ^ 1), KStepHalf{}, KStepEnd{});
+          compute_s(next, k_addr(slot ^ 1), KStep0{}, KStepHalf{});
+          softmax_max(cur, tile, masked_tag);
+          compute_s(next, k_addr(slot ^ 1), KStepHalf{}, KStepEnd{});
         } else {
-          softmax_max(tile, masked_tag);
+          softmax_max(cur, tile, masked_tag);
         }
-        softmax_exp();
+        softmax_exp(cur);
       };
       if (i < num_masked) {
         step(std::true_type{});
@@ -421,6 +454,11 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
         step(std::false_type{});
       }
       pv(k_addr(slot) + Cfg::kKTileBytes);
+    };
+    for (int i = 0; i < num_tiles; i += 2) {
+      iteration(i, tile_a, tile_b);
+      if (i + 1 < num_tiles) iteration(i + 1, tile_b, tile_a);
+    }
     }
     __syncthreads();  // every warp is done reading the last tile: staging may overwrite it
   }
@@ -498,11 +536,15 @@ void launch_dense_prefill_fwd_mask(const DensePrefillFwdParams& params) {
 template <DType kDType, int kDQK, int kDV>
 void run_dense_prefill_fwd(const DensePrefillFwdParams& params, int num_warps) {
   using Elem = typename std::conditional<kDType == DType::kBF16, BF16, FP16>::type;
-  if (num_warps == 4) {
-    launch_dense_prefill_fwd_mask<Elem, kDQK, kDV, 4>(params);
-  } else {
-    launch_dense_prefill_fwd_mask<Elem, kDQK, kDV, 8>(params);
+  // The 4-warp CTA exists for d_qk <= 128 only (config.h: choose_num_warps); at
+  // d = 192 it was slower and spills on sm_90, so it is not even instantiated.
+  if constexpr (kDQK <= 128) {
+    if (num_warps == 4) {
+      launch_dense_prefill_fwd_mask<Elem, kDQK, kDV, 4>(params);
+      return;
+    }
   }
+  launch_dense_prefill_fwd_mask<Elem, kDQK, kDV, 8>(params);
 }
 
 }  // namespace flash_mla::portable::dense_fwd
