@@ -90,8 +90,7 @@ def _mha64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens_q: Sequence[i
 
 def mha_bwd64(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               out: torch.Tensor, lens_q: Sequence[int], lens_k: Sequence[int], scale: float,
-              causal: bool, p_dtype: Optional[torch.dtype] = None,
-              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              causal: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Varlen MHA backward in float64, written out: P = softmax(q.k * scale) (exact),
     dV = P^T dO, dP = dO V^T, delta = rowsum(dO * out), dS = P * (dP - delta),
     dQ = scale * dS K, dK = scale * dS^T Q; GQA sums dK/dV over each kv head's group.
@@ -100,10 +99,7 @@ def mha_bwd64(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     upstream's): delta uses it as rounded to bf16/fp16, which is why this is not plain
     autograd of the float64 forward (that would use the unrounded out and differ by
     more than SPEC's tolerance in rows with cancellation). With an exact ``out`` the
-    two agree to float64 rounding; tests/test_mha_autograd_cpu.py checks that.
-
-    p_dtype bf16/fp16 models the native kernels' tensor-core inputs: P is rounded to it
-    before dV = P^T dO, and dS before dQ = dS K and dK = dS^T Q."""
+    two agree to float64 rounding; tests/test_mha_autograd_cpu.py checks that."""
     dout, q, k, v, out = (_f64(t).cpu() for t in (dout, q, k, v, out))
     h_q, h_k = q.shape[1], k.shape[1]
     group = h_q // h_k
@@ -124,10 +120,10 @@ def mha_bwd64(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         safe = torch.where(any_row, safe, torch.zeros_like(safe))
         p = torch.softmax(safe, dim=-1) * any_row
         delta = (dos * os_).sum(dim=-1, keepdim=True)
-        ds = _round64(p * (torch.einsum("hmd,hnd->hmn", dos, vs) - delta), p_dtype)
+        ds = p * (torch.einsum("hmd,hnd->hmn", dos, vs) - delta)
         dq[q0:q0 + s_q] = (torch.einsum("hmn,hnd->hmd", ds, ks) * scale).transpose(0, 1)
         dk_h = torch.einsum("hmn,hmd->hnd", ds, qs) * scale                 # [h_q, s_k, d]
-        dv_h = torch.einsum("hmn,hmd->hnd", _round64(p, p_dtype), dos)
+        dv_h = torch.einsum("hmn,hmd->hnd", p, dos)
         dk[k0:k0 + s_k] = dk_h.reshape(h_k, group, s_k, k.shape[2]).sum(1).transpose(0, 1)
         dv[k0:k0 + s_k] = dv_h.reshape(h_k, group, s_k, v.shape[2]).sum(1).transpose(0, 1)
         q0 += s_q
@@ -177,13 +173,14 @@ def _case_mha(device: torch.device, gen: torch.Generator) -> List[Row]:
     out.backward(dout)
     bwd_backend = dispatch.last_backend("dense_prefill_bwd")
 
-    # Each backend is held to its own contract at SPEC's tolerances: the reference is exact
-    # fp32 math; native kernels round P (and dS) to the input dtype for the tensor cores.
+    # Each backend is held to its own contract at SPEC's tolerances. The reference is exact
+    # fp32 math. The native forward rounds P to the input dtype before P.V (SPEC.md
+    # numerics), so its float64 oracle does too. The native backward feeds P and dS to the
+    # tensor cores as high + low parts, which tracks exact math: its oracle is exact.
     fwd_p = q.dtype if fwd_backend == "native" else None
-    bwd_p = q.dtype if bwd_backend == "native" else None
     out64, lse64 = _mha64(_f64(q).cpu(), _f64(k).cpu(), _f64(v).cpu(), lens_q, lens_k, scale,
                           causal=True, p_dtype=fwd_p)
-    dq64, dk64, dv64 = mha_bwd64(dout, q, k, v, out, lens_q, lens_k, scale, causal=True, p_dtype=bwd_p)
+    dq64, dk64, dv64 = mha_bwd64(dout, q, k, v, out, lens_q, lens_k, scale, causal=True)
     rows = _compare_rows("mha_prefill_fwd", fwd_backend, device,
                          [("out", out, out64), ("lse", lse, lse64)], "mha_prefill")
     rows += _compare_rows("mha_prefill_bwd", bwd_backend, device,

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import flash_mla
-from flash_mla import reference
+from flash_mla import dispatch, reference
 from flash_mla.smoke import _mha64, mha_bwd64
-from flash_mla.testing import check_close, check_op_close
+from flash_mla.testing import TOLERANCES, check_close, check_op_close, compare
 
 CONFIGS = [
     # (lens_q, lens_k, h_q, h_k, d_qk, d_v, dtype, causal)
@@ -182,7 +182,13 @@ def test_noncontiguous_inputs_match_contiguous():
                                               "d192-noncausal", "fp16-causal"])
 def test_gpu_api_matches_reference(cfg):
     """The public API on a GPU (native kernels where the library serves them, else the
-    reference) against the fp32 reference, forward and backward."""
+    reference) against the fp32 reference, forward and backward, on zero-mean inputs.
+
+    The native forward rounds P to the input dtype before P.V (SPEC.md numerics): its
+    element-wise oracle is the reference with p_dtype set, and it must also stay within
+    SPEC's cosine bound of the exact fp32 result. Against the exact oracle alone, rows
+    with a few keys and cancelling values fail the element rule by P's rounding alone
+    (seen on the H100: up to 17 of 30720 elements)."""
     lens_q, lens_k, h_q, h_k, d_qk, d_v, dtype, causal = cfg
     q, k, v, dout = (t.detach().cuda() for t in _inputs(cfg, seed=7))
     for t in (q, k, v):
@@ -190,13 +196,20 @@ def test_gpu_api_matches_reference(cfg):
     cu_q, cu_k = _cu(lens_q).cuda(), _cu(lens_k).cuda()
     out, lse = flash_mla.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k),
                                                 causal=causal)
+    native_fwd = dispatch.last_backend("dense_prefill_fwd") == "native"
     out.backward(dout)
     assert lse.stride(0) == 1 and out.dtype == dtype
     scale = d_qk ** -0.5
     ref_out, ref_lse = reference.mha_prefill_fwd(q.detach(), k.detach(), v.detach(), cu_q, cu_k,
-                                                 scale, causal)
+                                                 scale, causal, p_dtype=dtype if native_fwd else None)
     check_op_close("mha_prefill", "out", out, ref_out)
     check_op_close("mha_prefill", "lse", lse, ref_lse)
+    if native_fwd:
+        exact_out, _ = reference.mha_prefill_fwd(q.detach(), k.detach(), v.detach(), cu_q, cu_k,
+                                                 scale, causal)
+        cos_tol = TOLERANCES["mha_prefill"]["out"][2]
+        report = compare(out, exact_out, abs_tol=0.0, rel_tol=0.0, cos_tol=cos_tol, name="out vs exact")
+        assert report.cos_diff <= cos_tol and report.num_special_mismatch == 0, report.message
     dq, dk, dv = reference.mha_prefill_bwd(dout, q.detach(), k.detach(), v.detach(), out.detach(),
                                            lse.detach(), cu_q, cu_k, scale, causal)
     check_op_close("mha_prefill", "dq", q.grad, dq)
