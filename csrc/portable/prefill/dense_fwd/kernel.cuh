@@ -533,28 +533,14 @@ void launch_dense_prefill_fwd_mask(const DensePrefillFwdParams& params) {
   }
 }
 
-}  // namespace flash_mla::portable::dense_fwd
-
-#include "kernel_4x32.cuh"  // the 4 warps x 32 rows CTA; uses the helpers above
-
-namespace flash_mla::portable::dense_fwd {
-
 template <DType kDType, int kDQK, int kDV>
-void run_dense_prefill_fwd(const DensePrefillFwdParams& params, CtaLayout layout) {
+void run_dense_prefill_fwd(const DensePrefillFwdParams& params, int num_warps) {
   using Elem = typename std::conditional<kDType == DType::kBF16, BF16, FP16>::type;
-  // The 4-warp CTAs exist for d_qk <= 128 only (config.h: choose_layout); at
-  // d = 192 they were slower, spilled or overflow 99 KB, so they are not instantiated.
+  // The 4-warp CTA exists for d_qk <= 128 only (config.h: choose_num_warps); at
+  // d = 192 it was slower and spills on sm_90, so it is not even instantiated.
   if constexpr (kDQK <= 128) {
-    if (layout == CtaLayout::kWarps4) {
+    if (num_warps == 4) {
       launch_dense_prefill_fwd_mask<Elem, kDQK, kDV, 4>(params);
-      return;
-    }
-    if (layout == CtaLayout::kWarps4x32) {
-      if (params.is_causal) {
-        launch_dense_prefill_fwd_4x32<Elem, kDQK, kDV, true>(params);
-      } else {
-        launch_dense_prefill_fwd_4x32<Elem, kDQK, kDV, false>(params);
-      }
       return;
     }
   }
