@@ -293,7 +293,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--plot", type=Path, help="only draw the PNG from an existing JSON")
     parser.add_argument("--ours-only", action="store_true",
                         help="skip the SDPA baselines (A/B runs of this library's variants; "
-                             "FLASH_MLA_DENSE_FWD_WARPS=8|4 picks the forward's warp layout)")
+                             "FLASH_MLA_DENSE_FWD_WARPS=8|4|4x32 picks the forward's warp layout)")
     args = parser.parse_args(argv)
 
     if args.plot is not None:

@@ -48,6 +48,12 @@ FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d64_w4, "dense_prefill_fwd", "bf16 d64 
 FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d64_w4, "dense_prefill_fwd", "fp16 d64 dv64 4 warps, causal|full", (kFwdSmem<64, 64, 4>), 128);
 FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d128_w4, "dense_prefill_fwd", "bf16 d128 dv128 4 warps, causal|full", (kFwdSmem<128, 128, 4>), 128);
 FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d128_w4, "dense_prefill_fwd", "fp16 d128 dv128 4 warps, causal|full", (kFwdSmem<128, 128, 4>), 128);
+template <int kDQK, int kDV>
+constexpr int kFwdSmem4x32 = fwd::WideConfig<kDQK, kDV>::kSmemBytes;
+FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d64_w4x32, "dense_prefill_fwd", "bf16 d64 dv64 4 warps x 32 rows, causal|full", (kFwdSmem4x32<64, 64>), 128);
+FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d64_w4x32, "dense_prefill_fwd", "fp16 d64 dv64 4 warps x 32 rows, causal|full", (kFwdSmem4x32<64, 64>), 128);
+FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d128_w4x32, "dense_prefill_fwd", "bf16 d128 dv128 4 warps x 32 rows, causal|full", (kFwdSmem4x32<128, 128>), 128);
+FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d128_w4x32, "dense_prefill_fwd", "fp16 d128 dv128 4 warps x 32 rows, causal|full", (kFwdSmem4x32<128, 128>), 128);
 
 FLASH_MLA_REGISTER_OP(dense_prefill_fwd, "dense_prefill_fwd",
                       R"({"dtype": ["bf16", "fp16"], "head_dims": [[64, 64], [128, 128], [192, 128]]})");
@@ -225,34 +231,35 @@ DensePrefillFwdParams validate_dense_prefill_fwd(
 }
 
 template <DType kDType>
-void dispatch_head_dims(const DensePrefillFwdParams& p, int num_warps) {
+void dispatch_head_dims(const DensePrefillFwdParams& p, fwd::CtaLayout layout) {
   if (p.d_qk == 64) {
-    fwd::run_dense_prefill_fwd<kDType, 64, 64>(p, num_warps);
+    fwd::run_dense_prefill_fwd<kDType, 64, 64>(p, layout);
   } else if (p.d_qk == 128) {
-    fwd::run_dense_prefill_fwd<kDType, 128, 128>(p, num_warps);
+    fwd::run_dense_prefill_fwd<kDType, 128, 128>(p, layout);
   } else {
-    fwd::run_dense_prefill_fwd<kDType, 192, 128>(p, num_warps);
+    fwd::run_dense_prefill_fwd<kDType, 192, 128>(p, layout);
   }
 }
 
-// Warps per CTA for `device` and d_qk (config.h: choose_num_warps). The environment
-// variable FLASH_MLA_DENSE_FWD_WARPS=8|4 forces one, so both are tested on one GPU
-// (the 8-warp CTA, sm_120's, is validated on Hopper that way; 4 applies to d_qk <=
-// 128 only); it is read on every call, no process-wide state.
-int num_warps_for(int device, int d_qk) {
+// CTA layout for `device`, d_qk and the mask (config.h: choose_layout). The environment
+// variable FLASH_MLA_DENSE_FWD_WARPS=8|4|4x32 forces one, so all are tested on one
+// GPU (the 8-warp CTA, sm_120's, is validated on Hopper that way; 4 and 4x32 apply
+// to d_qk <= 128 only); it is read on every call, no process-wide state.
+fwd::CtaLayout layout_for(int device, int d_qk, bool is_causal) {
   const char* forced = std::getenv("FLASH_MLA_DENSE_FWD_WARPS");
   if (forced != nullptr && forced[0] != '\0') {
     const std::string value(forced);
-    if (value == "8") return 8;
-    if (value == "4") return 4;
-    TVM_FFI_THROW(ValueError) << "FLASH_MLA_DENSE_FWD_WARPS must be 8 or 4 (or unset), got '"
+    if (value == "8") return fwd::CtaLayout::kWarps8;
+    if (value == "4") return fwd::CtaLayout::kWarps4;
+    if (value == "4x32") return fwd::CtaLayout::kWarps4x32;
+    TVM_FFI_THROW(ValueError) << "FLASH_MLA_DENSE_FWD_WARPS must be 8, 4 or 4x32 (or unset), got '"
                               << value << "'";
   }
   int smem_per_sm = 0;
   DeviceGuard::check(
       cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
       "cudaDeviceGetAttribute(MaxSharedMemoryPerMultiprocessor)");
-  return fwd::choose_num_warps(smem_per_sm, d_qk);
+  return fwd::choose_layout(smem_per_sm, d_qk, is_causal);
 }
 
 void dense_prefill_fwd(TensorView workspace, TensorView q, TensorView k, TensorView v,
@@ -270,11 +277,11 @@ void dense_prefill_fwd(TensorView workspace, TensorView q, TensorView k, TensorV
   cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, device);
   p.stream = current_stream(device);
 
-  const int num_warps = num_warps_for(device, p.d_qk);
+  const fwd::CtaLayout layout = layout_for(device, p.d_qk, p.is_causal);
   if (p.dtype == DType::kBF16) {
-    dispatch_head_dims<DType::kBF16>(p, num_warps);
+    dispatch_head_dims<DType::kBF16>(p, layout);
   } else {
-    dispatch_head_dims<DType::kFP16>(p, num_warps);
+    dispatch_head_dims<DType::kFP16>(p, layout);
   }
   check_launch("dense_prefill_fwd");
 }

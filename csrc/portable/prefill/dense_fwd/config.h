@@ -14,7 +14,7 @@ constexpr int kElemBytes = 2;  // bf16 / fp16
 
 // Each warp owns one m16 slab of query rows (16 rows), so softmax statistics
 // never cross warps. A CTA has kNumWarps warps and kBlockM = 16 * kNumWarps rows;
-// the per-warp code is the same for both sizes:
+// the per-warp code is the same for both 16-row sizes:
 //  - 8 warps, 128 rows: for GPUs with ~100 KB of shared memory per SM (sm_120/121,
 //    sm_86/89), where one CTA fits per SM and needs 8 warps to hide latency.
 //  - 4 warps, 64 rows: for GPUs with >= 160 KB per SM (sm_80, sm_90, sm_100) and
@@ -23,12 +23,29 @@ constexpr int kElemBytes = 2;  // bf16 / fp16
 //    MMAs; with one 8-warp CTA per SM all warps meet at every tile's barrier. On an
 //    H100 this was 3-6% faster at d = 128 and up to 12% slower at d = 192 (twice
 //    the K/V tile loads per query row), so d = 192 keeps 8 warps (docs/mha_fwd.md).
-// 4 warps x 32 rows (FA2's layout, fewer K/V re-reads) was built and measured too:
-// 255 registers with 108-200 bytes of spills on sm_90 at d >= 128, no faster.
+//  - 4 warps x 32 rows, 128 rows ("4x32", FA2's layout; WideConfig below): each
+//    warp owns two m16 slabs, so every K/V ldmatrix fragment feeds two MMAs. Q stays
+//    in shared memory and is re-read with ldmatrix per k-step (holding it in
+//    registers as well spilled on sm_90 at d >= 128). d_qk <= 128 only.
 constexpr int kMinSmemPerSmForFourWarps = 160 * 1024;
 
-inline int choose_num_warps(int smem_per_sm, int d_qk) {
-  return smem_per_sm >= kMinSmemPerSmForFourWarps && d_qk <= 128 ? 4 : 8;
+// The 4x32 CTA takes 96 KB at d = 128; two per SM (their barriers drift apart, as
+// with the 4-warp CTA) need 2 x (96 KB + 1 KB reserved): H100/H200 (228 KB), not
+// A100 (164 KB). On an H100 it beat the 4-warp CTA at d = 128 without a mask
+// (+2.5-5%); with the causal mask it was +3% at h = 128/128 but -3% at h = 32/4
+// (128-row blocks mask more of the diagonal and leave a longer tail), so it is
+// chosen for non-causal d = 128 only. d = 64 was not measured and keeps 4 warps.
+constexpr int kMinSmemPerSmFor4x32 = 2 * (96 + 1) * 1024;
+
+// CTA layouts (FLASH_MLA_DENSE_FWD_WARPS=8|4|4x32 forces one; csrc/api).
+enum class CtaLayout : int { kWarps8 = 8, kWarps4 = 4, kWarps4x32 = 432 };
+
+inline CtaLayout choose_layout(int smem_per_sm, int d_qk, bool is_causal) {
+  if (smem_per_sm >= kMinSmemPerSmFor4x32 && d_qk == 128 && !is_causal) {
+    return CtaLayout::kWarps4x32;
+  }
+  return smem_per_sm >= kMinSmemPerSmForFourWarps && d_qk <= 128 ? CtaLayout::kWarps4
+                                                                  : CtaLayout::kWarps8;
 }
 
 template <int kDQK, int kDV, int kNumWarps_>
@@ -59,7 +76,7 @@ struct Config {
 
   // d = 192, 8 warps: Q 48 KB + one stage (24 KB K + 16 KB V) = 88 KB = 90112 B:
   // two K/V stages fit only because Q shares its bytes with stage 1. A separate Q
-  // buffer would need 128 KB. (No 4-warp CTA at d = 192: see choose_num_warps.)
+  // buffer would need 128 KB. (No 4-warp CTA at d = 192: see choose_layout.)
   static_assert(kSmemBytes <= kMaxSmemPerBlockSm120, "forward tile exceeds sm_120's 99 KB");
   static_assert(kOBytes <= kSmemBytes, "output staging must fit in the K/V buffers");
 };
@@ -69,6 +86,39 @@ static_assert(Config<128, 128, 8>::kSmemBytes == 65536, "d=128 budget as documen
 static_assert(Config<64, 64, 8>::kSmemBytes == 32768, "d=64 budget as documented");
 static_assert(Config<128, 128, 4>::kSmemBytes == 65536, "d=128 budget as documented");
 static_assert(Config<64, 64, 4>::kSmemBytes == 32768, "d=64 budget as documented");
+
+// 4 warps x 32 rows. Q has its own buffer (it is re-read every tile):
+//   [0, kQBytes)                          Q tile [128][d_qk]
+//   [kStage0Offset, +kStageBytes)         stage 0 (K tile, then V tile)
+//   [kStage1Offset, +kStageBytes)         stage 1
+//   [0, kOBytes)                          output staging, aliased after the last tile
+// d = 128: 32768 + 2 x 32768 = 98304 B (fits sm_120's 99 KB; two CTAs per H100 SM).
+// d = 192 would need 49152 + 2 x 40960 = 131072 B: not built.
+template <int kDQK, int kDV>
+struct WideConfig {
+  static_assert(kDQK <= 128, "the 4x32 CTA is built for d_qk <= 128 only");
+  static constexpr int kNumWarps = 4;
+  static constexpr int kThreads = 128;
+  static constexpr int kSlabs = 2;  // m16 slabs per warp
+  static constexpr int kBlockM = 16 * kSlabs * kNumWarps;
+  static constexpr int kHeadDimQK = kDQK;
+  static constexpr int kHeadDimV = kDV;
+  static constexpr int kQBytes = kBlockM * kDQK * kElemBytes;
+  static constexpr int kKTileBytes = kBlockN * kDQK * kElemBytes;
+  static constexpr int kVTileBytes = kBlockN * kDV * kElemBytes;
+  static constexpr int kStageBytes = kKTileBytes + kVTileBytes;
+  static constexpr int kStage0Offset = kQBytes;
+  static constexpr int kStage1Offset = kQBytes + kStageBytes;
+  static constexpr int kOBytes = kBlockM * kDV * kElemBytes;
+  static constexpr int kSmemBytes = kQBytes + 2 * kStageBytes;
+  static_assert(kSmemBytes <= kMaxSmemPerBlockSm120, "forward tile exceeds sm_120's 99 KB");
+  static_assert(kOBytes <= kSmemBytes, "output staging must fit in the Q/K/V buffers");
+};
+
+static_assert(WideConfig<128, 128>::kSmemBytes == 98304, "d=128 4x32 budget as documented");
+static_assert(2 * (WideConfig<128, 128>::kSmemBytes + 1024) <= kMinSmemPerSmFor4x32,
+              "choose_layout's threshold must admit two 4x32 CTAs per SM");
+static_assert(WideConfig<64, 64>::kSmemBytes == 49152, "d=64 4x32 budget as documented");
 
 // Grid: x = query blocks of the longest sequence, y = query heads, z = sequences.
 // gridDim.y and gridDim.z are limited to 65535.

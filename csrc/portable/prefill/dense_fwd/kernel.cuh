@@ -8,7 +8,8 @@
 //   config.h says which GPUs get which); warp w owns query rows [16w, 16w + 16) of
 //   the block; its Q fragments (d_qk / 16 x 4 registers), the S tile (16 x 64 fp32)
 //   and the O accumulator (16 x d_v fp32) stay in registers. Rows never cross
-//   warps, so the online softmax needs only quad shuffles.
+//   warps, so the online softmax needs only quad shuffles. (The third layout, 4 warps
+//   x 32 rows with Q in shared memory, is kernel_4x32.cuh, included at the end.)
 //
 // Global memory. q/k/v rows are 16-byte aligned with arbitrary (multiple of 8
 // elements) row and head strides; the last dim is contiguous. K/V tiles of 64
@@ -333,7 +334,12 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
         // A row that has seen no key yet keeps max -inf; its exponent reference
         // is then 0, so 2^(-inf - ref) = 0, never NaN.
         ref[r] = tile_max == kNegInf ? 0.f : tile_max * scale_log2;
-        correction[r] = exp2_approx(row_max[r] * scale_log2 - ref[r]);
+        // An unchanged max must rescale by exactly 1: the compiler fuses
+        // row_max * c - ref into one FMA, whose result is the rounding residual of
+        // ref, so exp2 would give ~1 + 1e-7 on every tile and the drift compounds
+        // (1.6e-5 relative in lse over 70000 keys on the H100, half of SPEC's
+        // 2.01/65536; 128k keys would exceed it).
+        correction[r] = tile_max == row_max[r] ? 1.f : exp2_approx(row_max[r] * scale_log2 - ref[r]);
         row_max[r] = tile_max;
       }
     };
@@ -533,14 +539,28 @@ void launch_dense_prefill_fwd_mask(const DensePrefillFwdParams& params) {
   }
 }
 
+}  // namespace flash_mla::portable::dense_fwd
+
+#include "kernel_4x32.cuh"  // the 4 warps x 32 rows CTA; uses the helpers above
+
+namespace flash_mla::portable::dense_fwd {
+
 template <DType kDType, int kDQK, int kDV>
-void run_dense_prefill_fwd(const DensePrefillFwdParams& params, int num_warps) {
+void run_dense_prefill_fwd(const DensePrefillFwdParams& params, CtaLayout layout) {
   using Elem = typename std::conditional<kDType == DType::kBF16, BF16, FP16>::type;
-  // The 4-warp CTA exists for d_qk <= 128 only (config.h: choose_num_warps); at
-  // d = 192 it was slower and spills on sm_90, so it is not even instantiated.
+  // The 4-warp CTAs exist for d_qk <= 128 only (config.h: choose_layout); at
+  // d = 192 they were slower, spilled or overflow 99 KB, so they are not instantiated.
   if constexpr (kDQK <= 128) {
-    if (num_warps == 4) {
+    if (layout == CtaLayout::kWarps4) {
       launch_dense_prefill_fwd_mask<Elem, kDQK, kDV, 4>(params);
+      return;
+    }
+    if (layout == CtaLayout::kWarps4x32) {
+      if (params.is_causal) {
+        launch_dense_prefill_fwd_4x32<Elem, kDQK, kDV, true>(params);
+      } else {
+        launch_dense_prefill_fwd_4x32<Elem, kDQK, kDV, false>(params);
+      }
       return;
     }
   }

@@ -3,6 +3,6 @@
 #include "../kernel.cuh"
 
 namespace flash_mla::portable::dense_fwd {
-template void run_dense_prefill_fwd<DType::kBF16, 64, 64>(const DensePrefillFwdParams&, int);
-template void run_dense_prefill_fwd<DType::kFP16, 64, 64>(const DensePrefillFwdParams&, int);
+template void run_dense_prefill_fwd<DType::kBF16, 64, 64>(const DensePrefillFwdParams&, CtaLayout);
+template void run_dense_prefill_fwd<DType::kFP16, 64, 64>(const DensePrefillFwdParams&, CtaLayout);
 }  // namespace flash_mla::portable::dense_fwd
