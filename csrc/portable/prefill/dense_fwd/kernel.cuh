@@ -333,13 +333,15 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
         tile_max = quad_max(tile_max);
         // A row that has seen no key yet keeps max -inf; its exponent reference
         // is then 0, so 2^(-inf - ref) = 0, never NaN.
-        ref[r] = tile_max == kNegInf ? 0.f : tile_max * scale_log2;
-        // An unchanged max must rescale by exactly 1: the compiler fuses
-        // row_max * c - ref into one FMA, whose result is the rounding residual of
-        // ref, so exp2 would give ~1 + 1e-7 on every tile and the drift compounds
+        // An unchanged max must rescale by exactly 1. Written plainly, the compiler
+        // fuses row_max * c - ref into one FMA whose result is the rounding residual
+        // of ref, so exp2 gives ~1 + 1e-7 on every tile and the drift compounds
         // (1.6e-5 relative in lse over 70000 keys on the H100, half of SPEC's
-        // 2.01/65536; 128k keys would exceed it).
-        correction[r] = tile_max == row_max[r] ? 1.f : exp2_approx(row_max[r] * scale_log2 - ref[r]);
+        // 2.01/65536; 128k keys would exceed it). __fmul_rn forbids the fusion, so
+        // equal maxima give exactly 0 and 2^0 = 1, at no register cost (a select
+        // here made the 8-warp d=128 kernel spill).
+        ref[r] = tile_max == kNegInf ? 0.f : __fmul_rn(tile_max, scale_log2);
+        correction[r] = exp2_approx(__fmul_rn(row_max[r], scale_log2) - ref[r]);
         row_max[r] = tile_max;
       }
     };
