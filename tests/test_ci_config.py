@@ -5,32 +5,16 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 
+from tests._tools import require_tool
+
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW = REPO / ".github" / "workflows" / "wheels.yml"
 CIBW_CONFIG = REPO / "ci" / "cibuildwheel.toml"
-
-
-def require_tool(name: str) -> str:
-    """Path of a tool installed by scripts/test.sh; a failure under CI, else a skip."""
-    scripts_dir = Path(sysconfig.get_path("scripts"))
-    for candidate in (scripts_dir / name, scripts_dir / f"{name}.exe"):
-        if candidate.is_file():
-            return str(candidate)
-    found = shutil.which(name)
-    if found:
-        return found
-    message = f"{name} is not installed; scripts/test.sh installs it (requirements/test.txt)"
-    if os.environ.get("CI") and not (name == "cibuildwheel" and sys.version_info < (3, 11)):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def load_config() -> dict:
@@ -77,7 +61,7 @@ def test_actionlint_rejects_a_planted_mistake(tmp_path):
 @pytest.mark.parametrize("platform,expected", [("linux", "cp312-manylinux_x86_64"),
                                                ("windows", "cp312-win_amd64")])
 def test_cibuildwheel_builds_exactly_one_identifier(platform, expected):
-    cibuildwheel = require_tool("cibuildwheel")
+    cibuildwheel = require_tool("cibuildwheel", min_python=(3, 11))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CIBW_")}
     proc = subprocess.run([cibuildwheel, "--print-build-identifiers", "--platform", platform,
                            "--config-file", str(CIBW_CONFIG), str(REPO)],

@@ -26,9 +26,11 @@ class Block(torch.nn.Module):
         return out * 2 + 1, lse
 
 
-def test_compile_fullgraph_matches_eager():
+def _compiled_then_eager(q, k, v, cu_q, cu_k):
+    """Block compiled (aot_eager, fullgraph) and eager on the same leaves, each followed by a
+    backward of out.sum(). Returns ((out, lse, grads) compiled, (out, lse) eager); the eager
+    gradients are left in q.grad, k.grad, v.grad."""
     torch._dynamo.reset()
-    q, k, v, cu_q, cu_k = _inputs()
     compiled = torch.compile(Block(), backend="aot_eager", fullgraph=True)
     out_c, lse_c = compiled(q, k, v, cu_q, cu_k)
     out_c.float().sum().backward()
@@ -37,6 +39,12 @@ def test_compile_fullgraph_matches_eager():
         t.grad = None
     out_e, lse_e = Block()(q, k, v, cu_q, cu_k)
     out_e.float().sum().backward()
+    return (out_c, lse_c, grads_c), (out_e, lse_e)
+
+
+def test_compile_fullgraph_matches_eager():
+    q, k, v, cu_q, cu_k = _inputs()
+    (out_c, lse_c, grads_c), (out_e, lse_e) = _compiled_then_eager(q, k, v, cu_q, cu_k)
     assert torch.equal(out_c, out_e)
     assert torch.equal(lse_c, lse_e) and lse_c.stride() == lse_e.stride() == (1, 12)
     for a, t in zip(grads_c, (q, k, v)):
@@ -93,18 +101,10 @@ def test_dynamic_shapes_do_not_recompile_per_total_length():
 
 @pytest.mark.gpu
 def test_compile_on_gpu_matches_eager():
-    torch._dynamo.reset()
     q, k, v, cu_q, cu_k = (t.detach().cuda() for t in _inputs(seed=3))
     for t in (q, k, v):
         t.requires_grad_(True)
-    compiled = torch.compile(Block(), backend="aot_eager", fullgraph=True)
-    out_c, lse_c = compiled(q, k, v, cu_q, cu_k)
-    out_c.float().sum().backward()
-    grads_c = [t.grad.clone() for t in (q, k, v)]
-    for t in (q, k, v):
-        t.grad = None
-    out_e, lse_e = Block()(q, k, v, cu_q, cu_k)
-    out_e.float().sum().backward()
+    (out_c, lse_c, grads_c), (out_e, lse_e) = _compiled_then_eager(q, k, v, cu_q, cu_k)
     assert torch.equal(out_c, out_e) and torch.equal(lse_c, lse_e)
     # dk/dv are bit-deterministic; dq may use atomics in the native backward
     for a, t in zip(grads_c[1:], (k, v)):

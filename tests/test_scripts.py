@@ -9,12 +9,12 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 
 from flash_mla_build.__main__ import COMMANDS
+from tests._tools import require_tool
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
@@ -22,22 +22,6 @@ PS1_FILES = sorted(list(SCRIPTS.glob("*.ps1")) + list((REPO / "ci").glob("*.ps1"
 SH_FILES = sorted(list(SCRIPTS.glob("*.sh")) + list((REPO / "ci").glob("*.sh")))
 # wrapper stem -> the flash_mla_build subcommand it must call
 WRAPPERS = {"check_env": "check-env", "build": "build", "smoke": "smoke", "test": "test"}
-
-
-def require_tool(name: str) -> str:
-    """Path of a test tool installed by scripts/test.sh. Missing: a failure under CI
-    (CI=true; the test script installs it), else a skip that names the fix."""
-    scripts_dir = Path(sysconfig.get_path("scripts"))
-    for candidate in (scripts_dir / name, scripts_dir / f"{name}.exe"):
-        if candidate.is_file():
-            return str(candidate)
-    found = shutil.which(name)
-    if found:
-        return found
-    message = f"{name} is not installed; scripts/test.sh installs it (requirements/test.txt)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def powershell_parser():
