@@ -5,6 +5,9 @@ at SPEC.md's "MHA prefill out, dq, dk, dv" tolerances through
 flash_mla.testing.check_op_close: abs 1e-3 OR rel 8.01/128 per element,
 cos_diff <= 7e-6, and the +inf/NaN pattern must match exactly.
 
+Every test runs with each main-kernel CTA (FLASH_MLA_DENSE_BWD_WARPS=8, sm_120's, and
+4, the default where two 82 KB CTAs fit an SM; d = 192 always runs 8 warps).
+
 The forward output and lse come from the fp32 reference forward (out cast to the
 input dtype), so these tests do not depend on the native forward; one end-to-end
 case uses the native forward when the library has it.
@@ -32,6 +35,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 HEAD_DIMS = [(64, 64), (128, 128), (192, 128)]
 HEADS = {"mha": (4, 4), "mqa": (8, 1), "gqa": (8, 2)}  # (h_q, h_k)
 NAN_PAD_ROWS = 3
+
+
+@pytest.fixture(params=["8", "4"], ids=["warps8", "warps4"], autouse=True)
+def warps_per_cta(request, monkeypatch):
+    """The library reads FLASH_MLA_DENSE_BWD_WARPS on every call."""
+    monkeypatch.setenv("FLASH_MLA_DENSE_BWD_WARPS", request.param)
+    return request.param
 
 
 def _cu(lengths: Sequence[int]) -> torch.Tensor:
@@ -255,3 +265,10 @@ def test_workspace_bytes_formula():
         delta = math.ceil(h_q * (math.ceil(total_q / 64) * 64) * 4 / 256) * 256
         acc = math.ceil(total_q * h_q * d_qk * 4 / 256) * 256
         assert ws_bytes(1, total_q, 5, h_q, 1, d_qk, 128) == delta + acc
+
+
+def test_unknown_layout_variable_raises(monkeypatch):
+    monkeypatch.setenv("FLASH_MLA_DENSE_BWD_WARPS", "16")
+    pb = Problem([5], [5], 2, 2, 64, 64, torch.bfloat16, False, seed=7)
+    with pytest.raises(ValueError, match=r"FLASH_MLA_DENSE_BWD_WARPS must be 8 or 4.*'16'"):
+        _run_bwd(pb)

@@ -14,13 +14,14 @@
 // is_varlen is accepted for FlashMLA compatibility; the sequences are always
 // the ones cu_seqlens_q / cu_seqlens_kv describe (a fixed-length batch is the
 // special case of evenly spaced offsets).
-#include <cstdint>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include <cuda_runtime.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
-#include <tvm/ffi/extra/c_env_api.h>
 #include <tvm/ffi/function.h>
 
 #include "../common/kernel_registry.h"
@@ -28,6 +29,7 @@
 #include "../portable/prefill/dense_bwd/config.h"
 #include "../portable/prefill/dense_bwd/kernel.h"
 #include "checks.h"
+#include "launch.h"
 
 namespace flash_mla::api {
 
@@ -204,14 +206,42 @@ DensePrefillBwdParams validate_dense_prefill_bwd(
 }
 
 template <typename Elem>
-void dispatch_head_dims(const DensePrefillBwdParams& p) {
+void dispatch_head_dims(const DensePrefillBwdParams& p, bwd::BwdLayout layout) {
   if (p.d_qk == 64) {
-    bwd::run_dense_prefill_bwd<Elem, 64, 64>(p);
+    bwd::run_dense_prefill_bwd<Elem, 64, 64>(p, layout);
   } else if (p.d_qk == 128) {
-    bwd::run_dense_prefill_bwd<Elem, 128, 128>(p);
+    bwd::run_dense_prefill_bwd<Elem, 128, 128>(p, layout);
   } else {
-    bwd::run_dense_prefill_bwd<Elem, 192, 128>(p);
+    bwd::run_dense_prefill_bwd<Elem, 192, 128>(p, layout);
   }
+}
+
+// Main-kernel CTA for `device` and the problem (config.h: choose_layout). The environment
+// variable FLASH_MLA_DENSE_BWD_WARPS=8|4 forces one, so both are tested on one GPU
+// (the 8-warp CTA, sm_120's, is validated on Hopper that way; 4 applies to
+// d_qk <= 128 only, d_qk = 192 always runs 8 warps); read on every call.
+bwd::BwdLayout layout_for(int device, int d_qk, bool is_causal, int group) {
+  int smem_per_sm = 0;
+  DeviceGuard::check(
+      cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
+      "cudaDeviceGetAttribute(MaxSharedMemoryPerMultiprocessor)");
+  const char* forced = std::getenv("FLASH_MLA_DENSE_BWD_WARPS");
+  if (forced != nullptr && forced[0] != '\0') {
+    const std::string value(forced);
+    if (value == "8") return bwd::BwdLayout::kWarps8;
+    if (value == "4") {
+      if (smem_per_sm < bwd::kMinSmemPerSmFor4Warps) {
+        TVM_FFI_THROW(ValueError)
+            << "FLASH_MLA_DENSE_BWD_WARPS=4 needs a GPU with at least "
+            << bwd::kMinSmemPerSmFor4Warps << " bytes of shared memory per SM (two 4-warp "
+            << "CTAs), this one has " << smem_per_sm;
+      }
+      return bwd::BwdLayout::kWarps4;
+    }
+    TVM_FFI_THROW(ValueError) << "FLASH_MLA_DENSE_BWD_WARPS must be 8 or 4 (or unset), got '"
+                              << value << "'";
+  }
+  return bwd::choose_layout(smem_per_sm, d_qk, is_causal, group);
 }
 
 }  // namespace
@@ -226,23 +256,18 @@ void dense_prefill_bwd(TensorView workspace, TensorView dout, TensorView q, Tens
       workspace, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_kv, dq, dk, dv,
       mask_mode_code, softmax_scale, max_seqlen_q, max_seqlen_kv);
   const int device = q.device().device_id;
-  int current = 0;
-  cudaGetDevice(&current);
-  if (current != device) cudaSetDevice(device);
+  DeviceGuard guard(device);
   cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, device);
-  p.stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+  p.stream = current_stream(device);
 
+  const bwd::BwdLayout layout =
+      layout_for(device, p.d_qk, p.is_causal, p.h_k > 0 ? p.h_q / p.h_k : 1);
   if (p.dtype == DType::kBF16) {
-    dispatch_head_dims<portable::BF16>(p);
+    dispatch_head_dims<portable::BF16>(p, layout);
   } else {
-    dispatch_head_dims<portable::FP16>(p);
+    dispatch_head_dims<portable::FP16>(p, layout);
   }
-  const cudaError_t err = cudaGetLastError();
-  if (current != device) cudaSetDevice(current);
-  if (err != cudaSuccess) {
-    TVM_FFI_THROW(RuntimeError) << "dense_prefill_bwd kernel launch failed: "
-                                << cudaGetErrorString(err);
-  }
+  check_launch("dense_prefill_bwd");
 }
 
 int64_t dense_prefill_bwd_workspace_bytes(int64_t batch, int64_t total_q, int64_t total_k,
@@ -286,6 +311,19 @@ FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main_fp16_d128, "dense_prefill_bwd",
 FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main_fp16_d192, "dense_prefill_bwd",
                           "main fp16 d_qk192 d_v128", (bwd_cfg::Config<192, 128>::kSmemBytes),
                           bwd_cfg::kThreads);
+// The 4-warp main kernels (d_qk <= 128; Config4).
+FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main4_bf16_d64, "dense_prefill_bwd",
+                          "main 4-warp bf16 d_qk64 d_v64", (bwd_cfg::Config4<64, 64>::kSmemBytes),
+                          bwd_cfg::k4Threads);
+FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main4_bf16_d128, "dense_prefill_bwd",
+                          "main 4-warp bf16 d_qk128 d_v128",
+                          (bwd_cfg::Config4<128, 128>::kSmemBytes), bwd_cfg::k4Threads);
+FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main4_fp16_d64, "dense_prefill_bwd",
+                          "main 4-warp fp16 d_qk64 d_v64", (bwd_cfg::Config4<64, 64>::kSmemBytes),
+                          bwd_cfg::k4Threads);
+FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main4_fp16_d128, "dense_prefill_bwd",
+                          "main 4-warp fp16 d_qk128 d_v128",
+                          (bwd_cfg::Config4<128, 128>::kSmemBytes), bwd_cfg::k4Threads);
 FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_preprocess, "dense_prefill_bwd",
                           "preprocess delta (all dtypes, head dims)", 0,
                           bwd_cfg::kPreprocessThreads);

@@ -112,6 +112,85 @@ static_assert(Config<128, 128>::kSmemBytes == (kCompensatedDS ? 98816 : 82432), 
 static_assert(Config<64, 64>::kSmemBytes == (kCompensatedDS ? 66048 : 49664), "d=64 budget");
 
 
+// ---------------------------------------------------------------------------
+// The 4-warp CTA (kernel_4warp.cuh): same 64 x 64 step, same grid, masks and
+// workspace; warp w owns keys 16w .. 16w + 15 for S^T, dP^T, dV and dK, so P^T and
+// dS^T feed dV and dK straight from registers (the mma C layout is the next mma's A
+// layout) and only dS^T goes through shared memory (for dQ). Two CTAs share an SM
+// where shared memory allows (H100/H200: 2 x 82 KB at d = 128); their barriers
+// drift apart, so one CTA's loads and exp2 overlap the other's MMAs. d <= 128 only:
+// at d = 192 the dK accumulator alone is 96 registers per thread.
+// ---------------------------------------------------------------------------
+constexpr int k4Warps = 4;
+constexpr int k4Threads = k4Warps * 32;
+static_assert(k4Warps * 16 == kBlockN, "4-warp CTA: one 16-key slab per warp");
+
+template <int kDQK, int kDV>
+struct Config4 {
+  static_assert((kDQK == 64 && kDV == 64) || (kDQK == 128 && kDV == 128),
+                "the 4-warp backward serves (d_qk, d_v) = (64, 64) and (128, 128)");
+  // Shared-memory byte layout (XOR-swizzled 16-bit tiles, as Config):
+  //   kOffK, kOffV   K [kBlockN, d_qk], V [kBlockN, d_v]: resident; dK / dV staging at the end
+  //   kOffQ, kOffDO  Q [kBlockM, d_qk], dO [kBlockM, d_v]: one query block per step
+  //   kOffDS         dS^T hi [kBlockN, kBlockM] (the only product that crosses warps: dQ)
+  //   kOffDSLo       dS^T lo (kCompensatedDS only)
+  //   kOffLse, kOffDelta  fp32 [kBlockM] each
+  static constexpr int kKBytes = kBlockN * kDQK * kElemBytes;
+  static constexpr int kVBytes = kBlockN * kDV * kElemBytes;
+  static constexpr int kQBytes = kBlockM * kDQK * kElemBytes;
+  static constexpr int kDOBytes = kBlockM * kDV * kElemBytes;
+  static constexpr int kDSBytes = kBlockN * kBlockM * kElemBytes;
+  static constexpr int kOffK = 0;
+  static constexpr int kOffV = kOffK + kKBytes;
+  static constexpr int kOffQ = kOffV + kVBytes;
+  static constexpr int kOffDO = kOffQ + kQBytes;
+  static constexpr int kOffDS = kOffDO + kDOBytes;
+  static constexpr int kOffDSLo = kOffDS + kDSBytes;
+  static constexpr int kOffLse = kOffDSLo + (kCompensatedDS ? kDSBytes : 0);
+  static constexpr int kOffDelta = kOffLse + kBlockM * 4;
+  static constexpr int kSmemBytes = kOffDelta + kBlockM * 4;
+  static_assert(kSmemBytes <= kMaxSmemPerBlockSm120, "4-warp backward tile exceeds 99 KB");
+  static_assert(kOffQ % 128 == 0 && kOffDO % 128 == 0 && kOffDS % 128 == 0 &&
+                    kOffDSLo % 128 == 0 && kOffLse % 16 == 0,
+                "tiles must start on 128-byte boundaries for the swizzle");
+  // dQ = dS K: warp w owns query rows 32 * (w % 2) .. +32 (two m16 slabs) and head
+  // dims (w / 2) * kDQCols .. +kDQCols.
+  // Queries per S^T / dP^T pass (kernel_4warp.cuh): the dK / dV accumulators take
+  // d registers per thread (128 at d = 128), so the 64 queries go in passes of 16
+  // at d = 128 (passes of 32 spilled 12-48 B on sm_90, nvcc 13.0) and 32 at d = 64
+  // (one pass of 64 spilled 32 B on sm_120f).
+  static constexpr int kPassM = kDQK == 64 ? 32 : 16;
+  static_assert(kBlockM % kPassM == 0 && kPassM % 16 == 0, "passes of whole k16 steps");
+  static constexpr int kDQCols = kDQK / 2;
+  // ... computed kDQPassCols at a time (fewer live accumulators; K fragments are
+  // read once either way, the dS^T fragments once per pass).
+  static constexpr int kDQPassCols = 32;
+  static_assert(kDQCols % kDQPassCols == 0, "dQ passes must tile the warp's head dims");
+};
+
+static_assert(Config4<128, 128>::kSmemBytes == (kCompensatedDS ? 82432 : 74240), "d=128 budget");
+static_assert(Config4<64, 64>::kSmemBytes == (kCompensatedDS ? 49664 : 41472), "d=64 budget");
+
+// CTA layouts (FLASH_MLA_DENSE_BWD_WARPS=8|4 forces one; csrc/api): the 4-warp CTA
+// where two fit an SM (2 x (82432 + 1024 reserved) B at d = 128: H100/H200, A100,
+// B200, not sm_120's 100 KB) and d <= 128, except causal GQA; the 8-warp CTA
+// otherwise. Measured on an H100 (bf16, b = 2, s = 4096 / 8192, d = 128): 4 warps
+// +6% without a mask, +8-11% causal at h 128/128, but 7-10% slower causal at h 32/4,
+// where a CTA loops over 8 query heads and the first key blocks' CTAs (the
+// longest: every query block sees them) set the end of the launch; d = 64:
+// +29-37%.
+enum class BwdLayout : int { kWarps8 = 8, kWarps4 = 4 };
+
+// Bytes of shared memory per SM that two 4-warp CTAs need (1 KB per CTA is reserved
+// by the hardware). The 4-warp kernel is only ever launched where they fit (it is
+// not built for sm_120, whose SMs have 100 KB: kernel_4warp.cuh).
+constexpr int kMinSmemPerSmFor4Warps = 2 * (Config4<128, 128>::kSmemBytes + 1024);
+
+inline BwdLayout choose_layout(int smem_per_sm, int d_qk, bool is_causal, int group) {
+  if (d_qk > 128 || (is_causal && group > 1)) return BwdLayout::kWarps8;
+  return smem_per_sm >= kMinSmemPerSmFor4Warps ? BwdLayout::kWarps4 : BwdLayout::kWarps8;
+}
+
 // One CTA (8 warps) per SM as the register cap: at two CTAs (128 registers per
 // thread) ptxas spills 48-612 bytes for d >= 128 (measured with -Xptxas -v,
 // sm_90, nvcc 13.0); uncapped the kernels use 160-245 registers and no spills.

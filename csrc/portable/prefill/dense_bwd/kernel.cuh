@@ -90,15 +90,16 @@ __device__ __forceinline__ int opaque(int x) {
 
 // Asynchronously copies a [kRows, kCols] tile (row r at gmem + r * row_stride)
 // into a swizzled shared tile; rows >= rows_valid become zeros and read nothing.
-template <int kRows, int kCols, typename Storage>
+// kCtaThreads threads (the whole CTA) share the copy.
+template <int kRows, int kCols, int kCtaThreads = kThreads, typename Storage>
 __device__ __forceinline__ void load_tile_async(uint32_t smem_tile, const Storage* gmem,
                                                 int64_t row_stride, int rows_valid, int tid) {
   constexpr int kChunksPerRow = kCols / 8;
   constexpr int kChunks = kRows * kChunksPerRow;
-  static_assert(kChunks % kThreads == 0, "tile chunks must split evenly over the CTA");
+  static_assert(kChunks % kCtaThreads == 0, "tile chunks must split evenly over the CTA");
 #pragma unroll
-  for (int i = 0; i < kChunks / kThreads; ++i) {
-    const int idx = i * kThreads + tid;
+  for (int i = 0; i < kChunks / kCtaThreads; ++i) {
+    const int idx = i * kCtaThreads + tid;
     const int r = idx / kChunksPerRow;
     const int c = (idx % kChunksPerRow) * 8;
     const bool valid = r < rows_valid;
@@ -109,15 +110,15 @@ __device__ __forceinline__ void load_tile_async(uint32_t smem_tile, const Storag
 
 // Writes the first rows_valid rows of a swizzled [kRows, kCols] shared tile to
 // global memory, 16 bytes per thread per access (coalesced along a row).
-template <int kRows, int kCols, typename Storage>
+template <int kRows, int kCols, int kCtaThreads = kThreads, typename Storage>
 __device__ __forceinline__ void store_tile(Storage* gmem, int64_t row_stride, int rows_valid,
                                            const uint8_t* smem_tile, int tid) {
   constexpr int kChunksPerRow = kCols / 8;
   constexpr int kChunks = kRows * kChunksPerRow;
-  static_assert(kChunks % kThreads == 0, "tile chunks must split evenly over the CTA");
+  static_assert(kChunks % kCtaThreads == 0, "tile chunks must split evenly over the CTA");
 #pragma unroll
-  for (int i = 0; i < kChunks / kThreads; ++i) {
-    const int idx = i * kThreads + tid;
+  for (int i = 0; i < kChunks / kCtaThreads; ++i) {
+    const int idx = i * kCtaThreads + tid;
     const int r = idx / kChunksPerRow;
     const int c = (idx % kChunksPerRow) * 8;
     if (r < rows_valid) {
@@ -266,6 +267,61 @@ __device__ __forceinline__ void store_split_to_smem(uint8_t* tile_hi, uint8_t* t
   }
 }
 
+// Issues the cp.async copies of query head h's block at row m0 of the sequence
+// (Q and dO tiles; rows past s_q become zeros) and stores its lse * log2(e) and
+// delta into shared memory (+inf / 0 past s_q). kCtaThreads threads share it.
+template <int kDQK, int kDV, int kCtaThreads, typename Storage>
+__device__ __forceinline__ void load_query_block(const DensePrefillBwdParams& p, uint32_t sQ,
+                                                 uint32_t sDO, float* s_lse, float* s_delta,
+                                                 int h, int m0, int s_q, int q_begin, int tid) {
+  const int m_valid = min(kBlockM, s_q - m0);
+  const int64_t row = q_begin + m0;
+  load_tile_async<kBlockM, kDQK, kCtaThreads>(
+      sQ, static_cast<const Storage*>(p.q) + row * p.q_row_stride + h * p.q_head_stride,
+      p.q_row_stride, m_valid, tid);
+  load_tile_async<kBlockM, kDV, kCtaThreads>(
+      sDO, static_cast<const Storage*>(p.dout) + row * p.dout_row_stride + h * p.dout_head_stride,
+      p.dout_row_stride, m_valid, tid);
+  if (tid < kBlockM) {
+    // Plain loads: a 4-byte cp.async variant measured 4% slower on an H100.
+    const bool valid = tid < m_valid;
+    const float* delta = static_cast<const float*>(p.workspace);
+    // +inf marks a row outside the sequence (or one that sees no key): P = 0.
+    const float lse = valid ? p.lse[h * p.lse_head_stride + row + tid] : INFINITY;
+    s_lse[tid] = lse * kLog2e;
+    s_delta[tid] = valid ? delta[h * delta_row_stride(p.total_q) + row + tid] : 0.f;
+  }
+}
+
+// In place: s (S^T = K Q^T, raw scores) becomes P^T = exp2(s * scale_log2 - lse2)
+// and dp (dP^T = V dO^T) becomes dS^T = P^T * (dP^T - delta), for a warp's
+// [16 keys from key_row0] x [kSTiles * 8 queries from s_col0] accumulators of the
+// step (query block m0, key block n0). Hidden elements get P = 0 (not exp2 of
+// -inf - lse); rows with lse = +inf (no visible key, or past the sequence) get
+// P = 0, never exp2(s - inf), which is NaN when s overflowed to +inf.
+template <typename Mask, int kSTiles>
+__device__ __forceinline__ void p_and_ds(float (&s)[kSTiles][4], float (&dp)[kSTiles][4],
+                                         int key_row0, int s_col0, int m0, int n0, int s_q,
+                                         int s_k, const float* s_lse, const float* s_delta,
+                                         float scale_log2, int lane) {
+  const int g = lane >> 2, t4 = lane & 3;
+  const bool check_mask = Mask::needs_mask(m0, n0, s_q, s_k);
+#pragma unroll
+  for (int j = 0; j < kSTiles; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = key_row0 + g + (e >> 1) * 8;
+      const int qr = s_col0 + j * 8 + t4 * 2 + (e & 1);
+      const float lse2 = s_lse[qr];
+      float pv = exp2_approx(fmaf(s[j][e], scale_log2, -lse2));
+      if (lse2 == INFINITY) pv = 0.f;
+      if (check_mask && !Mask::visible(m0 + qr, n0 + key, s_q, s_k)) pv = 0.f;
+      s[j][e] = pv;
+      dp[j][e] = pv * (dp[j][e] - s_delta[qr]);
+    }
+  }
+}
+
 template <typename Elem, int kDQK, int kDV, typename Mask>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     dense_bwd_main_kernel(const DensePrefillBwdParams p) {
@@ -303,10 +359,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   float* s_lse = reinterpret_cast<float*>(smem + Cfg::kOffLse);
   float* s_delta = reinterpret_cast<float*>(smem + Cfg::kOffDelta);
 
-  const Storage* q = static_cast<const Storage*>(p.q);
-  const Storage* d_o = static_cast<const Storage*>(p.dout);
-  const float* delta = static_cast<const float*>(p.workspace);
-  const int64_t delta_stride = delta_row_stride(p.total_q);
   float* dq_accum = reinterpret_cast<float*>(static_cast<char*>(p.workspace) +
                                              dq_accum_offset(p.total_q, p.h_q));
 
@@ -329,23 +381,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   // Step s covers query head kv_head * group + s / steps_per_head and query
   // block m_first + s % steps_per_head.
   auto load_step = [&](int step) {
-    const int h = kv_head * group + step / steps_per_head;
-    const int m0 = (m_first + step % steps_per_head) * kBlockM;
-    const int m_valid = min(kBlockM, s_q - m0);
-    const int64_t row = q_begin + m0;
-    const int tid_s = opaque(tid);
-    load_tile_async<kBlockM, kDQK>(sQ, q + row * p.q_row_stride + h * p.q_head_stride,
-                                   p.q_row_stride, m_valid, tid_s);
-    load_tile_async<kBlockM, kDV>(sDO, d_o + row * p.dout_row_stride + h * p.dout_head_stride,
-                                  p.dout_row_stride, m_valid, tid_s);
-    if (tid < kBlockM) {
-      // Plain loads: a 4-byte cp.async variant measured 4% slower on an H100.
-      const bool valid = tid < m_valid;
-      // +inf marks a row outside the sequence (or one that sees no key): P = 0.
-      const float lse = valid ? p.lse[h * p.lse_head_stride + row + tid] : INFINITY;
-      s_lse[tid] = lse * kLog2e;
-      s_delta[tid] = valid ? delta[h * delta_stride + row + tid] : 0.f;
-    }
+    load_query_block<kDQK, kDV, kThreads, Storage>(
+        p, sQ, sDO, s_lse, s_delta, kv_head * group + step / steps_per_head,
+        (m_first + step % steps_per_head) * kBlockM, s_q, q_begin, opaque(tid));
   };
 
   // Key-major warp tile: keys key_row0.. +16, columns (queries / head dims).
@@ -389,24 +427,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     warp_gemm<Elem, kDQK, kSTiles, kDQK, kDQK, false, false>(s, sK, key_row0, sQ, s_col0, lane_s);
     warp_gemm<Elem, kDV, kSTiles, kDV, kDV, false, false>(dp, sV, key_row0, sDO, s_col0, lane_s);
 
-    // P^T and dS^T. Hidden elements get P = 0 (not exp2 of -inf - lse); rows with
-    // lse = +inf (no visible key, or past the sequence) get P = 0, never
-    // exp2(s - inf) which is NaN when s overflowed to +inf.
-    const bool check_mask = Mask::needs_mask(m0, n0, s_q, s_k);
-#pragma unroll
-    for (int j = 0; j < kSTiles; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = key_row0 + g + (e >> 1) * 8;
-        const int qr = s_col0 + j * 8 + t4 * 2 + (e & 1);
-        const float lse2 = s_lse[qr];
-        float pv = exp2_approx(fmaf(s[j][e], p.softmax_scale_log2, -lse2));
-        if (lse2 == INFINITY) pv = 0.f;
-        if (check_mask && !Mask::visible(m0 + qr, n0 + key, s_q, s_k)) pv = 0.f;
-        s[j][e] = pv;
-        dp[j][e] = pv * (dp[j][e] - s_delta[qr]);
-      }
-    }
+    p_and_ds<Mask, kSTiles>(s, dp, key_row0, s_col0, m0, n0, s_q, s_k, s_lse, s_delta,
+                            p.softmax_scale_log2, lane);
     if constexpr (Cfg::kSeparateLo) {
       store_split_to_smem<Elem, kSTiles>(smem + Cfg::kOffP, smem + Cfg::kOffPLo, s, key_row0,
                                          s_col0, lane_s);
@@ -480,6 +502,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       p.dv_row_stride, n_valid, smem + Cfg::kOffV, tid);
 }
 
+}  // namespace flash_mla::portable::dense_bwd
+
+#include "kernel_4warp.cuh"
+
+namespace flash_mla::portable::dense_bwd {
+
 template <typename Elem, int kDQK, int kDV, typename Mask>
 void launch_main(const DensePrefillBwdParams& p) {
   using Cfg = Config<kDQK, kDV>;
@@ -491,8 +519,17 @@ void launch_main(const DensePrefillBwdParams& p) {
   kernel<<<grid, kThreads, Cfg::kSmemBytes, p.stream>>>(p);
 }
 
+template <typename Elem, int kDQK, int kDV, typename Mask>
+void launch_main4(const DensePrefillBwdParams& p) {
+  using Cfg = Config4<kDQK, kDV>;
+  auto kernel = dense_bwd_main4_kernel<Elem, kDQK, kDV, Mask>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  const dim3 grid(num_n_blocks(p.max_seqlen_k), p.h_k, p.batch);
+  kernel<<<grid, k4Threads, Cfg::kSmemBytes, p.stream>>>(p);
+}
+
 template <typename Elem, int kDQK, int kDV>
-void run_dense_prefill_bwd(const DensePrefillBwdParams& p) {
+void run_dense_prefill_bwd(const DensePrefillBwdParams& p, BwdLayout layout) {
   const int64_t rows = static_cast<int64_t>(p.total_q) * p.h_q;
   if (rows > 0) {
     constexpr int kRowsPerBlock = kPreprocessThreads / (kDV / 8);
@@ -501,10 +538,23 @@ void run_dense_prefill_bwd(const DensePrefillBwdParams& p) {
         <<<static_cast<unsigned>(blocks), kPreprocessThreads, 0, p.stream>>>(p);
   }
   if (p.batch > 0 && p.max_seqlen_k > 0 && p.h_k > 0) {
-    if (p.is_causal) {
-      launch_main<Elem, kDQK, kDV, CausalMask>(p);
-    } else {
-      launch_main<Elem, kDQK, kDV, NoMask>(p);
+    bool done = false;
+    if constexpr (kDQK <= 128) {
+      if (layout == BwdLayout::kWarps4) {
+        if (p.is_causal) {
+          launch_main4<Elem, kDQK, kDV, CausalMask>(p);
+        } else {
+          launch_main4<Elem, kDQK, kDV, NoMask>(p);
+        }
+        done = true;
+      }
+    }
+    if (!done) {
+      if (p.is_causal) {
+        launch_main<Elem, kDQK, kDV, CausalMask>(p);
+      } else {
+        launch_main<Elem, kDQK, kDV, NoMask>(p);
+      }
     }
   }
   if (p.total_k > 0 && p.h_k > 0) {

@@ -4,8 +4,8 @@
 
 namespace flash_mla::portable::dense_bwd {
 
-template void run_dense_prefill_bwd<BF16, 64, 64>(const DensePrefillBwdParams&);
-template void run_dense_prefill_bwd<BF16, 128, 128>(const DensePrefillBwdParams&);
-template void run_dense_prefill_bwd<BF16, 192, 128>(const DensePrefillBwdParams&);
+template void run_dense_prefill_bwd<BF16, 64, 64>(const DensePrefillBwdParams&, BwdLayout);
+template void run_dense_prefill_bwd<BF16, 128, 128>(const DensePrefillBwdParams&, BwdLayout);
+template void run_dense_prefill_bwd<BF16, 192, 128>(const DensePrefillBwdParams&, BwdLayout);
 
 }  // namespace flash_mla::portable::dense_bwd
