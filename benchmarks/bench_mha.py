@@ -293,7 +293,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--plot", type=Path, help="only draw the PNG from an existing JSON")
     parser.add_argument("--ours-only", action="store_true",
                         help="skip the SDPA baselines (A/B runs of this library's variants; "
-                             "FLASH_MLA_DENSE_FWD_WARPS=8|4|4x32 picks the forward's warp layout)")
+                             "FLASH_MLA_DENSE_FWD_WARPS=8|4|4x32 picks the forward's warp layout, "
+                             "FLASH_MLA_DENSE_BWD_WARPS=8|4 the backward's)")
     args = parser.parse_args(argv)
 
     if args.plot is not None:
@@ -315,9 +316,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     timer = Timer(torch, args.warmup, args.iters)
     props = torch.cuda.get_device_properties(0)
     device = f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}"
-    forced = os.environ.get("FLASH_MLA_DENSE_FWD_WARPS")
-    if forced:
-        device += f", FLASH_MLA_DENSE_FWD_WARPS={forced}"
+    for variable in ("FLASH_MLA_DENSE_FWD_WARPS", "FLASH_MLA_DENSE_BWD_WARPS"):
+        forced = os.environ.get(variable)
+        if forced:
+            device += f", {variable}={forced}"
     print(f"device: {device}")
     print("times: median of CUDA-graph replays between CUDA events, L2 flushed before each; "
           "x flash / x cudnn = their time / ours (> 1: ours faster)", flush=True)

@@ -293,6 +293,92 @@ __device__ __forceinline__ void load_query_block(const DensePrefillBwdParams& p,
   }
 }
 
+// Sequence bounds of a CTA's key block (grid: x = key block of kBlockN keys,
+// y = kv head, z = sequence), clamped to the tensors so a malformed cu_seqlens can
+// never index outside them. empty(): the block starts past its sequence's keys.
+struct KeyBlock {
+  int q_begin, s_q, k_begin, s_k, n0, n_valid;
+  __device__ __forceinline__ explicit KeyBlock(const DensePrefillBwdParams& p) {
+    const int seq = blockIdx.z;
+    q_begin = min(max(p.cu_seqlens_q[seq], 0), p.total_q);
+    s_q = max(min(p.cu_seqlens_q[seq + 1], p.total_q) - q_begin, 0);
+    k_begin = min(max(p.cu_seqlens_k[seq], 0), p.total_k);
+    s_k = max(min(p.cu_seqlens_k[seq + 1], p.total_k) - k_begin, 0);
+    n0 = static_cast<int>(blockIdx.x) * kBlockN;
+    n_valid = min(kBlockN, s_k - n0);
+  }
+  __device__ __forceinline__ bool empty() const { return n0 >= s_k; }
+};
+
+// The steps of a key block: every query head of its kv head's GQA group times every
+// 64-row query block that sees the block's keys (Mask::first_m_block on). Step s
+// covers query head head(s) and the query block at row m0(s) of the sequence.
+struct StepPlan {
+  int first_head, group, m_first, per_head, count;
+  template <typename Mask>
+  __device__ __forceinline__ static StepPlan make(const DensePrefillBwdParams& p,
+                                                  const KeyBlock& kb, int kv_head) {
+    StepPlan s;
+    s.group = p.h_q / p.h_k;
+    s.first_head = kv_head * s.group;
+    s.m_first = Mask::first_m_block(kb.n0, kb.s_q, kb.s_k);
+    s.per_head = max((kb.s_q + kBlockM - 1) / kBlockM - s.m_first, 0);
+    s.count = s.per_head * s.group;
+    return s;
+  }
+  __device__ __forceinline__ int head(int step) const { return first_head + step / per_head; }
+  __device__ __forceinline__ int m0(int step) const {
+    return (m_first + step % per_head) * kBlockM;
+  }
+};
+
+template <int kNTiles>
+__device__ __forceinline__ void zero_acc(float (&acc)[kNTiles][4]) {
+#pragma unroll
+  for (int j = 0; j < kNTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+}
+
+// Issues the cp.async copies of the block's K and V tiles (rows past the
+// sequence become zeros); kCtaThreads threads share them.
+template <int kDQK, int kDV, int kCtaThreads, typename Storage>
+__device__ __forceinline__ void load_key_block(const DensePrefillBwdParams& p, uint32_t sK,
+                                               uint32_t sV, const KeyBlock& kb, int kv_head,
+                                               int tid) {
+  const int64_t row = kb.k_begin + kb.n0;
+  load_tile_async<kBlockN, kDQK, kCtaThreads>(
+      sK, static_cast<const Storage*>(p.k) + row * p.k_row_stride + kv_head * p.k_head_stride,
+      p.k_row_stride, kb.n_valid, tid);
+  load_tile_async<kBlockN, kDV, kCtaThreads>(
+      sV, static_cast<const Storage*>(p.v) + row * p.v_row_stride + kv_head * p.v_head_stride,
+      p.v_row_stride, kb.n_valid, tid);
+}
+
+// Epilogue of both main kernels: waits for every copy, stages the warp's dK (times
+// softmax_scale) and dV accumulators (16 key rows from key_row0, columns from
+// dk_col0 / dv_col0) in the input dtype in the K and V tiles, and writes the
+// block's valid key rows with 16-byte stores. Keys no query sees get zeros.
+template <typename Elem, int kDQK, int kDV, int kCtaThreads, int kDKTiles, int kDVTiles>
+__device__ __forceinline__ void write_dk_dv(const DensePrefillBwdParams& p, uint8_t* smem_k,
+                                            uint8_t* smem_v, const float (&acc_dk)[kDKTiles][4],
+                                            const float (&acc_dv)[kDVTiles][4], int key_row0,
+                                            int dk_col0, int dv_col0, const KeyBlock& kb,
+                                            int kv_head, int tid, int lane) {
+  using Storage = typename Elem::Storage;
+  cp_async_wait<0>();  // K/V copies are still in flight when there were no steps
+  __syncthreads();     // every warp is done reading K (dQ) before it is overwritten
+  store_acc_to_smem<Elem, kDKTiles, kDQK>(smem_k, acc_dk, key_row0, dk_col0, p.softmax_scale,
+                                          lane);
+  store_acc_to_smem<Elem, kDVTiles, kDV>(smem_v, acc_dv, key_row0, dv_col0, 1.f, lane);
+  __syncthreads();
+  const int64_t row = kb.k_begin + kb.n0;
+  store_tile<kBlockN, kDQK, kCtaThreads>(
+      static_cast<Storage*>(p.dk) + row * p.dk_row_stride + kv_head * p.dk_head_stride,
+      p.dk_row_stride, kb.n_valid, smem_k, tid);
+  store_tile<kBlockN, kDV, kCtaThreads>(
+      static_cast<Storage*>(p.dv) + row * p.dv_row_stride + kv_head * p.dv_head_stride,
+      p.dv_row_stride, kb.n_valid, smem_v, tid);
+}
+
 // In place: s (S^T = K Q^T, raw scores) becomes P^T = exp2(s * scale_log2 - lse2)
 // and dp (dP^T = V dO^T) becomes dS^T = P^T * (dP^T - delta), for a warp's
 // [16 keys from key_row0] x [kSTiles * 8 queries from s_col0] accumulators of the
@@ -329,17 +415,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   using Storage = typename Elem::Storage;
   extern __shared__ __align__(128) uint8_t smem[];
 
-  const int n_block = blockIdx.x;
+  const KeyBlock kb(p);
+  if (kb.empty()) return;  // past this sequence's keys: nothing to write
   const int kv_head = blockIdx.y;
-  const int seq = blockIdx.z;
-  // Clamp to the tensors so a malformed cu_seqlens can never index outside them.
-  const int q_begin = min(max(p.cu_seqlens_q[seq], 0), p.total_q);
-  const int s_q = max(min(p.cu_seqlens_q[seq + 1], p.total_q) - q_begin, 0);
-  const int k_begin = min(max(p.cu_seqlens_k[seq], 0), p.total_k);
-  const int s_k = max(min(p.cu_seqlens_k[seq + 1], p.total_k) - k_begin, 0);
-  const int n0 = n_block * kBlockN;
-  if (n0 >= s_k) return;  // past this sequence's keys: nothing to write
-  const int n_valid = min(kBlockN, s_k - n0);
+  const int q_begin = kb.q_begin, s_q = kb.s_q, s_k = kb.s_k, n0 = kb.n0;
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
@@ -362,28 +441,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   float* dq_accum = reinterpret_cast<float*>(static_cast<char*>(p.workspace) +
                                              dq_accum_offset(p.total_q, p.h_q));
 
-  {
-    const int64_t row = k_begin + n0;
-    load_tile_async<kBlockN, kDQK>(
-        sK, static_cast<const Storage*>(p.k) + row * p.k_row_stride + kv_head * p.k_head_stride,
-        p.k_row_stride, n_valid, tid);
-    load_tile_async<kBlockN, kDV>(
-        sV, static_cast<const Storage*>(p.v) + row * p.v_row_stride + kv_head * p.v_head_stride,
-        p.v_row_stride, n_valid, tid);
-  }
+  load_key_block<kDQK, kDV, kThreads, Storage>(p, sK, sV, kb, kv_head, tid);
 
-  const int group = p.h_q / p.h_k;
-  const int m_first = Mask::first_m_block(n0, s_q, s_k);
-  const int m_blocks = (s_q + kBlockM - 1) / kBlockM;
-  const int steps_per_head = max(m_blocks - m_first, 0);
-  const int num_steps = steps_per_head * group;
-
-  // Step s covers query head kv_head * group + s / steps_per_head and query
-  // block m_first + s % steps_per_head.
+  const StepPlan plan = StepPlan::make<Mask>(p, kb, kv_head);
+  const int num_steps = plan.count;
   auto load_step = [&](int step) {
-    load_query_block<kDQK, kDV, kThreads, Storage>(
-        p, sQ, sDO, s_lse, s_delta, kv_head * group + step / steps_per_head,
-        (m_first + step % steps_per_head) * kBlockM, s_q, q_begin, opaque(tid));
+    load_query_block<kDQK, kDV, kThreads, Storage>(p, sQ, sDO, s_lse, s_delta, plan.head(step),
+                                                   plan.m0(step), s_q, q_begin, opaque(tid));
   };
 
   // Key-major warp tile: keys key_row0.. +16, columns (queries / head dims).
@@ -399,17 +463,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   constexpr int kDQTiles = Cfg::kDQCols / 8;
   float acc_dk[kDKTiles][4];
   float acc_dv[kDVTiles][4];
-#pragma unroll
-  for (int j = 0; j < kDKTiles; ++j) acc_dk[j][0] = acc_dk[j][1] = acc_dk[j][2] = acc_dk[j][3] = 0.f;
-#pragma unroll
-  for (int j = 0; j < kDVTiles; ++j) acc_dv[j][0] = acc_dv[j][1] = acc_dv[j][2] = acc_dv[j][3] = 0.f;
+  zero_acc(acc_dk);
+  zero_acc(acc_dv);
 
   if (num_steps > 0) load_step(0);
   cp_async_commit();  // K, V and step 0 in one group
 
   for (int step = 0; step < num_steps; ++step) {
-    const int h = kv_head * group + step / steps_per_head;
-    const int m0 = (m_first + step % steps_per_head) * kBlockM;
+    const int h = plan.head(step);
+    const int m0 = plan.m0(step);
     const int lane_s = opaque(lane);
 
     cp_async_wait<0>();
@@ -485,21 +547,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     }
   }
 
-  // Epilogue. Keys no query sees (num_steps == 0) still get dK = dV = 0.
-  cp_async_wait<0>();  // K/V copies are still in flight when num_steps == 0
-  __syncthreads();     // every warp is done reading K (dQ) before it is overwritten
-  store_acc_to_smem<Elem, kDKTiles, kDQK>(smem + Cfg::kOffK, acc_dk, key_row0,
-                                          col_half_n * Cfg::kDKCols, p.softmax_scale, lane);
-  store_acc_to_smem<Elem, kDVTiles, kDV>(smem + Cfg::kOffV, acc_dv, key_row0,
-                                         col_half_n * Cfg::kDVCols, 1.f, lane);
-  __syncthreads();
-  const int64_t row = k_begin + n0;
-  store_tile<kBlockN, kDQK>(
-      static_cast<Storage*>(p.dk) + row * p.dk_row_stride + kv_head * p.dk_head_stride,
-      p.dk_row_stride, n_valid, smem + Cfg::kOffK, tid);
-  store_tile<kBlockN, kDV>(
-      static_cast<Storage*>(p.dv) + row * p.dv_row_stride + kv_head * p.dv_head_stride,
-      p.dv_row_stride, n_valid, smem + Cfg::kOffV, tid);
+  write_dk_dv<Elem, kDQK, kDV, kThreads>(p, smem + Cfg::kOffK, smem + Cfg::kOffV, acc_dk, acc_dv,
+                                         key_row0, col_half_n * Cfg::kDKCols,
+                                         col_half_n * Cfg::kDVCols, kb, kv_head, tid, lane);
 }
 
 }  // namespace flash_mla::portable::dense_bwd
@@ -508,24 +558,28 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 
 namespace flash_mla::portable::dense_bwd {
 
-template <typename Elem, int kDQK, int kDV, typename Mask>
-void launch_main(const DensePrefillBwdParams& p) {
-  using Cfg = Config<kDQK, kDV>;
-  auto kernel = dense_bwd_main_kernel<Elem, kDQK, kDV, Mask>;
-  // Above 48 KB a kernel must opt in; set on every launch (cheap, and correct
-  // for whichever device is current: no process-wide "done" flag).
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+// One main-kernel launch: grid x = key blocks of the longest kv sequence, y = kv
+// heads, z = sequences. Above 48 KB a kernel must opt in to its dynamic shared
+// memory; set on every launch (cheap, and correct for whichever device is current:
+// no process-wide "done" flag).
+template <typename Kernel>
+void launch_main(Kernel kernel, int threads, int smem_bytes, const DensePrefillBwdParams& p) {
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   const dim3 grid(num_n_blocks(p.max_seqlen_k), p.h_k, p.batch);
-  kernel<<<grid, kThreads, Cfg::kSmemBytes, p.stream>>>(p);
+  kernel<<<grid, threads, smem_bytes, p.stream>>>(p);
 }
 
 template <typename Elem, int kDQK, int kDV, typename Mask>
-void launch_main4(const DensePrefillBwdParams& p) {
-  using Cfg = Config4<kDQK, kDV>;
-  auto kernel = dense_bwd_main4_kernel<Elem, kDQK, kDV, Mask>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  const dim3 grid(num_n_blocks(p.max_seqlen_k), p.h_k, p.batch);
-  kernel<<<grid, k4Threads, Cfg::kSmemBytes, p.stream>>>(p);
+void launch_main_for(const DensePrefillBwdParams& p, BwdLayout layout) {
+  if constexpr (kDQK <= 128) {
+    if (layout == BwdLayout::kWarps4) {
+      launch_main(dense_bwd_main4_kernel<Elem, kDQK, kDV, Mask>, k4Threads,
+                  Config4<kDQK, kDV>::kSmemBytes, p);
+      return;
+    }
+  }
+  launch_main(dense_bwd_main_kernel<Elem, kDQK, kDV, Mask>, kThreads,
+              Config<kDQK, kDV>::kSmemBytes, p);
 }
 
 template <typename Elem, int kDQK, int kDV>
@@ -538,23 +592,10 @@ void run_dense_prefill_bwd(const DensePrefillBwdParams& p, BwdLayout layout) {
         <<<static_cast<unsigned>(blocks), kPreprocessThreads, 0, p.stream>>>(p);
   }
   if (p.batch > 0 && p.max_seqlen_k > 0 && p.h_k > 0) {
-    bool done = false;
-    if constexpr (kDQK <= 128) {
-      if (layout == BwdLayout::kWarps4) {
-        if (p.is_causal) {
-          launch_main4<Elem, kDQK, kDV, CausalMask>(p);
-        } else {
-          launch_main4<Elem, kDQK, kDV, NoMask>(p);
-        }
-        done = true;
-      }
-    }
-    if (!done) {
-      if (p.is_causal) {
-        launch_main<Elem, kDQK, kDV, CausalMask>(p);
-      } else {
-        launch_main<Elem, kDQK, kDV, NoMask>(p);
-      }
+    if (p.is_causal) {
+      launch_main_for<Elem, kDQK, kDV, CausalMask>(p, layout);
+    } else {
+      launch_main_for<Elem, kDQK, kDV, NoMask>(p, layout);
     }
   }
   if (p.total_k > 0 && p.h_k > 0) {

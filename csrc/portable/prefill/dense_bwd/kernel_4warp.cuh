@@ -142,17 +142,10 @@ __global__ void __launch_bounds__(k4Threads, 2)
   using Storage = typename Elem::Storage;
   extern __shared__ __align__(128) uint8_t smem[];
 
-  const int n_block = blockIdx.x;
+  const KeyBlock kb(p);
+  if (kb.empty()) return;  // past this sequence's keys: nothing to write
   const int kv_head = blockIdx.y;
-  const int seq = blockIdx.z;
-  // Clamp to the tensors so a malformed cu_seqlens can never index outside them.
-  const int q_begin = min(max(p.cu_seqlens_q[seq], 0), p.total_q);
-  const int s_q = max(min(p.cu_seqlens_q[seq + 1], p.total_q) - q_begin, 0);
-  const int k_begin = min(max(p.cu_seqlens_k[seq], 0), p.total_k);
-  const int s_k = max(min(p.cu_seqlens_k[seq + 1], p.total_k) - k_begin, 0);
-  const int n0 = n_block * kBlockN;
-  if (n0 >= s_k) return;  // past this sequence's keys: nothing to write
-  const int n_valid = min(kBlockN, s_k - n0);
+  const int q_begin = kb.q_begin, s_q = kb.s_q, s_k = kb.s_k, n0 = kb.n0;
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
@@ -171,21 +164,10 @@ __global__ void __launch_bounds__(k4Threads, 2)
   float* dq_accum = reinterpret_cast<float*>(static_cast<char*>(p.workspace) +
                                              dq_accum_offset(p.total_q, p.h_q));
 
-  {
-    const int64_t row = k_begin + n0;
-    load_tile_async<kBlockN, kDQK, k4Threads>(
-        sK, static_cast<const Storage*>(p.k) + row * p.k_row_stride + kv_head * p.k_head_stride,
-        p.k_row_stride, n_valid, tid);
-    load_tile_async<kBlockN, kDV, k4Threads>(
-        sV, static_cast<const Storage*>(p.v) + row * p.v_row_stride + kv_head * p.v_head_stride,
-        p.v_row_stride, n_valid, tid);
-  }
+  load_key_block<kDQK, kDV, k4Threads, Storage>(p, sK, sV, kb, kv_head, tid);
 
-  const int group = p.h_q / p.h_k;
-  const int m_first = Mask::first_m_block(n0, s_q, s_k);
-  const int m_blocks = (s_q + kBlockM - 1) / kBlockM;
-  const int steps_per_head = max(m_blocks - m_first, 0);
-  const int num_steps = steps_per_head * group;
+  const StepPlan plan = StepPlan::make<Mask>(p, kb, kv_head);
+  const int num_steps = plan.count;
 
   const int key_row0 = warp * 16;           // S^T, dP^T, dV, dK rows of this warp
   const int q_row0 = (warp & 1) * 32;       // dQ rows (two m16 slabs)
@@ -198,22 +180,18 @@ __global__ void __launch_bounds__(k4Threads, 2)
   constexpr int kDQPassTiles = Cfg::kDQPassCols / 8;
   float acc_dk[kDKTiles][4];
   float acc_dv[kDVTiles][4];
-#pragma unroll
-  for (int j = 0; j < kDKTiles; ++j) acc_dk[j][0] = acc_dk[j][1] = acc_dk[j][2] = acc_dk[j][3] = 0.f;
-#pragma unroll
-  for (int j = 0; j < kDVTiles; ++j) acc_dv[j][0] = acc_dv[j][1] = acc_dv[j][2] = acc_dv[j][3] = 0.f;
+  zero_acc(acc_dk);
+  zero_acc(acc_dv);
 
-  // Step s covers query head kv_head * group + s / steps_per_head and query
-  // block m_first + s % steps_per_head.
   if (num_steps > 0) {
-    load_query_block<kDQK, kDV, k4Threads, Storage>(p, sQ, sDO, s_lse, s_delta, kv_head * group,
-                                                    m_first * kBlockM, s_q, q_begin, tid);
+    load_query_block<kDQK, kDV, k4Threads, Storage>(p, sQ, sDO, s_lse, s_delta, plan.head(0),
+                                                    plan.m0(0), s_q, q_begin, tid);
   }
   cp_async_commit();  // K, V and step 0 in one group
 
   for (int step = 0; step < num_steps; ++step) {
-    const int h = kv_head * group + step / steps_per_head;
-    const int m0 = (m_first + step % steps_per_head) * kBlockM;
+    const int h = plan.head(step);
+    const int m0 = plan.m0(step);
     const int lane_s = opaque(lane);
 
     cp_async_wait<0>();
@@ -256,10 +234,9 @@ __global__ void __launch_bounds__(k4Threads, 2)
     __syncthreads();  // B2
 
     if (step + 1 < num_steps) {
-      const int next = step + 1;
-      load_query_block<kDQK, kDV, k4Threads, Storage>(
-          p, sQ, sDO, s_lse, s_delta, kv_head * group + next / steps_per_head,
-          (m_first + next % steps_per_head) * kBlockM, s_q, q_begin, opaque(tid));
+      load_query_block<kDQK, kDV, k4Threads, Storage>(p, sQ, sDO, s_lse, s_delta,
+                                                      plan.head(step + 1), plan.m0(step + 1), s_q,
+                                                      q_begin, opaque(tid));
     }
     cp_async_commit();
 
@@ -267,13 +244,8 @@ __global__ void __launch_bounds__(k4Threads, 2)
 #pragma unroll 1
     for (int col = dq_col0; col < dq_col0 + Cfg::kDQCols; col += kDQPassTiles * 8) {
       float dq[2][kDQPassTiles][4];
-#pragma unroll
-      for (int sl = 0; sl < 2; ++sl) {
-#pragma unroll
-        for (int j = 0; j < kDQPassTiles; ++j) {
-          dq[sl][j][0] = dq[sl][j][1] = dq[sl][j][2] = dq[sl][j][3] = 0.f;
-        }
-      }
+      zero_acc(dq[0]);
+      zero_acc(dq[1]);
       warp_gemm_dq<Elem, kDQPassTiles, kDQK>(dq, sDS, sDSLo, q_row0, sK, col, lane_s);
 #pragma unroll
       for (int sl = 0; sl < 2; ++sl) {
@@ -293,20 +265,8 @@ __global__ void __launch_bounds__(k4Threads, 2)
     }
   }
 
-  // Epilogue. Keys no query sees (num_steps == 0) still get dK = dV = 0.
-  cp_async_wait<0>();  // K/V copies are still in flight when num_steps == 0
-  __syncthreads();     // every warp is done reading K (dQ) before it is overwritten
-  store_acc_to_smem<Elem, kDKTiles, kDQK>(smem + Cfg::kOffK, acc_dk, key_row0, 0,
-                                          p.softmax_scale, lane);
-  store_acc_to_smem<Elem, kDVTiles, kDV>(smem + Cfg::kOffV, acc_dv, key_row0, 0, 1.f, lane);
-  __syncthreads();
-  const int64_t row = k_begin + n0;
-  store_tile<kBlockN, kDQK, k4Threads>(
-      static_cast<Storage*>(p.dk) + row * p.dk_row_stride + kv_head * p.dk_head_stride,
-      p.dk_row_stride, n_valid, smem + Cfg::kOffK, tid);
-  store_tile<kBlockN, kDV, k4Threads>(
-      static_cast<Storage*>(p.dv) + row * p.dv_row_stride + kv_head * p.dv_head_stride,
-      p.dv_row_stride, n_valid, smem + Cfg::kOffV, tid);
+  write_dk_dv<Elem, kDQK, kDV, k4Threads>(p, smem + Cfg::kOffK, smem + Cfg::kOffV, acc_dk, acc_dv,
+                                          key_row0, 0, 0, kb, kv_head, tid, lane);
 #endif  // __CUDA_ARCH__ < 1200
 }
 
