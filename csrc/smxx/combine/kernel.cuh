@@ -32,39 +32,22 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "../../params.h"
+#include "../../portable/common/element.cuh"
 #include "config.h"
 #include "kernel.h"
 
 namespace flash_mla::combine {
 
+// Four fp32 values rounded to T (bf16 or fp16) and packed for one 8-byte store.
 template <typename T>
-struct Pack4;
-
-template <>
-struct Pack4<__nv_bfloat16> {
-  static __device__ __forceinline__ uint2 pack(float a, float b, float c, float d) {
-    __nv_bfloat162 lo = __floats2bfloat162_rn(a, b);
-    __nv_bfloat162 hi = __floats2bfloat162_rn(c, d);
-    uint2 r;
-    r.x = *reinterpret_cast<const uint32_t*>(&lo);
-    r.y = *reinterpret_cast<const uint32_t*>(&hi);
-    return r;
-  }
-};
-
-template <>
-struct Pack4<__half> {
-  static __device__ __forceinline__ uint2 pack(float a, float b, float c, float d) {
-    __half2 lo = __floats2half2_rn(a, b);
-    __half2 hi = __floats2half2_rn(c, d);
-    uint2 r;
-    r.x = *reinterpret_cast<const uint32_t*>(&lo);
-    r.y = *reinterpret_cast<const uint32_t*>(&hi);
-    return r;
-  }
-};
+__device__ __forceinline__ uint2 pack4(float a, float b, float c, float d) {
+  using Tag = typename std::conditional<std::is_same<T, __half>::value, portable::FP16,
+                                        portable::BF16>::type;
+  return make_uint2(portable::pack_float2<Tag>(a, b), portable::pack_float2<Tag>(c, d));
+}
 
 // Merge two (max, sum of exp2(x - max)) pairs; an all -inf side contributes 0.
 __device__ __forceinline__ void merge_max_sum(float& m, float& s, float m2, float s2) {
@@ -149,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineParams p
   for (int c = 0; c < kChunks; ++c) {
     const int col = c * kColsPerChunk + lane * kColsPerLane;
     if (col < p.d_v) {
-      *reinterpret_cast<uint2*>(dst + col) = Pack4<T>::pack(
+      *reinterpret_cast<uint2*>(dst + col) = pack4<T>(
           acc[c][0] * scale, acc[c][1] * scale, acc[c][2] * scale, acc[c][3] * scale);
     }
   }
