@@ -241,11 +241,11 @@ void dispatch_head_dims(const DensePrefillFwdParams& p, fwd::CtaLayout layout) {
   }
 }
 
-// CTA layout for `device`, d_qk and the mask (config.h: choose_layout). The environment
+// CTA layout for `device` and d_qk (config.h: choose_layout). The environment
 // variable FLASH_MLA_DENSE_FWD_WARPS=8|4|4x32 forces one, so all are tested on one
 // GPU (the 8-warp CTA, sm_120's, is validated on Hopper that way; 4 and 4x32 apply
 // to d_qk <= 128 only); it is read on every call, no process-wide state.
-fwd::CtaLayout layout_for(int device, int d_qk, bool is_causal) {
+fwd::CtaLayout layout_for(int device, int d_qk) {
   const char* forced = std::getenv("FLASH_MLA_DENSE_FWD_WARPS");
   if (forced != nullptr && forced[0] != '\0') {
     const std::string value(forced);
@@ -259,7 +259,7 @@ fwd::CtaLayout layout_for(int device, int d_qk, bool is_causal) {
   DeviceGuard::check(
       cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
       "cudaDeviceGetAttribute(MaxSharedMemoryPerMultiprocessor)");
-  return fwd::choose_layout(smem_per_sm, d_qk, is_causal);
+  return fwd::choose_layout(smem_per_sm, d_qk);
 }
 
 void dense_prefill_fwd(TensorView workspace, TensorView q, TensorView k, TensorView v,
@@ -277,7 +277,7 @@ void dense_prefill_fwd(TensorView workspace, TensorView q, TensorView k, TensorV
   cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, device);
   p.stream = current_stream(device);
 
-  const fwd::CtaLayout layout = layout_for(device, p.d_qk, p.is_causal);
+  const fwd::CtaLayout layout = layout_for(device, p.d_qk);
   if (p.dtype == DType::kBF16) {
     dispatch_head_dims<DType::kBF16>(p, layout);
   } else {

@@ -207,7 +207,8 @@ constexpr int kMaxGridYZ = 65535;
 inline int num_n_blocks(int max_seqlen_k) { return (max_seqlen_k + kBlockN - 1) / kBlockN; }
 
 // ---------------------------------------------------------------------------
-// Workspace (constexpr so device code calls them too): two fp32 pieces, each starting on a 256-byte boundary.
+// Workspace (constexpr so device code calls them too): two fp32 pieces, each
+// starting on a 256-byte boundary.
 //   delta     [h_q, total_q_padded]   rowsum(dO * O); head h's row starts at h * padded
 //   dq_accum  [total_q, h_q, d_qk]    dQ / softmax_scale accumulated with fp32 atomics
 // ---------------------------------------------------------------------------
@@ -218,7 +219,9 @@ constexpr int64_t delta_row_stride(int64_t total_q) { return align_up(total_q, 6
 constexpr int64_t delta_bytes(int64_t total_q, int64_t h_q) {
   return align_up(h_q * delta_row_stride(total_q) * 4, kWorkspaceAlign);
 }
-constexpr int64_t dq_accum_offset(int64_t total_q, int64_t h_q) { return delta_bytes(total_q, h_q); }
+constexpr int64_t dq_accum_offset(int64_t total_q, int64_t h_q) {
+  return delta_bytes(total_q, h_q);
+}
 constexpr int64_t dq_accum_bytes(int64_t total_q, int64_t h_q, int64_t d_qk) {
   return align_up(total_q * h_q * d_qk * 4, kWorkspaceAlign);
 }

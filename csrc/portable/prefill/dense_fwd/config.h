@@ -17,10 +17,11 @@ constexpr int kElemBytes = 2;  // bf16 / fp16
 // the per-warp code is the same for both 16-row sizes:
 //  - 8 warps, 128 rows: for GPUs with ~100 KB of shared memory per SM (sm_120/121,
 //    sm_86/89), where one CTA fits per SM and needs 8 warps to hide latency.
-//  - 4 warps, 64 rows: for GPUs with >= 160 KB per SM (sm_80, sm_90, sm_100) and
-//    d_qk <= 128. Two CTAs share an SM (registers allow 2 x 128 threads x <= 255)
-//    and their barriers drift apart, so one CTA's softmax overlaps the other's
-//    MMAs; with one 8-warp CTA per SM all warps meet at every tile's barrier. On an
+//  - 4 warps, 64 rows: for GPUs with 160-195 KB per SM (A100) and d_qk <= 128
+//    (H100/H200 and sm_100 take the 4x32 CTA below). Two CTAs share an SM
+//    (registers allow 2 x 128 threads x <= 255) and their barriers drift apart, so
+//    one CTA's softmax overlaps the other's MMAs; with one 8-warp CTA per SM all
+//    warps meet at every tile's barrier. On an
 //    H100 this was 3-6% faster at d = 128 and up to 12% slower at d = 192 (twice
 //    the K/V tile loads per query row), so d = 192 keeps 8 warps (docs/mha_fwd.md).
 //  - 4 warps x 32 rows, 128 rows ("4x32", FA2's layout; WideConfig below): each
@@ -29,19 +30,21 @@ constexpr int kElemBytes = 2;  // bf16 / fp16
 //    registers as well spilled on sm_90 at d >= 128). d_qk <= 128 only.
 constexpr int kMinSmemPerSmForFourWarps = 160 * 1024;
 
-// The 4x32 CTA takes 96 KB at d = 128; two per SM (their barriers drift apart, as
-// with the 4-warp CTA) need 2 x (96 KB + 1 KB reserved): H100/H200 (228 KB), not
-// A100 (164 KB). On an H100 it beat the 4-warp CTA at d = 128 without a mask
-// (+2.5-5%); with the causal mask it was +3% at h = 128/128 but -3% at h = 32/4
-// (128-row blocks mask more of the diagonal and leave a longer tail), so it is
-// chosen for non-causal d = 128 only. d = 64 was not measured and keeps 4 warps.
-constexpr int kMinSmemPerSmFor4x32 = 2 * (96 + 1) * 1024;
+// The 4x32 CTA takes 96 KB + 64 B at d = 128; two per SM (their barriers drift
+// apart, as with the 4-warp CTA) need 2 x (97 KB + 1 KB reserved): H100/H200
+// (228 KB), not A100 (164 KB). With one online-softmax step per 64-key tile it beat
+// the 4-warp CTA on an H100 at d = 128 by 27-31% without a mask and 19-28% with the
+// causal one, and at d = 64 by 5-20% (docs/mha_fwd.md), so it is chosen for
+// d_qk <= 128 there, causal or not. (With two 32-key steps per tile it was only
+// +2.5-5% without a mask and -3% causal at h = 32/4.) Parts below the threshold
+// keep the 4-warp CTA (4x32 unmeasured there).
+constexpr int kMinSmemPerSmFor4x32 = 2 * (97 + 1) * 1024;
 
 // CTA layouts (FLASH_MLA_DENSE_FWD_WARPS=8|4|4x32 forces one; csrc/api).
 enum class CtaLayout : int { kWarps8 = 8, kWarps4 = 4, kWarps4x32 = 432 };
 
-inline CtaLayout choose_layout(int smem_per_sm, int d_qk, bool is_causal) {
-  if (smem_per_sm >= kMinSmemPerSmFor4x32 && d_qk == 128 && !is_causal) {
+inline CtaLayout choose_layout(int smem_per_sm, int d_qk) {
+  if (smem_per_sm >= kMinSmemPerSmFor4x32 && d_qk <= 128) {
     return CtaLayout::kWarps4x32;
   }
   return smem_per_sm >= kMinSmemPerSmForFourWarps && d_qk <= 128 ? CtaLayout::kWarps4
@@ -91,8 +94,9 @@ static_assert(Config<64, 64, 4>::kSmemBytes == 32768, "d=64 budget as documented
 //   [0, kQBytes)                          Q tile [128][d_qk]
 //   [kStage0Offset, +kStageBytes)         stage 0 (K tile, then V tile)
 //   [kStage1Offset, +kStageBytes)         stage 1
+//   [kScalarOffset, +kScalarBytes)        CTA-uniform loop values (64 B)
 //   [0, kOBytes)                          output staging, aliased after the last tile
-// d = 128: 32768 + 2 x 32768 = 98304 B (fits sm_120's 99 KB; two CTAs per H100 SM).
+// d = 128: 32768 + 2 x 32768 + 64 = 98368 B (fits sm_120's 99 KB; two CTAs per H100 SM).
 // d = 192 would need 49152 + 2 x 40960 = 131072 B: not built.
 template <int kDQK, int kDV>
 struct WideConfig {
@@ -110,15 +114,19 @@ struct WideConfig {
   static constexpr int kStage0Offset = kQBytes;
   static constexpr int kStage1Offset = kQBytes + kStageBytes;
   static constexpr int kOBytes = kBlockM * kDV * kElemBytes;
-  static constexpr int kSmemBytes = kQBytes + 2 * kStageBytes;
+  // CTA-uniform values of the tile loop (kernel_4x32.cuh's CtaScalars: two
+  // pointers, the first masked tile, the mask policy), kept out of registers.
+  static constexpr int kScalarOffset = kQBytes + 2 * kStageBytes;
+  static constexpr int kScalarBytes = 64;
+  static constexpr int kSmemBytes = kScalarOffset + kScalarBytes;
   static_assert(kSmemBytes <= kMaxSmemPerBlockSm120, "forward tile exceeds sm_120's 99 KB");
   static_assert(kOBytes <= kSmemBytes, "output staging must fit in the Q/K/V buffers");
 };
 
-static_assert(WideConfig<128, 128>::kSmemBytes == 98304, "d=128 4x32 budget as documented");
+static_assert(WideConfig<128, 128>::kSmemBytes == 98368, "d=128 4x32 budget as documented");
 static_assert(2 * (WideConfig<128, 128>::kSmemBytes + 1024) <= kMinSmemPerSmFor4x32,
               "choose_layout's threshold must admit two 4x32 CTAs per SM");
-static_assert(WideConfig<64, 64>::kSmemBytes == 49152, "d=64 4x32 budget as documented");
+static_assert(WideConfig<64, 64>::kSmemBytes == 49216, "d=64 4x32 budget as documented");
 
 // Grid: x = query blocks of the longest sequence, y = query heads, z = sequences.
 // gridDim.y and gridDim.z are limited to 65535.
