@@ -16,7 +16,6 @@
 // special case of evenly spaced offsets).
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include <cuda_runtime.h>
@@ -221,15 +220,11 @@ void dispatch_head_dims(const DensePrefillBwdParams& p, bwd::BwdLayout layout) {
 // (the 8-warp CTA, sm_120's, is validated on Hopper that way; 4 applies to
 // d_qk <= 128 only, d_qk = 192 always runs 8 warps); read on every call.
 bwd::BwdLayout layout_for(int device, int d_qk, bool is_causal, int group) {
-  int smem_per_sm = 0;
-  DeviceGuard::check(
-      cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
-      "cudaDeviceGetAttribute(MaxSharedMemoryPerMultiprocessor)");
-  const char* forced = std::getenv("FLASH_MLA_DENSE_BWD_WARPS");
-  if (forced != nullptr && forced[0] != '\0') {
-    const std::string value(forced);
-    if (value == "8") return bwd::BwdLayout::kWarps8;
-    if (value == "4") {
+  const int smem_per_sm = max_smem_per_sm(device);
+  const std::string forced = forced_variant("FLASH_MLA_DENSE_BWD_WARPS");
+  if (!forced.empty()) {
+    if (forced == "8") return bwd::BwdLayout::kWarps8;
+    if (forced == "4") {
       if (smem_per_sm < bwd::kMinSmemPerSmFor4Warps) {
         TVM_FFI_THROW(ValueError)
             << "FLASH_MLA_DENSE_BWD_WARPS=4 needs a GPU with at least "
@@ -239,7 +234,7 @@ bwd::BwdLayout layout_for(int device, int d_qk, bool is_causal, int group) {
       return bwd::BwdLayout::kWarps4;
     }
     TVM_FFI_THROW(ValueError) << "FLASH_MLA_DENSE_BWD_WARPS must be 8 or 4 (or unset), got '"
-                              << value << "'";
+                              << forced << "'";
   }
   return bwd::choose_layout(smem_per_sm, d_qk, is_causal, group);
 }

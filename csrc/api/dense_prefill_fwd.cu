@@ -14,7 +14,6 @@
 // (the grid covers max_seqlen_q; checking it would need a device sync).
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include <cuda_runtime.h>
@@ -246,20 +245,15 @@ void dispatch_head_dims(const DensePrefillFwdParams& p, fwd::CtaLayout layout) {
 // GPU (the 8-warp CTA, sm_120's, is validated on Hopper that way; 4 and 4x32 apply
 // to d_qk <= 128 only); it is read on every call, no process-wide state.
 fwd::CtaLayout layout_for(int device, int d_qk) {
-  const char* forced = std::getenv("FLASH_MLA_DENSE_FWD_WARPS");
-  if (forced != nullptr && forced[0] != '\0') {
-    const std::string value(forced);
-    if (value == "8") return fwd::CtaLayout::kWarps8;
-    if (value == "4") return fwd::CtaLayout::kWarps4;
-    if (value == "4x32") return fwd::CtaLayout::kWarps4x32;
+  const std::string forced = forced_variant("FLASH_MLA_DENSE_FWD_WARPS");
+  if (!forced.empty()) {
+    if (forced == "8") return fwd::CtaLayout::kWarps8;
+    if (forced == "4") return fwd::CtaLayout::kWarps4;
+    if (forced == "4x32") return fwd::CtaLayout::kWarps4x32;
     TVM_FFI_THROW(ValueError) << "FLASH_MLA_DENSE_FWD_WARPS must be 8, 4 or 4x32 (or unset), got '"
-                              << value << "'";
+                              << forced << "'";
   }
-  int smem_per_sm = 0;
-  DeviceGuard::check(
-      cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
-      "cudaDeviceGetAttribute(MaxSharedMemoryPerMultiprocessor)");
-  return fwd::choose_layout(smem_per_sm, d_qk);
+  return fwd::choose_layout(max_smem_per_sm(device), d_qk);
 }
 
 void dense_prefill_fwd(TensorView workspace, TensorView q, TensorView k, TensorView v,

@@ -2,6 +2,9 @@
 // scoped device switch, and the post-launch error check.
 #pragma once
 
+#include <cstdlib>
+#include <string>
+
 #include <cuda_runtime.h>
 
 #include <tvm/ffi/error.h>
@@ -39,6 +42,23 @@ class DeviceGuard {
  private:
   int previous_ = 0;
 };
+
+// Shared memory per SM of `device` in bytes (picks a CTA layout that fits twice).
+inline int max_smem_per_sm(int device) {
+  int bytes = 0;
+  DeviceGuard::check(
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
+      "cudaDeviceGetAttribute(MaxSharedMemoryPerMultiprocessor)");
+  return bytes;
+}
+
+// The value of an environment variable that forces a kernel variant for tests and
+// A/B runs (FLASH_MLA_DENSE_FWD_WARPS, FLASH_MLA_DENSE_BWD_WARPS); "" when unset or
+// empty. Read on every call: no process-wide state.
+inline std::string forced_variant(const char* variable) {
+  const char* value = std::getenv(variable);
+  return value == nullptr ? std::string() : std::string(value);
+}
 
 // Raises RuntimeError naming the kernel when its launch failed.
 inline void check_launch(const char* kernel) {
