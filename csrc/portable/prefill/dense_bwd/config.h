@@ -153,17 +153,16 @@ struct Config4 {
   static_assert(kOffQ % 128 == 0 && kOffDO % 128 == 0 && kOffDS % 128 == 0 &&
                     kOffDSLo % 128 == 0 && kOffLse % 16 == 0,
                 "tiles must start on 128-byte boundaries for the swizzle");
-  // dQ = dS K: warp w owns query rows 32 * (w % 2) .. +32 (two m16 slabs) and head
-  // dims (w / 2) * kDQCols .. +kDQCols.
   // Queries per S^T / dP^T pass (kernel_4warp.cuh): the dK / dV accumulators take
   // d registers per thread (128 at d = 128), so the 64 queries go in passes of 16
   // at d = 128 (passes of 32 spilled 12-48 B on sm_90, nvcc 13.0) and 32 at d = 64
   // (one pass of 64 spilled 32 B on sm_120f).
   static constexpr int kPassM = kDQK == 64 ? 32 : 16;
   static_assert(kBlockM % kPassM == 0 && kPassM % 16 == 0, "passes of whole k16 steps");
+  // dQ = dS K: warp w owns query rows 32 * (w % 2) .. +32 (two m16 slabs) and head
+  // dims (w / 2) * kDQCols .. +kDQCols, computed kDQPassCols at a time (fewer live
+  // accumulators; K fragments are read once either way, dS^T once per pass).
   static constexpr int kDQCols = kDQK / 2;
-  // ... computed kDQPassCols at a time (fewer live accumulators; K fragments are
-  // read once either way, the dS^T fragments once per pass).
   static constexpr int kDQPassCols = 32;
   static_assert(kDQCols % kDQPassCols == 0, "dQ passes must tile the warp's head dims");
 };

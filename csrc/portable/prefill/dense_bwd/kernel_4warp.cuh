@@ -9,7 +9,8 @@
 // through shared memory for dV and dK (two tiles, three to five barriers per
 // step) and every warp re-reads K, V, Q and dO fragments for small warp tiles. Here
 // warp w owns keys 16w .. 16w + 15 across all 64 queries of the step:
-//   S^T  = K Q^T, dP^T = V dO^T     16 x 64 per warp (A from K / V, B from Q / dO)
+//   S^T  = K Q^T, dP^T = V dO^T     16 x 64 per warp, in passes of Config4::kPassM
+//                                    queries (A from K / V, B from Q / dO)
 //   P^T, dS^T                        in registers (p_and_ds)
 //   dV  += P^T dO, dK += dS^T Q      A straight from those registers: the mma C
 //                                    layout of two n8 tiles is the A layout of a k16
@@ -134,7 +135,7 @@ __global__ void __launch_bounds__(k4Threads, 2)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1200
   // sm_120 / sm_121: never launched. Two 82 KB CTAs do not fit their 100 KB per SM,
   // so choose_layout never picks this CTA there and the entry refuses
-  // FLASH_MLA_DENSE_BWD_WARPS=4 (config.h fits_two_ctas4); and sm_120f's register
+  // FLASH_MLA_DENSE_BWD_WARPS=4 (config.h kMinSmemPerSmFor4Warps); and sm_120f's register
   // allocation spills 24 B at d = 128 (nvcc 13.0). A launch would be a bug: trap.
   __trap();
 #else
