@@ -219,7 +219,7 @@ void dispatch_head_dims(const DensePrefillBwdParams& p, bwd::BwdLayout layout) {
 // variable FLASH_MLA_DENSE_BWD_WARPS=8|4 forces one, so both are tested on one GPU
 // (the 8-warp CTA, sm_120's, is validated on Hopper that way; 4 applies to
 // d_qk <= 128 only, d_qk = 192 always runs 8 warps); read on every call.
-bwd::BwdLayout layout_for(int device, int d_qk, bool is_causal, int group) {
+bwd::BwdLayout layout_for(int device, int d_qk) {
   const int smem_per_sm = max_smem_per_sm(device);
   const std::string forced = forced_variant("FLASH_MLA_DENSE_BWD_WARPS");
   if (!forced.empty()) {
@@ -236,7 +236,7 @@ bwd::BwdLayout layout_for(int device, int d_qk, bool is_causal, int group) {
     TVM_FFI_THROW(ValueError) << "FLASH_MLA_DENSE_BWD_WARPS must be 8 or 4 (or unset), got '"
                               << forced << "'";
   }
-  return bwd::choose_layout(smem_per_sm, d_qk, is_causal, group);
+  return bwd::choose_layout(smem_per_sm, d_qk);
 }
 
 }  // namespace
@@ -255,8 +255,7 @@ void dense_prefill_bwd(TensorView workspace, TensorView dout, TensorView q, Tens
   cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, device);
   p.stream = current_stream(device);
 
-  const bwd::BwdLayout layout =
-      layout_for(device, p.d_qk, p.is_causal, p.h_k > 0 ? p.h_q / p.h_k : 1);
+  const bwd::BwdLayout layout = layout_for(device, p.d_qk);
   if (p.dtype == DType::kBF16) {
     dispatch_head_dims<portable::BF16>(p, layout);
   } else {

@@ -172,12 +172,10 @@ static_assert(Config4<64, 64>::kSmemBytes == (kCompensatedDS ? 49664 : 41472), "
 
 // CTA layouts (FLASH_MLA_DENSE_BWD_WARPS=8|4 forces one; csrc/api): the 4-warp CTA
 // where two fit an SM (2 x (82432 + 1024 reserved) B at d = 128: H100/H200, A100,
-// B200, not sm_120's 100 KB) and d <= 128, except causal GQA; the 8-warp CTA
-// otherwise. Measured on an H100 (bf16, b = 2, s = 4096 / 8192, d = 128): 4 warps
-// +6% without a mask, +8-11% causal at h 128/128, but 7-10% slower causal at h 32/4,
-// where a CTA loops over 8 query heads and the first key blocks' CTAs (the
-// longest: every query block sees them) set the end of the launch; d = 64:
-// +29-37%.
+// B200, not sm_120's 100 KB) and d <= 128; the 8-warp CTA otherwise. Measured on an
+// H100 (bf16, b = 2, s = 4096 / 8192, d = 128): 4 warps +6% without a mask, +8-11%
+// causal at h 128/128, +1-5% causal at h 32/4 (with the longest-first order of
+// KeyBlock; without it the 4-warp CTA was 7-10% slower there); d = 64: +29-37%.
 enum class BwdLayout : int { kWarps8 = 8, kWarps4 = 4 };
 
 // Bytes of shared memory per SM that two 4-warp CTAs need (1 KB per CTA is reserved
@@ -185,8 +183,8 @@ enum class BwdLayout : int { kWarps8 = 8, kWarps4 = 4 };
 // not built for sm_120, whose SMs have 100 KB: kernel_4warp.cuh).
 constexpr int kMinSmemPerSmFor4Warps = 2 * (Config4<128, 128>::kSmemBytes + 1024);
 
-inline BwdLayout choose_layout(int smem_per_sm, int d_qk, bool is_causal, int group) {
-  if (d_qk > 128 || (is_causal && group > 1)) return BwdLayout::kWarps8;
+inline BwdLayout choose_layout(int smem_per_sm, int d_qk) {
+  if (d_qk > 128) return BwdLayout::kWarps8;
   return smem_per_sm >= kMinSmemPerSmFor4Warps ? BwdLayout::kWarps4 : BwdLayout::kWarps8;
 }
 
@@ -200,6 +198,10 @@ constexpr int kMinBlocksPerSm = 1;
 // Block sizes of the preprocess (delta, dq_accum zeroing) and dQ convert kernels.
 constexpr int kPreprocessThreads = 256;
 constexpr int kConvertThreads = 256;
+
+// Causal launches of at most this many CTAs per SM start the longest key blocks
+// first (kernel.cuh, KeyBlock).
+constexpr int kLongestFirstWaves = 8;
 
 // Grid: x = key blocks of the longest kv sequence, y = kv heads, z = sequences.
 constexpr int kMaxGridYZ = 65535;

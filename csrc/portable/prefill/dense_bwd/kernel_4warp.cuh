@@ -143,9 +143,9 @@ __global__ void __launch_bounds__(k4Threads, 2)
   using Storage = typename Elem::Storage;
   extern __shared__ __align__(128) uint8_t smem[];
 
-  const KeyBlock kb(p);
+  const KeyBlock kb = KeyBlock::make<Mask>(p);
   if (kb.empty()) return;  // past this sequence's keys: nothing to write
-  const int kv_head = blockIdx.y;
+  const int kv_head = kb.kv_head;
   const int q_begin = kb.q_begin, s_q = kb.s_q, s_k = kb.s_k, n0 = kb.n0;
 
   const int tid = threadIdx.x;
@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(k4Threads, 2)
   }
 
   write_dk_dv<Elem, kDQK, kDV, k4Threads>(p, smem + Cfg::kOffK, smem + Cfg::kOffV, acc_dk, acc_dv,
-                                          key_row0, 0, 0, kb, kv_head, tid, lane);
+                                          key_row0, 0, 0, KeyBlock::again<Mask>(p), tid, lane);
 #endif  // __CUDA_ARCH__ < 1200
 }
 
