@@ -204,6 +204,20 @@ def test_bwd_long_sequence_grid():
     _check(pb, _run_bwd(pb), "long")
 
 
+# The kernels' causal launch order changes with the grid size: at most 8 CTAs per SM
+# (kLongestFirstWaves in dense_bwd/config.h) run key block slowest, larger grids in
+# grid order. Both mappings must cover every (key block, kv head, sequence) once.
+@pytest.mark.parametrize("ctas_per_sm", [2, 12], ids=["longest_first", "grid_order"])
+def test_bwd_causal_launch_orders(ctas_per_sm):
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    seqs = [640, 1, 0, 577]  # 10 key blocks in the longest sequence
+    h_k = max(1, -(-ctas_per_sm * sms // (10 * len(seqs))))  # ceil
+    pb = Problem(seqs, seqs, 2 * h_k, h_k, 64, 64, torch.bfloat16, True, seed=8)
+    assert (10 * h_k * len(seqs) <= 8 * sms) == (ctas_per_sm < 8)
+    got = _run_bwd(pb)
+    _check(pb, got, f"causal order {ctas_per_sm} CTAs/SM, h_k {h_k}")
+
+
 def test_bwd_end_to_end_with_native_forward():
     """out and lse from the native forward (H5's kernel) feed the native backward."""
     fwd = native_function("dense_prefill_fwd")
