@@ -119,7 +119,8 @@ static_assert(Config<64, 64>::kSmemBytes == (kCompensatedDS ? 66048 : 49664), "d
 // layout) and only dS^T goes through shared memory (for dQ). Two CTAs share an SM
 // where shared memory allows (H100/H200: 2 x 82 KB at d = 128); their barriers
 // drift apart, so one CTA's loads and exp2 overlap the other's MMAs. d <= 128 only:
-// at d = 192 the dK accumulator alone is 96 registers per thread.
+// at d = 192 the dK accumulator alone is 96 registers per thread (built for a test,
+// it spilled 96-128 B on sm_90a).
 // ---------------------------------------------------------------------------
 constexpr int k4Warps = 4;
 constexpr int k4Threads = k4Warps * 32;
