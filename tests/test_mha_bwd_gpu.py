@@ -204,6 +204,14 @@ def test_bwd_long_sequence_grid():
     _check(pb, _run_bwd(pb), "long")
 
 
+@pytest.mark.parametrize("seqlen,causal", [(70000, False), (131072, True)])
+def test_bwd_long_sequence(seqlen, causal):
+    """The issue's 128k: up to 2048 key blocks, each looping over up to 2048 query
+    blocks; one head keeps the oracle's memory bounded (it works through row chunks)."""
+    pb = Problem([seqlen], [seqlen], 1, 1, 64, 64, torch.bfloat16, causal, seed=9)
+    _check(pb, _run_bwd(pb), f"long {seqlen} causal={causal}")
+
+
 # The kernels' causal launch order changes with the grid size: at most 8 CTAs per SM
 # (kLongestFirstWaves in dense_bwd/config.h) run key block slowest, larger grids in
 # grid order. Both mappings must cover every (key block, kv head, sequence) once.
