@@ -304,8 +304,9 @@ __device__ __forceinline__ void load_query_block(const DensePrefillBwdParams& p,
 // They are the longest (every query block sees key block 0), and with few, long
 // groups (GQA: each CTA loops over the group's query heads) the ones started last
 // set the end of the launch. Measured on an H100 (4-warp CTA, b = 2, d = 128,
-// causal): h 32/4 +39% at s = 4096, +9% at 8192; the same order with h 128/128
-// (16384 CTAs) was 0-4% slower, and without the mask 1-3% slower, hence the rule.
+// causal): h 32/4 +42% at s = 4096, +13% at 8192; the same order for every launch
+// was 30% slower at h 128/128 (16384 CTAs: L2 locality) and 1-3% slower without the
+// mask, hence the rule.
 struct KeyBlock {
   int kv_head, seq;
   int q_begin, s_q, k_begin, s_k, n0, n_valid;
@@ -323,7 +324,8 @@ struct KeyBlock {
   template <typename Mask>
   __device__ __forceinline__ static KeyBlock again(const DensePrefillBwdParams& p) {
     KeyBlock kb;
-    const int n_block = coords<Mask>(p, opaque(static_cast<int>(blockIdx.x)), kb.kv_head, kb.seq);
+    const int x = opaque(static_cast<int>(blockIdx.x));
+    const int n_block = coords<Mask>(p, x, kb.kv_head, kb.seq);
     kb.init(p, n_block);
     return kb;
   }
