@@ -66,6 +66,7 @@
 #include "../../common/math.cuh"
 #include "../../common/mma.cuh"
 #include "../../common/swizzle.cuh"
+#include "../../common/tile_copy.cuh"
 #include "atomics.cuh"
 #include "config.h"
 #include "convert_dq.cuh"
@@ -86,26 +87,6 @@ __device__ __forceinline__ int opaque(int x) {
   int y;
   asm volatile("mov.b32 %0, %1;\n" : "=r"(y) : "r"(x));
   return y;
-}
-
-// Asynchronously copies a [kRows, kCols] tile (row r at gmem + r * row_stride)
-// into a swizzled shared tile; rows >= rows_valid become zeros and read nothing.
-// kCtaThreads threads (the whole CTA) share the copy.
-template <int kRows, int kCols, int kCtaThreads = kThreads, typename Storage>
-__device__ __forceinline__ void load_tile_async(uint32_t smem_tile, const Storage* gmem,
-                                                int64_t row_stride, int rows_valid, int tid) {
-  constexpr int kChunksPerRow = kCols / 8;
-  constexpr int kChunks = kRows * kChunksPerRow;
-  static_assert(kChunks % kCtaThreads == 0, "tile chunks must split evenly over the CTA");
-#pragma unroll
-  for (int i = 0; i < kChunks / kCtaThreads; ++i) {
-    const int idx = i * kCtaThreads + tid;
-    const int r = idx / kChunksPerRow;
-    const int c = (idx % kChunksPerRow) * 8;
-    const bool valid = r < rows_valid;
-    const Storage* src = valid ? gmem + r * row_stride + c : gmem;
-    cp_async_16_zfill(smem_tile + swizzled_offset<kCols>(r, c), src, valid);
-  }
 }
 
 // Writes the first rows_valid rows of a swizzled [kRows, kCols] shared tile to
@@ -278,10 +259,10 @@ __device__ __forceinline__ void load_query_block(const DensePrefillBwdParams& p,
   const int64_t row = q_begin + m0;
   load_tile_async<kBlockM, kDQK, kCtaThreads>(
       sQ, static_cast<const Storage*>(p.q) + row * p.q_row_stride + h * p.q_head_stride,
-      p.q_row_stride, m_valid, tid);
+      p.q_row_stride, 0, m_valid, tid);
   load_tile_async<kBlockM, kDV, kCtaThreads>(
       sDO, static_cast<const Storage*>(p.dout) + row * p.dout_row_stride + h * p.dout_head_stride,
-      p.dout_row_stride, m_valid, tid);
+      p.dout_row_stride, 0, m_valid, tid);
   if (tid < kBlockM) {
     // Plain loads: a 4-byte cp.async variant measured 4% slower on an H100.
     const bool valid = tid < m_valid;
@@ -398,10 +379,10 @@ __device__ __forceinline__ void load_key_block(const DensePrefillBwdParams& p, u
   const int64_t row = kb.k_begin + kb.n0;
   load_tile_async<kBlockN, kDQK, kCtaThreads>(
       sK, static_cast<const Storage*>(p.k) + row * p.k_row_stride + kv_head * p.k_head_stride,
-      p.k_row_stride, kb.n_valid, tid);
+      p.k_row_stride, 0, kb.n_valid, tid);
   load_tile_async<kBlockN, kDV, kCtaThreads>(
       sV, static_cast<const Storage*>(p.v) + row * p.v_row_stride + kv_head * p.v_head_stride,
-      p.v_row_stride, kb.n_valid, tid);
+      p.v_row_stride, 0, kb.n_valid, tid);
 }
 
 // Epilogue of both main kernels: waits for every copy, stages the warp's dK (times

@@ -68,6 +68,7 @@
 #include "../../common/math.cuh"
 #include "../../common/mma.cuh"
 #include "../../common/swizzle.cuh"
+#include "../../common/tile_copy.cuh"
 #include "config.h"
 #include "kernel.h"
 
@@ -116,27 +117,7 @@ struct CausalMask {
   }
 };
 
-// ---------------------------------------------------------------------------
-// Global -> shared tile copies (all threads of the CTA, 16 bytes each per step).
-// ---------------------------------------------------------------------------
-template <int kRows, int kDim, int kThreads, typename Storage>
-__device__ __forceinline__ void load_tile_async(uint32_t smem_base, const Storage* head_base,
-                                                int64_t row_stride, int first_row, int valid_rows,
-                                                int tid) {
-  constexpr int kChunksPerRow = kDim / 8;
-  constexpr int kChunks = kRows * kChunksPerRow;
-  static_assert(kChunks % kThreads == 0, "tile copy must divide evenly over the CTA");
-#pragma unroll
-  for (int j = 0; j < kChunks / kThreads; ++j) {
-    const int idx = tid + j * kThreads;
-    const int row = idx / kChunksPerRow;
-    const int col = (idx % kChunksPerRow) * 8;
-    const bool valid = row < valid_rows;
-    const Storage* src =
-        valid ? head_base + static_cast<int64_t>(first_row + row) * row_stride + col : head_base;
-    cp_async_16_zfill(smem_base + swizzled_offset<kDim>(row, col), src, valid);
-  }
-}
+// Global -> shared tile copies: load_tile_async (common/tile_copy.cuh).
 
 // Per-lane ldmatrix byte offsets into a swizzled tile of kDim-element rows. Lane l
 // addresses row `row` (whose low 3 bits are l & 7) and 16-byte chunk 2j + `bit`;
