@@ -139,6 +139,11 @@ inline void check_aligned(const TensorView& t, int64_t bytes, const char* name) 
   }
 }
 
+// (d_qk, d_v) pairs the dense MHA prefill kernels serve, forward and backward.
+inline bool supported_mha_head_dims(int64_t d_qk, int64_t d_v) {
+  return (d_qk == 64 && d_v == 64) || (d_qk == 128 && d_v == 128) || (d_qk == 192 && d_v == 128);
+}
+
 // Narrow a 64-bit size or stride that a kernel indexes with 32-bit math.
 inline int32_t narrow_to_int32(int64_t value, const char* what) {
   if (value < 0 || value > INT32_MAX) {

@@ -36,10 +36,6 @@ namespace bwd = ::flash_mla::portable::dense_bwd;
 
 namespace {
 
-bool supported_head_dims(int64_t d_qk, int64_t d_v) {
-  return (d_qk == 64 && d_v == 64) || (d_qk == 128 && d_v == 128) || (d_qk == 192 && d_v == 128);
-}
-
 // The kernels load and store 16 bytes at a time: every row and head stride must
 // be a multiple of 8 elements and every base pointer 16-byte aligned.
 void check_vector_strides(const TensorView& t, const char* name) {
@@ -122,7 +118,7 @@ DensePrefillBwdParams validate_dense_prefill_bwd(
   // Shape.
   const int64_t total_q = q.size(0), h_q = q.size(1), d_qk = q.size(2);
   const int64_t total_k = k.size(0), h_k = k.size(1), d_v = v.size(2);
-  if (!supported_head_dims(d_qk, d_v)) {
+  if (!supported_mha_head_dims(d_qk, d_v)) {
     TVM_FFI_THROW(ValueError) << "(d_qk, d_v) = (q.shape[2], v.shape[2]) must be one of (64, 64), "
                               << "(128, 128), (192, 128), got (" << d_qk << ", " << d_v << ")";
   }

@@ -57,10 +57,6 @@ FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d128_w4x32, "dense_prefill_fwd", "fp16 
 FLASH_MLA_REGISTER_OP(dense_prefill_fwd, "dense_prefill_fwd",
                       R"({"dtype": ["bf16", "fp16"], "head_dims": [[64, 64], [128, 128], [192, 128]]})");
 
-bool supported_head_dims(int64_t d_qk, int64_t d_v) {
-  return (d_qk == 64 && d_v == 64) || (d_qk == 128 && d_v == 128) || (d_qk == 192 && d_v == 128);
-}
-
 // cp.async moves 16-byte chunks: every row/head stride must be a multiple of 8
 // elements and the data 16-byte aligned.
 void check_row_head_strides(const TensorView& t, const char* name) {
@@ -82,7 +78,7 @@ int64_t fwd_workspace_bytes(int64_t batch, int64_t total_q, int64_t total_k, int
                               << total_q << ", total_k=" << total_k << ", h_q=" << h_q
                               << ", h_k=" << h_k;
   }
-  if (!supported_head_dims(d_qk, d_v)) {
+  if (!supported_mha_head_dims(d_qk, d_v)) {
     TVM_FFI_THROW(ValueError) << "(d_qk, d_v) must be one of (64, 64), (128, 128), (192, 128), got ("
                               << d_qk << ", " << d_v << ")";
   }
@@ -151,7 +147,7 @@ DensePrefillFwdParams validate_dense_prefill_fwd(
   // --- shape ---
   const int64_t total_q = q.size(0), h_q = q.size(1), d_qk = q.size(2);
   const int64_t total_k = k.size(0), h_k = k.size(1), d_v = v.size(2);
-  if (!supported_head_dims(d_qk, d_v)) {
+  if (!supported_mha_head_dims(d_qk, d_v)) {
     TVM_FFI_THROW(ValueError) << "(d_qk, d_v) from q and v must be one of (64, 64), (128, 128), "
                               << "(192, 128), got (" << d_qk << ", " << d_v << ") from q shape "
                               << shape_str(q) << " and v shape " << shape_str(v);
