@@ -155,10 +155,12 @@ struct Config4 {
                     kOffDSLo % 128 == 0 && kOffLse % 16 == 0,
                 "tiles must start on 128-byte boundaries for the swizzle");
   // Queries per S^T / dP^T pass (kernel_4warp.cuh): the dK / dV accumulators take
-  // d registers per thread (128 at d = 128), so the 64 queries go in passes of 16
-  // at d = 128 (passes of 32 spilled 12-48 B on sm_90, nvcc 13.0) and 32 at d = 64
-  // (one pass of 64 spilled 32 B on sm_120f).
-  static constexpr int kPassM = kDQK == 64 ? 32 : 16;
+  // d registers per thread (128 at d = 128). Passes of 32 fit 255 registers with no
+  // spills on every target since a pass computes P and dV before dP (at most two of
+  // S^T, P^T, dP^T, dS^T live) and the mask test keeps two ints per thread (mask.cuh);
+  // before that, 32 spilled 12-48 B at d = 128 and passes of 16 were used (9% slower,
+  // H100). One pass of 64 spills.
+  static constexpr int kPassM = 32;
   static_assert(kBlockM % kPassM == 0 && kPassM % 16 == 0, "passes of whole k16 steps");
   // dQ = dS K: warp w owns query rows 32 * (w % 2) .. +32 (two m16 slabs) and head
   // dims (w / 2) * kDQCols .. +kDQCols, computed kDQPassCols at a time (fewer live

@@ -413,31 +413,45 @@ __device__ __forceinline__ void write_dk_dv(const DensePrefillBwdParams& p, uint
       p.dv_row_stride, kb.n_valid, smem_v, tid);
 }
 
-// In place: s (S^T = K Q^T, raw scores) becomes P^T = exp2(s * scale_log2 - lse2)
-// and dp (dP^T = V dO^T) becomes dS^T = P^T * (dP^T - delta), for a warp's
-// [16 keys from key_row0] x [kSTiles * 8 queries from s_col0] accumulators of the
-// step (query block m0, key block n0). Hidden elements get P = 0 (not exp2 of
-// -inf - lse); rows with lse = +inf (no visible key, or past the sequence) get
-// P = 0, never exp2(s - inf), which is NaN when s overflowed to +inf.
+// In place: s (S^T = K Q^T, raw scores) becomes P^T = exp2(s * scale_log2 - lse2),
+// for a warp's [16 keys from key_row0] x [kSTiles * 8 queries from s_col0]
+// accumulators of the step (query block m0, key block n0). Hidden elements get P = 0
+// (not exp2 of -inf - lse); rows with lse = +inf (no visible key, or past the
+// sequence) get P = 0, never exp2(s - inf), which is NaN when s overflowed to +inf.
 template <typename Mask, int kSTiles>
-__device__ __forceinline__ void p_and_ds(float (&s)[kSTiles][4], float (&dp)[kSTiles][4],
-                                         int key_row0, int s_col0, int m0, int n0, int s_q,
-                                         int s_k, const float* s_lse, const float* s_delta,
-                                         float scale_log2, int lane) {
+__device__ __forceinline__ void softmax_p(float (&s)[kSTiles][4], int key_row0, int s_col0,
+                                          int m0, int n0, int s_q, int s_k, const float* s_lse,
+                                          float scale_log2, int lane) {
   const int g = lane >> 2, t4 = lane & 3;
   const bool check_mask = Mask::needs_mask(m0, n0, s_q, s_k);
+  // Element (j, e) is key key0 + (e / 2) * 8 and query q0 + 8 j + e % 2.
+  const TileLimits lim = TileLimits::make(n0 + key_row0 + g, m0 + s_col0 + t4 * 2, s_q, s_k);
 #pragma unroll
   for (int j = 0; j < kSTiles; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int key = key_row0 + g + (e >> 1) * 8;
       const int qr = s_col0 + j * 8 + t4 * 2 + (e & 1);
       const float lse2 = s_lse[qr];
       float pv = exp2_approx(fmaf(s[j][e], scale_log2, -lse2));
       if (lse2 == INFINITY) pv = 0.f;
-      if (check_mask && !Mask::visible(m0 + qr, n0 + key, s_q, s_k)) pv = 0.f;
+      const bool vis = lim.visible<Mask::kCausal>((e >> 1) * 8, j * 8 + (e & 1));
+      if (check_mask && !vis) pv = 0.f;
       s[j][e] = pv;
-      dp[j][e] = pv * (dp[j][e] - s_delta[qr]);
+    }
+  }
+}
+
+// In place: dp (dP^T = V dO^T) becomes dS^T = P^T * (dP^T - delta), p from softmax_p
+// over the same tile.
+template <int kSTiles>
+__device__ __forceinline__ void ds_from_p(const float (&p)[kSTiles][4], float (&dp)[kSTiles][4],
+                                          int s_col0, const float* s_delta, int lane) {
+  const int t4 = lane & 3;
+#pragma unroll
+  for (int j = 0; j < kSTiles; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      dp[j][e] = p[j][e] * (dp[j][e] - s_delta[s_col0 + j * 8 + t4 * 2 + (e & 1)]);
     }
   }
 }
@@ -523,8 +537,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     warp_gemm<Elem, kDQK, kSTiles, kDQK, kDQK, false, false>(s, sK, key_row0, sQ, s_col0, lane_s);
     warp_gemm<Elem, kDV, kSTiles, kDV, kDV, false, false>(dp, sV, key_row0, sDO, s_col0, lane_s);
 
-    p_and_ds<Mask, kSTiles>(s, dp, key_row0, s_col0, m0, n0, s_q, s_k, s_lse, s_delta,
-                            p.softmax_scale_log2, lane);
+    softmax_p<Mask, kSTiles>(s, key_row0, s_col0, m0, n0, s_q, s_k, s_lse, p.softmax_scale_log2,
+                             lane);
+    ds_from_p<kSTiles>(s, dp, s_col0, s_delta, lane);
     if constexpr (Cfg::kSeparateLo) {
       store_split_to_smem<Elem, kSTiles>(smem + Cfg::kOffP, smem + Cfg::kOffPLo, s, key_row0,
                                          s_col0, lane_s);

@@ -1,6 +1,6 @@
 // Portable dense MHA prefill backward, 4-warp CTA (Config4 in config.h). Included
-// by kernel.cuh after the tile copies, warp_gemm and p_and_ds it shares with the
-// 8-warp kernel; same instructions (mma.sync m16n8k16, ldmatrix, cp.async, RED),
+// by kernel.cuh after the tile copies, warp_gemm, softmax_p and ds_from_p it shares
+// with the 8-warp kernel; same instructions (mma.sync m16n8k16, ldmatrix, cp.async, RED),
 // same grid (x = 64-key blocks, y = kv head, z = sequence), same steps (one 64-row
 // query block of one query head of the GQA group), same numerics (compensated
 // hi + lo P and dS, config.h) and the same bounds handling.
@@ -11,7 +11,7 @@
 // warp w owns keys 16w .. 16w + 15 across all 64 queries of the step:
 //   S^T  = K Q^T, dP^T = V dO^T     16 x 64 per warp, in passes of Config4::kPassM
 //                                    queries (A from K / V, B from Q / dO)
-//   P^T, dS^T                        in registers (p_and_ds)
+//   P^T, dS^T                        in registers (softmax_p, ds_from_p)
 //   dV  += P^T dO, dK += dS^T Q      A straight from those registers: the mma C
 //                                    layout of two n8 tiles is the A layout of a k16
 //                                    step, split into hi + lo on the fly
@@ -198,25 +198,27 @@ __global__ void __launch_bounds__(k4Threads, 2)
     cp_async_wait<0>();
     __syncthreads();  // B1
 
-    // The 64 queries in passes of kPassM (Config4): at d = 128, S^T and dP^T of 16
-    // queries (2 x 8 fp32 registers) live next to the 128 dK / dV accumulator
-    // registers; passes of 32 or 64 spilled. K and V fragments are re-read per pass.
+    // The 64 queries in passes of kPassM (Config4): P first, dV from it, then dP and
+    // dS, dK from it, so at most two of the pass's four accumulator tiles are live next
+    // to the 128 dK / dV accumulator registers at d = 128. K and V fragments are
+    // re-read per pass.
 #pragma unroll 1
     for (int qc0 = 0; qc0 < kBlockM; qc0 += kPassM) {
       const int lane_h = opaque(lane);  // addresses are recomputed per pass, not held
       float s[kPassTiles][4];
-      float dp[kPassTiles][4];
-#pragma unroll
-      for (int j = 0; j < kPassTiles; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
-      }
+      zero_acc(s);
       warp_gemm<Elem, kDQK, kPassTiles, kDQK, kDQK, false, false>(s, sK, key_row0, sQ, qc0,
                                                                   lane_h);
+      softmax_p<Mask, kPassTiles>(s, key_row0, qc0, m0, n0, s_q, s_k, s_lse,
+                                  p.softmax_scale_log2, lane);
+      // Rows qc0.. of dO / Q: a multiple of 8 rows keeps the swizzle phase.
+      warp_gemm_areg<Elem, kPassM / 16, kDVTiles, kDV>(acc_dv, s, sDO + qc0 * kDV * kElemBytes,
+                                                       lane_h);
+      float dp[kPassTiles][4];
+      zero_acc(dp);
       warp_gemm<Elem, kDV, kPassTiles, kDV, kDV, false, false>(dp, sV, key_row0, sDO, qc0,
-                                                               lane_h);
-      p_and_ds<Mask, kPassTiles>(s, dp, key_row0, qc0, m0, n0, s_q, s_k, s_lse, s_delta,
-                                 p.softmax_scale_log2, lane);
+                                                               opaque(lane));
+      ds_from_p<kPassTiles>(s, dp, qc0, s_delta, lane);
 
       // dS^T for the dQ product (the previous step's dQ finished before B1).
       if constexpr (kCompensatedDS) {
@@ -226,11 +228,8 @@ __global__ void __launch_bounds__(k4Threads, 2)
         store_acc_to_smem<Elem, kPassTiles, kBlockM>(smem + Cfg::kOffDS, dp, key_row0, qc0, 1.f,
                                                      lane_h);
       }
-      // Rows qc0.. of dO / Q: a multiple of 8 rows keeps the swizzle phase.
-      warp_gemm_areg<Elem, kPassM / 16, kDVTiles, kDV>(acc_dv, s, sDO + qc0 * kDV * kElemBytes,
-                                                       lane_h);
       warp_gemm_areg<Elem, kPassM / 16, kDKTiles, kDQK>(acc_dk, dp, sQ + qc0 * kDQK * kElemBytes,
-                                                        lane_h);
+                                                        opaque(lane));
     }
     __syncthreads();  // B2
 

@@ -5,13 +5,34 @@
 //                    (earlier blocks are skipped, not masked);
 //   needs_mask():    whether a (query block, key block) pair has any element the
 //                    policy hides, so fully visible pairs skip the per-element test;
-//   visible():       the per-element test. Keys >= s_k are hidden by every policy;
-//                    query rows >= s_q are handled by the caller (lse = +inf).
+//   kCausal:         the per-element test is TileLimits::visible<Mask::kCausal>.
+// Keys >= s_k are hidden by every policy; query rows >= s_q are handled by the
+// caller (lse = +inf).
 #pragma once
 
 #include "config.h"
 
 namespace flash_mla::portable::dense_bwd {
+
+// The per-element test for one thread's accumulator elements, as offsets (dk, dq)
+// from its first key key0 and query q0 (positions within the sequence): key0 + dk
+// is visible to q0 + dq iff dk < keys_left and, causal, dk - dq <= diag. Two ints per
+// thread instead of a position per element: this form (and computing the test
+// before the `check_mask &&`) is what let the 4-warp CTA's 32-query passes fit 255
+// registers without spills on every target (nvcc 13.0).
+struct TileLimits {
+  int keys_left;  // s_k - key0
+  int diag;       // s_k - s_q + q0 - key0
+  __device__ __forceinline__ static TileLimits make(int key0, int q0, int s_q, int s_k) {
+    return {s_k - key0, s_k - s_q + q0 - key0};
+  }
+  template <bool kCausal>
+  __device__ __forceinline__ bool visible(int dk, int dq) const {
+    bool vis = dk < keys_left;
+    if constexpr (kCausal) vis = vis && dk - dq <= diag;
+    return vis;
+  }
+};
 
 struct NoMask {
   static constexpr bool kCausal = false;
@@ -20,9 +41,6 @@ struct NoMask {
   }
   __device__ __forceinline__ static bool needs_mask(int /*m0*/, int n0, int /*s_q*/, int s_k) {
     return n0 + kBlockN > s_k;
-  }
-  __device__ __forceinline__ static bool visible(int /*q*/, int key, int /*s_q*/, int s_k) {
-    return key < s_k;
   }
 };
 
@@ -36,9 +54,6 @@ struct CausalMask {
   __device__ __forceinline__ static bool needs_mask(int m0, int n0, int s_q, int s_k) {
     // Fully visible iff the block's first row sees the block's last key.
     return n0 + kBlockN > s_k || n0 + kBlockN - 1 > s_k - s_q + m0;
-  }
-  __device__ __forceinline__ static bool visible(int q, int key, int s_q, int s_k) {
-    return key < s_k && key <= s_k - s_q + q;
   }
 };
 
