@@ -1,0 +1,178 @@
+"""Backward numerics against SPEC.md's MHA bound: this library, torch SDPA (flash and
+cuDNN backends) and the plain FA2-style rounding, each checked on the same problems.
+
+Why: the backward's speed target compares this library with SDPA's flash backend.
+This script shows what each one's dq, dk and dv look like under the check the GPU
+tests apply (SPEC.md, MHA prefill: an element passes when abs_err < 1e-3 OR
+rel_err < 8.01/128; cos_diff <= 7e-6), so the ratio can be read with the numerics
+next to it.
+
+Each problem (b sequences of s tokens, h_q = h_k heads, bf16 randn q, k, v, dout,
+seeded) is run as a user runs it:
+- "flash_mla": flash_mla.flash_attn_varlen_func forward + backward (autograd);
+- "sdpa_flash" / "sdpa_cudnn": F.scaled_dot_product_attention forward + backward
+  under torch.nn.attention.sdpa_kernel (a backend that refuses the shape is n/a);
+- "plain_bf16_emulated": flash_mla.reference.mha_prefill_bwd with p_dtype=bf16,
+  i.e. exact fp32 products with P and dS rounded once to bf16 (what FA2 does), given
+  the exact out rounded to bf16.
+Two references, both flash_mla.reference's fp32 backward:
+- "kernel": given the out that backend's own forward stored (bf16) and the exact lse.
+  This is the GPU tests' rule: the backward as a function of (out, lse).
+- "exact": given the exact fp32 out: the true gradient. Every backward here forms
+  delta = rowsum(dO * out) from a bf16 out, so on causal rows with few keys even an
+  exact out rounded to bf16 moves some small dq / dk elements past the element rule
+  (docs/mha_bwd.md); this column shows by how much for each backend.
+
+Per backend, reference and gradient it prints the elements outside both bounds, the
+worst element as a multiple of the bound (min(abs_err / abs_tol, rel_err /
+rel_tol); > 1 fails) and cos_diff, and writes bwd_numerics.json under --out.
+
+Usage: python benchmarks/bwd_numerics.py --out DIR [--seqlens 1024 4096] [--heads 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ABS_TOL, REL_TOL, COS_TOL = 1e-3, 8.01 / 128, 7e-6
+GRADS = ("dq", "dk", "dv")
+
+
+def worst_multiple(torch, got, ref) -> float:
+    """max over elements of min(abs_err / abs_tol, rel_err / rel_tol): > 1 fails."""
+    err = (got.double() - ref.double()).abs()
+    rel = err / (ref.double().abs() + 1e-6)
+    return float(torch.minimum(err / ABS_TOL, rel / REL_TOL).max())
+
+
+def judge(torch, compare, got, ref, name: str) -> Dict:
+    report = compare(got, ref, abs_tol=ABS_TOL, rel_tol=REL_TOL, cos_tol=COS_TOL, name=name)
+    return {"pass": report.passed, "bad": report.num_failed,
+            "worst": round(worst_multiple(torch, got, ref), 3), "cos_diff": report.cos_diff}
+
+
+def run_problem(torch, b: int, s: int, h: int, d: int, causal: bool, seed: int) -> Dict:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flash_mla import flash_attn_varlen_func, reference
+    from flash_mla.testing import compare
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    dt = torch.bfloat16
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen).to(dt)
+
+    q, k, v, dout = randn(b * s, h, d), randn(b * s, h, d), randn(b * s, h, d), randn(b * s, h, d)
+    cu = torch.arange(0, b + 1, device="cuda", dtype=torch.int32) * s
+    scale = d ** -0.5
+    exact_out, lse = reference.mha_prefill_fwd(q, k, v, cu, cu, scale, causal)
+
+    def ref_grads(out):
+        return reference.mha_prefill_bwd(dout, q, k, v, out, lse, cu, cu, scale, causal)
+
+    exact = ref_grads(exact_out)
+    results: Dict[str, Optional[Dict]] = {}
+
+    def record(name: str, grads, out) -> None:
+        kernel_ref = ref_grads(out)
+        results[name] = {
+            ref_name: {g: judge(torch, compare, a, r, f"{name} {g} vs {ref_name}")
+                       for g, a, r in zip(GRADS, grads, refs)}
+            for ref_name, refs in (("kernel", kernel_ref), ("exact", exact))}
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    o, _ = flash_attn_varlen_func(*leaves, cu, cu, s, s, softmax_scale=scale, causal=causal)
+    record("flash_mla", torch.autograd.grad(o, leaves, dout), o.detach())
+
+    def bshd(t):  # [b*s, h, d] -> [b, h, s, d]
+        return t.view(b, s, h, d).transpose(1, 2)
+
+    def packed(t):  # [b, h, s, d] -> [b*s, h, d]
+        return t.transpose(1, 2).reshape(b * s, h, d)
+
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                          ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        leaves = [bshd(t).detach().clone().requires_grad_(True) for t in (q, k, v)]
+        try:
+            with sdpa_kernel([backend]):
+                o = F.scaled_dot_product_attention(*leaves, is_causal=causal, scale=scale)
+                grads = torch.autograd.grad(o, leaves, bshd(dout))
+        except RuntimeError as err:  # the backend refuses this shape or GPU
+            results[name] = None
+            print(f"  {name}: n/a ({str(err).splitlines()[0][:120]})", flush=True)
+            continue
+        record(name, [packed(g) for g in grads], packed(o.detach()))
+
+    rounded_out = exact_out.to(dt)
+    plain = reference.mha_prefill_bwd(dout, q, k, v, rounded_out, lse, cu, cu, scale, causal,
+                                      p_dtype=dt)
+    record("plain_bf16_emulated", [g.to(dt) for g in plain], rounded_out)
+    return results
+
+
+def print_rows(shape: str, results: Dict[str, Optional[Dict]]) -> None:
+    for name, refs in results.items():
+        if refs is None:
+            continue
+        for ref_name, grads in refs.items():
+            cells = "  ".join(f"{g} {'PASS' if r['pass'] else 'FAIL'} bad={r['bad']:<4d} "
+                              f"worst={r['worst']:<6.2f} cos={r['cos_diff']:.1e}"
+                              for g, r in grads.items())
+            print(f"{shape:<24s} {name:<20s} {ref_name:<6s} {cells}", flush=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for bwd_numerics.json")
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--heads", type=int, default=8, help="h_q = h_k")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 128], help="d_qk = d_v")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bwd_numerics: needs a CUDA GPU (none visible)", file=sys.stderr)
+        return 2
+    device = torch.cuda.get_device_name()
+    print(f"device: {device}; torch {torch.__version__}; bound: abs {ABS_TOL} or rel "
+          f"{REL_TOL:.4f}, cos_diff <= {COS_TOL}", flush=True)
+    rows = []
+    problems = [(s, d, c) for s in args.seqlens for d in args.dims for c in (False, True)]
+    for i, (s, d, causal) in enumerate(problems, 1):
+        shape = f"b{args.batch} s{s} h{args.heads} d{d} {'causal' if causal else 'full'}"
+        print(f"[{i}/{len(problems)}] {shape}", flush=True)
+        results = run_problem(torch, args.batch, s, args.heads, d, causal, args.seed)
+        print_rows(shape, results)
+        rows.append({"shape": shape, "results": results})
+        torch.cuda.empty_cache()
+
+    summary = {}
+    for name in rows[0]["results"]:
+        ran = [r["results"][name] for r in rows if r["results"].get(name) is not None]
+        for ref_name in ("kernel", "exact"):
+            checks = [x[ref_name] for x in ran]
+            summary[f"{name} vs {ref_name}"] = {
+                "problems": len(checks),
+                "failed": sum(not all(g["pass"] for g in c.values()) for c in checks),
+                "bad_elements": sum(g["bad"] for c in checks for g in c.values())}
+    print("\nsummary (problems with any gradient outside SPEC's bound):")
+    for key, sm in summary.items():
+        print(f"  {key:<30s} {sm['failed']}/{sm['problems']} problems fail, "
+              f"{sm['bad_elements']} elements outside the bound")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bwd_numerics.json").write_text(json.dumps(
+        {"device": device, "torch": torch.__version__, "rows": rows, "summary": summary},
+        indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
