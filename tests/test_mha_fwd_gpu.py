@@ -15,9 +15,9 @@ kernel that follows the contract (seen on an H100: a 4-key row, -0.00977 against
 because fp32 scores summed in another order round P differently near ties).
 test_zero_mean_values checks that case by cos_diff and the inf/NaN pattern.
 
-Every test runs with each CTA layout (FLASH_MLA_DENSE_FWD_WARPS=8, sm_120's; 4, Hopper's;
-4x32, 4 warps of 32 rows; the 4-warp ones fall back to 8 warps at d_qk = 192), whichever
-the GPU would pick. Outputs are poisoned with NaN before each
+Every test runs with each CTA layout (FLASH_MLA_DENSE_FWD_WARPS=8, sm_120's; 4, A100's;
+4x32, 4 warps of 32 rows, H100/H200/B200's, with one K/V stage at d_qk = 192; 4 falls
+back to 8 warps at d_qk = 192), whichever the GPU would pick. Outputs are poisoned with NaN before each
 call, so an unwritten element fails; k/v carry NaN rows past cu_seqlens_kv[-1], so
 reading past a sequence shows up as NaN.
 """

@@ -53,6 +53,8 @@ FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d64_w4x32, "dense_prefill_fwd", "bf16 d
 FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d64_w4x32, "dense_prefill_fwd", "fp16 d64 dv64 4 warps x 32 rows, causal|full", (kFwdSmem4x32<64, 64>), 128);
 FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d128_w4x32, "dense_prefill_fwd", "bf16 d128 dv128 4 warps x 32 rows, causal|full", (kFwdSmem4x32<128, 128>), 128);
 FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d128_w4x32, "dense_prefill_fwd", "fp16 d128 dv128 4 warps x 32 rows, causal|full", (kFwdSmem4x32<128, 128>), 128);
+FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d192_w4x32, "dense_prefill_fwd", "bf16 d192 dv128 4 warps x 32 rows, causal|full", (kFwdSmem4x32<192, 128>), 128);
+FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d192_w4x32, "dense_prefill_fwd", "fp16 d192 dv128 4 warps x 32 rows, causal|full", (kFwdSmem4x32<192, 128>), 128);
 
 FLASH_MLA_REGISTER_OP(dense_prefill_fwd, "dense_prefill_fwd",
                       R"({"dtype": ["bf16", "fp16"], "head_dims": [[64, 64], [128, 128], [192, 128]]})");
@@ -238,8 +240,8 @@ void dispatch_head_dims(const DensePrefillFwdParams& p, fwd::CtaLayout layout) {
 
 // CTA layout for `device` and d_qk (config.h: choose_layout). The environment
 // variable FLASH_MLA_DENSE_FWD_WARPS=8|4|4x32 forces one, so all are tested on one
-// GPU (the 8-warp CTA, sm_120's, is validated on Hopper that way; 4 and 4x32 apply
-// to d_qk <= 128 only); it is read on every call, no process-wide state.
+// GPU (the 8-warp CTA, sm_120's, is validated on Hopper that way; 4 applies to
+// d_qk <= 128 only, 4x32 to every d_qk); it is read on every call, no process-wide state.
 fwd::CtaLayout layout_for(int device, int d_qk) {
   const std::string forced = forced_variant("FLASH_MLA_DENSE_FWD_WARPS");
   if (!forced.empty()) {

@@ -27,15 +27,16 @@ constexpr int kElemBytes = 2;  // bf16 / fp16
 //  - 4 warps x 32 rows, 128 rows ("4x32", FA2's layout; WideConfig below): each
 //    warp owns two m16 slabs, so every K/V ldmatrix fragment feeds two MMAs. Q stays
 //    in shared memory and is re-read with ldmatrix per k-step (holding it in
-//    registers as well spilled on sm_90 at d >= 128). d_qk <= 128 only.
+//    registers as well spilled on sm_90 at d >= 128). Two K/V stages at d_qk <= 128,
+//    one at d = 192 (WideConfig).
 constexpr int kMinSmemPerSmForFourWarps = 160 * 1024;
 
 // The 4x32 CTA takes 96 KB + 64 B at d = 128; two per SM (their barriers drift
 // apart, as with the 4-warp CTA) need 2 x (97 KB + 1 KB reserved): H100/H200
 // (228 KB), not A100 (164 KB). With one online-softmax step per 64-key tile it beat
 // the 4-warp CTA on an H100 at d = 128 by 27-31% without a mask and 19-28% with the
-// causal one, and at d = 64 by 5-20% (docs/mha_fwd.md), so it is chosen for
-// d_qk <= 128 there, causal or not. (With two 32-key steps per tile it was only
+// causal one, and at d = 64 by 5-20% (docs/mha_fwd.md), so it is chosen there,
+// causal or not; at d = 192 (one K/V stage, 88 KB) it beat the 8-warp CTA by 16%. (With two 32-key steps per tile it was only
 // +2.5-5% without a mask and -3% causal at h = 32/4.) Parts below the threshold
 // keep the 4-warp CTA (4x32 unmeasured there).
 constexpr int kMinSmemPerSmFor4x32 = 2 * (97 + 1) * 1024;
@@ -44,9 +45,7 @@ constexpr int kMinSmemPerSmFor4x32 = 2 * (97 + 1) * 1024;
 enum class CtaLayout : int { kWarps8 = 8, kWarps4 = 4, kWarps4x32 = 432 };
 
 inline CtaLayout choose_layout(int smem_per_sm, int d_qk) {
-  if (smem_per_sm >= kMinSmemPerSmFor4x32 && d_qk <= 128) {
-    return CtaLayout::kWarps4x32;
-  }
+  if (smem_per_sm >= kMinSmemPerSmFor4x32) return CtaLayout::kWarps4x32;  // every d_qk
   return smem_per_sm >= kMinSmemPerSmForFourWarps && d_qk <= 128 ? CtaLayout::kWarps4
                                                                   : CtaLayout::kWarps8;
 }
@@ -93,14 +92,20 @@ static_assert(Config<64, 64, 4>::kSmemBytes == 32768, "d=64 budget as documented
 // 4 warps x 32 rows. Q has its own buffer (it is re-read every tile):
 //   [0, kQBytes)                          Q tile [128][d_qk]
 //   [kStage0Offset, +kStageBytes)         stage 0 (K tile, then V tile)
-//   [kStage1Offset, +kStageBytes)         stage 1
+//   [+kStageStride, +kStageBytes)         stage 1 (two-stage form only)
 //   [kScalarOffset, +kScalarBytes)        CTA-uniform loop values (64 B)
 //   [0, kOBytes)                          output staging, aliased after the last tile
 // d = 128: 32768 + 2 x 32768 + 64 = 98368 B (fits sm_120's 99 KB; two CTAs per H100 SM).
-// d = 192 would need 49152 + 2 x 40960 = 131072 B: not built.
+// d = 192: two stages would need 49152 + 2 x 40960 = 131072 B, so one stage:
+// 49152 + 40960 + 64 = 90176 B. Its next tile is copied once every warp is done with
+// the current one (kernel_4x32.cuh); the other CTA on the SM computes meanwhile.
 template <int kDQK, int kDV>
 struct WideConfig {
-  static_assert(kDQK <= 128, "the 4x32 CTA is built for d_qk <= 128 only");
+  // K/V stages: two where they fit 99 KB (d_qk <= 128); one at d = 192.
+  static constexpr int kStages = kDQK <= 128 ? 2 : 1;
+  static_assert((kDQK == 64 && kDV == 64) || (kDQK == 128 && kDV == 128) ||
+                    (kDQK == 192 && kDV == 128),
+                "supported (d_qk, d_v): (64, 64), (128, 128), (192, 128)");
   static constexpr int kNumWarps = 4;
   static constexpr int kThreads = 128;
   static constexpr int kSlabs = 2;  // m16 slabs per warp
@@ -112,11 +117,12 @@ struct WideConfig {
   static constexpr int kVTileBytes = kBlockN * kDV * kElemBytes;
   static constexpr int kStageBytes = kKTileBytes + kVTileBytes;
   static constexpr int kStage0Offset = kQBytes;
-  static constexpr int kStage1Offset = kQBytes + kStageBytes;
+  // Tile n lives in stage n % 2 at kStage0Offset + (n & 1) * kStageStride.
+  static constexpr int kStageStride = (kStages - 1) * kStageBytes;
   static constexpr int kOBytes = kBlockM * kDV * kElemBytes;
   // CTA-uniform values of the tile loop (kernel_4x32.cuh's CtaScalars: two
   // pointers, the first masked tile, the mask policy), kept out of registers.
-  static constexpr int kScalarOffset = kQBytes + 2 * kStageBytes;
+  static constexpr int kScalarOffset = kQBytes + kStages * kStageBytes;
   static constexpr int kScalarBytes = 64;
   static constexpr int kSmemBytes = kScalarOffset + kScalarBytes;
   static_assert(kSmemBytes <= kMaxSmemPerBlockSm120, "forward tile exceeds sm_120's 99 KB");
@@ -127,6 +133,9 @@ static_assert(WideConfig<128, 128>::kSmemBytes == 98368, "d=128 4x32 budget as d
 static_assert(2 * (WideConfig<128, 128>::kSmemBytes + 1024) <= kMinSmemPerSmFor4x32,
               "choose_layout's threshold must admit two 4x32 CTAs per SM");
 static_assert(WideConfig<64, 64>::kSmemBytes == 49216, "d=64 4x32 budget as documented");
+static_assert(WideConfig<192, 128>::kSmemBytes == 90176, "d=192 4x32 budget as documented");
+static_assert(2 * (WideConfig<192, 128>::kSmemBytes + 1024) <= kMinSmemPerSmFor4x32,
+              "choose_layout's threshold must admit two d=192 4x32 CTAs per SM");
 
 // Grid: x = query blocks of the longest sequence, y = query heads, z = sequences.
 // gridDim.y and gridDim.z are limited to 65535.

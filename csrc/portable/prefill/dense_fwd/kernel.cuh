@@ -531,21 +531,22 @@ namespace flash_mla::portable::dense_fwd {
 template <DType kDType, int kDQK, int kDV>
 void run_dense_prefill_fwd(const DensePrefillFwdParams& params, CtaLayout layout) {
   using Elem = typename std::conditional<kDType == DType::kBF16, BF16, FP16>::type;
-  // The 4-warp CTAs exist for d_qk <= 128 only (config.h: choose_layout); at
-  // d = 192 they were slower, spilled or overflow 99 KB, so they are not instantiated.
+  // The 4 x 16-row CTA exists for d_qk <= 128 only (config.h: choose_layout); at
+  // d = 192 it was slower and spilled, so it is not instantiated (a forced 4 runs 8
+  // warps there). The 4x32 CTA serves every d_qk (one K/V stage at d = 192).
   if constexpr (kDQK <= 128) {
     if (layout == CtaLayout::kWarps4) {
       launch_dense_prefill_fwd_mask<Elem, kDQK, kDV, 4>(params);
       return;
     }
-    if (layout == CtaLayout::kWarps4x32) {
-      if (params.is_causal) {
-        launch_dense_prefill_fwd_4x32<Elem, kDQK, kDV, true>(params);
-      } else {
-        launch_dense_prefill_fwd_4x32<Elem, kDQK, kDV, false>(params);
-      }
-      return;
+  }
+  if (layout == CtaLayout::kWarps4x32) {
+    if (params.is_causal) {
+      launch_dense_prefill_fwd_4x32<Elem, kDQK, kDV, true>(params);
+    } else {
+      launch_dense_prefill_fwd_4x32<Elem, kDQK, kDV, false>(params);
     }
+    return;
   }
   launch_dense_prefill_fwd_mask<Elem, kDQK, kDV, 8>(params);
 }

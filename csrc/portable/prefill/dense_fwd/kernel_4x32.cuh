@@ -23,10 +23,11 @@
 // Shared memory (bytes, config.h WideConfig; rows XOR-swizzled in 16-byte chunks):
 //   [0, 128*d_qk*2)          Q tile, read by every tile's S = Q K^T
 //   [stage0, +stage)         stage 0: K tile [64][d_qk], V tile [64][d_v]
-//   [stage1, +stage)         stage 1
+//   [stage1, +stage)         stage 1 (d_qk <= 128; d = 192 has one stage)
 //   [scalars, +64)           CtaScalars (K/V head pointers, first masked tile, mask)
 //   [0, 128*d_v*2)           O staging, aliased on Q after the last tile
-//   d = 128: 32768 + 2 x 32768 + 64 = 98368 B; d = 64: 16384 + 2 x 16384 + 64 = 49216 B.
+//   d = 128: 32768 + 2 x 32768 + 64 = 98368 B; d = 64: 16384 + 2 x 16384 + 64 = 49216 B;
+//   d = 192: 49152 + 40960 + 64 = 90176 B.
 //
 // Barrier / cp.async protocol (key tiles from the last one down to 0; tile n lives
 // in stage n % 2):
@@ -39,6 +40,9 @@
 //             n+1, so stage (n-1) % 2 is free); cp.async K,V of tile n-1 (full, no
 //             bounds check) -> stage (n-1) % 2 -> commit; S = Q K^T for both slabs
 //             and all 64 keys, mask, one online-softmax step, O += P V.
+//             One stage (d = 192): the copy of tile n-1 is issued at the end of the
+//             iteration instead, after a second __syncthreads (every warp done
+//             with tile n); the other CTA on the SM computes while it lands.
 //   epilogue: __syncthreads (no warp reads Q/K/V any more, no copy in flight);
 //             each warp stages its own 32 rows of O, __syncwarp, 16-byte stores.
 #pragma once
@@ -187,7 +191,7 @@ __global__ void __launch_bounds__(128, 2)
     {
       const int first = (num_tiles - 1) * kBlockN;
       const uint32_t stage_smem =
-          smem_base + Cfg::kStage0Offset + ((num_tiles - 1) & 1) * Cfg::kStageBytes;
+          smem_base + Cfg::kStage0Offset + ((num_tiles - 1) & 1) * Cfg::kStageStride;
       load_tile_async<kBlockN, kDQK, kThreads>(stage_smem, k_head, params.k_row_stride, first,
                                                s_k - first, tid);
       load_tile_async<kBlockN, kDV, kThreads>(stage_smem + Cfg::kKTileBytes, v_head,
@@ -250,11 +254,34 @@ __global__ void __launch_bounds__(128, 2)
       const uint32_t v_dst =
           stage_smem + Cfg::kKTileBytes +
           swizzled_offset<kDV>(copy_tid / kVChunksPerRow, (copy_tid % kVChunksPerRow) * 8);
+      if constexpr (kThreads % kKChunksPerRow == 0) {
 #pragma unroll
-      for (int j = 0; j < kBlockN / kKRowsPerStep; ++j) {
-        cp_async_16_zfill(k_dst + j * kKRowsPerStep * (kDQK * 2),
-                          k_src + static_cast<int64_t>(j * kKRowsPerStep) * params.k_row_stride,
-                          true);
+        for (int j = 0; j < kBlockN / kKRowsPerStep; ++j) {
+          cp_async_16_zfill(k_dst + j * kKRowsPerStep * (kDQK * 2),
+                            k_src + static_cast<int64_t>(j * kKRowsPerStep) * params.k_row_stride,
+                            true);
+        }
+      } else {
+        // d = 192: 24 chunks per row do not divide 128 threads. Each thread copies
+        // chunk tid % 8 of each 8-chunk group of rows tid / 8 + 16 j: 16 rows per
+        // step (a multiple of 8, so one swizzle phase), and since the swizzle only
+        // flips a chunk's low 3 bits, group c sits 128 B after group 0 in every row.
+        static_assert(kKChunksPerRow % 8 == 0 && kBlockN % (kThreads / 8) == 0, "K groups");
+        constexpr int kRows = kThreads / 8;
+        const int row = copy_tid / 8, chunk = copy_tid % 8;
+        const Storage* src = scalars.k_head +
+                             static_cast<int64_t>(tile * kBlockN + row) * params.k_row_stride +
+                             chunk * 8;
+        const uint32_t dst = stage_smem + swizzled_offset<kDQK>(row, chunk * 8);
+#pragma unroll
+        for (int j = 0; j < kBlockN / kRows; ++j) {
+#pragma unroll
+          for (int c = 0; c < kKChunksPerRow / 8; ++c) {
+            cp_async_16_zfill(dst + j * kRows * (kDQK * 2) + c * 128,
+                              src + static_cast<int64_t>(j * kRows) * params.k_row_stride + c * 64,
+                              true);
+          }
+        }
       }
 #pragma unroll
       for (int j = 0; j < kBlockN / kVRowsPerStep; ++j) {
@@ -281,11 +308,11 @@ __global__ void __launch_bounds__(128, 2)
     for (int tile = num_tiles - 1; tile >= 0; --tile) {
       cp_async_wait<0>();
       __syncthreads();
-      const uint32_t k_smem = smem_base + Cfg::kStage0Offset + (tile & 1) * Cfg::kStageBytes;
+      const uint32_t k_smem = smem_base + Cfg::kStage0Offset + (tile & 1) * Cfg::kStageStride;
       const uint32_t v_smem = k_smem + Cfg::kKTileBytes;
-      if (tile > 0) {
+      if (Cfg::kStages == 2 && tile > 0) {
         issue_full_kv(tile - 1,
-                      smem_base + Cfg::kStage0Offset + ((tile - 1) & 1) * Cfg::kStageBytes);
+                      smem_base + Cfg::kStage0Offset + ((tile - 1) & 1) * Cfg::kStageStride);
       }
 
       // S = Q K^T for both slabs and all 64 keys (64 fp32 registers); every K
@@ -434,6 +461,10 @@ __global__ void __launch_bounds__(128, 2)
         rescale_o(factor);
 #pragma unroll
         for (int kk = 0; kk < kPSteps; ++kk) pv_chunk(kk);
+      }
+      if (Cfg::kStages == 1 && tile > 0) {
+        __syncthreads();  // every warp is done with the one stage: refill it
+        issue_full_kv(tile - 1, smem_base + Cfg::kStage0Offset);
       }
     }
     __syncthreads();  // nobody reads Q/K/V any more: staging may overwrite Q
