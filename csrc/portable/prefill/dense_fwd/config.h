@@ -23,7 +23,7 @@ constexpr int kElemBytes = 2;  // bf16 / fp16
 //    one CTA's softmax overlaps the other's MMAs; with one 8-warp CTA per SM all
 //    warps meet at every tile's barrier. On an
 //    H100 this was 3-6% faster at d = 128 and up to 12% slower at d = 192 (twice
-//    the K/V tile loads per query row), so d = 192 keeps 8 warps (docs/mha_fwd.md).
+//    the K/V tile loads per query row), so it is not built for d = 192 (docs/mha_fwd.md).
 //  - 4 warps x 32 rows, 128 rows ("4x32", FA2's layout; WideConfig below): each
 //    warp owns two m16 slabs, so every K/V ldmatrix fragment feeds two MMAs. Q stays
 //    in shared memory and is re-read with ldmatrix per k-step (holding it in
