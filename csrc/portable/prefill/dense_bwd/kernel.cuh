@@ -578,8 +578,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     // dq_accum += dS K (contraction over the kBlockN keys): A = dS read
     // transposed from dS^T, B = K read transposed.
     float dq[kDQTiles][4];
-#pragma unroll
-    for (int j = 0; j < kDQTiles; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
+    zero_acc(dq);
     warp_gemm<Elem, kBlockN, kDQTiles, kBlockM, kDQK, true, true, kCompensatedDS>(
         dq, sDS, q_row0, sK, col_half_m * Cfg::kDQCols, lane_s, sDSLo);
 #pragma unroll
