@@ -221,11 +221,12 @@ bwd::BwdLayout layout_for(int device, int d_qk) {
   if (!forced.empty()) {
     if (forced == "8") return bwd::BwdLayout::kWarps8;
     if (forced == "4") {
-      if (smem_per_sm < bwd::kMinSmemPerSmFor4Warps) {
+      const int needed = bwd::min_smem_per_sm_4warps(d_qk);
+      if (smem_per_sm < needed) {
         TVM_FFI_THROW(ValueError)
-            << "FLASH_MLA_DENSE_BWD_WARPS=4 needs a GPU with at least "
-            << bwd::kMinSmemPerSmFor4Warps << " bytes of shared memory per SM (two 4-warp "
-            << "CTAs), this one has " << smem_per_sm;
+            << "FLASH_MLA_DENSE_BWD_WARPS=4 needs a GPU with at least " << needed
+            << " bytes of shared memory per SM at d_qk " << d_qk
+            << " (two 4-warp CTAs), this one has " << smem_per_sm;
       }
       return bwd::BwdLayout::kWarps4;
     }

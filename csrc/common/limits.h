@@ -8,4 +8,10 @@ namespace flash_mla {
 // Hopper's 227 KB cannot reach an RTX 50xx build.
 constexpr int kMaxSmemPerBlockSm120 = 101376;
 
+// Shared memory per SM on sm_120/121 (100 KB; the same on sm_86/89), and what the
+// hardware reserves per resident block: n blocks of b bytes fit an SM when
+// n * (b + kReservedSmemPerBlock) <= its capacity.
+constexpr int kSmemPerSmSm120 = 102400;
+constexpr int kReservedSmemPerBlock = 1024;
+
 }  // namespace flash_mla

@@ -151,6 +151,11 @@ struct Config4 {
   static constexpr int kOffDelta = kOffLse + kBlockM * 4;
   static constexpr int kSmemBytes = kOffDelta + kBlockM * 4;
   static_assert(kSmemBytes <= kMaxSmemPerBlockSm120, "4-warp backward tile exceeds 99 KB");
+  // Shared memory per SM that two of these CTAs need; at d = 64 (2 x 49664 B) they fit
+  // sm_120's (and sm_86/89's) 100 KB, so the CTA is built for sm_120 there
+  // (kernel_4warp.cuh) and choose_layout picks it; at d = 128 it is not.
+  static constexpr int kSmemPerSmForTwo = 2 * (kSmemBytes + kReservedSmemPerBlock);
+  static constexpr bool kTwoFitSm120 = kSmemPerSmForTwo <= kSmemPerSmSm120;
   static_assert(kOffQ % 128 == 0 && kOffDO % 128 == 0 && kOffDS % 128 == 0 &&
                     kOffDSLo % 128 == 0 && kOffLse % 16 == 0,
                 "tiles must start on 128-byte boundaries for the swizzle");
@@ -172,23 +177,29 @@ struct Config4 {
 
 static_assert(Config4<128, 128>::kSmemBytes == (kCompensatedDS ? 82432 : 74240), "d=128 budget");
 static_assert(Config4<64, 64>::kSmemBytes == (kCompensatedDS ? 49664 : 41472), "d=64 budget");
+static_assert(Config4<64, 64>::kTwoFitSm120 && !Config4<128, 128>::kTwoFitSm120,
+              "two 4-warp CTAs fit a 100 KB SM at d = 64 only");
 
 // CTA layouts (FLASH_MLA_DENSE_BWD_WARPS=8|4 forces one; csrc/api): the 4-warp CTA
-// where two fit an SM (2 x (82432 + 1024 reserved) B at d = 128: H100/H200, A100,
-// B200, not sm_120's 100 KB) and d <= 128; the 8-warp CTA otherwise. Measured on an
-// H100 (bf16, b = 2, s = 4096 / 8192, d = 128): 4 warps +6% without a mask, +8-11%
-// causal at h 128/128, +1-5% causal at h 32/4 (with the longest-first order of
-// KeyBlock; without it the 4-warp CTA was 7-10% slower there); d = 64: +29-37%.
+// where two fit an SM and d <= 128 (2 x (82432 + 1024) B at d = 128: H100/H200, A100,
+// B200; 2 x (49664 + 1024) B at d = 64: also sm_120/121 and sm_86/89 with 100 KB); the
+// 8-warp CTA otherwise. Measured on an H100 (bf16, b = 2, s = 4096 / 8192, d = 128): 4
+// warps +6% without a mask, +8-11% causal at h 128/128, +1-5% causal at h 32/4 (with the
+// longest-first order of KeyBlock; without it the 4-warp CTA was 7-10% slower there);
+// d = 64: +29-37% (one 8-warp CTA per SM against two 4-warp CTAs, as on sm_120).
 enum class BwdLayout : int { kWarps8 = 8, kWarps4 = 4 };
 
-// Bytes of shared memory per SM that two 4-warp CTAs need (1 KB per CTA is reserved
-// by the hardware). The 4-warp kernel is only ever launched where they fit (it is
-// not built for sm_120, whose SMs have 100 KB: kernel_4warp.cuh).
-constexpr int kMinSmemPerSmFor4Warps = 2 * (Config4<128, 128>::kSmemBytes + 1024);
+// Bytes of shared memory per SM that two 4-warp CTAs need at d_qk (0 where d_qk has no
+// 4-warp CTA). The 4-warp kernel is only ever launched where they fit.
+inline int min_smem_per_sm_4warps(int d_qk) {
+  if (d_qk == 64) return Config4<64, 64>::kSmemPerSmForTwo;
+  if (d_qk == 128) return Config4<128, 128>::kSmemPerSmForTwo;
+  return 0;
+}
 
 inline BwdLayout choose_layout(int smem_per_sm, int d_qk) {
   if (d_qk > 128) return BwdLayout::kWarps8;
-  return smem_per_sm >= kMinSmemPerSmFor4Warps ? BwdLayout::kWarps4 : BwdLayout::kWarps8;
+  return smem_per_sm >= min_smem_per_sm_4warps(d_qk) ? BwdLayout::kWarps4 : BwdLayout::kWarps8;
 }
 
 // One CTA (8 warps) per SM as the register cap: at two CTAs (128 registers per

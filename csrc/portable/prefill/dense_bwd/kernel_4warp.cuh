@@ -132,14 +132,18 @@ __device__ __forceinline__ void warp_gemm_dq(float (&acc)[2][kNTiles][4], uint32
 template <typename Elem, int kDQK, int kDV, typename Mask>
 __global__ void __launch_bounds__(k4Threads, 2)
     dense_bwd_main4_kernel(const DensePrefillBwdParams p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1200
-  // sm_120 / sm_121: never launched. Two 82 KB CTAs do not fit their 100 KB per SM,
-  // so choose_layout never picks this CTA there and the entry refuses
-  // FLASH_MLA_DENSE_BWD_WARPS=4 (config.h kMinSmemPerSmFor4Warps); and sm_120f's register
-  // allocation spills 24 B at d = 128 (nvcc 13.0). A launch would be a bug: trap.
-  __trap();
-#else
   using Cfg = Config4<kDQK, kDV>;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1200
+  // sm_120 / sm_121 at d = 128: never launched. Two 82 KB CTAs do not fit their 100 KB
+  // per SM, so choose_layout never picks this CTA there and the entry refuses
+  // FLASH_MLA_DENSE_BWD_WARPS=4 (config.h min_smem_per_sm_4warps); and sm_120f's register
+  // allocation spills 24 B at d = 128 (nvcc 13.0). A launch would be a bug: trap (the
+  // code below is then unreachable and not emitted). d = 64 (2 x 49664 B) is built.
+  if constexpr (!Cfg::kTwoFitSm120) {
+    __trap();
+    return;
+  }
+#endif
   using Storage = typename Elem::Storage;
   extern __shared__ __align__(128) uint8_t smem[];
 
@@ -267,7 +271,6 @@ __global__ void __launch_bounds__(k4Threads, 2)
 
   write_dk_dv<Elem, kDQK, kDV, k4Threads>(p, smem + Cfg::kOffK, smem + Cfg::kOffV, acc_dk, acc_dv,
                                           key_row0, 0, 0, KeyBlock::again<Mask>(p), tid, lane);
-#endif  // __CUDA_ARCH__ < 1200
 }
 
 }  // namespace flash_mla::portable::dense_bwd

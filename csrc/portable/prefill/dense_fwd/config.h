@@ -31,24 +31,9 @@ constexpr int kElemBytes = 2;  // bf16 / fp16
 //    one at d = 192 (WideConfig).
 constexpr int kMinSmemPerSmForFourWarps = 160 * 1024;
 
-// The 4x32 CTA takes 96 KB + 64 B at d = 128; two per SM (their barriers drift
-// apart, as with the 4-warp CTA) need 2 x (97 KB + 1 KB reserved): H100/H200
-// (228 KB), not A100 (164 KB). With one online-softmax step per 64-key tile it beat
-// the 4-warp CTA on an H100 at d = 128 by 27-31% without a mask and 19-28% with the
-// causal one, and at d = 64 by 5-20% (docs/mha_fwd.md), so it is chosen there,
-// causal or not; at d = 192 (one K/V stage, 88 KB) it beat the 8-warp CTA by 16%. (With two 32-key steps per tile it was only
-// +2.5-5% without a mask and -3% causal at h = 32/4.) Parts below the threshold
-// keep the 4-warp CTA (4x32 unmeasured there).
-constexpr int kMinSmemPerSmFor4x32 = 2 * (97 + 1) * 1024;
-
-// CTA layouts (FLASH_MLA_DENSE_FWD_WARPS=8|4|4x32 forces one; csrc/api).
+// CTA layouts (FLASH_MLA_DENSE_FWD_WARPS=8|4|4x32 forces one; csrc/api; choose_layout
+// below WideConfig).
 enum class CtaLayout : int { kWarps8 = 8, kWarps4 = 4, kWarps4x32 = 432 };
-
-inline CtaLayout choose_layout(int smem_per_sm, int d_qk) {
-  if (smem_per_sm >= kMinSmemPerSmFor4x32) return CtaLayout::kWarps4x32;  // every d_qk
-  return smem_per_sm >= kMinSmemPerSmForFourWarps && d_qk <= 128 ? CtaLayout::kWarps4
-                                                                  : CtaLayout::kWarps8;
-}
 
 template <int kDQK, int kDV, int kNumWarps_>
 struct Config {
@@ -130,12 +115,33 @@ struct WideConfig {
 };
 
 static_assert(WideConfig<128, 128>::kSmemBytes == 98368, "d=128 4x32 budget as documented");
-static_assert(2 * (WideConfig<128, 128>::kSmemBytes + 1024) <= kMinSmemPerSmFor4x32,
-              "choose_layout's threshold must admit two 4x32 CTAs per SM");
 static_assert(WideConfig<64, 64>::kSmemBytes == 49216, "d=64 4x32 budget as documented");
 static_assert(WideConfig<192, 128>::kSmemBytes == 90176, "d=192 4x32 budget as documented");
-static_assert(2 * (WideConfig<192, 128>::kSmemBytes + 1024) <= kMinSmemPerSmFor4x32,
-              "choose_layout's threshold must admit two d=192 4x32 CTAs per SM");
+
+// Shared memory per SM that two 4x32 CTAs need at d_qk (1 KB per CTA is reserved):
+// d = 128 198784 B, d = 192 182400 B (H100/H200, B200: 228 KB), d = 64 100480 B (also
+// A100's 164 KB and the 100 KB of sm_120/121 and sm_86/89).
+inline int min_smem_per_sm_4x32(int d_qk) {
+  const int bytes = d_qk == 64    ? WideConfig<64, 64>::kSmemBytes
+                    : d_qk == 128 ? WideConfig<128, 128>::kSmemBytes
+                                  : WideConfig<192, 128>::kSmemBytes;
+  return 2 * (bytes + kReservedSmemPerBlock);
+}
+static_assert(2 * (WideConfig<64, 64>::kSmemBytes + kReservedSmemPerBlock) <= kSmemPerSmSm120,
+              "two d=64 4x32 CTAs fit a 100 KB SM");
+
+// The 4x32 CTA where two fit an SM (their barriers drift apart, as with the 4-warp
+// CTA), at every d_qk. With one online-softmax step per 64-key tile it beat the 4-warp
+// CTA on an H100 at d = 128 by 27-31% without a mask and 19-28% with the causal one,
+// and at d = 64 by 5-20% (docs/mha_fwd.md); at d = 192 (one K/V stage) it beat the
+// 8-warp CTA by 16%. (With two 32-key steps per tile it was only +2.5-5% without a mask
+// and -3% causal at h = 32/4.) Otherwise the 4-warp CTA where two fit (A100 at
+// d = 128), else the 8-warp CTA (sm_120 at d >= 128, one CTA per SM).
+inline CtaLayout choose_layout(int smem_per_sm, int d_qk) {
+  if (smem_per_sm >= min_smem_per_sm_4x32(d_qk)) return CtaLayout::kWarps4x32;
+  return smem_per_sm >= kMinSmemPerSmForFourWarps && d_qk <= 128 ? CtaLayout::kWarps4
+                                                                  : CtaLayout::kWarps8;
+}
 
 // Grid: x = query blocks of the longest sequence, y = query heads, z = sequences.
 // gridDim.y and gridDim.z are limited to 65535.

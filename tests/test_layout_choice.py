@@ -1,0 +1,69 @@
+"""Which MHA CTA layout the host dispatch picks for a GPU's shared memory per SM.
+
+choose_layout (csrc/portable/prefill/dense_{fwd,bwd}/config.h) is plain C++: this
+test compiles a small program against those headers with the host C++ compiler and
+checks its answers for the parts the wheel serves. A 4-warp or 4x32 CTA is picked
+only where two fit an SM, so sm_120/121 (and sm_86/89), with 100 KB per SM, get them
+at d = 64 only; the 8-warp CTAs serve them otherwise.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROGRAM = r"""
+#include <cstdio>
+#include "portable/prefill/dense_bwd/config.h"
+#include "portable/prefill/dense_fwd/config.h"
+int main() {
+  namespace bwd = flash_mla::portable::dense_bwd;
+  namespace fwd = flash_mla::portable::dense_fwd;
+  const int smem[] = {102400, 167936, 233472};
+  const int dims[] = {64, 128, 192};
+  for (int s : smem)
+    for (int d : dims)
+      std::printf("%d %d %d %d\n", s, d, static_cast<int>(fwd::choose_layout(s, d)),
+                  static_cast<int>(bwd::choose_layout(s, d)));
+  return 0;
+}
+"""
+
+# (shared memory per SM, d_qk) -> (forward layout, backward layout); 432 is 4x32.
+SM120 = 102400  # also sm_86 / sm_89
+A100 = 167936
+H100 = 233472  # also H200 and B200
+EXPECTED = {
+    (SM120, 64): (432, 4), (SM120, 128): (8, 8), (SM120, 192): (8, 8),
+    (A100, 64): (432, 4), (A100, 128): (4, 4), (A100, 192): (8, 8),
+    (H100, 64): (432, 4), (H100, 128): (432, 4), (H100, 192): (432, 8),
+}
+
+
+def _compiler() -> str | None:
+    for name in ("c++", "g++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def test_layout_per_gpu(tmp_path):
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("no host C++ compiler (c++, g++ or clang++) on PATH")
+    src = tmp_path / "layout.cpp"
+    src.write_text(PROGRAM)
+    exe = tmp_path / "layout"
+    subprocess.run([cxx, "-std=c++17", "-Wall", "-Werror", f"-I{ROOT / 'csrc'}", str(src), "-o",
+                    str(exe)], check=True, capture_output=True, text=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    got = {}
+    for line in out.splitlines():
+        smem, d, fwd, bwd = (int(x) for x in line.split())
+        got[(smem, d)] = (fwd, bwd)
+    assert got == EXPECTED
