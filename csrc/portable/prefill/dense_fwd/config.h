@@ -16,9 +16,9 @@ constexpr int kElemBytes = 2;  // bf16 / fp16
 // never cross warps. A CTA has kNumWarps warps and kBlockM = 16 * kNumWarps rows;
 // the per-warp code is the same for both 16-row sizes:
 //  - 8 warps, 128 rows: for GPUs with ~100 KB of shared memory per SM (sm_120/121,
-//    sm_86/89), where one CTA fits per SM and needs 8 warps to hide latency.
-//  - 4 warps, 64 rows: for GPUs with 160-195 KB per SM (A100) and d_qk <= 128
-//    (H100/H200 and sm_100 take the 4x32 CTA below). Two CTAs share an SM
+//    sm_86/89) at d >= 128, where one CTA fits per SM and needs 8 warps to hide latency.
+//  - 4 warps, 64 rows: for GPUs with 160-195 KB per SM (A100) at d_qk = 128
+//    (H100/H200 and sm_100, and d = 64 everywhere, take the 4x32 CTA below). Two CTAs share an SM
 //    (registers allow 2 x 128 threads x <= 255) and their barriers drift apart, so
 //    one CTA's softmax overlaps the other's MMAs; with one 8-warp CTA per SM all
 //    warps meet at every tile's barrier. On an
@@ -134,8 +134,9 @@ static_assert(2 * (WideConfig<64, 64>::kSmemBytes + kReservedSmemPerBlock) <= kS
 // CTA), at every d_qk. With one online-softmax step per 64-key tile it beat the 4-warp
 // CTA on an H100 at d = 128 by 27-31% without a mask and 19-28% with the causal one,
 // and at d = 64 by 5-20% (docs/mha_fwd.md); at d = 192 (one K/V stage) it beat the
-// 8-warp CTA by 16%. (With two 32-key steps per tile it was only +2.5-5% without a mask
-// and -3% causal at h = 32/4.) Otherwise the 4-warp CTA where two fit (A100 at
+// 8-warp CTA by 16%; at d = 64, two per SM ran at 1.40x one 8-warp CTA per SM (the
+// choice on sm_120; benchmarks/bench_layouts.py). (With two 32-key steps per tile it was
+// only +2.5-5% without a mask and -3% causal at h = 32/4.) Otherwise the 4-warp CTA where two fit (A100 at
 // d = 128), else the 8-warp CTA (sm_120 at d >= 128, one CTA per SM).
 inline CtaLayout choose_layout(int smem_per_sm, int d_qk) {
   if (smem_per_sm >= min_smem_per_sm_4x32(d_qk)) return CtaLayout::kWarps4x32;
