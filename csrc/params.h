@@ -107,6 +107,9 @@ struct DensePrefillBwdParams {
 
   void* workspace;           // device scratch, at least workspace_bytes (see the kernel's
   int64_t workspace_bytes;   // dense_prefill_bwd_workspace_bytes()); 256-byte aligned
+  // Deterministic dQ (8-warp CTA only): per (query block, query head) counters in the
+  // workspace that let key blocks add their dQ in key-block order; nullptr = off.
+  int* dq_turns;
 
   int num_sms;
   cudaStream_t stream;
@@ -119,6 +122,6 @@ struct DensePrefillBwdParams {
 // added, on purpose.
 static_assert(sizeof(CombineParams) == 104, "CombineParams layout changed");
 static_assert(sizeof(DensePrefillFwdParams) == 200, "DensePrefillFwdParams layout changed");
-static_assert(sizeof(DensePrefillBwdParams) == 312, "DensePrefillBwdParams layout changed");
+static_assert(sizeof(DensePrefillBwdParams) == 320, "DensePrefillBwdParams layout changed");
 
 }  // namespace flash_mla

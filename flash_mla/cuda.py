@@ -121,8 +121,10 @@ def run_bwd_into(workspace: Optional[torch.Tensor], dout: torch.Tensor, q: torch
                  v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                  cu_seqlens_kv: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
                  causal: bool, softmax_scale: float, max_seqlen_q: int, max_seqlen_kv: int,
-                 is_varlen: bool) -> str:
-    """Backward into validated, preallocated dq/dk/dv. Returns the backend used."""
+                 is_varlen: bool, deterministic: bool = False) -> str:
+    """Backward into validated, preallocated dq/dk/dv. Returns the backend used.
+    deterministic: the native kernel that adds dq in key-block order (bit-identical dq;
+    the reference is deterministic anyway)."""
     total_q, h_q, d_qk = q.shape
     total_k, h_k, d_v = v.shape
     backend = dispatch.choose("dense_prefill_bwd", q.device, _features(q, d_qk, d_v))
@@ -131,7 +133,8 @@ def run_bwd_into(workspace: Optional[torch.Tensor], dout: torch.Tensor, q: torch
                 int(d_qk), int(d_v))
         ws = _workspace_for(workspace, _needed_bytes("dense_prefill_bwd_workspace_bytes", dims),
                             q.device)
-        _function("dense_prefill_bwd")(
+        name = "dense_prefill_bwd_deterministic" if deterministic else "dense_prefill_bwd"
+        _function(name)(
             ws, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_kv, dq, dk, dv,
             1 if causal else 0, float(softmax_scale), int(max_seqlen_q), int(max_seqlen_kv),
             bool(is_varlen))

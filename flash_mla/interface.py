@@ -177,8 +177,12 @@ def flash_attn_varlen_func(
     allowed. Causal is bottom-right aligned per sequence.
 
     ``dropout_p`` must be 0. ``softmax_scale`` defaults to d_qk ** -0.5.
-    ``deterministic`` is accepted and has no effect: out, lse, dk and dv are
-    bit-identical across runs anyway (upstream rejected True; we accept both).
+    ``deterministic``: out, lse, dk and dv are bit-identical across runs either way;
+    dq is summed over key blocks with fp32 atomics, so by default its last bits can
+    differ between runs. ``deterministic=True`` makes dq bit-identical too: the key
+    blocks add into each query block's dq in a fixed order (the 8-warp backward CTA,
+    taking turns through counters in the workspace; on an H100 it costs the time in
+    docs/mha_bwd.md). Upstream rejected True; flash-attn's meaning is kept.
     ``is_varlen`` is passed to the native kernel; cu_seqlens are read either way.
     ``max_seqlen_*`` are upper bounds for the native grid; they are not checked
     against cu_seqlens (that would need a host sync).
@@ -193,7 +197,7 @@ def flash_attn_varlen_func(
     if softmax_scale is None:
         softmax_scale = sizes.d_qk ** (-0.5)
     return ops.mha_prefill(q, k, v, cu_seqlens_qo, cu_seqlens_kv, max_seqlen_qo, max_seqlen_kv,
-                           softmax_scale, causal, is_varlen)
+                           softmax_scale, causal, is_varlen, deterministic)
 
 
 def flash_attn_varlen_qkvpacked_func(

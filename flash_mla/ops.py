@@ -5,9 +5,12 @@ Two custom ops in the ``flash_mla`` namespace, so ``torch.compile`` can trace
 ``flash_attn_varlen_func`` (the native call is opaque to dynamo):
 
     flash_mla::mha_prefill_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k, softmax_scale, causal, is_varlen) -> (out, lse)
+        max_seqlen_k, softmax_scale, causal, is_varlen, deterministic) -> (out, lse)
     flash_mla::mha_prefill_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q, max_seqlen_k, softmax_scale, causal, is_varlen) -> (dq, dk, dv)
+        max_seqlen_q, max_seqlen_k, softmax_scale, causal, is_varlen, deterministic)
+        -> (dq, dk, dv)
+
+(deterministic only matters to the backward; the forward op carries it for autograd.)
 
 Both have fake (meta) implementations with the real output strides (lse is the
 [total_q, h_q] transpose of a contiguous [h_q, total_q] buffer), and the forward has
@@ -43,12 +46,13 @@ from . import dispatch as _dispatch
 _FWD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
     "SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, bool causal, "
-    "bool is_varlen) -> (Tensor, Tensor)"
+    "bool is_varlen, bool deterministic) -> (Tensor, Tensor)"
 )
 _BWD_SCHEMA = (
     "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
     "Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, "
-    "float softmax_scale, bool causal, bool is_varlen) -> (Tensor, Tensor, Tensor)"
+    "float softmax_scale, bool causal, bool is_varlen, bool deterministic) "
+    "-> (Tensor, Tensor, Tensor)"
 )
 
 
@@ -76,8 +80,8 @@ def mha_prefill_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def mha_prefill_bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                         softmax_scale: float, causal: bool,
-                         is_varlen: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         softmax_scale: float, causal: bool, is_varlen: bool,
+                         deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward on validated inputs: (dq, dk, dv) in q's dtype."""
     if dout.stride(-1) != 1:
         # Autograd may hand us an expanded or strided gradient; kernels want rows.
@@ -88,7 +92,8 @@ def mha_prefill_bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     _cuda.run_bwd_into(None, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk, dv,
-                       causal, softmax_scale, max_seqlen_q, max_seqlen_k, is_varlen)
+                       causal, softmax_scale, max_seqlen_q, max_seqlen_k, is_varlen,
+                       deterministic)
     return dq, dk, dv
 
 
@@ -100,11 +105,11 @@ class MhaPrefillFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                softmax_scale, causal, is_varlen):
+                softmax_scale, causal, is_varlen, deterministic):
         out, lse = mha_prefill_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, softmax_scale, causal, is_varlen)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, is_varlen)
+        ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, is_varlen, deterministic)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -112,27 +117,29 @@ class MhaPrefillFunction(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         del dlse  # not supported, as upstream: the backward ignores the lse gradient
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        max_seqlen_q, max_seqlen_k, softmax_scale, causal, is_varlen = ctx.args
+        max_seqlen_q, max_seqlen_k, softmax_scale, causal, is_varlen, deterministic = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = mha_prefill_bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                           max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                                          is_varlen)
-        return dq, dk, dv, None, None, None, None, None, None, None
+                                          is_varlen, deterministic)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- custom ops
 
 def _fwd_op_body(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                 softmax_scale, causal, is_varlen):
+                 softmax_scale, causal, is_varlen, deterministic):
+    del deterministic  # the backward's
     return mha_prefill_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                 max_seqlen_k, softmax_scale, causal, is_varlen)
 
 
 def _bwd_op_body(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                 max_seqlen_k, softmax_scale, causal, is_varlen):
+                 max_seqlen_k, softmax_scale, causal, is_varlen, deterministic):
     return mha_prefill_bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                max_seqlen_q, max_seqlen_k, softmax_scale, causal, is_varlen)
+                                max_seqlen_q, max_seqlen_k, softmax_scale, causal, is_varlen,
+                                deterministic)
 
 
 mha_prefill_fwd_op = torch.library.custom_op(
@@ -143,7 +150,7 @@ mha_prefill_bwd_op = torch.library.custom_op(
 
 @mha_prefill_fwd_op.register_fake
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-              softmax_scale, causal, is_varlen):
+              softmax_scale, causal, is_varlen, deterministic):
     total_q, h_q, _ = q.shape
     out = q.new_empty((total_q, h_q, v.shape[2]))
     return out, _empty_lse(total_q, h_q, q.device)
@@ -151,28 +158,30 @@ def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 
 @mha_prefill_bwd_op.register_fake
 def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-              max_seqlen_k, softmax_scale, causal, is_varlen):
+              max_seqlen_k, softmax_scale, causal, is_varlen, deterministic):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, is_varlen = inputs
+    (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+     is_varlen, deterministic) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-    ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, is_varlen)
+    ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, is_varlen, deterministic)
 
 
 def _fwd_backward(ctx, dout, dlse):
     del dlse  # ignored, as upstream
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    max_seqlen_q, max_seqlen_k, softmax_scale, causal, is_varlen = ctx.args
+    max_seqlen_q, max_seqlen_k, softmax_scale, causal, is_varlen, deterministic = ctx.args
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = mha_prefill_bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                    max_seqlen_q, max_seqlen_k, softmax_scale, causal, is_varlen)
-    return dq, dk, dv, None, None, None, None, None, None, None
+                                    max_seqlen_q, max_seqlen_k, softmax_scale, causal, is_varlen,
+                                    deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 mha_prefill_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -186,18 +195,20 @@ def _is_compiling() -> bool:
 
 def mha_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                 cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                softmax_scale: float, causal: bool, is_varlen: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                softmax_scale: float, causal: bool, is_varlen: bool,
+                deterministic: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Differentiable MHA prefill on validated inputs: the registered op while
     compiling, the direct autograd.Function when a gradient is wanted, else the bare
-    forward (see the module docstring)."""
+    forward (see the module docstring). deterministic selects the backward whose dq
+    is bit-identical across runs."""
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             float(softmax_scale), bool(causal), bool(is_varlen))
     if _is_compiling():
-        return mha_prefill_fwd_op(*args)
+        return mha_prefill_fwd_op(*args, bool(deterministic))
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # Inference: no graph to record, and autograd.Function.apply costs tens of us.
         return mha_prefill_fwd_impl(*args)
-    return MhaPrefillFunction.apply(*args)
+    return MhaPrefillFunction.apply(*args, bool(deterministic))
 
 
 # --------------------------------------------------------------------------- decode, sparse prefill

@@ -68,11 +68,13 @@ def test_compiled_graph_calls_the_custom_op():
 def test_opcheck_forward_and_backward(dtype):
     q, k, v, cu_q, cu_k = _inputs(dtype=dtype)
     fwd_args = (q, k, v, cu_q, cu_k, 7, 8, 0.125, True, True)
-    torch.library.opcheck(torch.ops.flash_mla.mha_prefill_fwd.default, fwd_args)
+    torch.library.opcheck(torch.ops.flash_mla.mha_prefill_fwd.default, fwd_args + (False,))
     out, lse = ops.mha_prefill_fwd_impl(*(a.detach() if isinstance(a, torch.Tensor) else a for a in fwd_args))
     dout = torch.randn_like(out)
     bwd_args = (dout, q.detach(), k.detach(), v.detach(), out, lse, cu_q, cu_k, 7, 8, 0.125, True, True)
-    torch.library.opcheck(torch.ops.flash_mla.mha_prefill_bwd.default, bwd_args)
+    for deterministic in (False, True):
+        torch.library.opcheck(torch.ops.flash_mla.mha_prefill_bwd.default,
+                              bwd_args + (deterministic,))
 
 
 def test_dynamic_shapes_do_not_recompile_per_total_length():

@@ -179,7 +179,7 @@ class FakeNative:
                 out.copy_(o)
                 lse.copy_(l)
             return fwd
-        if name == "dense_prefill_bwd":
+        if name in ("dense_prefill_bwd", "dense_prefill_bwd_deterministic"):
             def bwd(ws, dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv, mask, scale, max_q, max_k, is_varlen):
                 self.calls.append((name, ws, mask, scale, max_q, max_k, is_varlen))
                 for dst, src in zip((dq, dk, dv), reference.mha_prefill_bwd(
@@ -251,6 +251,18 @@ def test_public_mha_uses_native_path_forward_and_backward(fake_native):
                      "dense_prefill_bwd_workspace_bytes", "dense_prefill_bwd"]
     assert fake_native.calls[1][1].numel() == 1000 and fake_native.calls[3][1].numel() == 5000
     assert lse.stride(0) == 1 and q.grad is not None
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_picks_the_turn_taking_backward(fake_native, deterministic):
+    q, k, v, cu_q, cu_k = _mha_inputs()
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out, _ = flash_mla.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 6, causal=True,
+                                              deterministic=deterministic)
+    out.sum().backward()
+    want = "dense_prefill_bwd_deterministic" if deterministic else "dense_prefill_bwd"
+    assert [c[0] for c in fake_native.calls][-1] == want
 
 
 # --------------------------------------------------------------------------- on a GPU

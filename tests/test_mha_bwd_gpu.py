@@ -88,8 +88,9 @@ class Problem:
 
 def _run_bwd(pb: Problem, *, dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None,
              dv: Optional[torch.Tensor] = None, q=None, k=None, v=None, out=None, dout=None,
-             lse=None, workspace: Optional[torch.Tensor] = None):
-    bwd = native_function("dense_prefill_bwd")
+             lse=None, workspace: Optional[torch.Tensor] = None, deterministic: bool = False):
+    bwd = native_function("dense_prefill_bwd_deterministic" if deterministic
+                          else "dense_prefill_bwd")
     ws_bytes = native_function("dense_prefill_bwd_workspace_bytes")
     q = pb.q if q is None else q
     k = pb.k if k is None else k
@@ -198,6 +199,40 @@ def test_bwd_dk_dv_bit_deterministic(causal):
         assert torch.equal(again[2].view(torch.int16), first[2].view(torch.int16)), "dv changed"
 
 
+# deterministic=True (flash_attn_varlen_func's flag): the key blocks of a sequence add
+# into each query block's dq in key-block order (turn counters in the workspace; the
+# 8-warp CTA whatever FLASH_MLA_DENSE_BWD_WARPS says), so dq is bit-identical as well.
+# Many key blocks per sequence (up to 16 add into each dq row), s_q != s_k both ways
+# (bottom-right causal), a zero-length and a one-row sequence, GQA.
+@pytest.mark.parametrize("dims", HEAD_DIMS, ids=[f"d{a}_{b}" for a, b in HEAD_DIMS])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_bwd_deterministic_dq_bit_identical(dims, causal):
+    pb = Problem([300, 1000, 0, 1, 700], [500, 1000, 7, 1, 450], 8, 2, dims[0], dims[1],
+                 torch.bfloat16, causal, seed=10)
+    first = _run_bwd(pb, deterministic=True)
+    _check(pb, first, f"deterministic causal={causal}")
+    for _ in range(3):
+        again = _run_bwd(pb, deterministic=True)
+        for what, a, b in zip(("dq", "dk", "dv"), again, first):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"{what} changed"
+
+
+def test_bwd_deterministic_through_the_public_api():
+    """flash_attn_varlen_func(deterministic=True): two backward passes, equal bits."""
+    import flash_mla
+
+    pb = Problem([700, 0, 513], [650, 3, 513], 8, 2, 128, 128, torch.bfloat16, True, seed=11)
+    grads = []
+    for _ in range(2):
+        q, k, v = (t.detach().clone().requires_grad_(True) for t in (pb.q, pb.k, pb.v))
+        out, _ = flash_mla.flash_attn_varlen_func(q, k, v, pb.cu_q, pb.cu_k, 700, 650,
+                                                  causal=True, deterministic=True)
+        out.backward(pb.dout.nan_to_num(0.0))
+        grads.append((q.grad, k.grad, v.grad))
+    for what, a, b in zip(("dq", "dk", "dv"), *grads):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"{what} changed"
+
+
 def test_bwd_long_sequence_grid():
     """One long sequence (many key blocks, 8 query heads per kv head)."""
     pb = Problem([9000], [9000], 8, 1, 64, 64, torch.bfloat16, True, seed=5)
@@ -280,13 +315,16 @@ def test_bwd_error_shapes():
 
 
 def test_workspace_bytes_formula():
-    """delta [h_q, total_q padded to 64] + dq_accum [total_q, h_q, d_qk], fp32, each
+    """delta [h_q, total_q padded to 64] + dq_accum [total_q, h_q, d_qk], fp32, + the
+    deterministic dq's turn counters [ceil(total_q / 64) + batch, h_q], int32, each
     rounded up to 256 bytes."""
     ws_bytes = native_function("dense_prefill_bwd_workspace_bytes")
-    for total_q, h_q, d_qk in ((0, 1, 64), (1, 1, 64), (4414, 8, 192), (70000, 128, 128)):
+    for batch, total_q, h_q, d_qk in ((1, 0, 1, 64), (3, 1, 1, 64), (7, 4414, 8, 192),
+                                      (1, 70000, 128, 128)):
         delta = math.ceil(h_q * (math.ceil(total_q / 64) * 64) * 4 / 256) * 256
         acc = math.ceil(total_q * h_q * d_qk * 4 / 256) * 256
-        assert ws_bytes(1, total_q, 5, h_q, 1, d_qk, 128) == delta + acc
+        turns = math.ceil((math.ceil(total_q / 64) + batch) * h_q * 4 / 256) * 256
+        assert ws_bytes(batch, total_q, 5, h_q, 1, d_qk, 128) == delta + acc + turns
 
 
 def test_unknown_layout_variable_raises(monkeypatch):

@@ -3,13 +3,17 @@
 //   dense_prefill_bwd(workspace, dout, q, k, v, out, lse, cu_seqlens_q,
 //                     cu_seqlens_kv, dq, dk, dv, mask_mode_code, softmax_scale,
 //                     max_seqlen_q, max_seqlen_kv, is_varlen) -> None
+//   dense_prefill_bwd_deterministic(same arguments) -> None
 //   dense_prefill_bwd_workspace_bytes(batch, total_q, total_k, h_q, h_k, d_qk,
-//                                     d_v) -> int
+//                                     d_v) -> int   (serves both)
 //
 // Determinism: dk and dv are bit-identical across repeated runs (each element is
 // written once by the one CTA that owns its key block, after summing over the
-// whole GQA group in a fixed order). dq is NOT bit-deterministic: it is summed
-// in fp32 with atomics over key blocks (order varies between runs), then rounded.
+// whole GQA group in a fixed order). dense_prefill_bwd's dq is NOT bit-deterministic:
+// it is summed in fp32 with atomics over key blocks (order varies between runs), then
+// rounded. dense_prefill_bwd_deterministic runs the 8-warp CTA whose key blocks add
+// into each query block's dq rows in key-block order (turn counters in the
+// workspace), so dq is bit-identical too.
 //
 // is_varlen is accepted for FlashMLA compatibility; the sequences are always
 // the ones cu_seqlens_q / cu_seqlens_kv describe (a fixed-length batch is the
@@ -148,7 +152,7 @@ DensePrefillBwdParams validate_dense_prefill_bwd(
     TVM_FFI_THROW(ValueError) << "batch (cu_seqlens_q.shape[0] - 1) must be at most "
                               << bwd::kMaxGridYZ << ", got " << batch;
   }
-  const int64_t needed = bwd::workspace_bytes(total_q, h_q, d_qk);
+  const int64_t needed = bwd::workspace_bytes(batch, total_q, h_q, d_qk);
   if (workspace.size(0) < needed) {
     TVM_FFI_THROW(ValueError) << "workspace must hold at least " << needed
                               << " bytes (dense_prefill_bwd_workspace_bytes), got "
@@ -236,14 +240,12 @@ bwd::BwdLayout layout_for(int device, int d_qk) {
   return bwd::choose_layout(smem_per_sm, d_qk);
 }
 
-}  // namespace
-
-void dense_prefill_bwd(TensorView workspace, TensorView dout, TensorView q, TensorView k,
-                       TensorView v, TensorView out, TensorView lse, TensorView cu_seqlens_q,
-                       TensorView cu_seqlens_kv, TensorView dq, TensorView dk, TensorView dv,
-                       int64_t mask_mode_code, double softmax_scale, int64_t max_seqlen_q,
-                       int64_t max_seqlen_kv, bool is_varlen) {
-  (void)is_varlen;  // see the file comment
+// The backward into preallocated dq / dk / dv; deterministic: see the file comment.
+void run_bwd(TensorView workspace, TensorView dout, TensorView q, TensorView k, TensorView v,
+             TensorView out, TensorView lse, TensorView cu_seqlens_q, TensorView cu_seqlens_kv,
+             TensorView dq, TensorView dk, TensorView dv, int64_t mask_mode_code,
+             double softmax_scale, int64_t max_seqlen_q, int64_t max_seqlen_kv,
+             bool deterministic) {
   DensePrefillBwdParams p = validate_dense_prefill_bwd(
       workspace, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_kv, dq, dk, dv,
       mask_mode_code, softmax_scale, max_seqlen_q, max_seqlen_kv);
@@ -252,13 +254,44 @@ void dense_prefill_bwd(TensorView workspace, TensorView dout, TensorView q, Tens
   cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, device);
   p.stream = current_stream(device);
 
-  const bwd::BwdLayout layout = layout_for(device, p.d_qk);
+  // Deterministic: the 8-warp CTA with turn-taking dQ (kernel.cuh); otherwise the
+  // layout of layout_for (the environment override included).
+  if (deterministic) {
+    p.dq_turns = reinterpret_cast<int*>(static_cast<char*>(p.workspace) +
+                                        bwd::dq_turns_offset(p.total_q, p.h_q, p.d_qk));
+  }
+  const bwd::BwdLayout layout =
+      deterministic ? bwd::BwdLayout::kWarps8 : layout_for(device, p.d_qk);
   if (p.dtype == DType::kBF16) {
     dispatch_head_dims<portable::BF16>(p, layout);
   } else {
     dispatch_head_dims<portable::FP16>(p, layout);
   }
   check_launch("dense_prefill_bwd");
+}
+
+}  // namespace
+
+void dense_prefill_bwd(TensorView workspace, TensorView dout, TensorView q, TensorView k,
+                       TensorView v, TensorView out, TensorView lse, TensorView cu_seqlens_q,
+                       TensorView cu_seqlens_kv, TensorView dq, TensorView dk, TensorView dv,
+                       int64_t mask_mode_code, double softmax_scale, int64_t max_seqlen_q,
+                       int64_t max_seqlen_kv, bool is_varlen) {
+  (void)is_varlen;  // see the file comment
+  run_bwd(workspace, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_kv, dq, dk, dv,
+          mask_mode_code, softmax_scale, max_seqlen_q, max_seqlen_kv, false);
+}
+
+void dense_prefill_bwd_deterministic(TensorView workspace, TensorView dout, TensorView q,
+                                     TensorView k, TensorView v, TensorView out, TensorView lse,
+                                     TensorView cu_seqlens_q, TensorView cu_seqlens_kv,
+                                     TensorView dq, TensorView dk, TensorView dv,
+                                     int64_t mask_mode_code, double softmax_scale,
+                                     int64_t max_seqlen_q, int64_t max_seqlen_kv,
+                                     bool is_varlen) {
+  (void)is_varlen;
+  run_bwd(workspace, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_kv, dq, dk, dv,
+          mask_mode_code, softmax_scale, max_seqlen_q, max_seqlen_kv, true);
 }
 
 int64_t dense_prefill_bwd_workspace_bytes(int64_t batch, int64_t total_q, int64_t total_k,
@@ -271,12 +304,14 @@ int64_t dense_prefill_bwd_workspace_bytes(int64_t batch, int64_t total_q, int64_
                               << "batch = " << batch << ", total_q = " << total_q
                               << ", h_q = " << h_q << ", d_qk = " << d_qk;
   }
-  return bwd::workspace_bytes(total_q, h_q, d_qk);
+  return bwd::workspace_bytes(batch, total_q, h_q, d_qk);
 }
 
 }  // namespace flash_mla::api
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(dense_prefill_bwd, flash_mla::api::dense_prefill_bwd);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(dense_prefill_bwd_deterministic,
+                              flash_mla::api::dense_prefill_bwd_deterministic);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(dense_prefill_bwd_workspace_bytes,
                               flash_mla::api::dense_prefill_bwd_workspace_bytes);
 

@@ -223,10 +223,12 @@ constexpr int kMaxGridYZ = 65535;
 inline int num_n_blocks(int max_seqlen_k) { return (max_seqlen_k + kBlockN - 1) / kBlockN; }
 
 // ---------------------------------------------------------------------------
-// Workspace (constexpr so device code calls them too): two fp32 pieces, each
-// starting on a 256-byte boundary.
+// Workspace (constexpr so device code calls them too): three pieces, each starting
+// on a 256-byte boundary.
 //   delta     [h_q, total_q_padded]   rowsum(dO * O); head h's row starts at h * padded
 //   dq_accum  [total_q, h_q, d_qk]    dQ / softmax_scale accumulated with fp32 atomics
+//   dq_turns  [query blocks, h_q]     int32 turn counters of the deterministic dQ (zeroed
+//                                     by the host before the main kernel; unused otherwise)
 // ---------------------------------------------------------------------------
 constexpr int64_t kWorkspaceAlign = 256;
 constexpr int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
@@ -241,8 +243,21 @@ constexpr int64_t dq_accum_offset(int64_t total_q, int64_t h_q) {
 constexpr int64_t dq_accum_bytes(int64_t total_q, int64_t h_q, int64_t d_qk) {
   return align_up(total_q * h_q * d_qk * 4, kWorkspaceAlign);
 }
-constexpr int64_t workspace_bytes(int64_t total_q, int64_t h_q, int64_t d_qk) {
+// Query blocks over all sequences: a sequence's block at row m0 is numbered
+// (q_begin + m0) / kBlockM + seq, which is unique because sequences occupy disjoint
+// rows (each later sequence starts at or after the previous one's last block start,
+// and the + seq term separates two blocks that share a 64-row window).
+constexpr int64_t dq_turn_blocks(int64_t batch, int64_t total_q) {
+  return (total_q + kBlockM - 1) / kBlockM + batch;
+}
+constexpr int64_t dq_turns_offset(int64_t total_q, int64_t h_q, int64_t d_qk) {
   return dq_accum_offset(total_q, h_q) + dq_accum_bytes(total_q, h_q, d_qk);
+}
+constexpr int64_t dq_turns_bytes(int64_t batch, int64_t total_q, int64_t h_q) {
+  return align_up(dq_turn_blocks(batch, total_q) * h_q * 4, kWorkspaceAlign);
+}
+constexpr int64_t workspace_bytes(int64_t batch, int64_t total_q, int64_t h_q, int64_t d_qk) {
+  return dq_turns_offset(total_q, h_q, d_qk) + dq_turns_bytes(batch, total_q, h_q);
 }
 
 }  // namespace flash_mla::portable::dense_bwd

@@ -581,6 +581,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     zero_acc(dq);
     warp_gemm<Elem, kBlockN, kDQTiles, kBlockM, kDQK, true, true, kCompensatedDS>(
         dq, sDS, q_row0, sK, col_half_m * Cfg::kDQCols, lane_s, sDSLo);
+    // Deterministic dQ (p.dq_turns set): add after the previous key block's CTA has
+    // added into these rows, and pass the turn on once every warp has (atomics.cuh).
+    int* turn = nullptr;
+    if (p.dq_turns != nullptr) {
+      turn = p.dq_turns + (static_cast<int64_t>((q_begin + m0) / kBlockM) + kb.seq) * p.h_q + h;
+      if (tid == 0) wait_turn(turn, n0 / kBlockN);
+      __syncthreads();
+    }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int qr = m0 + q_row0 + g + half * 8;
@@ -592,6 +600,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
           red_add_f32x2(dst + j * 8, dq[j][2 * half], dq[j][2 * half + 1]);
         }
       }
+    }
+    if (turn != nullptr) {
+      __syncthreads();
+      if (tid == 0) pass_turn(turn);
     }
   }
 
@@ -634,6 +646,11 @@ void launch_main_for(const DensePrefillBwdParams& p, BwdLayout layout) {
 template <typename Elem, int kDQK, int kDV>
 void run_dense_prefill_bwd(const DensePrefillBwdParams& p, BwdLayout layout) {
   const int64_t rows = static_cast<int64_t>(p.total_q) * p.h_q;
+  if (p.dq_turns != nullptr) {
+    // Deterministic dQ: turn counters start at 0; only the 8-warp CTA takes turns.
+    cudaMemsetAsync(p.dq_turns, 0, dq_turns_bytes(p.batch, p.total_q, p.h_q), p.stream);
+    layout = BwdLayout::kWarps8;
+  }
   if (rows > 0) {
     constexpr int kRowsPerBlock = kPreprocessThreads / (kDV / 8);
     const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
