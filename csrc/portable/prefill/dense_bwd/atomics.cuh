@@ -26,7 +26,9 @@ __device__ __forceinline__ void red_add_f32x2(float* addr, float a, float b) {
 // waiter: ld.acquire spin, then __syncthreads; passer: __syncthreads, then
 // fence + relaxed add by one thread. CTAs start in block order (the grid's x, or the
 // longest-first numbering, runs key blocks in increasing order), so the previous turn
-// is always resident or done. Should a wait ever last kTurnTimeoutNs (a malformed
+// is always resident or done; the 8-warp CTA visits query blocks from the last down
+// (StepPlan::m0_desc), so under the causal mask all key blocks start at the same query
+// block and move in step. Should a wait ever last kTurnTimeoutNs (a malformed
 // cu_seqlens whose sequences overlap, or a GPU that schedules CTAs out of order), the
 // CTA adds anyway: dq is still the right sum, only not bit-reproducible.
 constexpr unsigned long long kTurnTimeoutNs = 10ull * 1000 * 1000 * 1000;

@@ -362,6 +362,30 @@ struct StepPlan {
   __device__ __forceinline__ int m0(int step) const {
     return (m_first + step % per_head) * kBlockM;
   }
+  // The same query blocks from the last down (the 8-warp CTA's order): under the
+  // causal mask every key block of a sequence then starts at the same query block, so
+  // with deterministic dQ (DqTurn) no key block waits for a lower one's first steps.
+  __device__ __forceinline__ int m0_desc(int step) const {
+    return (m_first + per_head - 1 - step % per_head) * kBlockM;
+  }
+};
+
+// Deterministic dQ (p.dq_turns set; atomics.cuh): the turn counter of query block m0 of
+// query head h in this CTA's sequence, and this key block's turn there (its index: the
+// key blocks that touch a query block are blocks 0 .. n). Recomputed from the block
+// index where it is needed, so the default path keeps nothing extra live.
+struct DqTurn {
+  int* counter;
+  int mine;
+  template <typename Mask>
+  __device__ __forceinline__ static DqTurn make(const DensePrefillBwdParams& p, int m0, int h) {
+    const KeyBlock kb = KeyBlock::again<Mask>(p);
+    DqTurn t;
+    const int64_t block = (kb.q_begin + m0) / kBlockM + kb.seq;
+    t.counter = p.dq_turns + block * p.h_q + h;
+    t.mine = kb.n0 / kBlockN;
+    return t;
+  }
 };
 
 template <int kNTiles>
@@ -495,7 +519,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int num_steps = plan.count;
   auto load_step = [&](int step) {
     load_query_block<kDQK, kDV, kThreads, Storage>(p, sQ, sDO, s_lse, s_delta, plan.head(step),
-                                                   plan.m0(step), s_q, q_begin, opaque(tid));
+                                                   plan.m0_desc(step), s_q, q_begin, opaque(tid));
   };
 
   // Key-major warp tile: keys key_row0.. +16, columns (queries / head dims).
@@ -519,7 +543,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 
   for (int step = 0; step < num_steps; ++step) {
     const int h = plan.head(step);
-    const int m0 = plan.m0(step);
+    const int m0 = plan.m0_desc(step);
     const int lane_s = opaque(lane);
 
     cp_async_wait<0>();
@@ -583,10 +607,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         dq, sDS, q_row0, sK, col_half_m * Cfg::kDQCols, lane_s, sDSLo);
     // Deterministic dQ (p.dq_turns set): add after the previous key block's CTA has
     // added into these rows, and pass the turn on once every warp has (atomics.cuh).
-    int* turn = nullptr;
     if (p.dq_turns != nullptr) {
-      turn = p.dq_turns + (static_cast<int64_t>((q_begin + m0) / kBlockM) + kb.seq) * p.h_q + h;
-      if (tid == 0) wait_turn(turn, n0 / kBlockN);
+      if (tid == 0) {
+        const DqTurn turn = DqTurn::make<Mask>(p, m0, h);
+        wait_turn(turn.counter, turn.mine);
+      }
       __syncthreads();
     }
 #pragma unroll
@@ -601,9 +626,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         }
       }
     }
-    if (turn != nullptr) {
+    if (p.dq_turns != nullptr) {
       __syncthreads();
-      if (tid == 0) pass_turn(turn);
+      if (tid == 0) pass_turn(DqTurn::make<Mask>(p, m0, h).counter);
     }
   }
 
