@@ -599,10 +599,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     if (step + 1 < num_steps) load_step(step + 1);
     cp_async_commit();
 
+    // dq_accum += dS K (contraction over the kBlockN keys): A = dS read
+    // transposed from dS^T, B = K read transposed.
+    float dq[kDQTiles][4];
+    zero_acc(dq);
+    warp_gemm<Elem, kBlockN, kDQTiles, kBlockM, kDQK, true, true, kCompensatedDS>(
+        dq, sDS, q_row0, sK, col_half_m * Cfg::kDQCols, lane_s, sDSLo);
     // Deterministic dQ (p.dq_turns set): add after the previous key block's CTA has
     // added into these rows, and pass the turn on once every warp has (atomics.cuh).
-    // The wait comes before the dQ product so that the product and its REDs stay one
-    // block of code (with the wait between them the default path ran 2% slower).
     if (p.dq_turns != nullptr) {
       if (tid == 0) {
         const DqTurn turn = DqTurn::make<Mask>(p, m0, h);
@@ -610,13 +614,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       }
       __syncthreads();
     }
-
-    // dq_accum += dS K (contraction over the kBlockN keys): A = dS read
-    // transposed from dS^T, B = K read transposed.
-    float dq[kDQTiles][4];
-    zero_acc(dq);
-    warp_gemm<Elem, kBlockN, kDQTiles, kBlockM, kDQK, true, true, kCompensatedDS>(
-        dq, sDS, q_row0, sK, col_half_m * Cfg::kDQCols, lane_s, sDSLo);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int qr = m0 + q_row0 + g + half * 8;
