@@ -3,9 +3,10 @@ turn, with the default choice timed beside them, so one run shows whether the
 dispatch picks the fastest layout here (run it on an RTX 50xx to check sm_120's).
 
 Layouts (docs/mha_fwd.md, docs/mha_bwd.md): forward 8 warps (sm_120's at d >= 128),
-4 warps (d <= 128), 4x32; backward 8 warps, 4 warps (d <= 128). A layout the GPU
-cannot run (the 4-warp backward where two CTAs do not fit an SM) is n/a with the
-library's reason. Shapes: b = 2, bf16, seqlen 4096 and 8192 (--quick: 4096),
+4 warps (d <= 128), 4x32; backward 8 warps, 4 warps (d <= 128), and "det", the
+deterministic backward (flash_attn_varlen_func(deterministic=True): the 8-warp CTA
+adding dq in key-block order). A layout the GPU cannot run (the 4-warp backward where
+two CTAs do not fit an SM) is n/a with the library's reason. Shapes: b = 2, bf16, seqlen 4096 and 8192 (--quick: 4096),
 (h_q, h_k) in {(128, 128), (32, 4)}, causal and not, for each --dims head dim
 (d_v = 128 at d_qk = 192, else d_v = d_qk). FLOP and timing as bench_mha.py (kernels
 only, CUDA-graph replays, L2 flushed, median).
@@ -34,7 +35,7 @@ def layouts(pass_: str, d_qk: int) -> List[str]:
     """The forced layouts of a pass at d_qk, "default" (nothing forced) first."""
     if pass_ == "fwd":
         return ["default", "8", "4", "4x32"] if d_qk <= 128 else ["default", "8", "4x32"]
-    return ["default", "8", "4"] if d_qk <= 128 else ["default", "8"]
+    return ["default", "8", "4", "det"] if d_qk <= 128 else ["default", "8", "det"]
 
 
 def time_layout(timer: Timer, variable: str, layout: str, call) -> Dict:
@@ -89,10 +90,18 @@ def bench_shape(torch, native: Native, timer: Timer, s: int, h_q: int, h_k: int,
     for layout in layouts("fwd", d_qk):
         row["fwd"][layout] = time_layout(timer, FWD_VARIABLE, layout, call_fwd)
     call_fwd()  # out and lse for the backward, from the default layout
-    call_bwd = lambda: bwd(wsb, dout, q, k, v, out, lse, cu, cu, dq, dk, dv, mask, scale, s, s,
-                           True)
+    bwd_det, why_det = native.get("dense_prefill_bwd_deterministic")
+
+    def call_with(fn):
+        return lambda: fn(wsb, dout, q, k, v, out, lse, cu, cu, dq, dk, dv, mask, scale, s, s, True)
+
     for layout in layouts("bwd", d_qk):
-        row["bwd"][layout] = time_layout(timer, BWD_VARIABLE, layout, call_bwd)
+        if layout != "det":
+            row["bwd"][layout] = time_layout(timer, BWD_VARIABLE, layout, call_with(bwd))
+        elif bwd_det is None:
+            row["bwd"][layout] = {"us": None, "note": why_det}
+        else:
+            row["bwd"][layout] = time_layout(timer, BWD_VARIABLE, "default", call_with(bwd_det))
     return row
 
 
@@ -142,10 +151,10 @@ def plot(json_path: Path, png_path: Path) -> None:
     data = json.loads(json_path.read_text())
     groups = data["geomean"]
     fig, ax = plt.subplots(figsize=(10, 5))
-    names = ["default", "8", "4", "4x32"]
-    width = 0.2
+    names = ["default", "8", "4", "4x32", "det"]
+    width = 0.16
     for i, name in enumerate(names):
-        xs = [j + (i - 1.5) * width for j in range(len(groups))]
+        xs = [j + (i - 2) * width for j in range(len(groups))]
         ax.bar(xs, [groups[g].get(name, 0.0) for g in groups], width, label=name)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(groups)))
