@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mha import BATCH, SHAPES_HEADS, SHAPES_SEQLEN, Native, Timer, fmt, pairs_count  # noqa: E402
+from bench_mha import (BATCH, SHAPES_HEADS, SHAPES_SEQLEN, Native, Timer, device_line,  # noqa: E402
+                       fmt, load_native, pairs_count, save_results)
 
 FWD_VARIABLE, BWD_VARIABLE = "FLASH_MLA_DENSE_FWD_WARPS", "FLASH_MLA_DENSE_BWD_WARPS"
 BASE = "8"  # every ratio is against the 8-warp CTA, which runs everywhere
@@ -196,14 +197,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"bench_layouts: unset {variable}; this script forces each layout itself",
                   file=sys.stderr)
             return 2
-    libs = list(args.lib)
-    env = os.environ.get("FLASH_MLA_LIBRARY_PATH")
-    if not libs and env:
-        libs = [p for p in env.split(os.pathsep) if p]
-    native = Native(libs)
+    native = load_native(args.lib)
     timer = Timer(torch, args.warmup, args.iters)
-    props = torch.cuda.get_device_properties(0)
-    device = f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}"
+    device = device_line(torch)
     print(f"device: {device}")
     print("TFLOPS per layout (median of CUDA-graph replays, L2 flushed); default = the "
           "library's own choice", flush=True)
@@ -223,14 +219,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("geomean speed against the 8-warp CTA (> 1: faster):")
     for group, values in gm.items():
         print(f"  {group}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "bench_layouts.json"
-    json_path.write_text(json.dumps({"device": device, "rows": rows, "geomean": gm}, indent=1))
-    print(f"wrote {json_path}")
-    try:
-        plot(json_path, args.out / "bench_layouts.png")
-    except ImportError:
-        print("matplotlib missing: draw the PNG elsewhere with --plot " + str(json_path))
+    save_results(args.out, "bench_layouts", {"device": device, "rows": rows, "geomean": gm}, plot)
     return 0
 
 

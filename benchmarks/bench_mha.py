@@ -70,6 +70,32 @@ class Native:
         return None, f"no {name}: package: {package_reason}; libraries: {self.libs or 'none'} {self.errors}"
 
 
+def load_native(lib_args: List[str]) -> Native:
+    """The libraries of --lib, else those in FLASH_MLA_LIBRARY_PATH (os.pathsep-separated)."""
+    libs = list(lib_args)
+    env = os.environ.get("FLASH_MLA_LIBRARY_PATH")
+    if not libs and env:
+        libs = [p for p in env.split(os.pathsep) if p]
+    return Native(libs)
+
+
+def device_line(torch_mod) -> str:
+    props = torch_mod.cuda.get_device_properties(0)
+    return f"{props.name}, {props.multi_processor_count} SMs, torch {torch_mod.__version__}"
+
+
+def save_results(out: Path, stem: str, payload: Dict, plot_fn: Callable[[Path, Path], None]) -> None:
+    """out/stem.json, then out/stem.png drawn by plot_fn (skipped without matplotlib)."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"{stem}.json"
+    json_path.write_text(json.dumps(payload, indent=1))
+    print(f"wrote {json_path}")
+    try:
+        plot_fn(json_path, out / f"{stem}.png")
+    except ImportError:
+        print("matplotlib missing: draw the PNG elsewhere with --plot " + str(json_path))
+
+
 # ---------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------
@@ -308,14 +334,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not torch.cuda.is_available():
         print("bench_mha: no CUDA device visible; nothing to measure", file=sys.stderr)
         return 2
-    libs = list(args.lib)
-    env = os.environ.get("FLASH_MLA_LIBRARY_PATH")
-    if not libs and env:
-        libs = [p for p in env.split(os.pathsep) if p]
-    native = Native(libs)
+    native = load_native(args.lib)
     timer = Timer(torch, args.warmup, args.iters)
-    props = torch.cuda.get_device_properties(0)
-    device = f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}"
+    device = device_line(torch)
     for variable in ("FLASH_MLA_DENSE_FWD_WARPS", "FLASH_MLA_DENSE_BWD_WARPS"):
         forced = os.environ.get(variable)
         if forced:
@@ -340,14 +361,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("geomean speed ratios (their time / ours, over shapes where both ran):")
     for key in ("fwd_vs_flash", "fwd_vs_cudnn", "bwd_vs_flash", "bwd_vs_cudnn"):
         print(f"  {key}: {fmt(gm[key], '.3f')} over {gm[key + '_count']} shapes")
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "bench_mha.json"
-    json_path.write_text(json.dumps({"device": device, "rows": rows, "geomean": gm}, indent=1))
-    print(f"wrote {json_path}")
-    try:
-        plot(json_path, args.out / "bench_mha.png")
-    except ImportError:
-        print("matplotlib missing: draw the PNG elsewhere with --plot " + str(json_path))
+    save_results(args.out, "bench_mha", {"device": device, "rows": rows, "geomean": gm}, plot)
     return 0
 
 

@@ -61,3 +61,19 @@ def test_without_a_gpu_it_exits_2_and_says_why(tmp_path, capsys):
     assert bl.main(["--out", str(tmp_path)]) == 2
     assert "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "bench_layouts.json").exists()
+
+
+def test_save_results_writes_json_and_survives_a_missing_matplotlib(tmp_path, capsys):
+    _load()  # loading bench_layouts imports bench_mha (sys.modules)
+    import bench_mha
+
+    drawn = []
+    bench_mha.save_results(tmp_path / "a", "x", {"rows": [1]}, lambda j, p: drawn.append((j, p)))
+    assert (tmp_path / "a" / "x.json").read_text().replace(" ", "").replace("\n", "") == '{"rows":[1]}'
+    assert drawn == [(tmp_path / "a" / "x.json", tmp_path / "a" / "x.png")]
+
+    def no_matplotlib(json_path, png_path):
+        raise ImportError("matplotlib")
+
+    bench_mha.save_results(tmp_path / "b", "y", {}, no_matplotlib)
+    assert "draw the PNG elsewhere with --plot" in capsys.readouterr().out
