@@ -8,6 +8,7 @@ at d = 64 only; the 8-warp CTAs serve them otherwise.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -58,7 +59,7 @@ def test_layout_per_gpu(tmp_path):
         pytest.skip("no host C++ compiler (c++, g++ or clang++) on PATH")
     src = tmp_path / "layout.cpp"
     src.write_text(PROGRAM)
-    exe = tmp_path / "layout"
+    exe = tmp_path / ("layout.exe" if os.name == "nt" else "layout")
     subprocess.run([cxx, "-std=c++17", "-Wall", "-Werror", f"-I{ROOT / 'csrc'}", str(src), "-o",
                     str(exe)], check=True, capture_output=True, text=True)
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
