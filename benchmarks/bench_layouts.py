@@ -6,10 +6,12 @@ Layouts (docs/mha_fwd.md, docs/mha_bwd.md): forward 8 warps (sm_120's at d >= 12
 4 warps (d <= 128), 4x32; backward 8 warps, 4 warps (d <= 128), and "det", the
 deterministic backward (flash_attn_varlen_func(deterministic=True): the 8-warp CTA
 adding dq in key-block order). A layout the GPU cannot run (the 4-warp backward where
-two CTAs do not fit an SM) is n/a with the library's reason. Shapes: b = 2, bf16, seqlen 4096 and 8192 (--quick: 4096),
-(h_q, h_k) in {(128, 128), (32, 4)}, causal and not, for each --dims head dim
-(d_v = 128 at d_qk = 192, else d_v = d_qk). FLOP and timing as bench_mha.py (kernels
-only, CUDA-graph replays, L2 flushed, median).
+two CTAs do not fit an SM) is n/a with the library's reason.
+
+Shapes: b = 2, bf16, seqlen 4096 and 8192 (--quick: 4096), (h_q, h_k) in
+{(128, 128), (32, 4)}, causal and not, for each --dims head dim (d_v = 128 at
+d_qk = 192, else d_v = d_qk). FLOP and timing as bench_mha.py (kernels only,
+CUDA-graph replays, L2 flushed, median).
 
 Usage: python benchmarks/bench_layouts.py --out DIR [--dims 64 128 192] [--quick]
        python benchmarks/bench_layouts.py --plot DIR/bench_layouts.json   (PNG only)
@@ -124,8 +126,8 @@ def print_row(row: Dict) -> None:
 
 
 def geomeans(rows: List[Dict]) -> Dict[str, Dict[str, float]]:
-    """Per (pass, d_qk): geomean over shapes of each layout's speed against the 8-warp CTA
-    (> 1: faster than it), with the count of shapes where both ran."""
+    """Per (pass, d_qk): geomean over the shapes where both ran of each layout's speed
+    against the 8-warp CTA (> 1: faster than it)."""
     result: Dict[str, Dict[str, float]] = {}
     for pass_ in ("fwd", "bwd"):
         for d_qk in sorted({r["d_qk"] for r in rows}):
