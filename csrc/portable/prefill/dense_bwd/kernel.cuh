@@ -53,6 +53,9 @@
 //   B3  __syncthreads: Q, dO, lse, delta are free -> issue the next step's
 //       cp.async loads (and lse/delta stores), overlapping the dQ product:
 //       dq = dS K (reads dS^T hi [and lo] and K only), RED into dq_accum.
+//   Deterministic dQ (p.dq_turns): before B3 thread 0 waits for this key block's turn
+//   on the step's dq rows; before B2 of the next step (after B1 has ordered every
+//   warp's REDs) it passes the turn on; after the last step, one more barrier.
 // Epilogue: wait for all copies, __syncthreads, stage dK/dV (input dtype) in the
 // K/V tiles, __syncthreads, 16-byte coalesced stores of the valid key rows.
 #pragma once
@@ -371,22 +374,17 @@ struct StepPlan {
 };
 
 // Deterministic dQ (p.dq_turns set; atomics.cuh): the turn counter of query block m0 of
-// query head h in this CTA's sequence, and this key block's turn there (its index: the
-// key blocks that touch a query block are blocks 0 .. n). Recomputed from the block
-// index where it is needed, so the default path keeps nothing extra live.
-struct DqTurn {
-  int* counter;
-  int mine;
-  template <typename Mask>
-  __device__ __forceinline__ static DqTurn make(const DensePrefillBwdParams& p, int m0, int h) {
-    const KeyBlock kb = KeyBlock::again<Mask>(p);
-    DqTurn t;
-    const int64_t block = (kb.q_begin + m0) / kBlockM + kb.seq;
-    t.counter = p.dq_turns + block * p.h_q + h;
-    t.mine = kb.n0 / kBlockN;
-    return t;
-  }
-};
+// query head h in this CTA's sequence. The sequence index is recomputed from the block
+// index (no loads), so the default path keeps nothing extra live. A key block's turn
+// on a query block is its index n0 / kBlockN: the key blocks that touch a query block
+// are blocks 0 .. n.
+template <typename Mask>
+__device__ __forceinline__ int* dq_turn_counter(const DensePrefillBwdParams& p, int q_begin,
+                                                int m0, int h) {
+  int kv_head, seq;
+  KeyBlock::coords<Mask>(p, static_cast<int>(blockIdx.x), kv_head, seq);
+  return p.dq_turns + (static_cast<int64_t>((q_begin + m0) / kBlockM) + seq) * p.h_q + h;
+}
 
 template <int kNTiles>
 __device__ __forceinline__ void zero_acc(float (&acc)[kNTiles][4]) {
@@ -579,6 +577,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       store_acc_to_smem<Elem, kSTiles, kBlockM>(smem + Cfg::kOffDS, dp, key_row0, s_col0, 1.f,
                                                 lane_s);
     }
+    // Deterministic dQ: pass the previous step's turn on. B1 ordered every warp's REDs
+    // of that step before this point, and by now they have landed, so the fence is cheap
+    // (passing right after the REDs made every warp wait for it at B1).
+    if (p.dq_turns != nullptr && step > 0 && tid == 0) {
+      pass_turn(dq_turn_counter<Mask>(p, q_begin, plan.m0_desc(step - 1), plan.head(step - 1)));
+    }
     __syncthreads();  // B2
 
     // dV += P^T dO (contraction over the kBlockM queries).
@@ -594,6 +598,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     // dK += dS^T Q.
     warp_gemm<Elem, kBlockM, kDKTiles, kBlockM, kDQK, false, true, kCompensatedDS>(
         acc_dk, sDS, key_row0, sQ, col_half_n * Cfg::kDKCols, lane_s, sDSLo);
+    // Deterministic dQ: wait until the previous key block has added into these dq rows;
+    // B3 then holds every warp until the turn is ours.
+    if (p.dq_turns != nullptr && tid == 0) {
+      wait_turn(dq_turn_counter<Mask>(p, q_begin, m0, h), n0 / kBlockN);
+    }
     __syncthreads();  // B3
 
     if (step + 1 < num_steps) load_step(step + 1);
@@ -605,15 +614,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     zero_acc(dq);
     warp_gemm<Elem, kBlockN, kDQTiles, kBlockM, kDQK, true, true, kCompensatedDS>(
         dq, sDS, q_row0, sK, col_half_m * Cfg::kDQCols, lane_s, sDSLo);
-    // Deterministic dQ (p.dq_turns set): add after the previous key block's CTA has
-    // added into these rows, and pass the turn on once every warp has (atomics.cuh).
-    if (p.dq_turns != nullptr) {
-      if (tid == 0) {
-        const DqTurn turn = DqTurn::make<Mask>(p, m0, h);
-        wait_turn(turn.counter, turn.mine);
-      }
-      __syncthreads();
-    }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int qr = m0 + q_row0 + g + half * 8;
@@ -626,9 +626,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         }
       }
     }
-    if (p.dq_turns != nullptr) {
-      __syncthreads();
-      if (tid == 0) pass_turn(DqTurn::make<Mask>(p, m0, h).counter);
+  }
+  if (p.dq_turns != nullptr && num_steps > 0) {  // the last step's turn
+    __syncthreads();
+    if (tid == 0) {
+      pass_turn(dq_turn_counter<Mask>(p, q_begin, plan.m0_desc(num_steps - 1),
+                                      plan.head(num_steps - 1)));
     }
   }
 
