@@ -20,11 +20,11 @@ __device__ __forceinline__ void red_add_f32x2(float* addr, float a, float b) {
 
 // Turn taking for the deterministic dQ (kernel.cuh): the key blocks of a sequence add
 // into one query block's dq rows in key-block order. One thread of the CTA waits until
-// the block's counter reaches `mine` (the CTA's key block: the key blocks that touch a
-// query block are always blocks 0 .. n, causal or not), then the CTA adds and
-// pass_turn increments it. Acquire / release as CUTLASS's semaphore-ordered split-K:
-// waiter: ld.acquire spin, then __syncthreads; passer: __syncthreads, then
-// fence + relaxed add by one thread. CTAs start in block order (the grid's x, or the
+// the block's counter reaches `mine` (the CTA's key block times its warps: the key
+// blocks that touch a query block are always blocks 0 .. n, causal or not), then the
+// CTA adds and each warp's pass_turn increments it. Acquire / release in the manner of
+// a semaphore-ordered split-K: waiter: ld.acquire spin, then __syncthreads; passer
+// (per warp): __syncwarp, then fence + relaxed add by lane 0. CTAs start in block order (the grid's x, or the
 // longest-first numbering, runs key blocks in increasing order), so the previous turn
 // is always resident or done; the 8-warp CTA visits query blocks from the last down
 // (StepPlan::m0_desc), so under the causal mask all key blocks start at the same query

@@ -54,8 +54,8 @@
 //       cp.async loads (and lse/delta stores), overlapping the dQ product:
 //       dq = dS K (reads dS^T hi [and lo] and K only), RED into dq_accum.
 //   Deterministic dQ (p.dq_turns): before B3 thread 0 waits for this key block's turn
-//   on the step's dq rows; before B2 of the next step (after B1 has ordered every
-//   warp's REDs) it passes the turn on; after the last step, one more barrier.
+//   on the step's dq rows (every warp of the previous key block has passed); after its
+//   REDs each warp passes its share (__syncwarp, then lane 0: fence + add).
 // Epilogue: wait for all copies, __syncthreads, stage dK/dV (input dtype) in the
 // K/V tiles, __syncthreads, 16-byte coalesced stores of the valid key rows.
 #pragma once
@@ -577,12 +577,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       store_acc_to_smem<Elem, kSTiles, kBlockM>(smem + Cfg::kOffDS, dp, key_row0, s_col0, 1.f,
                                                 lane_s);
     }
-    // Deterministic dQ: pass the previous step's turn on. B1 ordered every warp's REDs
-    // of that step before this point, and by now they have landed, so the fence is cheap
-    // (passing right after the REDs made every warp wait for it at B1).
-    if (p.dq_turns != nullptr && step > 0 && tid == 0) {
-      pass_turn(dq_turn_counter<Mask>(p, q_begin, plan.m0_desc(step - 1), plan.head(step - 1)));
-    }
     __syncthreads();  // B2
 
     // dV += P^T dO (contraction over the kBlockM queries).
@@ -598,10 +592,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     // dK += dS^T Q.
     warp_gemm<Elem, kBlockM, kDKTiles, kBlockM, kDQK, false, true, kCompensatedDS>(
         acc_dk, sDS, key_row0, sQ, col_half_n * Cfg::kDKCols, lane_s, sDSLo);
-    // Deterministic dQ: wait until the previous key block has added into these dq rows;
-    // B3 then holds every warp until the turn is ours.
+    // Deterministic dQ: wait until every warp of the previous key block has added into
+    // these dq rows (each passes once: kNumWarps per key block); B3 then holds every
+    // warp until the turn is ours.
     if (p.dq_turns != nullptr && tid == 0) {
-      wait_turn(dq_turn_counter<Mask>(p, q_begin, m0, h), n0 / kBlockN);
+      wait_turn(dq_turn_counter<Mask>(p, q_begin, m0, h), n0 / kBlockN * kNumWarps);
     }
     __syncthreads();  // B3
 
@@ -626,12 +621,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         }
       }
     }
-  }
-  if (p.dq_turns != nullptr && num_steps > 0) {  // the last step's turn
-    __syncthreads();
-    if (tid == 0) {
-      pass_turn(dq_turn_counter<Mask>(p, q_begin, plan.m0_desc(num_steps - 1),
-                                      plan.head(num_steps - 1)));
+    // Deterministic dQ: this warp's share of the turn, once its lanes' REDs are ordered
+    // before lane 0's release (__syncwarp); no CTA barrier.
+    if (p.dq_turns != nullptr) {
+      __syncwarp();
+      if (lane == 0) pass_turn(dq_turn_counter<Mask>(p, q_begin, m0, h));
     }
   }
 
