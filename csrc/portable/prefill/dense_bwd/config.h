@@ -186,7 +186,7 @@ static_assert(Config4<64, 64>::kTwoFitSm120 && !Config4<128, 128>::kTwoFitSm120,
 // 8-warp CTA otherwise. Measured on an H100 (bf16, b = 2, s = 4096 / 8192, d = 128): 4
 // warps +6% without a mask, +8-11% causal at h 128/128, +1-5% causal at h 32/4 (with the
 // longest-first order of KeyBlock; without it the 4-warp CTA was 7-10% slower there);
-// d = 64: +29-37%, and 1.32-1.34x in benchmarks/bench_layouts.py (two 4-warp CTAs per SM
+// d = 64: +29-37%, and 1.32-1.36x in benchmarks/bench_layouts.py (two 4-warp CTAs per SM
 // against one 8-warp CTA, the choice on sm_120).
 enum class BwdLayout : int { kWarps8 = 8, kWarps4 = 4 };
 

@@ -134,7 +134,7 @@ static_assert(2 * (WideConfig<64, 64>::kSmemBytes + kReservedSmemPerBlock) <= kS
 // CTA), at every d_qk. With one online-softmax step per 64-key tile it beat the 4-warp
 // CTA on an H100 at d = 128 by 27-31% without a mask and 19-28% with the causal one,
 // and at d = 64 by 5-20% (docs/mha_fwd.md); at d = 192 (one K/V stage) it beat the
-// 8-warp CTA by 16%; at d = 64, two per SM ran at 1.40x one 8-warp CTA per SM (the
+// 8-warp CTA by 16%; at d = 64, two per SM ran at 1.40-1.41x one 8-warp CTA per SM (the
 // choice on sm_120; benchmarks/bench_layouts.py). (With two 32-key steps per tile it was
 // only +2.5-5% without a mask and -3% causal at h = 32/4.) Otherwise the 4-warp CTA where two fit (A100 at
 // d = 128), else the 8-warp CTA (sm_120 at d >= 128, one CTA per SM).
