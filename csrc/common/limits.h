@@ -9,9 +9,14 @@ namespace flash_mla {
 constexpr int kMaxSmemPerBlockSm120 = 101376;
 
 // Shared memory per SM on sm_120/121 (100 KB; the same on sm_86/89), and what the
-// hardware reserves per resident block: n blocks of b bytes fit an SM when
-// n * (b + kReservedSmemPerBlock) <= its capacity.
+// hardware reserves per resident block.
 constexpr int kSmemPerSmSm120 = 102400;
 constexpr int kReservedSmemPerBlock = 1024;
+
+// Shared memory per SM that `blocks` resident blocks of `block_bytes` each need: they
+// fit an SM when this is at most its capacity.
+constexpr int smem_per_sm_for(int blocks, int block_bytes) {
+  return blocks * (block_bytes + kReservedSmemPerBlock);
+}
 
 }  // namespace flash_mla

@@ -23,14 +23,14 @@ __device__ __forceinline__ void red_add_f32x2(float* addr, float a, float b) {
 // the block's counter reaches `mine` (the CTA's key block times its warps: the key
 // blocks that touch a query block are always blocks 0 .. n, causal or not), then the
 // CTA adds and each warp's pass_turn increments it. Acquire / release in the manner of
-// a semaphore-ordered split-K: waiter: ld.acquire spin, then __syncthreads; passer
-// (per warp): __syncwarp, then fence + relaxed add by lane 0. CTAs start in block order (the grid's x, or the
-// longest-first numbering, runs key blocks in increasing order), so the previous turn
-// is always resident or done; the 8-warp CTA visits query blocks from the last down
-// (StepPlan::m0_desc), so under the causal mask all key blocks start at the same query
-// block and move in step. Should a wait ever last kTurnTimeoutNs (a malformed
-// cu_seqlens whose sequences overlap, or a GPU that schedules CTAs out of order), the
-// CTA adds anyway: dq is still the right sum, only not bit-reproducible.
+// a semaphore-ordered split-K: waiter: ld.acquire spin, then __syncthreads; passer (per
+// warp): __syncwarp, then fence + relaxed add by lane 0. CTAs start in block order (the
+// grid's x, or the longest-first numbering, runs key blocks in increasing order), so
+// the previous turn is always resident or done; the 8-warp CTA visits query blocks from
+// the last down (StepPlan::m0_desc), so under the causal mask all key blocks start at
+// the same query block and move in step. Should a wait ever last kTurnTimeoutNs (a
+// malformed cu_seqlens whose sequences overlap, or a GPU that schedules CTAs out of
+// order), the CTA adds anyway: dq is still the right sum, only not bit-reproducible.
 constexpr unsigned long long kTurnTimeoutNs = 10ull * 1000 * 1000 * 1000;
 
 __device__ __forceinline__ unsigned long long global_timer_ns() {

@@ -154,7 +154,7 @@ struct Config4 {
   // Shared memory per SM that two of these CTAs need; at d = 64 (2 x 49664 B) they fit
   // sm_120's (and sm_86/89's) 100 KB, so the CTA is built for sm_120 there
   // (kernel_4warp.cuh) and choose_layout picks it; at d = 128 it is not.
-  static constexpr int kSmemPerSmForTwo = 2 * (kSmemBytes + kReservedSmemPerBlock);
+  static constexpr int kSmemPerSmForTwo = smem_per_sm_for(2, kSmemBytes);
   static constexpr bool kTwoFitSm120 = kSmemPerSmForTwo <= kSmemPerSmSm120;
   static_assert(kOffQ % 128 == 0 && kOffDO % 128 == 0 && kOffDS % 128 == 0 &&
                     kOffDSLo % 128 == 0 && kOffLse % 16 == 0,

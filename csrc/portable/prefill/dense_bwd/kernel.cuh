@@ -367,7 +367,8 @@ struct StepPlan {
   }
   // The same query blocks from the last down (the 8-warp CTA's order): under the
   // causal mask every key block of a sequence then starts at the same query block, so
-  // with deterministic dQ (DqTurn) no key block waits for a lower one's first steps.
+  // with deterministic dQ (dq_turn_counter) no key block waits for a lower one's first
+  // steps.
   __device__ __forceinline__ int m0_desc(int step) const {
     return (m_first + per_head - 1 - step % per_head) * kBlockM;
   }

@@ -18,12 +18,12 @@ constexpr int kElemBytes = 2;  // bf16 / fp16
 //  - 8 warps, 128 rows: for GPUs with ~100 KB of shared memory per SM (sm_120/121,
 //    sm_86/89) at d >= 128, where one CTA fits per SM and needs 8 warps to hide latency.
 //  - 4 warps, 64 rows: for GPUs with 160-195 KB per SM (A100) at d_qk = 128
-//    (H100/H200 and sm_100, and d = 64 everywhere, take the 4x32 CTA below). Two CTAs share an SM
-//    (registers allow 2 x 128 threads x <= 255) and their barriers drift apart, so
-//    one CTA's softmax overlaps the other's MMAs; with one 8-warp CTA per SM all
-//    warps meet at every tile's barrier. On an
-//    H100 this was 3-6% faster at d = 128 and up to 12% slower at d = 192 (twice
-//    the K/V tile loads per query row), so it is not built for d = 192 (docs/mha_fwd.md).
+//    (H100/H200 and sm_100, and d = 64 everywhere, take the 4x32 CTA below). Two
+//    CTAs share an SM (registers allow 2 x 128 threads x <= 255) and their barriers
+//    drift apart, so one CTA's softmax overlaps the other's MMAs; with one 8-warp
+//    CTA per SM all warps meet at every tile's barrier. On an H100 this was 3-6%
+//    faster at d = 128 and up to 12% slower at d = 192 (twice the K/V tile loads per
+//    query row), so it is not built for d = 192 (docs/mha_fwd.md).
 //  - 4 warps x 32 rows, 128 rows ("4x32", FA2's layout; WideConfig below): each
 //    warp owns two m16 slabs, so every K/V ldmatrix fragment feeds two MMAs. Q stays
 //    in shared memory and is re-read with ldmatrix per k-step (holding it in
@@ -125,9 +125,9 @@ inline int min_smem_per_sm_4x32(int d_qk) {
   const int bytes = d_qk == 64    ? WideConfig<64, 64>::kSmemBytes
                     : d_qk == 128 ? WideConfig<128, 128>::kSmemBytes
                                   : WideConfig<192, 128>::kSmemBytes;
-  return 2 * (bytes + kReservedSmemPerBlock);
+  return smem_per_sm_for(2, bytes);
 }
-static_assert(2 * (WideConfig<64, 64>::kSmemBytes + kReservedSmemPerBlock) <= kSmemPerSmSm120,
+static_assert(smem_per_sm_for(2, WideConfig<64, 64>::kSmemBytes) <= kSmemPerSmSm120,
               "two d=64 4x32 CTAs fit a 100 KB SM");
 
 // The 4x32 CTA where two fit an SM (their barriers drift apart, as with the 4-warp
@@ -135,9 +135,10 @@ static_assert(2 * (WideConfig<64, 64>::kSmemBytes + kReservedSmemPerBlock) <= kS
 // CTA on an H100 at d = 128 by 27-31% without a mask and 19-28% with the causal one,
 // and at d = 64 by 5-20% (docs/mha_fwd.md); at d = 192 (one K/V stage) it beat the
 // 8-warp CTA by 16%; at d = 64, two per SM ran at 1.40-1.41x one 8-warp CTA per SM (the
-// choice on sm_120; benchmarks/bench_layouts.py). (With two 32-key steps per tile it was
-// only +2.5-5% without a mask and -3% causal at h = 32/4.) Otherwise the 4-warp CTA where two fit (A100 at
-// d = 128), else the 8-warp CTA (sm_120 at d >= 128, one CTA per SM).
+// choice on sm_120; benchmarks/bench_layouts.py). (With two 32-key steps per tile it
+// was only +2.5-5% without a mask and -3% causal at h = 32/4.) Otherwise the 4-warp CTA
+// where two fit (A100 at d = 128), else the 8-warp CTA (sm_120 at d >= 128, one CTA per
+// SM).
 inline CtaLayout choose_layout(int smem_per_sm, int d_qk) {
   if (smem_per_sm >= min_smem_per_sm_4x32(d_qk)) return CtaLayout::kWarps4x32;
   return smem_per_sm >= kMinSmemPerSmForFourWarps && d_qk <= 128 ? CtaLayout::kWarps4
