@@ -18,7 +18,7 @@ namespace flash_mla {
 enum class DType : int32_t { kBF16 = 0, kFP16 = 1 };
 
 // ---------------------------------------------------------------------------
-// Split-KV combine (csrc/smxx/combine): merges per-split partial outputs of the
+// Split-KV combine (csrc/portable/decode/combine): merges per-split partial outputs of the
 // decode kernels into the final output. Batch i owns splits
 // [split_offsets[i], split_offsets[i+1]); the kernel clamps those offsets to
 // [0, num_splits_total] so a bad offsets tensor can never read out of bounds.

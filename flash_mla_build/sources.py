@@ -55,7 +55,7 @@ SOURCE_RULES = (
     SourceRule("csrc/sm100/*", "decode", frozenset({"100a", "100f", "103a", "103f"})),
     SourceRule("csrc/sm120/*", "decode", frozenset({"120a", "120f", "121a", "121f"})),
     # Portable kernel families and their API entry points.
-    SourceRule("csrc/smxx/combine/*", "combine"),
+    SourceRule("csrc/portable/decode/combine/*", "combine"),
     SourceRule("csrc/api/combine.*", "combine"),
     SourceRule("csrc/portable/prefill/*", "dense_prefill"),
     SourceRule("csrc/api/dense_prefill*", "dense_prefill"),

@@ -76,7 +76,7 @@ def test_gencode_uses_equals_form_and_plain_ptx_of_newest():
 
 def _tree(tmp_path: Path) -> Path:
     for rel in ["csrc/common/kernel_registry.cpp", "csrc/api/build_info.cpp",
-                "csrc/api/combine.cu", "csrc/smxx/combine/instantiations/bf16.cu",
+                "csrc/api/combine.cu", "csrc/portable/decode/combine/instantiations/bf16.cu",
                 "csrc/api/dense_prefill_fwd.cu", "csrc/portable/prefill/fwd/inst/d128.cu",
                 "csrc/sm90/decode/dense/inst/a.cu", "csrc/sm120/decode/x.cu",
                 "csrc/api/checks.h", "csrc/misc/new_thing.cu", "csrc/api/old.disabled.cu"]:
@@ -108,7 +108,7 @@ def test_sources_kernel_switch_and_arch_filter(tmp_path):
                                               S.select_kernel_families("combine"))]
     assert rels == ["csrc/api/build_info.cpp", "csrc/api/combine.cu",
                     "csrc/common/kernel_registry.cpp",
-                    "csrc/smxx/combine/instantiations/bf16.cu"]
+                    "csrc/portable/decode/combine/instantiations/bf16.cu"]
     with pytest.raises(S.KernelsError, match="unknown kernel families \\['decodes'\\]"):
         S.select_kernel_families("combine;decodes")
 

@@ -71,8 +71,8 @@ def test_dollar_and_colon_escaping():
     assert N.quote_arg("a$b", "linux") == "'a$$b'"  # shell-quoted, ninja-escaped
     assert N.quote_arg("$out.rsp", "linux") == "$out.rsp"
     assert N._path_token("C:/x y/z.cu") == "C$:/x$ y/z.cu"
-    assert N.object_path("csrc/smxx/combine/instantiations/bf16.cu", "linux") == \
-        "obj/smxx/combine/instantiations/bf16.cu.o"
+    assert N.object_path("csrc/portable/decode/combine/instantiations/bf16.cu", "linux") == \
+        "obj/portable/decode/combine/instantiations/bf16.cu.o"
 
 
 def test_compiler_output_decoded_with_replacement():

@@ -1,6 +1,6 @@
 """Native split-KV combine against a float64 oracle, on a GPU.
 
-Semantics (csrc/params.h, csrc/smxx/combine/kernel.cuh): batch b merges splits
+Semantics (csrc/params.h, csrc/portable/decode/combine/kernel.cuh): batch b merges splits
 [split_offsets[b], split_offsets[b+1]) (clamped to [0, num_splits]); partial LSEs
 are log2, -inf marks an empty split whose partial output is never read (here it
 holds NaN); the output lse is natural log and excludes the sink; with a sink,

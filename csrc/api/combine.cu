@@ -1,7 +1,7 @@
 // tvm-ffi entry point of the split-KV combine:
 //   combine(o_accum, lse_accum, split_offsets, attn_sink_or_None, out, lse) -> None
 // Semantics and layouts: CombineParams in csrc/params.h and the header comment of
-// csrc/smxx/combine/kernel.cuh. Validation happens here, in one function, in the
+// csrc/portable/decode/combine/kernel.cuh. Validation happens here, in one function, in the
 // order device, dtype, layout, shape, values; a wrong call raises ValueError or
 // TypeError and never reaches the kernel.
 #include <cuda_bf16.h>
@@ -17,8 +17,8 @@
 
 #include "../common/kernel_registry.h"
 #include "../params.h"
-#include "../smxx/combine/config.h"
-#include "../smxx/combine/kernel.h"
+#include "../portable/decode/combine/config.h"
+#include "../portable/decode/combine/kernel.h"
 #include "checks.h"
 #include "launch.h"
 

@@ -1,6 +1,6 @@
 // Split-KV combine, fp16 output: one kernel per 128-column chunk count (d_v <= 128,
 // 256, 384, 512). The dispatch in csrc/api/combine.cu picks chunks_for(d_v).
-#include "../../../common/kernel_registry.h"
+#include "../../../../common/kernel_registry.h"
 #include "../kernel.cuh"
 
 namespace flash_mla::combine {

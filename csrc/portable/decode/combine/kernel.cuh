@@ -34,8 +34,8 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "../../params.h"
-#include "../../portable/common/element.cuh"
+#include "../../../params.h"
+#include "../../common/element.cuh"
 #include "config.h"
 #include "kernel.h"
 

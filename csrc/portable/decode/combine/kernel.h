@@ -2,7 +2,7 @@
 // kernel code. Definitions: kernel.cuh, instantiated in instantiations/*.cu.
 #pragma once
 
-#include "../../params.h"
+#include "../../../params.h"
 
 namespace flash_mla::combine {
 
