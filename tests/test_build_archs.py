@@ -1,13 +1,10 @@
-"""FLASH_MLA_CUDA_ARCHS resolution against nvcc versions, and which sources build
-for which targets (flash_mla_build.archs / .sources)."""
+"""FLASH_MLA_CUDA_ARCHS resolution against nvcc versions (flash_mla_build.archs); which
+sources build for which targets is tests/test_sources.py."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 from flash_mla_build import archs as A
-from flash_mla_build import sources as S
 
 
 def names(targets):
@@ -73,50 +70,3 @@ def test_gencode_uses_equals_form_and_plain_ptx_of_newest():
     assert A.gencode_flags([A.Target.parse("90a")], ptx=False) == [
         "-gencode=arch=compute_90a,code=sm_90a"]
 
-
-def _tree(tmp_path: Path) -> Path:
-    for rel in ["csrc/common/kernel_registry.cpp", "csrc/api/build_info.cpp",
-                "csrc/api/combine.cu", "csrc/portable/decode/combine/instantiations/bf16.cu",
-                "csrc/api/dense_prefill_fwd.cu", "csrc/portable/prefill/fwd/inst/d128.cu",
-                "csrc/sm90/decode/dense/inst/a.cu", "csrc/sm120/decode/x.cu",
-                "csrc/api/checks.h", "csrc/misc/new_thing.cu", "csrc/api/old.disabled.cu"]:
-        p = tmp_path / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text("// test\n")
-    return tmp_path
-
-
-def test_sources_all_kernels(tmp_path):
-    root = _tree(tmp_path)
-    targets = A.select_targets("80;90a;120f", (13, 0))
-    srcs = {s.rel: s for s in S.discover_sources(root, targets, S.select_kernel_families("all"))}
-    assert "csrc/api/checks.h" not in srcs and "csrc/api/old.disabled.cu" not in srcs
-    assert names(srcs["csrc/api/combine.cu"].targets) == ["80", "90a", "120f"]
-    assert srcs["csrc/api/combine.cu"].ptx
-    assert names(srcs["csrc/sm90/decode/dense/inst/a.cu"].targets) == ["90a"]
-    assert not srcs["csrc/sm90/decode/dense/inst/a.cu"].ptx
-    assert names(srcs["csrc/sm120/decode/x.cu"].targets) == ["120f"]
-    assert srcs["csrc/portable/prefill/fwd/inst/d128.cu"].family == "dense_prefill"
-    assert srcs["csrc/misc/new_thing.cu"].family == "other"
-    assert not srcs["csrc/api/build_info.cpp"].is_cuda
-
-
-def test_sources_kernel_switch_and_arch_filter(tmp_path):
-    root = _tree(tmp_path)
-    targets = A.select_targets("120f", (13, 0))
-    rels = [s.rel for s in S.discover_sources(root, targets,
-                                              S.select_kernel_families("combine"))]
-    assert rels == ["csrc/api/build_info.cpp", "csrc/api/combine.cu",
-                    "csrc/common/kernel_registry.cpp",
-                    "csrc/portable/decode/combine/instantiations/bf16.cu"]
-    with pytest.raises(S.KernelsError, match="unknown kernel families \\['decodes'\\]"):
-        S.select_kernel_families("combine;decodes")
-
-
-def test_real_tree_combine_build_selects_expected_files():
-    root = Path(__file__).resolve().parent.parent
-    srcs = S.discover_sources(root, A.select_targets("120f", (13, 0)),
-                              S.select_kernel_families("combine"))
-    rels = [s.rel for s in srcs]
-    assert "csrc/api/combine.cu" in rels and "csrc/api/build_info.cpp" in rels
-    assert all(S.rule_for(r).family in ("core", "combine") for r in rels)

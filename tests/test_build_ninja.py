@@ -18,7 +18,8 @@ def _plan(tmp_path: Path, platform: str) -> N.NinjaPlan:
     srcs = [
         Source(root / "csrc/api/combine.cu", "csrc/api/combine.cu", "combine", True,
                (t90, t120), True),
-        Source(root / "csrc/sm90/x.cu", "csrc/sm90/x.cu", "decode", True, (t90,), False),
+        Source(root / "csrc/sm90/x.cu", "csrc/sm90/x.cu", "dense_decode", True, (t90,),
+               False),
         Source(root / "csrc/api/build_info.cpp", "csrc/api/build_info.cpp", "core", False, (),
                False),
     ]
