@@ -36,14 +36,14 @@ static_assert(kBlockM % 64 == 0, "P^T / dS^T rows (kBlockM elements) must suit t
 // both in the input dtype, and the products that read them (dV from P; dK and dQ
 // from dS) run on both parts (two MMAs per fragment). Rounding once to bf16
 // leaves a relative error up to 2^-8 per term, and dV / dK / dQ are sums of
-// terms of both signs (dO, Q, K are signed) that cancel: on random inputs a few
-// hundred elements per million then miss SPEC's per-element bound (abs 1e-3 or
-// rel 8.01/128) although cos_diff is 2.5e-6 (measured on an H100). hi + lo
-// carries ~16 bits. Costs 2 * d_qk + d_v more MMA work per (query, key) pair
-// (MMA work 1.6x at d = 128). Where they fit (d <= 128) the lo parts get tiles
-// of their own; at d = 192 they reuse the P^T / dS^T buffers in turn, which
-// costs two more barriers per step. Build with -DFLASH_MLA_BWD_PLAIN_DS for plain
-// FA2 numerics (P and dS rounded once; faster, fails the per-element bound).
+// terms of both signs (dO, Q, K are signed) that cancel, so a few elements land
+// outside the per-element rule of the numerics contract (docs/numerics.md) even
+// though the cosine is fine; hi + lo carries ~16 bits and keeps them inside. Costs
+// 2 * d_qk + d_v more MMA work per (query, key) pair (1.6x at d = 128). Where they
+// fit (d <= 128) the lo parts get tiles of their own; at d = 192 they reuse the
+// P^T / dS^T buffers in turn, which costs two more barriers per step.
+// -DFLASH_MLA_BWD_PLAIN_DS rounds P and dS once (FA2's numerics) for A/B builds;
+// release builds never define it (docs/mha_bwd.md).
 #if defined(FLASH_MLA_BWD_PLAIN_DS)
 constexpr bool kCompensatedDS = false;
 #else
@@ -119,8 +119,8 @@ static_assert(Config<64, 64>::kSmemBytes == (kCompensatedDS ? 66048 : 49664), "d
 // layout) and only dS^T goes through shared memory (for dQ). Two CTAs share an SM
 // where shared memory allows (H100/H200: 2 x 82 KB at d = 128); their barriers
 // drift apart, so one CTA's loads and exp2 overlap the other's MMAs. d <= 128 only:
-// at d = 192 the dK accumulator alone is 96 registers per thread (built for a test,
-// it spilled 96-128 B on sm_90a).
+// at d = 192 the dK accumulator alone is 96 registers per thread, and the rest of
+// the step no longer fits beside it without spills.
 // ---------------------------------------------------------------------------
 constexpr int k4Warps = 4;
 constexpr int k4Threads = k4Warps * 32;
@@ -162,9 +162,8 @@ struct Config4 {
   // Queries per S^T / dP^T pass (kernel_4warp.cuh): the dK / dV accumulators take
   // d registers per thread (128 at d = 128). Passes of 32 fit 255 registers with no
   // spills on every target since a pass computes P and dV before dP (at most two of
-  // S^T, P^T, dP^T, dS^T live) and the mask test keeps two ints per thread (mask.cuh);
-  // before that, 32 spilled 12-48 B at d = 128 and passes of 16 were used (9% slower,
-  // H100). One pass of 64 spills.
+  // S^T, P^T, dP^T, dS^T live) and the mask test keeps two ints per thread (mask.cuh).
+  // Fewer, longer passes re-read K and V less often; one pass of 64 spills.
   static constexpr int kPassM = 32;
   static_assert(kBlockM % kPassM == 0 && kPassM % 16 == 0, "passes of whole k16 steps");
   // dQ = dS K: warp w owns query rows 32 * (w % 2) .. +32 (two m16 slabs) and head
@@ -183,11 +182,10 @@ static_assert(Config4<64, 64>::kTwoFitSm120 && !Config4<128, 128>::kTwoFitSm120,
 // CTA layouts (FLASH_MLA_DENSE_BWD_WARPS=8|4 forces one; csrc/api): the 4-warp CTA
 // where two fit an SM and d <= 128 (2 x (82432 + 1024) B at d = 128: H100/H200, A100,
 // B200; 2 x (49664 + 1024) B at d = 64: also sm_120/121 and sm_86/89 with 100 KB); the
-// 8-warp CTA otherwise. Measured on an H100 (bf16, b = 2, s = 4096 / 8192, d = 128): 4
-// warps +6% without a mask, +8-11% causal at h 128/128, +1-5% causal at h 32/4 (with the
-// longest-first order of KeyBlock; without it the 4-warp CTA was 7-10% slower there);
-// d = 64: +29-37%, and 1.32-1.36x in benchmarks/bench_layouts.py (two 4-warp CTAs per SM
-// against one 8-warp CTA, the choice on sm_120).
+// 8-warp CTA otherwise. Two 4-warp CTAs per SM were faster than one 8-warp CTA on the
+// H100 at both head dims, causal or not (the causal GQA case thanks to KeyBlock's
+// longest-first order); the measurements are in docs/mha_bwd.md, and
+// benchmarks/bench_layouts.py repeats them on the local GPU.
 enum class BwdLayout : int { kWarps8 = 8, kWarps4 = 4 };
 
 // Bytes of shared memory per SM that two 4-warp CTAs need at d_qk (0 where d_qk has no
@@ -203,11 +201,10 @@ inline BwdLayout choose_layout(int smem_per_sm, int d_qk) {
   return smem_per_sm >= min_smem_per_sm_4warps(d_qk) ? BwdLayout::kWarps4 : BwdLayout::kWarps8;
 }
 
-// One CTA (8 warps) per SM as the register cap: at two CTAs (128 registers per
-// thread) ptxas spills 48-612 bytes for d >= 128 (measured with -Xptxas -v,
-// sm_90, nvcc 13.0); uncapped the kernels use 160-245 registers and no spills.
-// On sm_120 one CTA per SM is also all that the 100 KB of shared memory allows
-// for d >= 128.
+// One CTA (8 warps) per SM as the register cap: capped for two CTAs (128 registers
+// per thread) ptxas spills at d >= 128; uncapped the kernels need well over 128
+// registers and do not spill (docs/mha_bwd.md, resources). On sm_120 one CTA per SM
+// is also all that the 100 KB of shared memory allows for d >= 128.
 constexpr int kMinBlocksPerSm = 1;
 
 // Block sizes of the preprocess (delta, dq_accum zeroing) and dQ convert kernels.

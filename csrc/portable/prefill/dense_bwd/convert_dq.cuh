@@ -1,4 +1,4 @@
-// Backward step 3: dq[t, h, :] = softmax_scale * dq_accum[t, h, :], rounded to
+// Backward step 4: dq[t, h, :] = softmax_scale * dq_accum[t, h, :], rounded to
 // nearest in the input dtype. One thread per 8 elements: two float4 loads, one
 // 16-byte store.
 #pragma once

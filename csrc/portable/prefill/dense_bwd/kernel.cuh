@@ -267,7 +267,7 @@ __device__ __forceinline__ void load_query_block(const DensePrefillBwdParams& p,
       sDO, static_cast<const Storage*>(p.dout) + row * p.dout_row_stride + h * p.dout_head_stride,
       p.dout_row_stride, 0, m_valid, tid);
   if (tid < kBlockM) {
-    // Plain loads: a 4-byte cp.async variant measured 4% slower on an H100.
+    // Plain loads: 4-byte cp.async copies of lse / delta were slower (docs/mha_bwd.md).
     const bool valid = tid < m_valid;
     const float* delta = static_cast<const float*>(p.workspace);
     // +inf marks a row outside the sequence (or one that sees no key): P = 0.
@@ -287,10 +287,9 @@ __device__ __forceinline__ void load_query_block(const DensePrefillBwdParams& p,
 // maps key block slowest instead: the first key blocks of every group start first.
 // They are the longest (every query block sees key block 0), and with few, long
 // groups (GQA: each CTA loops over the group's query heads) the ones started last
-// set the end of the launch. Measured on an H100 (4-warp CTA, b = 2, d = 128,
-// causal): h 32/4 +42% at s = 4096, +13% at 8192; the same order for every launch
-// was 30% slower at h 128/128 (16384 CTAs: L2 locality) and 1-3% slower without the
-// mask, hence the rule.
+// set the end of the launch. With many CTAs (h 128/128) or without the mask, the
+// default order's L2 locality matters more, hence the rule (measurements in
+// docs/mha_bwd.md, launch order).
 struct KeyBlock {
   int kv_head, seq;
   int q_begin, s_q, k_begin, s_k, n0, n_valid;
@@ -304,7 +303,7 @@ struct KeyBlock {
   // The same block again, for the epilogue: recomputed from the block index through
   // an opaque copy (two cached loads of cu_seqlens_k), so the compiler does not keep
   // the first one's values live through the step loop, where every register is
-  // taken (kept live, they spilled 16 B on sm_80).
+  // taken (kept live, they spill on sm_80).
   template <typename Mask>
   __device__ __forceinline__ static KeyBlock again(const DensePrefillBwdParams& p) {
     KeyBlock kb;

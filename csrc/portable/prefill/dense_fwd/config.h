@@ -21,13 +21,13 @@ constexpr int kElemBytes = 2;  // bf16 / fp16
 //    (H100/H200 and sm_100, and d = 64 everywhere, take the 4x32 CTA below). Two
 //    CTAs share an SM (registers allow 2 x 128 threads x <= 255) and their barriers
 //    drift apart, so one CTA's softmax overlaps the other's MMAs; with one 8-warp
-//    CTA per SM all warps meet at every tile's barrier. On an H100 this was 3-6%
-//    faster at d = 128 and up to 12% slower at d = 192 (twice the K/V tile loads per
-//    query row), so it is not built for d = 192 (docs/mha_fwd.md).
+//    CTA per SM all warps meet at every tile's barrier. Not built for d = 192: there
+//    64-row blocks load every K/V tile twice as often per query row, which costs
+//    more than the overlap gains (docs/mha_fwd.md).
 //  - 4 warps x 32 rows, 128 rows ("4x32", FA2's layout; WideConfig below): each
 //    warp owns two m16 slabs, so every K/V ldmatrix fragment feeds two MMAs. Q stays
-//    in shared memory and is re-read with ldmatrix per k-step (holding it in
-//    registers as well spilled on sm_90 at d >= 128). Two K/V stages at d_qk <= 128,
+//    in shared memory and is re-read with ldmatrix per k-step (Q in registers as
+//    well does not fit next to S and O at d >= 128). Two K/V stages at d_qk <= 128,
 //    one at d = 192 (WideConfig).
 constexpr int kMinSmemPerSmForFourWarps = 160 * 1024;
 
@@ -80,7 +80,8 @@ static_assert(Config<64, 64, 4>::kSmemBytes == 32768, "d=64 budget as documented
 //   [+kStageStride, +kStageBytes)         stage 1 (two-stage form only)
 //   [kScalarOffset, +kScalarBytes)        CTA-uniform loop values (64 B)
 //   [0, kOBytes)                          output staging, aliased after the last tile
-// d = 128: 32768 + 2 x 32768 + 64 = 98368 B (fits sm_120's 99 KB; two CTAs per H100 SM).
+// d = 128: 32768 + 2 x 32768 + 64 = 98368 B (fits sm_120's 99 KB; two CTAs per SM where
+// an SM has 228 KB).
 // d = 192: two stages would need 49152 + 2 x 40960 = 131072 B, so one stage:
 // 49152 + 40960 + 64 = 90176 B. Its next tile is copied once every warp is done with
 // the current one (kernel_4x32.cuh); the other CTA on the SM computes meanwhile.
@@ -131,14 +132,11 @@ static_assert(smem_per_sm_for(2, WideConfig<64, 64>::kSmemBytes) <= kSmemPerSmSm
               "two d=64 4x32 CTAs fit a 100 KB SM");
 
 // The 4x32 CTA where two fit an SM (their barriers drift apart, as with the 4-warp
-// CTA), at every d_qk. With one online-softmax step per 64-key tile it beat the 4-warp
-// CTA on an H100 at d = 128 by 27-31% without a mask and 19-28% with the causal one,
-// and at d = 64 by 5-20% (docs/mha_fwd.md); at d = 192 (one K/V stage) it beat the
-// 8-warp CTA by 16%; at d = 64, two per SM ran at 1.40-1.41x one 8-warp CTA per SM (the
-// choice on sm_120; benchmarks/bench_layouts.py). (With two 32-key steps per tile it
-// was only +2.5-5% without a mask and -3% causal at h = 32/4.) Otherwise the 4-warp CTA
-// where two fit (A100 at d = 128), else the 8-warp CTA (sm_120 at d >= 128, one CTA per
-// SM).
+// CTA), at every d_qk: it does half the K/V shared-memory reads per MMA of the 16-row
+// layouts, and on the H100 it was the fastest layout at every d_qk, causal or not
+// (docs/mha_fwd.md has the measurements; benchmarks/bench_layouts.py repeats them on
+// the local GPU). Otherwise the 4-warp CTA where two fit (A100 at d = 128), else the
+// 8-warp CTA (sm_120 at d >= 128, one CTA per SM).
 inline CtaLayout choose_layout(int smem_per_sm, int d_qk) {
   if (smem_per_sm >= min_smem_per_sm_4x32(d_qk)) return CtaLayout::kWarps4x32;
   return smem_per_sm >= kMinSmemPerSmForFourWarps && d_qk <= 128 ? CtaLayout::kWarps4

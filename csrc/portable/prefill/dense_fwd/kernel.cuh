@@ -28,7 +28,7 @@
 //   [stage0, +stage)      stage 0: K tile, V tile
 //   [0, M*d_v*2)          O staging, aliased after the last tile
 //   8 warps: d=192: Q 49152, stage 40960 -> 90112 B; d=128: 65536 B; d=64: 32768 B.
-//   4 warps: d=192: 81920 B; d=128: 65536 B; d=64: 32768 B.
+//   4 warps (d_qk <= 128 only): d=128: 65536 B; d=64: 32768 B.
 //
 // Barrier / cp.async protocol (key tiles walk from the last one down to 0, so
 // the partial and diagonal tiles, which need masking, come first):
@@ -75,7 +75,8 @@
 namespace flash_mla::portable::dense_fwd {
 
 // The kernel takes the params struct by value: its layout must be the same for
-// the host compiler (MSVC or gcc) and the device pass (WINDOWS.md).
+// the host compiler (MSVC or gcc) and nvcc's device pass, or the kernel would read
+// fields at the wrong offsets.
 static_assert(sizeof(DensePrefillFwdParams) == 200, "DensePrefillFwdParams layout changed");
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -124,8 +125,8 @@ struct CausalMask {
 // under the swizzle that chunk lands at (2j ^ (bit ^ (l & 7))) (2j is even, so
 // the low bit never carries). Only j % 4 changes the lane-dependent part, so four
 // offsets per operand cover every k-step: chunk 2j lives at off[j % 4] + (j / 4) *
-// 128. (Letting the compiler materialise one address per (k-step, n-pair) costs
-// ~50 registers and spilled d = 192 on sm_120.)
+// 128. (One address per (k-step, n-pair), left to the compiler, takes far more
+// registers and spills at d = 192.)
 template <int kDim>
 __device__ __forceinline__ void lane_offsets(uint32_t (&off)[4], int row, int bit, int lane) {
   const int x = bit ^ (lane & 7);
@@ -146,9 +147,9 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
   constexpr int kNTilesO = kDV / 8;
   constexpr int kPSteps = kBlockN / 16;  // k-steps of O += P V
   // Interleave the next tile's S = Q K^T MMAs with this tile's softmax (tensor pipe
-  // and SFU overlap). Needs a second 16 x 64 score tile in registers: fits without
-  // spills for d_qk <= 128 with 8 warps; d = 192 (and the 4-warp CTA, 2 per SM)
-  // spilled on sm_90, so they run the plain loop.
+  // and SFU overlap). Needs a second 16 x 64 score tile in registers, which fits
+  // without spills only for d_qk <= 128 with 8 warps; d = 192 and the 4-warp CTA
+  // (two per SM, half the registers each) run the plain loop.
   constexpr bool kOverlap = kDQK <= 128 && kNumWarps == 8;
 
   extern __shared__ __align__(128) unsigned char smem[];
@@ -317,10 +318,10 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
         // An unchanged max must rescale by exactly 1. Written plainly, the compiler
         // fuses row_max * c - ref into one FMA whose result is the rounding residual
         // of ref, so exp2 gives ~1 + 1e-7 on every tile and the drift compounds
-        // (1.6e-5 relative in lse over 70000 keys on the H100, half of SPEC's
-        // 2.01/65536; 128k keys would exceed it). __fmul_rn forbids the fusion, so
-        // equal maxima give exactly 0 and 2^0 = 1, at no register cost (a select
-        // here made the 8-warp d=128 kernel spill).
+        // over long rows until lse leaves its tolerance (docs/mha_fwd.md).
+        // __fmul_rn forbids the fusion, so equal maxima give exactly 0 and 2^0 = 1,
+        // at no register cost (a select here would cost registers the 8-warp d = 128
+        // kernel does not have).
         ref[r] = tile_max == kNegInf ? 0.f : __fmul_rn(tile_max, scale_log2);
         correction[r] = exp2_approx(__fmul_rn(row_max[r], scale_log2) - ref[r]);
         row_max[r] = tile_max;
@@ -339,8 +340,8 @@ __global__ void __launch_bounds__(kNumWarps * 32, 8 / kNumWarps)
         }
         row_sum[r] = row_sum[r] * correction[r] + sum;
       }
-      // (Skipping this when no row's max moved, behind a warp vote, measured ~5%
-      // slower on an H100: the branch keeps the multiplies from interleaving.)
+      // Always rescaled, even when no row's max moved: a branch around it keeps the
+      // multiplies from interleaving with the MMAs (docs/mha_fwd.md, tried and dropped).
 #pragma unroll
       for (int nt = 0; nt < kNTilesO; ++nt) {
         o_acc[nt][0] *= correction[0];
@@ -531,9 +532,10 @@ namespace flash_mla::portable::dense_fwd {
 template <DType kDType, int kDQK, int kDV>
 void run_dense_prefill_fwd(const DensePrefillFwdParams& params, CtaLayout layout) {
   using Elem = typename std::conditional<kDType == DType::kBF16, BF16, FP16>::type;
-  // The 4 x 16-row CTA exists for d_qk <= 128 only (config.h: choose_layout); at
-  // d = 192 it was slower and spilled, so it is not instantiated (a forced 4 runs 8
-  // warps there). The 4x32 CTA serves every d_qk (one K/V stage at d = 192).
+  // The 4 x 16-row CTA is instantiated for d_qk <= 128 only (config.h:
+  // choose_layout): at d = 192 it reads each K/V tile twice per query row and does
+  // not fit its registers, so a forced 4 runs 8 warps there. The 4x32 CTA serves
+  // every d_qk (one K/V stage at d = 192).
   if constexpr (kDQK <= 128) {
     if (layout == CtaLayout::kWarps4) {
       launch_dense_prefill_fwd_mask<Elem, kDQK, kDV, 4>(params);

@@ -108,11 +108,10 @@ __global__ void __launch_bounds__(128, 2)
   // k-steps of S = Q K^T unrolled 2 (after the peeled first one): 4 and 7 spilled.
   constexpr int kKStepUnroll = 2;
   // How P.V is interleaved with the exponentials (same operations in the same order
-  // per accumulator either way, so the same bits). Which one ptxas (nvcc 13.0)
-  // compiles without spills depends on the target: sm_100/sm_120 take "chunked"
-  // (each 16-key chunk's P feeds P.V at once); sm_80 .. sm_90 convert all 64 keys
-  // first and make the O rescale wait for the row sums (chunked spilled 4-20 bytes
-  // on sm_90a; the other 4-16 bytes on sm_120 and 12 on sm_100f).
+  // per accumulator either way, so the same bits). Each target gets the one that
+  // ptxas compiles without spills (the other spills there; docs/mha_fwd.md):
+  // sm_100/sm_120 take "chunked" (each 16-key chunk's P feeds P.V at once); sm_80 ..
+  // sm_90 convert all 64 keys first and make the O rescale wait for the row sums.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000
   constexpr bool kChunkedPV = true;
 #else
@@ -379,8 +378,8 @@ __global__ void __launch_bounds__(128, 2)
           const float new_max = fmaxf(row_max[m][r], quad_max(tile_max) * scale_log2);
           // Exactly 1 when the max did not move. With scaled maxima the difference
           // is an exact 0 then; the select keeps it independent of ex2.approx's
-          // value at 0 (a factor of 1 + 1e-7 per step compounded to 3.2e-5 in lse
-          // over 70000 keys in an earlier version).
+          // value at 0 (a factor of 1 + 1e-7 per step compounds over long rows and
+          // moves lse out of its tolerance).
           correction[m][r] =
               new_max == row_max[m][r] ? 1.f : exp2_approx(row_max[m][r] - new_max);
           row_max[m][r] = new_max;
