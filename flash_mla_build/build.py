@@ -109,7 +109,7 @@ def _defines(config: BuildConfig, targets, version: str) -> list:
 def plan_build(config: BuildConfig, log: Callable[[str], None] = print) -> BuildPlan:
     p = config.platform
     cuda = T.find_cuda()
-    host = T.find_host_compiler(p)
+    host = T.find_host_compiler(p, cuda_version=tuple(cuda.version))
     ninja = T.find_ninja()
     targets = A.select_targets(config.archs, cuda.version)
     families = S.select_kernel_families(config.kernels)

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-__all__ = ["Check", "gather_facts", "evaluate", "render_table", "summary", "main"]
+__all__ = ["Check", "gather_facts", "evaluate", "gather_preflight_facts", "evaluate_preflight",
+           "render_table", "summary", "main"]
 
 OK, INFO, WARN, BLOCKER = "ok", "info", "warn", "blocker"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +40,15 @@ DISK_BLOCKER_GIB = 2.0
 DISK_WARN_GIB = 10.0
 # MSVC 19.50 is Visual Studio 2026; CUDA 13.1 and older refuse it (WINDOWS.md).
 MSVC_VS2026 = (19, 50)
+# The longest file name a build venv gets below site-packages (nvidia-cutlass 4.2.0.0:
+# cutlass_library/source/examples/68_hopper_.../..._with_sparse_groups.cu).
+DEEPEST_BUILD_FILE = 187
+# Windows' MAX_PATH (260) less the terminating NUL, and a venv's Lib\site-packages\.
+WINDOWS_MAX_PATH = 259
+VENV_SITE_PACKAGES = len("\\Lib\\site-packages\\")
+X64_PROMPT_FIX = ("open the 'x64 Native Tools Command Prompt for VS 2022' (not the x86 'Developer "
+                  "PowerShell'), or in PowerShell: Enter-VsDevShell ... -DevCmdArguments "
+                  "'-arch=amd64 -host_arch=amd64'; CUDA builds only 64-bit code")
 LONG_PATHS_FIX = ('as administrator: reg add HKLM\\SYSTEM\\CurrentControlSet\\Control\\FileSystem '
                   '/v LongPathsEnabled /t REG_DWORD /d 1 /f  (then sign out and in), and keep the '
                   'checkout in a short folder such as C:\\src\\flash_mla')
@@ -203,24 +213,12 @@ def _pypi_cuda_available(os_facts: dict) -> bool:
 
 
 def _vswhere_installs() -> List[dict]:
-    root = os.environ.get("ProgramFiles(x86)") or os.environ.get("ProgramFiles") or ""
-    vswhere = Path(root, "Microsoft Visual Studio", "Installer", "vswhere.exe") if root else None
-    if vswhere is None or not vswhere.is_file():
-        return []
-    code, out, _ = _run([str(vswhere), "-all", "-products", "*", "-format", "json", "-utf8"])
-    if code != 0:
-        return []
-    try:
-        entries = json.loads(out or "[]")
-    except ValueError:
-        return []
+    from . import toolchain as T
+
     installs = []
-    for entry in entries:
-        path = Path(entry.get("installationPath", ""))
-        tools = path / "VC" / "Tools" / "MSVC"
-        toolsets = sorted(p.name for p in tools.iterdir()) if tools.is_dir() else []
-        installs.append({"name": entry.get("displayName"), "version": entry.get("installationVersion"),
-                         "path": str(path), "msvc_toolsets": toolsets})
+    for entry in T.vswhere_installs():
+        toolsets = [t.version for t in T.msvc_toolsets([entry])]
+        installs.append({**entry, "msvc_toolsets": toolsets})
     return installs
 
 
@@ -231,11 +229,19 @@ def _host_compiler_facts(platform_name: str) -> dict:
                              "error": None}
     if platform_name == "windows":
         facts.update(dev_shell=bool(os.environ.get("VSCMD_VER")),
+                     target_arch=os.environ.get("VSCMD_ARG_TGT_ARCH"),
+                     host_arch=os.environ.get("VSCMD_ARG_HOST_ARCH"),
                      distutils_use_sdk=os.environ.get("DISTUTILS_USE_SDK"),
                      vc_tools_version=os.environ.get("VCToolsVersion"),
                      visual_studio=_vswhere_installs())
     try:
-        compiler = T.find_host_compiler(platform_name if platform_name == "windows" else "linux")
+        cuda = T.find_cuda()
+        cuda_version = tuple(cuda.version)
+    except T.ToolchainError:
+        cuda_version = None
+    try:
+        compiler = T.find_host_compiler(platform_name if platform_name == "windows" else "linux",
+                                        cuda_version=cuda_version)
     except T.ToolchainError as exc:
         facts["error"] = str(exc)
         return facts
@@ -443,11 +449,11 @@ def _check_cuda(facts: dict) -> List[Check]:
     else:
         checks.append(Check("FLASH_MLA_CUDA_ARCHS", OK,
                             f"{c['requested']} -> {';'.join(c['selected'])}"))
-    if facts["os"]["platform"] == "windows" and (13, 0) <= version <= (13, 2):
+    if facts["os"]["platform"] == "windows" and version >= (13, 0):
         checks.append(Check("CUtensorMap", INFO,
                             f"CUDA {c['version']} declares CUtensorMap 128-byte aligned (MSVC C2719)",
-                            "the patch layer applies the reviewed fix (FLASH_MLA_PATCHES=auto); "
-                            "CUDA 12.8/12.9 or 13.3+ need none"))
+                            "the patch layer applies the reviewed fix (FLASH_MLA_PATCHES=auto) to "
+                            "the cuda.h versions it knows (13.0 to 13.5); CUDA 12.8/12.9 need none"))
     if c.get("cuobjdump"):
         checks.append(Check("cuobjdump", OK, c["cuobjdump"]))
     else:
@@ -456,10 +462,30 @@ def _check_cuda(facts: dict) -> List[Check]:
     return checks
 
 
+def _check_dev_shell_arch(h: dict) -> List[Check]:
+    """An activated developer shell must target x64 (VSCMD_ARG_TGT_ARCH): the Start menu's
+    'Developer PowerShell' targets x86, and nvcc then gets a 32-bit cl.exe."""
+    target, host = h.get("target_arch"), h.get("host_arch")
+    if target and target.lower() != "x64":
+        return [Check("developer shell", BLOCKER, f"targets {target} (VSCMD_ARG_TGT_ARCH)",
+                      X64_PROMPT_FIX)]
+    if target and host and host.lower() != "x64":
+        return [Check("developer shell", WARN, f"x64 compiler hosted on {host} "
+                      "(VSCMD_ARG_HOST_ARCH)", "works, with less memory per compiler process; "
+                      + X64_PROMPT_FIX)]
+    if target:
+        return [Check("developer shell", OK, f"targets {target}, hosted on {host or '?'}")]
+    return []
+
+
 def _check_host_compiler(facts: dict) -> List[Check]:
     h = facts["host_compiler"]
     platform_name = facts["os"]["platform"]
     checks = []
+    if platform_name == "windows" and not h["found"]:
+        arch = _check_dev_shell_arch(h)
+        if arch and arch[0].status == BLOCKER:
+            return arch
     if not h["found"]:
         if platform_name == "windows":
             fix = ("install Visual Studio 2022 Build Tools (17.x, MSVC 14.3x-14.44) with 'Desktop "
@@ -471,6 +497,7 @@ def _check_host_compiler(facts: dict) -> List[Check]:
     found = f"{h['kind']} {h['version'] or '(version unknown)'} at {h['path']}"
     checks.append(Check("host compiler", OK, found))
     if platform_name == "windows":
+        checks += _check_dev_shell_arch(h)
         msvc = _version_tuple(h.get("version"))
         cuda = _version_tuple(facts["cuda"].get("version"))
         if msvc and msvc >= MSVC_VS2026 and (cuda is None or cuda <= (13, 1)):
@@ -482,7 +509,8 @@ def _check_host_compiler(facts: dict) -> List[Check]:
                 "Tools prompt, or CUDA 13.2+")
         vs = h.get("visual_studio") or []
         if vs:
-            names = ", ".join(f"{v['name']} {v['version']} (MSVC {', '.join(v['msvc_toolsets']) or '-'})"
+            names = ", ".join(f"{v['name']} {v['version']} (x64 MSVC "
+                              f"{', '.join(v['msvc_toolsets']) or '-'})"
                               for v in vs)
             checks.append(Check("Visual Studio", OK, names))
         if not h.get("dev_shell") and h.get("distutils_use_sdk") != "1":
@@ -509,13 +537,7 @@ def _check_rest(facts: dict) -> List[Check]:
                             f"pip install --force-reinstall nvidia-cutlass=={cut['pinned']}"))
     else:
         checks.append(Check("CUTLASS", OK, f"{cut['version']} ({cut['include']})"))
-    lp = facts["long_paths"]
-    if lp["checked"]:
-        if lp["enabled"]:
-            checks.append(Check("LongPathsEnabled", OK, "1"))
-        else:
-            checks.append(Check("LongPathsEnabled", WARN, "0 (paths limited to 260 characters)",
-                                LONG_PATHS_FIX))
+    checks += _check_long_paths_for_venv(facts)
     d = facts["disk"]
     free = d.get("free_gib")
     if free is None:
@@ -532,6 +554,52 @@ def _check_rest(facts: dict) -> List[Check]:
         checks.append(Check("ninja", OK, facts["ninja"]))
     else:
         checks.append(Check("ninja", INFO, "not found", "the build venv installs the ninja package"))
+    return checks
+
+
+# ----------------------------------------------------------------------------------
+# Preflight: what must hold before the build installs anything (stdlib only)
+# ----------------------------------------------------------------------------------
+def gather_preflight_facts(venv: Optional[str] = None,
+                           env: Optional[Mapping[str, str]] = None) -> dict:
+    env = os.environ if env is None else env
+    os_facts = _os_facts()
+    return {
+        "os": os_facts,
+        "python": _python_facts(),
+        "long_paths": _long_paths_facts(os_facts["platform"]),
+        "venv": str(Path(venv).resolve()) if venv else None,
+        "dev_shell": {"target_arch": env.get("VSCMD_ARG_TGT_ARCH"),
+                      "host_arch": env.get("VSCMD_ARG_HOST_ARCH")},
+        "disk": _disk_facts(REPO_ROOT),
+    }
+
+
+def _check_long_paths_for_venv(facts: dict) -> List[Check]:
+    lp, venv = facts["long_paths"], facts.get("venv")
+    if not lp["checked"] or lp["enabled"]:
+        return [Check("LongPathsEnabled", OK, "1")] if lp["checked"] else []
+    if venv is None:
+        return [Check("LongPathsEnabled", WARN, "0 (paths limited to 260 characters)",
+                      LONG_PATHS_FIX)]
+    longest = len(venv) + VENV_SITE_PACKAGES + DEEPEST_BUILD_FILE
+    if longest > WINDOWS_MAX_PATH:
+        return [Check("LongPathsEnabled", BLOCKER,
+                      f"0, and the build venv {venv} ({len(venv)} characters) would hold a "
+                      f"{longest}-character path (nvidia-cutlass's deepest file), over Windows' "
+                      f"{WINDOWS_MAX_PATH}",
+                      LONG_PATHS_FIX + "; or pass --venv with a path of at most "
+                      f"{WINDOWS_MAX_PATH - VENV_SITE_PACKAGES - DEEPEST_BUILD_FILE} characters")]
+    return [Check("LongPathsEnabled", WARN,
+                  f"0; the build venv's deepest path is {longest} characters, within "
+                  f"{WINDOWS_MAX_PATH}", LONG_PATHS_FIX)]
+
+
+def evaluate_preflight(facts: dict) -> List[Check]:
+    checks = _check_os(dict(facts, wsl={"is_wsl": False, "is_wsl2": False}))
+    checks += _check_python(facts) + _check_long_paths_for_venv(facts)
+    if facts["os"]["platform"] == "windows":
+        checks += _check_dev_shell_arch(facts["dev_shell"])
     return checks
 
 
@@ -568,9 +636,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prog="python -m flash_mla_build check-env",
         description="Report what the flash_mla build needs and what this machine has.")
     parser.add_argument("--json", action="store_true", help="print facts and checks as JSON")
+    parser.add_argument("--preflight", action="store_true",
+                        help="only what must hold before anything is installed (Python, Windows "
+                        "long paths against --venv, the developer shell's target arch)")
+    parser.add_argument("--venv", default=None, help="with --preflight: the build venv's path")
     args = parser.parse_args(argv)
-    facts = gather_facts()
-    checks = evaluate(facts)
+    if args.preflight:
+        facts = gather_preflight_facts(args.venv)
+        checks = evaluate_preflight(facts)
+    else:
+        facts = gather_facts()
+        checks = evaluate(facts)
     s = summary(checks)
     if args.json:
         print(json.dumps({"facts": facts, "checks": [asdict(c) for c in checks], **s}, indent=2))

@@ -32,8 +32,11 @@ LINUX, WINDOWS = "linux", "windows"
 
 LOUD_PTXAS = "--ptxas-options=-v,--warn-on-spills,--warn-on-local-memory-usage"
 
-# WINDOWS.md: every nvcc and cl call on Windows needs these.
-MSVC_FLAGS = ("/Zc:__cplusplus", "/Zc:preprocessor", "/bigobj", "/EHsc", "/MD")
+# Every nvcc and cl call on Windows needs these: /Zc:__cplusplus (else MSVC reports
+# C++98 and CUTLASS drops its constexpr paths), /Zc:preprocessor (CCCL of CUDA 13.2+
+# rejects the traditional one), /bigobj (C1128 on template-heavy files), /utf-8 (tvm-ffi's
+# headers hold non-ASCII characters: C4819 or worse on CJK code pages otherwise).
+MSVC_FLAGS = ("/Zc:__cplusplus", "/Zc:preprocessor", "/bigobj", "/utf-8", "/EHsc", "/MD")
 WINDOWS_DEFINES = ("_USE_MATH_DEFINES", "NOMINMAX", "WIN32_LEAN_AND_MEAN")
 
 

@@ -7,9 +7,12 @@ Public API (setup.py via build.py, scripts/check_env, wheel_verify):
   crt,nvvm]==13.*"``, installed under site-packages/nvidia/cu13); raises
   ``ToolchainError`` saying what was searched and how to get one.
 - ``nvcc_version(nvcc) -> (major, minor)``.
-- ``find_host_compiler(platform) -> HostCompiler``: gcc/g++ or clang on Linux
-  (CXX honoured), MSVC cl.exe on Windows: an activated developer shell (cl on PATH;
-  DISTUTILS_USE_SDK=1 says to trust it) or found the way setuptools finds it.
+- ``find_host_compiler(platform, cuda_version=None) -> HostCompiler``: gcc/g++ or
+  clang on Linux (CXX honoured), MSVC cl.exe on Windows: an activated x64 developer
+  shell (cl on PATH; DISTUTILS_USE_SDK=1 says to trust it; a shell targeting x86 is
+  refused), else the newest x64-hosted, x64-targeting toolset of any Visual Studio
+  install (vswhere) that the nvcc accepts, with vcvarsall's environment, else the way
+  setuptools finds one.
 - ``find_ninja() -> str``: ninja on PATH or from the ninja PyPI package.
 - ``cutlass_include_dir() -> Path``: CuTe/CUTLASS headers of the pinned nvidia-cutlass.
 - ``tvm_ffi_dirs() -> TvmFfiDirs``: include dirs, the library dir and link name.
@@ -18,6 +21,7 @@ Public API (setup.py via build.py, scripts/check_env, wheel_verify):
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -29,7 +33,9 @@ from typing import Mapping, Optional
 
 __all__ = ["ToolchainError", "CudaToolchain", "HostCompiler", "TvmFfiDirs", "find_cuda",
            "nvcc_version", "find_host_compiler", "find_ninja", "cutlass_include_dir",
-           "tvm_ffi_dirs", "find_cuobjdump", "pypi_cuda_roots"]
+           "tvm_ffi_dirs", "find_cuobjdump", "pypi_cuda_roots", "MsvcToolset",
+           "max_msvc_for_cuda", "vswhere_installs", "msvc_toolsets", "choose_msvc",
+           "vcvars_command", "parse_set_output"]
 
 PINNED_CUTLASS = "4.2.0.0"
 PYPI_CUDA_HINT = 'pip install "cuda-toolkit[nvcc,cudart,cccl,crt,nvvm]==13.*"'
@@ -116,6 +122,13 @@ def _toolchain(nvcc: Path, source: str) -> CudaToolchain:
 def find_cuda(env: Optional[Mapping[str, str]] = None) -> CudaToolchain:
     env = os.environ if env is None else env
     tried = []
+    if env.get("FLASH_MLA_CUDA_FROM_PYPI") == "1":
+        # The build was asked to use the PyPI toolkit it installed into its venv, even
+        # where another nvcc is installed (the no-toolkit path, reproduced on purpose).
+        for root in pypi_cuda_roots():
+            return _toolchain(root / "bin" / _exe("nvcc"), "PyPI")
+        raise ToolchainError("FLASH_MLA_CUDA_FROM_PYPI=1 but this Python has no PyPI CUDA "
+                             f"toolkit under site-packages/nvidia; run: {PYPI_CUDA_HINT}")
     for var in ("CUDA_HOME", "CUDA_PATH"):
         value = env.get(var)
         if value:
@@ -170,12 +183,127 @@ def _msvc_env_from_setuptools() -> Optional[dict]:
         return None
 
 
-def find_host_compiler(platform: str, env: Optional[Mapping[str, str]] = None) -> HostCompiler:
+# ----------------------------------------------------------------------------------
+# Visual Studio discovery (Windows): several installs side by side are common (2022
+# Build Tools next to 2026, say), and the newest one is not always one the CUDA accepts.
+# ----------------------------------------------------------------------------------
+X64_SHELL_FIX = ("open the 'x64 Native Tools Command Prompt for VS 2022', or in PowerShell: "
+                 "Enter-VsDevShell ... -DevCmdArguments '-arch=amd64 -host_arch=amd64'")
+
+
+@dataclass(frozen=True)
+class MsvcToolset:
+    install: Path      # the Visual Studio installation folder
+    version: str       # toolset folder name under VC/Tools/MSVC, e.g. "14.44.35207"
+    cl: Path           # its x64-hosted, x64-targeting cl.exe
+
+    @property
+    def cl_version(self) -> tuple:
+        """(19, minor): toolset 14.xx ships cl 19.xx (14.44 -> 19.44, 14.50 -> 19.50)."""
+        parts = self.version.split(".")
+        return 19, int(parts[1])
+
+    @property
+    def vcvarsall(self) -> Path:
+        return self.install / "VC" / "Auxiliary" / "Build" / "vcvarsall.bat"
+
+
+def max_msvc_for_cuda(cuda_version: Optional[tuple]) -> Optional[tuple]:
+    """The newest cl the nvcc accepts: CUDA 13.1 and older refuse Visual Studio 2026
+    (cl 19.50) in their host_config.h; None = no known cap."""
+    if cuda_version is None or tuple(cuda_version) <= (13, 1):
+        return 19, 49
+    return None
+
+
+def vswhere_installs(env: Optional[Mapping[str, str]] = None) -> list:
+    """Visual Studio installations as vswhere lists them: [{name, version, path}]."""
+    env = os.environ if env is None else env
+    root = env.get("ProgramFiles(x86)") or env.get("ProgramFiles") or ""
+    vswhere = Path(root, "Microsoft Visual Studio", "Installer", "vswhere.exe") if root else None
+    if vswhere is None or not vswhere.is_file():
+        return []
+    try:
+        out = subprocess.run([str(vswhere), "-all", "-products", "*", "-format", "json", "-utf8"],
+                             capture_output=True, timeout=60, check=False)
+        entries = json.loads(out.stdout.decode("utf-8", "replace") or "[]")
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return []
+    return [{"name": e.get("displayName"), "version": e.get("installationVersion"),
+             "path": e.get("installationPath", "")} for e in entries]
+
+
+def msvc_toolsets(installs) -> list:
+    """Every toolset of ``installs`` that has an x64-hosted, x64-targeting cl.exe."""
+    found = []
+    for entry in installs:
+        install = Path(entry["path"])
+        tools = install / "VC" / "Tools" / "MSVC"
+        if not tools.is_dir():
+            continue
+        for folder in sorted(tools.iterdir()):
+            if not re.fullmatch(r"14\.\d+\.\d+", folder.name):
+                continue
+            cl = folder / "bin" / "Hostx64" / "x64" / "cl.exe"
+            if cl.is_file():
+                found.append(MsvcToolset(install, folder.name, cl))
+    return found
+
+
+def choose_msvc(toolsets, cuda_version: Optional[tuple]) -> Optional[MsvcToolset]:
+    """The newest toolset the nvcc accepts (by cl version, then full toolset version)."""
+    cap = max_msvc_for_cuda(cuda_version)
+    usable = [t for t in toolsets if cap is None or t.cl_version <= cap]
+    if not usable:
+        return None
+    return max(usable, key=lambda t: tuple(int(p) for p in t.version.split(".")))
+
+
+def vcvars_command(toolset: MsvcToolset) -> str:
+    """The cmd.exe command line printing vcvarsall's environment for an x64-hosted,
+    x64-targeting toolset. A string, not a list: cmd's /s /c quoting rules differ from
+    the C runtime's that subprocess applies to a list."""
+    return (f'cmd.exe /s /c ""{toolset.vcvarsall}" x64 -vcvars_ver={toolset.version} '
+            '>nul 2>&1 && set"')
+
+
+def parse_set_output(text: str) -> dict:
+    """``set``'s NAME=value lines as a dict with upper-case names (Windows variables
+    are case-insensitive)."""
+    env = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name and not name.startswith(" "):
+            env[name.upper()] = value
+    return env
+
+
+def _msvc_env_for(toolset: MsvcToolset) -> Optional[dict]:
+    try:
+        out = subprocess.run(vcvars_command(toolset), capture_output=True, timeout=120,
+                             check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    env = parse_set_output(out.stdout.decode("utf-8", "replace"))
+    return env if out.returncode == 0 and "INCLUDE" in env else None
+
+
+def find_host_compiler(platform: str, env: Optional[Mapping[str, str]] = None,
+                       cuda_version: Optional[tuple] = None) -> HostCompiler:
     env = dict(os.environ if env is None else env)
     if platform == "windows":
         cl = shutil.which("cl", path=env.get("PATH"))
-        if cl and (env.get("DISTUTILS_USE_SDK") == "1" or env.get("VSCMD_ARG_TGT_ARCH")):
+        target = env.get("VSCMD_ARG_TGT_ARCH")
+        if target and target.lower() != "x64":
+            raise ToolchainError(f"the activated Visual Studio developer shell targets {target} "
+                                 f"(VSCMD_ARG_TGT_ARCH); CUDA needs x64: {X64_SHELL_FIX}")
+        if cl and (env.get("DISTUTILS_USE_SDK") == "1" or target):
             return HostCompiler("msvc", cl, {})
+        chosen = choose_msvc(msvc_toolsets(vswhere_installs(env)), cuda_version)
+        if chosen is not None:
+            vc_env = _msvc_env_for(chosen)
+            if vc_env:
+                return HostCompiler("msvc", str(chosen.cl), vc_env)
         vc_env = _msvc_env_from_setuptools()
         if vc_env:
             found = shutil.which("cl", path=vc_env.get("PATH", ""))

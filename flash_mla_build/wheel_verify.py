@@ -155,14 +155,31 @@ def verify(usages: Sequence[KernelUsage], build_info: Optional[dict],
     return report
 
 
-def read_build_info(library: Path) -> Optional[dict]:
-    """build_info() of a library file, loaded through tvm_ffi (no GPU needed)."""
-    try:
-        import tvm_ffi
+# Run in a child Python: a DLL loaded into this process could not be deleted on Windows
+# until the process ends, so the temporary folder holding it could not be cleaned up.
+_READ_BUILD_INFO = ("import sys, tvm_ffi\n"
+                    "sys.stdout.write(tvm_ffi.load_module(sys.argv[1]).build_info())\n")
 
-        return json.loads(tvm_ffi.load_module(str(library)).build_info())
-    except Exception as exc:  # noqa: BLE001 - reported, the cuobjdump checks still run
-        print(f"warning: could not read build_info from {library}: {exc}", file=sys.stderr)
+
+def read_build_info(library: Path, python: Optional[str] = None) -> Optional[dict]:
+    """build_info() of a library file, loaded through tvm_ffi in a child process (no GPU
+    needed; this process never maps the library, so its file can be deleted at once)."""
+    cmd = [python or sys.executable, "-c", _READ_BUILD_INFO, str(library)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, timeout=120, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"warning: could not run {cmd[0]} to read build_info from {library}: {exc}",
+              file=sys.stderr)
+        return None
+    if out.returncode != 0:
+        err = out.stderr.decode("utf-8", "replace").strip().splitlines()
+        print(f"warning: could not read build_info from {library}: "
+              f"{err[-1] if err else 'exit code ' + str(out.returncode)}", file=sys.stderr)
+        return None
+    try:
+        return json.loads(out.stdout.decode("utf-8", "replace"))
+    except ValueError as exc:
+        print(f"warning: build_info of {library} is not JSON: {exc}", file=sys.stderr)
         return None
 
 

@@ -1,7 +1,7 @@
 """The build, smoke and test workflows behind scripts/{build,smoke,test}.{sh,ps1}.
 
-    python -m flash_mla_build build [--venv PATH] [--fresh] [--archs LIST] [--no-smoke]
-    python -m flash_mla_build smoke [--wheel PATH] [--torch-spec SPEC]
+    python -m flash_mla_build build [--venv PATH] [--fresh] [--archs LIST] [--no-smoke] [--isolated]
+    python -m flash_mla_build smoke [--wheel PATH] [--isolated] [--torch-spec SPEC]
     python -m flash_mla_build test  [--venv PATH] [pytest args...]
 
 Every step prints as ``[k/N] what`` and every command as ``+ cmd``, so a user (and a
@@ -9,15 +9,20 @@ bug report) shows exactly what ran. ``--dry-run`` prints the same lines without
 running anything; ``--platform windows|linux`` (dry runs only) shows another OS's
 command lines, which is how the Windows commands are tested on Linux.
 
-Build: a venv (--venv, else .venv-build, created when missing or with --fresh) gets
-the build requirements of pyproject.toml (plus the PyPI CUDA toolkit when no nvcc is
-installed), check-env runs inside it and stops the build on blockers, then
-``pip wheel . -w dist --no-deps --no-build-isolation -v`` (verbose so ninja's [n/N]
-progress shows), the wheel verifier when a cuobjdump is available, and the smoke step.
+Build: a preflight check with the Python running this (nothing installed yet: Python,
+Windows long paths against the venv path, the developer shell's target arch); a build
+venv (--venv, else .venv-build, created when missing or with --fresh) gets the build
+requirements of pyproject.toml (plus the PyPI CUDA toolkit when no nvcc is installed,
+which the build then uses, and NVIDIA's cuobjdump wheel when there is no cuobjdump);
+check-env runs inside it and stops the build on blockers; then ``pip wheel . -w dist
+--no-deps --no-build-isolation -v`` (verbose so ninja's [n/N] progress shows) and the
+wheel check. Then the wheel is installed where the user is: into the Python that ran
+the build (its own torch is kept; one without torch gets torch==2.13.0), and
+``python -m flash_mla.smoke`` runs there, from dist/ so that the installed package is
+imported; its exit code is ours. ``--isolated`` installs into a fresh venv
+(.venv-smoke) instead, with --torch-spec or this Python's torch version (CI uses it).
 
-Smoke: a clean venv (.venv-smoke, always recreated), torch (--torch-spec, default the
-torch of the Python running this, else torch==2.13.0), the newest wheel in dist/,
-then ``python -m flash_mla.smoke`` from outside the source tree; its exit code is ours.
+Smoke: the same install-and-smoke steps for an existing wheel (newest in dist/).
 
 Test: installs what the tests need into the current interpreter (or --venv) only
 when missing (requirements/test.txt; torch from FLASH_MLA_TEST_TORCH, default
@@ -34,7 +39,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
-from typing import Callable, List, Mapping, Optional, Sequence
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = ["Call", "Runner", "Host", "WorkflowError", "build", "smoke", "test", "main", "read_build_requires",
            "read_requirements", "default_torch_spec", "newest_wheel"]
@@ -43,6 +48,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TORCH = "torch==2.13.0"
 BUILD_VENV = ".venv-build"
 SMOKE_VENV = ".venv-smoke"
+# NVIDIA's PyPI package holding cuobjdump alone (a few hundred KB), for the wheel check.
+CUOBJDUMP_WHEEL = "nvidia-cuda-cuobjdump"
 TEST_REQUIREMENTS = Path("requirements") / "test.txt"
 PYTORCH_INDEX = "https://download.pytorch.org/whl/{tag}"
 # Variables that would make a venv's Python import the source tree instead of the
@@ -331,13 +338,52 @@ def _resolve(host: Host, root: PurePath, value: Optional[str], default: str) -> 
     return given if given.is_absolute() else host.path(root, value)
 
 
+def _probe_missing(runner: Runner, python: PurePath, names: Sequence[str], env: Mapping[str, str]) -> Optional[List[str]]:
+    """Which of the distributions ``names`` ``python`` lacks; None in a dry run or when it
+    cannot run."""
+    out = runner.capture([python, "-c", _PROBE, *names], env=env)
+    if out is None:
+        return None
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _cuobjdump_spec(runner: Runner, python: PurePath, root: PurePath, env: Mapping[str, str],
+                    host: Host) -> Optional[str]:
+    """NVIDIA's cuobjdump wheel for the build venv when neither it nor this Python has a
+    cuobjdump, so that the wheel check always runs; None when one exists."""
+    probe = runner.capture([python, "-c", "from flash_mla_build import toolchain as T; "
+                            "print(T.find_cuobjdump() or '')"], cwd=root, env=env)
+    if (probe or "").strip() or (host.is_current and _local_cuobjdump()):
+        return None
+    major = _nvcc_major() or 13
+    return f"{CUOBJDUMP_WHEEL}=={major}.*"
+
+
+def _nvcc_major() -> Optional[int]:
+    try:
+        from . import toolchain as T
+        return int(T.find_cuda().version[0])
+    except Exception:  # noqa: BLE001 - no nvcc here: the PyPI toolkit's major is used
+        return None
+
+
 def build(args: argparse.Namespace, runner: Runner, host: Host, root: PurePath = REPO_ROOT) -> int:
-    steps = _Steps(5 if args.no_smoke else 6, runner.log)
+    install = not args.no_smoke
+    steps = _Steps(8 if install else 6, runner.log)
     venv = _resolve(host, root, args.venv, BUILD_VENV)
 
-    steps(f"virtual environment {venv}")
+    steps("preflight (Python, long paths, developer shell; before anything is installed)")
+    # The Python that runs this, with nothing installed yet: a venv under a long path
+    # on Windows fails in pip's first install (CUTLASS's deepest header path), so the
+    # long-path rule is checked here, against the venv path that will be used.
+    if runner.run([host.python(), "-m", "flash_mla_build", "check-env", "--preflight",
+                   "--venv", venv], cwd=root, env=child_env(host=host)) != 0:
+        raise WorkflowError("the preflight check reported blockers: apply the fixes printed "
+                            "above, then run the build again")
+
+    steps(f"virtual environment for the build {venv}")
     python = _make_venv(runner, host, venv, args.fresh)
-    env = child_env({"FLASH_MLA_CUDA_ARCHS": args.archs} if args.archs else None, host=host)
+    build_env = {"FLASH_MLA_CUDA_ARCHS": args.archs} if args.archs else {}
 
     steps("build requirements (pyproject.toml [build-system])")
     requires = read_build_requires(Path(root) if host.is_current else REPO_ROOT)
@@ -345,8 +391,14 @@ def build(args: argparse.Namespace, runner: Runner, host: Host, root: PurePath =
         args.cuda_from_pypi == "auto" and not _cuda_installed())
     if want_pypi:
         why = "asked for" if args.cuda_from_pypi == "always" else "no CUDA toolkit found"
-        runner.log(f"    {why}: installing nvcc from PyPI into the venv")
+        runner.log(f"    {why}: installing nvcc from PyPI into the venv and building with it")
         requires.append(_pypi_cuda_spec())
+        build_env["FLASH_MLA_CUDA_FROM_PYPI"] = "1"
+    env = child_env(build_env, host=host)
+    cuobjdump = _cuobjdump_spec(runner, python, root, env, host)
+    if cuobjdump and not runner.dry_run:
+        runner.log(f"    no cuobjdump found: installing {cuobjdump} for the wheel check")
+        requires.append(cuobjdump)
     if runner.run([python, "-m", "pip", "install", *requires], env=env) != 0:
         raise WorkflowError("installing the build requirements failed (see pip's message above)")
 
@@ -369,7 +421,7 @@ def build(args: argparse.Namespace, runner: Runner, host: Host, root: PurePath =
     steps("wheel check (cubins, registers, spills, shared memory)")
     probe = runner.capture([python, "-c", "from flash_mla_build import toolchain as T; "
                             "print(T.find_cuobjdump() or '')"], cwd=root, env=env)
-    # The build venv may have no cuobjdump where this Python has one (a CUDA wheel).
+    # The build venv may have no cuobjdump where this Python has one (a CUDA Toolkit).
     tool = (probe or "").strip() or (_local_cuobjdump() if host.is_current else "")
     if runner.dry_run or tool:
         verify = [python, "-m", "flash_mla_build.wheel_verify", wheel]
@@ -379,64 +431,95 @@ def build(args: argparse.Namespace, runner: Runner, host: Host, root: PurePath =
         if runner.run(verify, cwd=root, env=env) != 0:
             raise WorkflowError(f"the wheel check failed for {wheel} (see above)")
     else:
-        runner.log("    skipped, NOT verified: no cuobjdump found (it comes with the CUDA Toolkit)")
+        runner.log("    skipped, NOT verified: no cuobjdump found, and installing "
+                   f"{CUOBJDUMP_WHEEL} did not provide one")
 
-    if args.no_smoke:
+    if not install:
         return 0
-    steps("smoke test in a clean venv")
-    return smoke(args, runner, host, root, wheel=wheel)
+    return install_and_smoke(args, runner, host, root, wheel, steps)
 
 
-def smoke(args: argparse.Namespace, runner: Runner, host: Host, root: PurePath = REPO_ROOT,
-          wheel: Optional[PurePath] = None) -> int:
-    standalone = wheel is None
-    log = runner.log
-    if wheel is None and getattr(args, "wheel", None):
+def _target_python(args: argparse.Namespace, runner: Runner, host: Host, root: PurePath,
+                   steps: "_Steps") -> Tuple[PurePath, bool]:
+    """(the Python to install the wheel into, whether it is a fresh venv)."""
+    if getattr(args, "isolated", False):
+        venv = _resolve(host, root, getattr(args, "smoke_venv", None), SMOKE_VENV)
+        steps(f"install into a clean virtual environment {venv} (--isolated)")
+        if runner.run([host.python(), "-m", "venv", "--clear", venv]) != 0:
+            raise WorkflowError(f"could not create the virtual environment {venv}")
+        return host.venv_python(venv), True
+    python = host.path(host.python())
+    steps(f"install into this Python ({python})")
+    return python, False
+
+
+def _install_torch_if_needed(args: argparse.Namespace, runner: Runner, host: Host,
+                             python: PurePath, fresh: bool, env: Mapping[str, str]) -> None:
+    given = bool(args.torch_spec)
+    spec, index = (args.torch_spec, None) if given else default_torch_spec()
+    if getattr(args, "torch_index_url", None):
+        index = args.torch_index_url
+    if not fresh and not given:
+        missing = _probe_missing(runner, python, ["torch"], env)
+        if missing == []:
+            runner.log("    torch: keeping the torch this Python has (--torch-spec replaces it)")
+            return
+        if missing is None and not runner.dry_run:
+            raise WorkflowError(f"{python} could not run; is it a working Python 3.9+?")
+        spec = DEFAULT_TORCH
+        runner.log(f"    torch: {'(dry run: assuming) ' if missing is None else ''}none in this "
+                   f"Python, installing {spec}")
+    if host.platform == "windows" and index is None:
+        runner.log("    note: PyPI's torch for Windows is CPU-only, so the smoke test would not "
+                   "reach the GPU kernels; install a CUDA torch first, or pass --torch-index-url "
+                   "https://download.pytorch.org/whl/cu128 (a CUDA your driver supports) or "
+                   "--torch-spec")
+    cmd = [python, "-m", "pip", "install", spec]
+    if index:
+        # The PyTorch index carries the CUDA builds; PyPI stays for torch's dependencies.
+        cmd += ["--index-url", index, "--extra-index-url", "https://pypi.org/simple"]
+    if runner.run(cmd, env=env) != 0:
+        raise WorkflowError(f"installing {spec} failed; pass --torch-spec (and --torch-index-url) "
+                            "for the torch that matches your driver")
+
+
+def install_and_smoke(args: argparse.Namespace, runner: Runner, host: Host, root: PurePath,
+                      wheel: PurePath, steps: "_Steps") -> int:
+    """Install ``wheel`` where the user is (the Python running this; with --isolated a
+    fresh venv) and run ``python -m flash_mla.smoke`` there; its exit code is ours."""
+    python, fresh = _target_python(args, runner, host, root, steps)
+    env = child_env(host=host)
+    _install_torch_if_needed(args, runner, host, python, fresh, env)
+    # Same version as an installed flash_mla would be skipped: reinstall the package
+    # alone, then let pip add what it needs (apache-tvm-ffi) without touching torch.
+    if runner.run([python, "-m", "pip", "install", "--no-deps", "--force-reinstall", wheel],
+                  env=env) != 0:
+        raise WorkflowError(f"installing {wheel} into {python} failed (see pip's message above; "
+                            "an externally managed system Python needs a venv or conda "
+                            "environment, or pass --isolated)")
+    if runner.run([python, "-m", "pip", "install", wheel], env=env) != 0:
+        raise WorkflowError(f"installing the dependencies of {wheel} failed (see pip's message "
+                            "above)")
+
+    steps("python -m flash_mla.smoke")
+    # Run from dist/, never the repository root, so `import flash_mla` finds the
+    # installed wheel and not the source tree.
+    code = runner.run([python, "-m", "flash_mla.smoke"], cwd=host.path(wheel).parent, env=env)
+    if not runner.dry_run:
+        runner.log(f"smoke test exit code: {code}")
+    return code
+
+
+def smoke(args: argparse.Namespace, runner: Runner, host: Host, root: PurePath = REPO_ROOT) -> int:
+    if getattr(args, "wheel", None):
         wheel = _resolve(host, root, args.wheel, "")
-    if wheel is None:
+    else:
         found = newest_wheel(Path(root) / "dist") if host.is_current else None
         if found is None and not runner.dry_run:
             raise WorkflowError(f"no flash_mla-*.whl in {host.path(root, 'dist')}: run the build "
                                 "first (scripts/build.sh or scripts\\build.ps1)")
         wheel = found or host.path(root, "dist", "flash_mla-<version>-py3-none-<platform>.whl")
-    spec, index = (args.torch_spec, getattr(args, "torch_index_url", None)) if args.torch_spec \
-        else default_torch_spec()
-    if getattr(args, "torch_index_url", None):
-        index = args.torch_index_url
-    if host.platform == "windows" and index is None:
-        log("    note: PyPI's torch for Windows is CPU-only, so the smoke test would not reach the "
-            "GPU kernels; pass --torch-index-url https://download.pytorch.org/whl/cu128 (a CUDA "
-            "your driver supports) or --torch-spec")
-    venv = _resolve(host, root, getattr(args, "smoke_venv", None), SMOKE_VENV)
-    total = 4
-    step = _Steps(total, lambda line: log("    " + line)) if not standalone else _Steps(total, log)
-
-    step(f"clean virtual environment {venv}")
-    python = host.venv_python(venv)
-    if runner.run([host.python(), "-m", "venv", "--clear", venv]) != 0:
-        raise WorkflowError(f"could not create the virtual environment {venv}")
-    env = child_env(host=host)
-
-    step(f"torch ({spec}{', from ' + index if index else ''})")
-    torch_cmd = [python, "-m", "pip", "install", spec]
-    if index:
-        # The PyTorch index carries the CUDA builds; PyPI stays for torch's dependencies.
-        torch_cmd += ["--index-url", index, "--extra-index-url", "https://pypi.org/simple"]
-    if runner.run(torch_cmd, env=env) != 0:
-        raise WorkflowError(f"installing {spec} failed; pass --torch-spec (and --torch-index-url) "
-                            "for the torch that matches your driver")
-
-    step(f"wheel {wheel}")
-    if runner.run([python, "-m", "pip", "install", wheel], env=env) != 0:
-        raise WorkflowError(f"installing {wheel} failed (see pip's message above)")
-
-    step("python -m flash_mla.smoke")
-    # Run from inside the venv folder, never the repository, so `import flash_mla`
-    # finds the installed wheel and not the source tree.
-    code = runner.run([python, "-m", "flash_mla.smoke"], cwd=venv, env=env)
-    if not runner.dry_run:
-        log(f"smoke test exit code: {code}")
-    return code
+    return install_and_smoke(args, runner, host, root, wheel, _Steps(2, runner.log))
 
 
 def test(args: argparse.Namespace, pytest_args: Sequence[str], runner: Runner, host: Host,
@@ -497,19 +580,25 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="with --dry-run: show the command lines for this OS")
 
 
-def _torch_options(parser: argparse.ArgumentParser) -> None:
+def _install_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--isolated", action="store_true",
+                        help="install the wheel and run the smoke test in a fresh venv "
+                        f"({SMOKE_VENV}) instead of the Python running this (what CI uses)")
     parser.add_argument("--torch-spec", default=None,
-                        help="torch requirement for the smoke venv (default: this Python's torch "
-                        f"version, else {DEFAULT_TORCH})")
+                        help="torch requirement to install (default: keep this Python's torch; "
+                        f"where there is none, {DEFAULT_TORCH}; with --isolated, this "
+                        "Python's torch version)")
     parser.add_argument("--torch-index-url", default=None,
                         help="package index for torch, e.g. https://download.pytorch.org/whl/cu128")
-    parser.add_argument("--smoke-venv", default=None, help=f"smoke venv folder (default {SMOKE_VENV})")
+    parser.add_argument("--smoke-venv", default=None,
+                        help=f"with --isolated: the venv folder (default {SMOKE_VENV})")
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flash_mla_build")
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build the wheel into dist/ and smoke-test it")
+    b = sub.add_parser("build", help="build the wheel into dist/, install it into this Python "
+                       "and smoke-test it there")
     b.add_argument("--venv", default=None, help=f"build venv to use (default {BUILD_VENV}, "
                    "created when missing)")
     b.add_argument("--fresh", action="store_true", help="recreate the build venv")
@@ -518,13 +607,14 @@ def make_parser() -> argparse.ArgumentParser:
                    "(default: the environment's, else every target the nvcc supports)")
     b.add_argument("--cuda-from-pypi", choices=("auto", "always", "never"), default="auto",
                    help="install nvcc from PyPI into the build venv (auto: when none is installed)")
-    b.add_argument("--no-smoke", action="store_true", help="stop after building and checking")
-    _torch_options(b)
+    b.add_argument("--no-smoke", action="store_true",
+                   help="stop after building and checking (install nothing, no smoke test)")
+    _install_options(b)
     _common(b)
-    s = sub.add_parser("smoke", help="install the newest dist/ wheel in a clean venv and run "
-                       "python -m flash_mla.smoke")
+    s = sub.add_parser("smoke", help="install the newest dist/ wheel into this Python (or, "
+                       "with --isolated, a clean venv) and run python -m flash_mla.smoke")
     s.add_argument("--wheel", default=None, help="wheel to test (default: newest in dist/)")
-    _torch_options(s)
+    _install_options(s)
     _common(s)
     t = sub.add_parser("test", help="install missing test requirements and run pytest; extra "
                        "arguments go to pytest")

@@ -15,7 +15,7 @@ def test_windows_nvcc_line_pinned():
         "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr",
         "--ptxas-options=-v,--warn-on-spills,--warn-on-local-memory-usage",
         "-Xcompiler=/Zc:__cplusplus", "-Xcompiler=/Zc:preprocessor", "-Xcompiler=/bigobj",
-        "-Xcompiler=/EHsc", "-Xcompiler=/MD",
+        "-Xcompiler=/utf-8", "-Xcompiler=/EHsc", "-Xcompiler=/MD",
         "-D_USE_MATH_DEFINES", "-DNOMINMAX", "-DWIN32_LEAN_AND_MEAN",
         "-DFLASH_MLA_TARGETS=90a_120f", "-Ioverlay", "-IC:/src/csrc",
         "-gencode=arch=compute_120f,code=sm_120f",
@@ -34,7 +34,7 @@ def test_windows_debug_uses_z7_never_zi():
 def test_windows_cl_line_pinned():
     assert F.cxx_compile_args("windows", OPTS) == [
         "/nologo", "/std:c++17", "/O2", "/Zc:__cplusplus", "/Zc:preprocessor", "/bigobj",
-        "/EHsc", "/MD", "/DNDEBUG", "/D_USE_MATH_DEFINES", "/DNOMINMAX",
+        "/utf-8", "/EHsc", "/MD", "/DNDEBUG", "/D_USE_MATH_DEFINES", "/DNOMINMAX",
         "/DWIN32_LEAN_AND_MEAN", "/DFLASH_MLA_TARGETS=90a_120f", "/Ioverlay", "/IC:/src/csrc",
     ]
 
@@ -85,3 +85,11 @@ def test_spilling_kernels_found_in_ptxas_output():
     assert F.spilling_kernels(PTXAS_SAMPLE) == ["_Z3barPf (sm_120f): 44 B stores, 40 B loads"]
     assert F.spilling_kernels(PTXAS_SAMPLE.split("ptxas info    : Compiling entry function "
                                                  "'_Z3barPf'")[0]) == []
+
+
+def test_msvc_reads_every_source_as_utf8():
+    # tvm-ffi's headers hold non-ASCII characters; without /utf-8 cl decodes them in the
+    # system code page (C4819, or broken tokens on CJK code pages).
+    assert "-Xcompiler=/utf-8" in F.nvcc_compile_args("windows", OPTS, GENCODE)
+    assert "/utf-8" in F.cxx_compile_args("windows", OPTS)
+    assert not any("utf-8" in a for a in F.nvcc_compile_args("linux", OPTS, GENCODE))

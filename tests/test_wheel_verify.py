@@ -4,6 +4,7 @@ FLASH_MLA_KERNELS=combine build, CUDA 13.0), plus synthetic failing kernels."""
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 
 import pytest
@@ -166,3 +167,40 @@ def test_arch_specific_kernel_is_not_required_elsewhere():
         "REG:255 STACK:0", "REG:128 STACK:0")
     report = W.verify(W.parse_resource_usage(text), INFO)
     assert report.ok, report.problems
+
+
+def test_build_info_is_read_in_a_child_process(tmp_path, monkeypatch):
+    # On Windows a DLL loaded into this process cannot be deleted until it exits, so the
+    # wheel check's temporary folder could not be cleaned up (PermissionError at step 6).
+    # A stand-in tvm_ffi, importable only by the child, proves where the library is loaded.
+    fake = tmp_path / "fake" / "tvm_ffi"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import json, os\n"
+        "class _M:\n"
+        "    def __init__(self, path):\n"
+        "        self.path = path\n"
+        "    def build_info(self):\n"
+        "        return json.dumps({'loaded_by': os.getpid(), 'path': self.path})\n"
+        "def load_module(path):\n"
+        "    return _M(path)\n", encoding="utf-8")
+    monkeypatch.setenv("PYTHONPATH", str(fake.parent))
+    import tvm_ffi
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the library was loaded into the verifying process")
+
+    monkeypatch.setattr(tvm_ffi, "load_module", refuse)
+    lib = tmp_path / "libflash_mla_native.so"
+    lib.write_bytes(b"\x7fELF")
+    info = W.read_build_info(lib)
+    assert info["path"] == str(lib)
+    assert info["loaded_by"] != os.getpid()
+    lib.unlink()  # nothing holds it
+
+
+def test_build_info_failure_in_the_child_is_a_warning(tmp_path, capsys):
+    lib = tmp_path / "not_a_library.so"
+    lib.write_bytes(b"garbage")
+    assert W.read_build_info(lib) is None
+    assert "could not read build_info" in capsys.readouterr().err

@@ -80,18 +80,32 @@ def find(calls, *needles):
 # ----------------------------------------------------------------------------------
 # build
 # ----------------------------------------------------------------------------------
-def test_linux_build_steps_and_commands():
+def _steps(lines):
+    return [l.split("]")[0] + "]" for l in lines if l.startswith("[")]
+
+
+def test_linux_build_steps_and_commands(tmp_path):
+    # An explicit --venv under tmp_path: the result must not depend on whether this
+    # checkout already has a .venv-build (a fresh clone after the README's build has one).
+    venv = tmp_path / "venv-build"
     code, lines, calls = dry(["build", "--platform", "linux", "--cuda-from-pypi", "never",
-                              "--torch-spec", "torch==2.13.0"])
+                              "--venv", str(venv)])
     assert code == 0
-    steps = [l for l in lines if l.startswith("[")]
-    assert [s.split("]")[0] + "]" for s in steps] == [f"[{k}/6]" for k in range(1, 7)]
-    venv_python = str(REPO / ".venv-build" / "bin" / "python")
-    assert calls[0].argv[1:] == ["-m", "venv", str(REPO / ".venv-build")]
+    assert _steps(lines) == [f"[{k}/8]" for k in range(1, 9)]
+    me = W.Host("linux").python()
+    # 1: preflight with the Python running the build, before any pip install.
+    preflight = find(calls, "check-env", "--preflight")
+    assert preflight.argv == [me, "-m", "flash_mla_build", "check-env", "--preflight", "--venv",
+                              str(venv.resolve())]
+    first_pip = next(c for c in calls if "pip" in c.argv)
+    assert calls.index(preflight) < calls.index(first_pip)
+    venv_python = str(venv.resolve() / "bin" / "python")
+    assert find(calls, "-m", "venv").argv[1:] == ["-m", "venv", str(venv.resolve())]
     install = find(calls, "install", *W.read_build_requires(REPO))
     assert install.argv[:4] == [venv_python, "-m", "pip", "install"]
     assert not any("cuda-toolkit" in a for a in install.argv)
-    check = find(calls, "flash_mla_build", "check-env")
+    check = next(c for c in calls if c.argv[1:4] == ["-m", "flash_mla_build", "check-env"]
+                 and "--preflight" not in c.argv)
     assert check.argv[0] == venv_python and check.cwd == str(REPO)
     wheel = find(calls, "wheel", ".")
     assert wheel.argv == [venv_python, "-m", "pip", "wheel", ".", "-w", "dist", "--no-deps",
@@ -100,29 +114,55 @@ def test_linux_build_steps_and_commands():
     verify = find(calls, "flash_mla_build.wheel_verify")
     assert verify.argv[:3] == [venv_python, "-m", "flash_mla_build.wheel_verify"]
     assert verify.argv[3].endswith(".whl")
-    # The smoke step: a clean venv, torch, the wheel, flash_mla.smoke outside the tree.
-    smoke_python = str(REPO / ".venv-smoke" / "bin" / "python")
-    assert find(calls, "venv", "--clear").argv[-1] == str(REPO / ".venv-smoke")
+    # 7-8: the wheel goes into the Python that ran the build (the user's torch), not a
+    # fresh venv; the smoke test runs there, from dist/ (not the source tree).
+    assert not any("--clear" in c.argv for c in calls)
+    reinstall = find(calls, "--force-reinstall")
+    assert reinstall.argv == [me, "-m", "pip", "install", "--no-deps", "--force-reinstall",
+                              verify.argv[3]]
+    deps = calls[calls.index(reinstall) + 1]
+    assert deps.argv == [me, "-m", "pip", "install", verify.argv[3]]
+    run = find(calls, "flash_mla.smoke")
+    assert run.argv == [me, "-m", "flash_mla.smoke"]
+    assert run.cwd == str(REPO / "dist")
+    assert "PYTHONPATH" not in run.env
+    order = [calls.index(c) for c in (preflight, install, check, wheel, verify, reinstall, run)]
+    assert order == sorted(order)
+
+
+def test_build_keeps_the_users_torch_and_installs_one_only_where_none_is(tmp_path):
+    wheel = tmp_path / "flash_mla-0.1.0-py3-none-linux_x86_64.whl"
+    wheel.write_bytes(b"")
+    for answer, expect_torch in (('["torch"]\n', True), ("[]\n", False)):
+        runner = Scripted(answers={"metadata": answer})
+        args = W.make_parser().parse_args(["smoke", "--wheel", str(wheel)])
+        assert W.smoke(args, runner, W.Host("linux"), REPO) == 0
+        torch_installs = [c for c in runner.calls if W.DEFAULT_TORCH in c.argv]
+        assert bool(torch_installs) == expect_torch
+        assert find(runner.calls, "--force-reinstall").argv[0] == W.Host("linux").python()
+
+
+def test_isolated_build_uses_a_clean_venv(tmp_path):
+    code, lines, calls = dry(["build", "--platform", "linux", "--cuda-from-pypi", "never",
+                              "--venv", str(tmp_path / "vb"), "--isolated", "--torch-spec",
+                              "torch==2.13.0", "--smoke-venv", str(tmp_path / "vs")])
+    assert code == 0
+    smoke_python = str((tmp_path / "vs").resolve() / "bin" / "python")
+    assert find(calls, "venv", "--clear").argv[-1] == str((tmp_path / "vs").resolve())
     assert find(calls, "torch==2.13.0").argv == [smoke_python, "-m", "pip", "install",
                                                  "torch==2.13.0"]
-    run = find(calls, "flash_mla.smoke")
-    assert run.argv == [smoke_python, "-m", "flash_mla.smoke"]
-    assert run.cwd == str(REPO / ".venv-smoke")
-    assert "PYTHONPATH" not in run.env
-    # Order: deps, check, wheel, verify, smoke.
-    order = [calls.index(c) for c in (install, check, wheel, verify, run)]
-    assert order == sorted(order)
+    assert find(calls, "flash_mla.smoke").argv == [smoke_python, "-m", "flash_mla.smoke"]
 
 
 def test_windows_build_commands():
     code, lines, calls = dry(["build", "--platform", "windows", "--cuda-from-pypi", "never",
-                              "--torch-spec", "torch==2.13.0"])
+                              "--venv", "C:\\b\\venv"])
     assert code == 0
-    root = PureWindowsPath("C:\\src\\flash_mla")
-    venv_python = str(root / ".venv-build" / "Scripts" / "python.exe")
-    assert find(calls, "check-env").argv[0] == venv_python
+    venv_python = "C:\\b\\venv\\Scripts\\python.exe"
+    assert find(calls, "--preflight").argv[0] == "python.exe"
     assert find(calls, "wheel", ".").argv[0] == venv_python
-    assert find(calls, "flash_mla.smoke").argv[0] == str(root / ".venv-smoke" / "Scripts" / "python.exe")
+    assert find(calls, "flash_mla.smoke").argv[0] == "python.exe"
+    assert find(calls, "flash_mla.smoke").cwd == "C:\\src\\flash_mla\\dist"
     assert not any("/bin/python" in " ".join(c.argv) for c in calls)
     # PyPI's Windows torch is CPU-only: the user is told how to get a CUDA one.
     assert any("CPU-only" in l and "--torch-index-url" in l for l in lines)
@@ -132,18 +172,45 @@ def test_build_options_archs_no_smoke_and_pypi_cuda():
     code, lines, calls = dry(["build", "--platform", "linux", "--archs", "120f", "--no-smoke",
                               "--cuda-from-pypi", "always", "--venv", "/tmp/my venv"])
     assert code == 0
-    assert [l.split("]")[0] + "]" for l in lines if l.startswith("[")] == \
-        [f"[{k}/5]" for k in range(1, 6)]
+    assert _steps(lines) == [f"[{k}/6]" for k in range(1, 7)]
     assert not any("flash_mla.smoke" in c.argv for c in calls)
+    assert not any("--force-reinstall" in c.argv for c in calls)
     wheel = find(calls, "wheel", ".")
     assert wheel.env["FLASH_MLA_CUDA_ARCHS"] == "120f"
+    # The PyPI nvcc is installed AND used, even where another nvcc is on PATH.
+    assert wheel.env["FLASH_MLA_CUDA_FROM_PYPI"] == "1"
     assert wheel.argv[0] == str(Path("/tmp/my venv").resolve() / "bin" / "python")
-    install = find(calls, "install")
+    install = find(calls, "install", "nvidia-cutlass==4.2.0.0")
     assert any(a.startswith("cuda-toolkit[nvcc,cudart,cccl,crt,nvvm]") for a in install.argv)
 
 
+def test_build_installs_cuobjdump_when_there_is_none(tmp_path, monkeypatch):
+    monkeypatch.setattr(W, "_local_cuobjdump", lambda: "")
+    monkeypatch.setattr(W, "_nvcc_major", lambda: 13)
+    runner = Scripted(answers={"find_cuobjdump": "\n"})
+    args = W.make_parser().parse_args(["build", "--cuda-from-pypi", "never", "--no-smoke",
+                                       "--venv", str(tmp_path / "venv")])
+    W.build(args, runner, W.Host("linux"), _repo_with_wheel(tmp_path))
+    install = find(runner.calls, "install", "nvidia-cutlass==4.2.0.0")
+    assert "nvidia-cuda-cuobjdump==13.*" in install.argv
+
+
+def test_build_stops_when_preflight_reports_blockers(tmp_path):
+    runner = Scripted(codes={"--preflight": 1})
+    args = W.make_parser().parse_args(["build", "--cuda-from-pypi", "never", "--venv",
+                                       str(tmp_path / "venv")])
+    with pytest.raises(W.WorkflowError, match="preflight check reported blockers"):
+        W.build(args, runner, W.Host("linux"), REPO)
+    assert not any("pip" in c.argv for c in runner.calls)
+
+
 def test_build_stops_when_check_env_reports_blockers(tmp_path):
-    runner = Scripted(codes={"check-env": 1})
+    class SecondCheckFails(Scripted):
+        def run(self, cmd, cwd=None, env=None):
+            argv = self._record(cmd, cwd, env)
+            return 1 if "check-env" in argv and "--preflight" not in argv else 0
+
+    runner = SecondCheckFails()
     args = W.make_parser().parse_args(["build", "--cuda-from-pypi", "never", "--venv",
                                        str(tmp_path / "venv")])
     with pytest.raises(W.WorkflowError, match="check-env reported blockers"):
