@@ -247,3 +247,69 @@ def test_undecodable_tool_output_does_not_crash():
     assert code == 0 and out.endswith(" ok") and "\ufffd" in out
     code, out, err = CE._run(["/nonexistent/tool-xyz"])
     assert code is None and err
+
+
+# ----------------------------------------------------------------------------------
+# Windows defects found in review, each with the rule that catches it
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("cuda", ["13.0", "13.3", "13.5"])
+def test_every_cuda_13_cuda_h_is_noted_as_128_byte_aligned(cuda):
+    # CUDA 13.0 through 13.5 all declare CUtensorMap alignas(128) (checked in the runtime
+    # wheels' cuda.h); the report once claimed 13.3+ needed no patch.
+    facts = windows_facts()
+    facts["cuda"]["version"] = cuda
+    check = by_name(CE.evaluate(facts))["CUtensorMap"]
+    assert "13.0 to 13.5" in check.fix and "13.3+" not in check.fix
+
+
+def test_developer_shell_targeting_x86_is_a_blocker_naming_the_x64_prompt():
+    facts = windows_facts()
+    facts["host_compiler"].update(target_arch="x86", host_arch="x86")
+    check = by_name(CE.evaluate(facts))["developer shell"]
+    assert check.status == CE.BLOCKER
+    assert "x64 Native Tools" in check.fix and "-arch=amd64" in check.fix
+    facts["host_compiler"].update(found=False, error="cl not usable")
+    assert by_name(CE.evaluate(facts))["developer shell"].status == CE.BLOCKER
+    facts = windows_facts()
+    facts["host_compiler"].update(target_arch="x64", host_arch="x64")
+    assert by_name(CE.evaluate(facts))["developer shell"].status == CE.OK
+
+
+def preflight_facts(venv: str, long_paths: bool) -> dict:
+    return {"os": {"system": "Windows", "release": "11", "machine": "AMD64",
+                   "platform": "windows"},
+            "python": {"version": "3.12.1", "executable": "C:\\py\\python.exe", "bits": 64,
+                       "in_venv": False},
+            "long_paths": {"checked": True, "enabled": long_paths}, "venv": venv,
+            "dev_shell": {"target_arch": None, "host_arch": None},
+            "disk": {"path": "C:\\src", "free_gib": 100.0, "error": None}}
+
+
+def test_preflight_long_paths_blocks_a_venv_too_deep_for_cutlass():
+    # The deepest nvidia-cutlass file is 187 characters below site-packages: a venv path
+    # longer than 259 - 19 - 187 = 53 characters fails pip's first install.
+    short = "C:\\src\\flash_mla\\.venv-build"
+    deep = "C:\\Users\\someone\\Downloads\\flash_mla-main\\flash_mla-main\\.venv-build"
+    assert by_name(CE.evaluate_preflight(preflight_facts(short, False)))[
+        "LongPathsEnabled"].status == CE.WARN
+    check = by_name(CE.evaluate_preflight(preflight_facts(deep, False)))["LongPathsEnabled"]
+    assert check.status == CE.BLOCKER and "--venv" in check.fix and "reg add" in check.fix
+    assert by_name(CE.evaluate_preflight(preflight_facts(deep, True)))[
+        "LongPathsEnabled"].status == CE.OK
+
+
+def test_preflight_runs_without_build_packages(tmp_path):
+    # It runs before anything is installed: a Python with only the standard library.
+    code = ("import sys, builtins\n"
+            "real = builtins.__import__\n"
+            "def guard(name, *a, **k):\n"
+            "    if name.split('.')[0] in ('torch', 'cutlass_library', 'tvm_ffi', 'ninja'):\n"
+            "        raise ImportError('preflight imported ' + name)\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = guard\n"
+            "from flash_mla_build import check_env\n"
+            "sys.exit(check_env.main(['--preflight', '--venv', sys.argv[1]]))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "v")], cwd=REPO,
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Python" in out.stdout and "ready to build" in out.stdout
