@@ -11,6 +11,11 @@ Contract used by the dispatch layer:
 - ``function(name)``: the exported tvm-ffi function; RuntimeError if unavailable.
 - ``build_info() -> dict | None``: the library's build info, None if not loaded.
 
+Refusals, each naming its fix: no library file; apache-tvm-ffi missing; the file does
+not load (on Windows a path with non-ASCII characters cannot, through tvm-ffi); a
+driver older than the build's CUDA major; no cubin or PTX for the GPU. torch's own
+CUDA version is not a gate (cudart is linked statically; docs/build.md says why).
+
 The library is loaded once per process (it is process-wide); answers that depend
 on the GPU (compute capability against the compiled targets) are computed and
 cached per device. tvm_ffi is imported before the library so libtvm_ffi is
@@ -103,8 +108,12 @@ def _load() -> Dict[str, Any]:
             info = json.loads(module.build_info())
         except Exception as exc:  # noqa: BLE001 - any load failure becomes the reason
             _state["error"] = f"native library {path} failed to load: {exc}"
+            if sys.platform.startswith("win") and not str(path.resolve()).isascii():
+                _state["error"] += ("; tvm-ffi cannot load a DLL from a path with non-ASCII "
+                                    "characters: install into (or build from) a folder whose "
+                                    "path is plain ASCII")
             return _state
-        error = _cuda_mismatch(info)
+        error = _driver_refusal(info, path)
         if error:
             _state["error"] = error
             _state["info"] = info
@@ -114,26 +123,32 @@ def _load() -> Dict[str, Any]:
         return _state
 
 
-def _cuda_mismatch(info: dict) -> Optional[str]:
+# The oldest driver branch that runs each CUDA major's code (minor-version compatibility:
+# any driver of the major's first release runs every later minor release of it).
+MIN_DRIVER_FOR_MAJOR = {12: "R525", 13: "R580"}
+
+
+def _driver_refusal(info: dict, path: Path) -> Optional[str]:
+    """Why this machine's driver cannot run the library, or None.
+
+    What gates loading is the driver, not torch: the library links cudart statically and
+    runs on the caller's stream in the process's primary context, which torch shares,
+    whatever CUDA version torch was built with. A driver of the same CUDA major as the
+    build (even an older minor release) runs it; an older major does not.
+    """
     built = str(info.get("cuda_version", "0.0"))
     try:
         built_major = int(built.split(".")[0])
     except ValueError:
-        return f"native library reports an unreadable CUDA version {built!r}"
-    torch_cuda = None
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch_cuda = getattr(getattr(torch, "version", None), "cuda", None)
-    if torch_cuda:
-        torch_major = int(str(torch_cuda).split(".")[0])
-        if torch_major != built_major:
-            return (f"native library was built with CUDA {built} but torch uses the CUDA "
-                    f"{torch_cuda} runtime; install the flash_mla build for CUDA {torch_major}")
+        return f"native library {path} reports an unreadable CUDA version {built!r}; rebuild it"
     driver = _driver_cuda_version()
-    if driver is not None and driver[0] < built_major:
-        return (f"native library was built with CUDA {built} but the NVIDIA driver supports only "
-                f"CUDA {driver[0]}.{driver[1]}; update the driver")
-    return None
+    if driver is None or driver[0] >= built_major:
+        return None
+    branch = MIN_DRIVER_FOR_MAJOR.get(built_major)
+    needs = f"a driver for CUDA {built_major}.x" + (f" ({branch} or newer)" if branch else "")
+    return (f"native library {path} was built with CUDA {built} and needs {needs}, but the "
+            f"NVIDIA driver supports only CUDA {driver[0]}.{driver[1]}: update the NVIDIA driver, "
+            f"or install a flash_mla wheel built with CUDA {driver[0]}")
 
 
 def load_error() -> Optional[str]:
@@ -191,7 +206,8 @@ def unavailable_reason(op: str, device: Any, features: Optional[dict] = None) ->
     targets = info.get("targets", [])
     if _arch.runnable_target(targets, info.get("ptx"), cap[0], cap[1]) is None:
         return (f"no kernel for {_arch.sm_name(*cap)} in this build (targets: "
-                f"{', '.join(targets) or 'none'})")
+                f"{', '.join(targets) or 'none'}); rebuild with FLASH_MLA_CUDA_ARCHS=native on "
+                "this machine, or add its target")
     capabilities = ops[op]
     for name, value in (features or {}).items():
         if name not in capabilities:

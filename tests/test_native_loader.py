@@ -71,7 +71,8 @@ def test_reasons_per_device(fake_library):
     assert _native.unavailable_reason("combine", "cuda:0", {"dtype": "bf16"}) is None
     assert _native.unavailable_reason("combine", "cuda:2") is None
     assert _native.unavailable_reason("combine", "cuda:1") == \
-        "no kernel for sm_86 in this build (targets: 90a, 120f)"
+        ("no kernel for sm_86 in this build (targets: 90a, 120f); rebuild with "
+         "FLASH_MLA_CUDA_ARCHS=native on this machine, or add its target")
     assert _native.unavailable_reason("combine", "cpu") == "device cpu is not a CUDA device"
 
 
@@ -125,19 +126,24 @@ def test_not_a_library(monkeypatch, tmp_path):
         _native._reset_for_tests()
 
 
-def test_cuda_major_mismatch(monkeypatch):
+def test_torch_cuda_major_is_not_a_gate_the_driver_is(monkeypatch):
+    # A cu12 torch with a CUDA 13 library works (static cudart, shared primary context,
+    # streams passed as driver handles); only a driver older than the build's major fails.
     torch = pytest.importorskip("torch")
+    lib = Path("lib.so")
     monkeypatch.setattr(torch.version, "cuda", "12.8")
-    monkeypatch.setattr(_native, "_driver_cuda_version", lambda: None)
-    assert _native._cuda_mismatch({"cuda_version": "13.0"}) == (
-        "native library was built with CUDA 13.0 but torch uses the CUDA 12.8 runtime; "
-        "install the flash_mla build for CUDA 12")
-    monkeypatch.setattr(torch.version, "cuda", "13.0")
-    assert _native._cuda_mismatch({"cuda_version": "13.0"}) is None
+    monkeypatch.setattr(_native, "_driver_cuda_version", lambda: (13, 0))
+    assert _native._driver_refusal({"cuda_version": "13.0"}, lib) is None
+    # Minor-version compatibility: a 13.0 driver runs a library built with CUDA 13.5.
+    assert _native._driver_refusal({"cuda_version": "13.5"}, lib) is None
+    monkeypatch.setattr(_native, "_driver_cuda_version", lambda: None)  # no driver: no verdict
+    assert _native._driver_refusal({"cuda_version": "13.0"}, lib) is None
     monkeypatch.setattr(_native, "_driver_cuda_version", lambda: (12, 4))
-    assert _native._cuda_mismatch({"cuda_version": "13.0"}) == (
-        "native library was built with CUDA 13.0 but the NVIDIA driver supports only CUDA "
-        "12.4; update the driver")
+    assert _native._driver_refusal({"cuda_version": "13.0"}, lib) == (
+        "native library lib.so was built with CUDA 13.0 and needs a driver for CUDA 13.x (R580 "
+        "or newer), but the NVIDIA driver supports only CUDA 12.4: update the NVIDIA driver, or "
+        "install a flash_mla wheel built with CUDA 12")
+    assert "unreadable CUDA version" in _native._driver_refusal({"cuda_version": "x"}, lib)
 
 
 @pytest.mark.slow
