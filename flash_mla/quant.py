@@ -1,6 +1,6 @@
 """FP8 KV-cache formats of sparse MLA decode: quantise, dequantise, address.
 
-Two formats (SPEC.md "FP8 KV cache"):
+Two of the five cache formats (docs/cache_formats.md describes all five):
 
 V3.2 (d_qk 576, 656 bytes per token, token-contiguous)::
 
