@@ -13,9 +13,9 @@
 
 #include <cuda_runtime.h>
 
-namespace flash_mla {
+#include "common/dtype.h"
 
-enum class DType : int32_t { kBF16 = 0, kFP16 = 1 };
+namespace flash_mla {
 
 // ---------------------------------------------------------------------------
 // Split-KV combine (csrc/portable/decode/combine): merges per-split partial outputs of the

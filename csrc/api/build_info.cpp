@@ -103,7 +103,7 @@ std::string build_info() {
   for (int i = 0; i < op_count(); ++i) {
     const OpCapability& op = op_at(i);
     json += (i ? ", " : "");
-    json += json_string(op.op) + ": " + op.capabilities_json;
+    json += json_string(op.op) + ": " + op.capabilities_json();
   }
   json += "}}";
   return json;

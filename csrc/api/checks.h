@@ -7,6 +7,7 @@
 // Entry points validate in a fixed order: device, dtype, layout, shape, values.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <initializer_list>
 #include <sstream>
@@ -15,6 +16,7 @@
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
 
+#include "../common/capabilities.h"
 #include "../params.h"
 
 namespace flash_mla::api {
@@ -139,9 +141,27 @@ inline void check_aligned(const TensorView& t, int64_t bytes, const char* name) 
   }
 }
 
-// (d_qk, d_v) pairs the dense MHA prefill kernels serve, forward and backward.
-inline bool supported_mha_head_dims(int64_t d_qk, int64_t d_v) {
-  return (d_qk == 64 && d_v == 64) || (d_qk == 128 && d_v == 128) || (d_qk == 192 && d_v == 128);
+// The kernels' element type of t; false when t's dtype is none of them.
+inline bool element_dtype(const TensorView& t, DType* out) {
+  if (is_bf16(t)) {
+    *out = DType::kBF16;
+  } else if (is_fp16(t)) {
+    *out = DType::kFP16;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+// t's dtype must be one of an op's capability table (its config.h's kDtypes); returns it.
+template <std::size_t N>
+DType check_dtype_in(const TensorView& t, const DType (&table)[N], const char* name) {
+  DType dtype{};
+  if (!element_dtype(t, &dtype) || !caps::contains(table, dtype)) {
+    TVM_FFI_THROW(TypeError) << name << " must have dtype " << caps::listed(table, " or ")
+                             << ", got " << dtype_name(t.dtype());
+  }
+  return dtype;
 }
 
 // Narrow a 64-bit size or stride that a kernel indexes with 32-bit math.

@@ -8,7 +8,8 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <string>
+#include <iterator>
+#include <type_traits>
 
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
@@ -28,16 +29,7 @@ namespace {
 
 using tvm::ffi::Optional;
 
-// {"dtype": [...], "d_v": [4, 8, ..., 512]}: every d_v the kernel accepts.
-std::string combine_capabilities() {
-  std::string json = "{\"dtype\": [\"bf16\", \"fp16\"], \"d_v\": [";
-  for (int d = combine::kColsPerLane; d <= combine::kMaxDv; d += combine::kColsPerLane) {
-    json += (d == combine::kColsPerLane ? "" : ", ") + std::to_string(d);
-  }
-  return json + "]}";
-}
-const std::string kCombineCapabilities = combine_capabilities();
-FLASH_MLA_REGISTER_OP(combine, "combine", kCombineCapabilities.c_str());
+FLASH_MLA_REGISTER_OP(combine, combine::capabilities_json);
 
 CombineParams validate_combine(const TensorView& o_accum, const TensorView& lse_accum,
                                const TensorView& split_offsets, const TensorView* attn_sink,
@@ -55,7 +47,7 @@ CombineParams validate_combine(const TensorView& o_accum, const TensorView& lse_
   check_dtype(lse_accum, is_fp32(lse_accum), "lse_accum", "float32");
   check_dtype(split_offsets, is_int32(split_offsets), "split_offsets", "int32");
   if (attn_sink) check_dtype(*attn_sink, is_fp32(*attn_sink), "attn_sink", "float32");
-  check_dtype(out, is_bf16(out) || is_fp16(out), "out", "bfloat16 or float16");
+  const DType out_dtype = check_dtype_in(out, combine::kDtypes, "out");
   check_dtype(lse, is_fp32(lse), "lse", "float32");
 
   // Layout.
@@ -83,10 +75,10 @@ CombineParams validate_combine(const TensorView& o_accum, const TensorView& lse_
   check_shape(lse, {batch, s_q, h_q}, "lse", "[batch, s_q, h_q] matching out");
 
   // Values: d_v and alignment for the float4 loads and 8-byte stores.
-  if (d_v < combine::kColsPerLane || d_v > combine::kMaxDv || d_v % combine::kColsPerLane != 0) {
+  if (!combine::kDvs.contains(d_v)) {
     TVM_FFI_THROW(ValueError) << "o_accum's last dimension d_v must be a multiple of "
-                              << combine::kColsPerLane << " between " << combine::kColsPerLane
-                              << " and " << combine::kMaxDv << ", got " << d_v;
+                              << combine::kDvs.step << " between " << combine::kDvs.first
+                              << " and " << combine::kDvs.last << ", got " << d_v;
   }
   check_aligned(o_accum, 16, "o_accum");
   check_aligned(out, 8, "out");
@@ -110,7 +102,7 @@ CombineParams validate_combine(const TensorView& o_accum, const TensorView& lse_
   p.h_q = narrow_to_int32(h_q, "o_accum.shape[2] (h_q)");
   p.d_v = static_cast<int>(d_v);
   p.num_splits_total = narrow_to_int32(splits, "o_accum.shape[0] (num_splits_total)");
-  p.out_dtype = is_bf16(out) ? DType::kBF16 : DType::kFP16;
+  p.out_dtype = out_dtype;
   p.o_accum = static_cast<const float*>(data_ptr(o_accum));
   p.lse_accum = static_cast<const float*>(data_ptr(lse_accum));
   p.split_offsets = static_cast<const int32_t*>(data_ptr(split_offsets));
@@ -123,14 +115,18 @@ CombineParams validate_combine(const TensorView& o_accum, const TensorView& lse_
   return p;
 }
 
-template <typename T>
+// The CUDA element type of a capability-table dtype.
+template <DType kDType>
+using OutElement = std::conditional_t<kDType == DType::kBF16, __nv_bfloat16, __half>;
+
+// One instance per (table dtype, chunk count): the chunk count comes from d_v, which
+// validation held to kDvs, so 1..kMaxChunks covers every call.
+template <DType kDType>
 void dispatch_chunks(const CombineParams& p) {
-  switch (combine::chunks_for(p.d_v)) {
-    case 1: combine::run_combine<T, 1>(p); break;
-    case 2: combine::run_combine<T, 2>(p); break;
-    case 3: combine::run_combine<T, 3>(p); break;
-    default: combine::run_combine<T, 4>(p); break;
-  }
+  caps::for_each_entry<combine::kMaxChunks>([&](auto i) {
+    constexpr int kChunks = static_cast<int>(decltype(i)::value) + 1;
+    if (combine::chunks_for(p.d_v) == kChunks) combine::run_combine<OutElement<kDType>, kChunks>(p);
+  });
 }
 
 void combine(TensorView o_accum, TensorView lse_accum, TensorView split_offsets,
@@ -143,11 +139,10 @@ void combine(TensorView o_accum, TensorView lse_accum, TensorView split_offsets,
   const int device = o_accum.device().device_id;
   DeviceGuard guard(device);
   p.stream = current_stream(device);
-  if (p.out_dtype == DType::kBF16) {
-    dispatch_chunks<__nv_bfloat16>(p);
-  } else {
-    dispatch_chunks<__half>(p);
-  }
+  caps::for_each_entry<std::size(combine::kDtypes)>([&](auto i) {
+    constexpr DType kDType = combine::kDtypes[decltype(i)::value];
+    if (p.out_dtype == kDType) dispatch_chunks<kDType>(p);
+  });
   check_launch("combine_kernel");
 }
 

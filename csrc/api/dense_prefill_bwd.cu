@@ -20,7 +20,9 @@
 // special case of evenly spaced offsets).
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <string>
+#include <type_traits>
 
 #include <cuda_runtime.h>
 #include <tvm/ffi/container/tensor.h>
@@ -73,16 +75,13 @@ DensePrefillBwdParams validate_dense_prefill_bwd(
   }
 
   // Dtype.
-  const bool bf16 = is_bf16(q);
-  if (!bf16 && !is_fp16(q)) {
-    TVM_FFI_THROW(TypeError) << "q must have dtype bfloat16 or float16, got "
-                             << dtype_name(q.dtype());
-  }
-  const char* elem = bf16 ? "bfloat16 (the dtype of q)" : "float16 (the dtype of q)";
+  const DType dtype = check_dtype_in(q, bwd::kDtypes, "q");
+  const std::string elem = std::string(dtype_torch_name(dtype)) + " (the dtype of q)";
   const std::pair<const TensorView*, const char*> same_as_q[] = {
       {&k, "k"}, {&v, "v"}, {&out, "out"}, {&dout, "dout"}, {&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}};
   for (const auto& [t, name] : same_as_q) {
-    check_dtype(*t, bf16 ? is_bf16(*t) : is_fp16(*t), name, elem);
+    DType other{};
+    check_dtype(*t, element_dtype(*t, &other) && other == dtype, name, elem.c_str());
   }
   check_dtype(lse, is_fp32(lse), "lse", "float32");
   check_dtype(cu_seqlens_q, is_int32(cu_seqlens_q), "cu_seqlens_q", "int32");
@@ -122,9 +121,10 @@ DensePrefillBwdParams validate_dense_prefill_bwd(
   // Shape.
   const int64_t total_q = q.size(0), h_q = q.size(1), d_qk = q.size(2);
   const int64_t total_k = k.size(0), h_k = k.size(1), d_v = v.size(2);
-  if (!supported_mha_head_dims(d_qk, d_v)) {
-    TVM_FFI_THROW(ValueError) << "(d_qk, d_v) = (q.shape[2], v.shape[2]) must be one of (64, 64), "
-                              << "(128, 128), (192, 128), got (" << d_qk << ", " << d_v << ")";
+  if (!caps::contains(bwd::kHeadDims, d_qk, d_v)) {
+    TVM_FFI_THROW(ValueError) << "(d_qk, d_v) = (q.shape[2], v.shape[2]) must be one of "
+                              << caps::listed(bwd::kHeadDims) << ", got (" << d_qk << ", " << d_v
+                              << ")";
   }
   check_shape(k, {total_k, h_k, d_qk}, "k", "[total_k, h_k, d_qk]");
   check_shape(v, {total_k, h_k, d_v}, "v", "[total_k, h_k, d_v]");
@@ -184,7 +184,7 @@ DensePrefillBwdParams validate_dense_prefill_bwd(
   p.max_seqlen_q = narrow_to_int32(max_seqlen_q, "max_seqlen_q");
   p.max_seqlen_k = narrow_to_int32(max_seqlen_kv, "max_seqlen_kv");
   p.is_causal = mask_mode_code == 1;
-  p.dtype = bf16 ? DType::kBF16 : DType::kFP16;
+  p.dtype = dtype;
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.softmax_scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
   p.q = data_ptr(q);       p.q_row_stride = q.stride(0);       p.q_head_stride = q.stride(1);
@@ -204,15 +204,19 @@ DensePrefillBwdParams validate_dense_prefill_bwd(
   return p;
 }
 
-template <typename Elem>
+// The element tag the kernels take for a capability-table dtype.
+template <DType kDType>
+using ElementTag = std::conditional_t<kDType == DType::kBF16, portable::BF16, portable::FP16>;
+
+// One kernel instance per kHeadDims entry (validation admitted only listed pairs).
+template <DType kDType>
 void dispatch_head_dims(const DensePrefillBwdParams& p, bwd::BwdLayout layout) {
-  if (p.d_qk == 64) {
-    bwd::run_dense_prefill_bwd<Elem, 64, 64>(p, layout);
-  } else if (p.d_qk == 128) {
-    bwd::run_dense_prefill_bwd<Elem, 128, 128>(p, layout);
-  } else {
-    bwd::run_dense_prefill_bwd<Elem, 192, 128>(p, layout);
-  }
+  caps::for_each_entry<std::size(bwd::kHeadDims)>([&](auto i) {
+    constexpr caps::HeadDims kDims = bwd::kHeadDims[decltype(i)::value];
+    if (p.d_qk == kDims.d_qk && p.d_v == kDims.d_v) {
+      bwd::run_dense_prefill_bwd<ElementTag<kDType>, kDims.d_qk, kDims.d_v>(p, layout);
+    }
+  });
 }
 
 // Main-kernel CTA for `device` and the problem (config.h: choose_layout). The environment
@@ -262,11 +266,10 @@ void run_bwd(TensorView workspace, TensorView dout, TensorView q, TensorView k, 
   }
   const bwd::BwdLayout layout =
       deterministic ? bwd::BwdLayout::kWarps8 : layout_for(device, p.d_qk);
-  if (p.dtype == DType::kBF16) {
-    dispatch_head_dims<portable::BF16>(p, layout);
-  } else {
-    dispatch_head_dims<portable::FP16>(p, layout);
-  }
+  caps::for_each_entry<std::size(bwd::kDtypes)>([&](auto i) {
+    constexpr DType kDType = bwd::kDtypes[decltype(i)::value];
+    if (p.dtype == kDType) dispatch_head_dims<kDType>(p, layout);
+  });
   check_launch("dense_prefill_bwd");
 }
 
@@ -355,6 +358,5 @@ FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_preprocess, "dense_prefill_bwd",
                           bwd_cfg::kPreprocessThreads);
 FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_convert_dq, "dense_prefill_bwd",
                           "convert dq (all dtypes, head dims)", 0, bwd_cfg::kConvertThreads);
-FLASH_MLA_REGISTER_OP(dense_prefill_bwd, "dense_prefill_bwd",
-                      R"({"dtype": ["bf16", "fp16"], "head_dims": [[64, 64], [128, 128], [192, 128]]})");
+FLASH_MLA_REGISTER_OP(dense_prefill_bwd, bwd_cfg::capabilities_json);
 }  // namespace

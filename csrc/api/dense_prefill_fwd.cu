@@ -14,6 +14,7 @@
 // (the grid covers max_seqlen_q; checking it would need a device sync).
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <string>
 
 #include <cuda_runtime.h>
@@ -56,8 +57,7 @@ FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d128_w4x32, "dense_prefill_fwd", "fp16 
 FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d192_w4x32, "dense_prefill_fwd", "bf16 d192 dv128 4 warps x 32 rows, causal|full", (kFwdSmem4x32<192, 128>), 128);
 FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d192_w4x32, "dense_prefill_fwd", "fp16 d192 dv128 4 warps x 32 rows, causal|full", (kFwdSmem4x32<192, 128>), 128);
 
-FLASH_MLA_REGISTER_OP(dense_prefill_fwd, "dense_prefill_fwd",
-                      R"({"dtype": ["bf16", "fp16"], "head_dims": [[64, 64], [128, 128], [192, 128]]})");
+FLASH_MLA_REGISTER_OP(dense_prefill_fwd, fwd::capabilities_json);
 
 // cp.async moves 16-byte chunks: every row/head stride must be a multiple of 8
 // elements and the data 16-byte aligned.
@@ -80,9 +80,9 @@ int64_t fwd_workspace_bytes(int64_t batch, int64_t total_q, int64_t total_k, int
                               << total_q << ", total_k=" << total_k << ", h_q=" << h_q
                               << ", h_k=" << h_k;
   }
-  if (!supported_mha_head_dims(d_qk, d_v)) {
-    TVM_FFI_THROW(ValueError) << "(d_qk, d_v) must be one of (64, 64), (128, 128), (192, 128), got ("
-                              << d_qk << ", " << d_v << ")";
+  if (!caps::contains(fwd::kHeadDims, d_qk, d_v)) {
+    TVM_FFI_THROW(ValueError) << "(d_qk, d_v) must be one of " << caps::listed(fwd::kHeadDims)
+                              << ", got (" << d_qk << ", " << d_v << ")";
   }
   return 0;  // no split-KV partials, no dQ-style accumulators in the forward
 }
@@ -104,15 +104,15 @@ DensePrefillFwdParams validate_dense_prefill_fwd(
   check_same_device(workspace, q, "workspace", "q");
 
   // --- dtype ---
-  check_dtype(q, is_bf16(q) || is_fp16(q), "q", "bfloat16 or float16");
-  const char* q_dtype = is_bf16(q) ? "bfloat16 (same as q)" : "float16 (same as q)";
+  const DType dtype = check_dtype_in(q, fwd::kDtypes, "q");
+  const std::string q_dtype = std::string(dtype_torch_name(dtype)) + " (same as q)";
   const DLDataType qd = q.dtype();
   auto same_as_q = [&](const TensorView& t) {
     return t.dtype().code == qd.code && t.dtype().bits == qd.bits && t.dtype().lanes == qd.lanes;
   };
-  check_dtype(k, same_as_q(k), "k", q_dtype);
-  check_dtype(v, same_as_q(v), "v", q_dtype);
-  check_dtype(out, same_as_q(out), "out", q_dtype);
+  check_dtype(k, same_as_q(k), "k", q_dtype.c_str());
+  check_dtype(v, same_as_q(v), "v", q_dtype.c_str());
+  check_dtype(out, same_as_q(out), "out", q_dtype.c_str());
   check_dtype(lse, is_fp32(lse), "lse", "float32");
   check_dtype(cu_seqlens_q, is_int32(cu_seqlens_q), "cu_seqlens_q", "int32");
   check_dtype(cu_seqlens_kv, is_int32(cu_seqlens_kv), "cu_seqlens_kv", "int32");
@@ -149,10 +149,11 @@ DensePrefillFwdParams validate_dense_prefill_fwd(
   // --- shape ---
   const int64_t total_q = q.size(0), h_q = q.size(1), d_qk = q.size(2);
   const int64_t total_k = k.size(0), h_k = k.size(1), d_v = v.size(2);
-  if (!supported_mha_head_dims(d_qk, d_v)) {
-    TVM_FFI_THROW(ValueError) << "(d_qk, d_v) from q and v must be one of (64, 64), (128, 128), "
-                              << "(192, 128), got (" << d_qk << ", " << d_v << ") from q shape "
-                              << shape_str(q) << " and v shape " << shape_str(v);
+  if (!caps::contains(fwd::kHeadDims, d_qk, d_v)) {
+    TVM_FFI_THROW(ValueError) << "(d_qk, d_v) from q and v must be one of "
+                              << caps::listed(fwd::kHeadDims) << ", got (" << d_qk << ", " << d_v
+                              << ") from q shape " << shape_str(q) << " and v shape "
+                              << shape_str(v);
   }
   check_shape(k, {total_k, h_k, d_qk}, "k", "[total_k, h_k, d_qk] (d_qk from q)");
   check_shape(v, {total_k, h_k, d_v}, "v", "[total_k, h_k, d_v] (total_k, h_k from k)");
@@ -205,7 +206,7 @@ DensePrefillFwdParams validate_dense_prefill_fwd(
   p.max_seqlen_q = max_q;
   p.max_seqlen_k = max_k;
   p.is_causal = mask_mode_code == 1;
-  p.dtype = is_bf16(q) ? DType::kBF16 : DType::kFP16;
+  p.dtype = dtype;
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.softmax_scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
   p.q = data_ptr(q);
@@ -227,15 +228,15 @@ DensePrefillFwdParams validate_dense_prefill_fwd(
   return p;
 }
 
+// One kernel instance per kHeadDims entry (validation admitted only listed pairs).
 template <DType kDType>
 void dispatch_head_dims(const DensePrefillFwdParams& p, fwd::CtaLayout layout) {
-  if (p.d_qk == 64) {
-    fwd::run_dense_prefill_fwd<kDType, 64, 64>(p, layout);
-  } else if (p.d_qk == 128) {
-    fwd::run_dense_prefill_fwd<kDType, 128, 128>(p, layout);
-  } else {
-    fwd::run_dense_prefill_fwd<kDType, 192, 128>(p, layout);
-  }
+  caps::for_each_entry<std::size(fwd::kHeadDims)>([&](auto i) {
+    constexpr caps::HeadDims kDims = fwd::kHeadDims[decltype(i)::value];
+    if (p.d_qk == kDims.d_qk && p.d_v == kDims.d_v) {
+      fwd::run_dense_prefill_fwd<kDType, kDims.d_qk, kDims.d_v>(p, layout);
+    }
+  });
 }
 
 // CTA layout for `device` and d_qk (config.h: choose_layout). The environment
@@ -270,11 +271,10 @@ void dense_prefill_fwd(TensorView workspace, TensorView q, TensorView k, TensorV
   p.stream = current_stream(device);
 
   const fwd::CtaLayout layout = layout_for(device, p.d_qk);
-  if (p.dtype == DType::kBF16) {
-    dispatch_head_dims<DType::kBF16>(p, layout);
-  } else {
-    dispatch_head_dims<DType::kFP16>(p, layout);
-  }
+  caps::for_each_entry<std::size(fwd::kDtypes)>([&](auto i) {
+    constexpr DType kDType = fwd::kDtypes[decltype(i)::value];
+    if (p.dtype == kDType) dispatch_head_dims<kDType>(p, layout);
+  });
   check_launch("dense_prefill_fwd");
 }
 

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "limits.h"
 
@@ -27,10 +28,11 @@ struct KernelRecord {
 // values it accepts, e.g. for "dense_prefill_fwd":
 //   {"dtype": ["bf16", "fp16"], "head_dims": [[64, 64], [128, 128], [192, 128]]}
 // build_info() reports it under "ops"; the Python dispatch asks it before
-// choosing the native backend, and the C++ validation enforces the same sets.
+// choosing the native backend. The function builds the JSON from the op's constexpr
+// capability tables (capabilities.h), which the C++ validation and dispatch also read.
 struct OpCapability {
   const char* op;
-  const char* capabilities_json;
+  std::string (*capabilities_json)();
 };
 
 // Defined in csrc/common/kernel_registry.cpp; each returns its argument's index.
@@ -50,6 +52,8 @@ const OpCapability& op_at(int index);
   static const int flash_mla_kernel_record_##id =                                         \
       ::flash_mla::register_kernel(::flash_mla::KernelRecord{op, variant, smem_bytes, threads})
 
-#define FLASH_MLA_REGISTER_OP(id, op, capabilities_json) \
-  static const int flash_mla_op_record_##id =             \
-      ::flash_mla::register_op(::flash_mla::OpCapability{op, capabilities_json})
+// The op name is an identifier, so the registry id and the reported name cannot differ:
+//   FLASH_MLA_REGISTER_OP(dense_prefill_fwd, portable::dense_fwd::capabilities_json);
+#define FLASH_MLA_REGISTER_OP(op, capabilities_json_fn) \
+  static const int flash_mla_op_record_##op =            \
+      ::flash_mla::register_op(::flash_mla::OpCapability{#op, capabilities_json_fn})

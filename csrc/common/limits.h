@@ -1,4 +1,5 @@
-// Hardware limits every portable kernel is held to (see shared/SM120.md).
+// Hardware limits every portable kernel is held to: the smallest shared memory of the
+// GPUs the portable kernels serve (sm_120/121 consumer Blackwell, also sm_86/89).
 #pragma once
 
 namespace flash_mla {

@@ -5,10 +5,23 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
+#include "../../../common/capabilities.h"
 #include "../../../common/limits.h"
 
 namespace flash_mla::portable::dense_bwd {
+
+// What the op "dense_prefill_bwd" serves (common/capabilities.h): the API validates
+// against these tables, dispatches over them (one instantiation per entry), and
+// build_info reports them. Config / Config4 static_assert their head dims against it.
+inline constexpr DType kDtypes[] = {DType::kBF16, DType::kFP16};
+inline constexpr caps::HeadDims kHeadDims[] = {{64, 64}, {128, 128}, {192, 128}};
+
+// build_info's "ops" entry: {"dtype": [...], "head_dims": [[64, 64], ...]}.
+inline std::string capabilities_json() {
+  return caps::JsonObject().field("dtype", kDtypes).field("head_dims", kHeadDims).str();
+}
 
 // One CTA owns kBlockN keys of one kv head of one sequence and loops over the
 // kBlockM-row query blocks (and the query heads of its GQA group) that see them.
@@ -52,9 +65,8 @@ constexpr bool kCompensatedDS = true;
 
 template <int kDQK, int kDV>
 struct Config {
-  static_assert((kDQK == 64 && kDV == 64) || (kDQK == 128 && kDV == 128) ||
-                    (kDQK == 192 && kDV == 128),
-                "supported (d_qk, d_v): (64, 64), (128, 128), (192, 128)");
+  static_assert(caps::contains(kHeadDims, caps::HeadDims{kDQK, kDV}),
+                "(d_qk, d_v) must be listed in kHeadDims");
   static constexpr int kHeadDimQK = kDQK;
   static constexpr int kHeadDimV = kDV;
 
@@ -128,8 +140,8 @@ static_assert(k4Warps * 16 == kBlockN, "4-warp CTA: one 16-key slab per warp");
 
 template <int kDQK, int kDV>
 struct Config4 {
-  static_assert((kDQK == 64 && kDV == 64) || (kDQK == 128 && kDV == 128),
-                "the 4-warp backward serves (d_qk, d_v) = (64, 64) and (128, 128)");
+  static_assert(caps::contains(kHeadDims, caps::HeadDims{kDQK, kDV}) && kDQK <= 128,
+                "the 4-warp backward serves the listed head dims with d_qk <= 128");
   // Shared-memory byte layout (XOR-swizzled 16-bit tiles, as Config):
   //   kOffK, kOffV   K [kBlockN, d_qk], V [kBlockN, d_v]: resident; dK / dV staging at the end
   //   kOffQ, kOffDO  Q [kBlockM, d_qk], dO [kBlockM, d_v]: one query block per step

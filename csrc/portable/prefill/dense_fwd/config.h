@@ -4,10 +4,23 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
+#include "../../../common/capabilities.h"
 #include "../../../common/limits.h"
 
 namespace flash_mla::portable::dense_fwd {
+
+// What the op "dense_prefill_fwd" serves (common/capabilities.h): the API validates
+// against these tables, dispatches over them (one instantiation per entry), and
+// build_info reports them. Config / WideConfig static_assert their head dims against it.
+inline constexpr DType kDtypes[] = {DType::kBF16, DType::kFP16};
+inline constexpr caps::HeadDims kHeadDims[] = {{64, 64}, {128, 128}, {192, 128}};
+
+// build_info's "ops" entry: {"dtype": [...], "head_dims": [[64, 64], ...]}.
+inline std::string capabilities_json() {
+  return caps::JsonObject().field("dtype", kDtypes).field("head_dims", kHeadDims).str();
+}
 
 constexpr int kBlockN = 64;  // keys per K/V tile
 constexpr int kElemBytes = 2;  // bf16 / fp16
@@ -41,9 +54,8 @@ struct Config {
   static constexpr int kNumWarps = kNumWarps_;
   static constexpr int kThreads = kNumWarps * 32;
   static constexpr int kBlockM = 16 * kNumWarps;  // query rows per CTA
-  static_assert((kDQK == 64 && kDV == 64) || (kDQK == 128 && kDV == 128) ||
-                    (kDQK == 192 && kDV == 128),
-                "supported (d_qk, d_v): (64, 64), (128, 128), (192, 128)");
+  static_assert(caps::contains(kHeadDims, caps::HeadDims{kDQK, kDV}),
+                "(d_qk, d_v) must be listed in kHeadDims");
   static constexpr int kHeadDimQK = kDQK;
   static constexpr int kHeadDimV = kDV;
 
@@ -89,9 +101,8 @@ template <int kDQK, int kDV>
 struct WideConfig {
   // K/V stages: two where they fit 99 KB (d_qk <= 128); one at d = 192.
   static constexpr int kStages = kDQK <= 128 ? 2 : 1;
-  static_assert((kDQK == 64 && kDV == 64) || (kDQK == 128 && kDV == 128) ||
-                    (kDQK == 192 && kDV == 128),
-                "supported (d_qk, d_v): (64, 64), (128, 128), (192, 128)");
+  static_assert(caps::contains(kHeadDims, caps::HeadDims{kDQK, kDV}),
+                "(d_qk, d_v) must be listed in kHeadDims");
   static constexpr int kNumWarps = 4;
   static constexpr int kThreads = 128;
   static constexpr int kSlabs = 2;  // m16 slabs per warp
