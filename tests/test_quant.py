@@ -9,7 +9,7 @@ import torch
 
 from flash_mla import quant
 from flash_mla.testing import make_noncontiguous
-from tests import _float64_reference as f64
+from flash_mla import oracle as f64
 
 NAN_CODES = (0x7F, 0xFF)
 

@@ -1,4 +1,4 @@
-"""flash_mla.reference against the independent float64 formulations in tests/_float64_reference.py,
+"""flash_mla.reference against the independent float64 oracle (flash_mla.oracle),
 on small hostile inputs (CPU)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from flash_mla import quant, reference
 from flash_mla.testing import TOLERANCES, check_close, compare, invalid_prefill_indices, make_noncontiguous, make_paged_kv_cache
-from tests import _float64_reference as f64
+from flash_mla import oracle as f64
 
 # fp32 reference vs float64 oracle: fp32 rounding over dot products of a few hundred terms.
 FP32_TOL = dict(abs_tol=2e-5, rel_tol=2e-4, cos_tol=1e-9)
@@ -324,7 +324,7 @@ def test_mha_prefill_bwd_matches_float64_and_autograd(causal):
     dq, dk, dv = reference.mha_prefill_bwd(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     assert dq.dtype == dk.dtype == dv.dtype == torch.float32
-    exp = f64.mha_bwd(dout, q, k, v, cu_q.tolist(), cu_k.tolist(), scale, causal)
+    exp = f64.mha_bwd(dout, q, k, v, None, cu_q.tolist(), cu_k.tolist(), scale, causal)
     for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), exp):
         _finite_where_expected(got, name)
         _close(got, want, f"mha_bwd.{name}", abs_tol=5e-5)
