@@ -30,6 +30,9 @@ struct CombineParams {
   int d_v;               // value head dim
   int num_splits_total;  // rows of o_accum / lse_accum
   DType out_dtype;
+  // Dense decode writes a batch that has exactly one split itself (no partial): true
+  // makes the combine leave such a batch's out/lse untouched. False for the combine op.
+  bool skip_single_split;
 
   const float* o_accum;          // [num_splits_total, s_q, h_q, d_v] fp32, contiguous
   const float* lse_accum;        // [num_splits_total, s_q, h_q] fp32, log2, contiguous; -inf = empty split
@@ -115,13 +118,60 @@ struct DensePrefillBwdParams {
   cudaStream_t stream;
 };
 
+// ---------------------------------------------------------------------------
+// Dense MLA decode (csrc/portable/decode/dense, schedule in csrc/portable/decode/schedule;
+// docs/dense_decode.md). A CTA serves one row block (32 of the s_q * (h_q / h_k) rows of
+// one kv head) of one schedule part; a part is a run of 64-token KV blocks that may span
+// requests. Token t of request i is k_cache[block_table[i][t / 64]][t % 64]; only
+// t < cache_seqlens[i] is read. Causal: query s sees keys [0, s_k - s_q + s].
+// ---------------------------------------------------------------------------
+struct DenseDecodeScheduleParams {
+  int batch;              // b
+  int num_parts;          // rows of metadata
+  bool batch_invariant;   // pieces depend only on each request's own length
+  const int32_t* seqlens; // [b] int32 (cache_seqlens)
+  int32_t* metadata;      // [num_parts, 8] int32: begin_req, begin_block, end_req, end_block
+                          // (exclusive), first_split, 3 unused; begin_req == b: empty part
+  int32_t* split_offsets; // [b + 1] int32: request i owns splits [off[i], off[i + 1])
+  cudaStream_t stream;
+};
+
+struct DenseDecodeParams {
+  int batch, s_q, h_q, h_k;  // h_q % h_k == 0
+  int num_m_blocks;          // row blocks per kv head: ceil(s_q * h_q / h_k / 32)
+  int num_parts;             // schedule parts (metadata rows)
+  int num_splits_total;      // rows of o_accum / lse_accum
+  int num_cache_blocks;      // k_cache.shape[0]; a page id outside [0, this) is never read
+  int max_blocks_per_seq;    // block_table.shape[1]
+  bool is_causal;
+  DType dtype;               // of q, k_cache, out
+  float softmax_scale_log2;  // softmax_scale * log2(e)
+
+  const void* q;        int64_t q_batch_stride, q_row_stride, q_head_stride;  // [b, s_q, h_q, 576]
+  const void* k_cache;  int64_t k_block_stride, k_token_stride, k_head_stride;
+                        // [num_cache_blocks, 64, h_k, 576], last dim contiguous; V = dims [0, 512)
+  const int32_t* block_table;  int64_t block_table_stride;  // [b, max_blocks_per_seq] int32
+  const int32_t* seqlens;        // [b] int32 (cache_seqlens)
+  const int32_t* metadata;       // [num_parts, 8] int32 from the schedule
+  const int32_t* split_offsets;  // [b + 1] int32 from the schedule
+
+  void* out;  int64_t out_batch_stride, out_row_stride, out_head_stride;  // [b, s_q, h_q, 512]
+  float* lse;        // [b, h_q, s_q] fp32 contiguous, natural log; +inf = row saw no key
+  float* o_accum;    // [num_splits_total, h_q, s_q, 512] fp32 contiguous, normalised partials
+  float* lse_accum;  // [num_splits_total, h_q, s_q] fp32 contiguous, log2; -inf = empty piece
+
+  cudaStream_t stream;
+};
+
 // Pinned sizes. These structs are built by host code and read by device code
 // compiled through a different front end (MSVC lays out some classes
 // differently): a static_assert seen by both the host and the device pass
 // catches a layout drift at compile time. Update the number when a field is
 // added, on purpose.
-static_assert(sizeof(CombineParams) == 104, "CombineParams layout changed");
+static_assert(sizeof(CombineParams) == 112, "CombineParams layout changed");
 static_assert(sizeof(DensePrefillFwdParams) == 200, "DensePrefillFwdParams layout changed");
 static_assert(sizeof(DensePrefillBwdParams) == 320, "DensePrefillBwdParams layout changed");
+static_assert(sizeof(DenseDecodeScheduleParams) == 48, "DenseDecodeScheduleParams layout changed");
+static_assert(sizeof(DenseDecodeParams) == 216, "DenseDecodeParams layout changed");
 
 }  // namespace flash_mla

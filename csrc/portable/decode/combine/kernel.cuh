@@ -9,6 +9,8 @@
 //   attn_sink     fp32 [h_q], natural log, may be null
 //   out           T [batch, s_q, h_q, d_v] at out_{batch,row,head}_stride, last dim contiguous
 //   lse           fp32 [batch, s_q, h_q], contiguous, natural log, sink excluded; +inf = empty row
+// skip_single_split: a batch that owns exactly one split is left untouched (dense decode
+//   writes such a request's out and lse itself, without a partial).
 // Shared memory: none (kDynamicSmemBytes = 0, no static shared arrays).
 //
 // Work split: warp w of block x merges row r = x * kWarpsPerBlock + w, where
@@ -71,6 +73,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineParams p
   const int total = p.num_splits_total;
   const int start = min(max(p.split_offsets[b], 0), total);
   const int end = min(max(p.split_offsets[b + 1], start), total);
+  if (p.skip_single_split && end - start == 1) return;  // the decode kernel wrote this batch
 
   // lse_accum / o_accum index of split i for this (s, h).
   const int64_t split_stride = static_cast<int64_t>(p.s_q) * p.h_q;
