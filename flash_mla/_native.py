@@ -6,8 +6,8 @@ Contract used by the dispatch layer:
 - ``unavailable_reason(op, device, features=None) -> str | None``: None when the
   loaded library has a kernel for ``op`` on ``device`` supporting ``features``
   (a dict of feature name -> value, matched against the op's capability lists in
-  build_info()["ops"]; a feature the op does not list does not constrain it),
-  else a sentence naming the reason.
+  build_info()["ops"]), else a sentence naming the reason. A feature name the op's
+  capability table does not list is a caller's mistake, not a missing kernel: ValueError.
 - ``function(name)``: the exported tvm-ffi function; RuntimeError if unavailable.
 - ``build_info() -> dict | None``: the library's build info, None if not loaded.
 
@@ -200,6 +200,14 @@ def unavailable_reason(op: str, device: Any, features: Optional[dict] = None) ->
         built = ", ".join(sorted(ops)) or "none"
         return (f"op {op!r} is not in this native build (ops built: {built}); rebuild with "
                 "FLASH_MLA_KERNELS=all")
+    capabilities = ops[op]
+    # Checked before the device: a misspelt or stale key must fail on every machine
+    # rather than let a feature go unchecked.
+    unknown = sorted(name for name in (features or {}) if name not in capabilities)
+    if unknown:
+        raise ValueError(
+            f"features for op {op!r} name {', '.join(map(repr, unknown))}, which its capability "
+            f"table does not list; known keys: {', '.join(sorted(capabilities)) or 'none'}")
     _, cap, desc = _device_capability(device)
     if cap is None:
         return f"device {desc} is not a CUDA device"
@@ -208,10 +216,7 @@ def unavailable_reason(op: str, device: Any, features: Optional[dict] = None) ->
         return (f"no kernel for {_arch.sm_name(*cap)} in this build (targets: "
                 f"{', '.join(targets) or 'none'}); rebuild with FLASH_MLA_CUDA_ARCHS=native on "
                 "this machine, or add its target")
-    capabilities = ops[op]
     for name, value in (features or {}).items():
-        if name not in capabilities:
-            continue
         accepted = capabilities[name]
         if _normalise(value) not in accepted:
             shown = json.dumps(_normalise(value))

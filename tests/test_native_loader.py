@@ -84,11 +84,27 @@ def test_reasons_for_features_and_ops(fake_library):
         "(supported: [[64, 64], [128, 128], [192, 128]])")
     assert _native.unavailable_reason("dense_prefill_fwd", "cuda:0",
                                       {"head_dims": (192, 128)}) is None
-    # A feature the op does not declare does not constrain it.
-    assert _native.unavailable_reason("combine", "cuda:0", {"causal": True}) is None
+    assert _native.unavailable_reason("combine", "cuda:0", {"dtype": "fp16", "d_v": 512}) is None
+    assert _native.unavailable_reason("combine", "cuda:0", {"dtype": "fp32"}) == (
+        "feature dtype=\"fp32\" not implemented natively for combine "
+        "(supported: [\"bf16\", \"fp16\"])")
     assert _native.unavailable_reason("sparse_decode", "cuda:0") == (
         "op 'sparse_decode' is not in this native build (ops built: combine, "
         "dense_prefill_fwd); rebuild with FLASH_MLA_KERNELS=all")
+
+
+@pytest.mark.parametrize("device", ["cuda:0", "cuda:1", "cpu"])
+def test_unknown_feature_key_is_an_error(fake_library, device):
+    """A key the op's capability table does not list is the caller's mistake: it raises on
+    every device (an sm_86 or a CPU tensor included) instead of passing unchecked."""
+    fake_library.update({0: (12, 0), 1: (8, 6)})
+    with pytest.raises(ValueError) as err:
+        _native.unavailable_reason("combine", device, {"dtype": "bf16", "causal": True})
+    assert str(err.value) == ("features for op 'combine' name 'causal', which its capability "
+                              "table does not list; known keys: d_v, dtype")
+    with pytest.raises(ValueError, match="name 'dtype', 'head_dim', which its capability table "
+                                         "does not list; known keys: head_dims$"):
+        _native.unavailable_reason("dense_prefill_fwd", device, {"head_dim": 64, "dtype": "bf16"})
 
 
 def test_missing_library(monkeypatch):
