@@ -93,3 +93,18 @@ def test_notices_claim_about_cutlass_holds():
     assert not (users and claims_unused), (
         f"{users} include CUTLASS/CuTe headers: THIRD_PARTY_NOTICES.md must list CUTLASS "
         "(BSD-3-Clause) as compiled in")
+
+
+def test_ci_wheels_do_not_bundle_libtvm_ffi():
+    """The notice says libtvm_ffi comes from the apache-tvm-ffi dependency, not the wheel:
+    the CI repair steps must keep excluding it (and the driver library)."""
+    try:
+        import tomllib
+    except ImportError:
+        tomllib = pytest.importorskip("tomli", reason="reading TOML needs Python 3.11+ or tomli")
+    config = tomllib.loads((REPO / "ci" / "cibuildwheel.toml").read_text(encoding="utf-8"))
+    cibw = config["tool"]["cibuildwheel"]
+    linux = cibw["linux"]["repair-wheel-command"]
+    windows = cibw["windows"]["repair-wheel-command"]
+    assert "--exclude libtvm_ffi.so" in linux and "libcuda.so" in linux, linux
+    assert "tvm_ffi.dll" in windows and "nvcuda.dll" in windows, windows
