@@ -25,12 +25,39 @@ def load_config() -> dict:
     return tomllib.loads(CIBW_CONFIG.read_text(encoding="utf-8"))["tool"]["cibuildwheel"]
 
 
+def workflow() -> dict:
+    import yaml
+
+    return yaml.safe_load(WORKFLOW.read_text(encoding="utf-8"))
+
+
 def jobs() -> dict:
-    """Job name -> its text block in the workflow (top-level keys under 'jobs:')."""
-    text = WORKFLOW.read_text(encoding="utf-8")
-    body = text.split("\njobs:\n", 1)[1]
-    parts = re.split(r"^  ([A-Za-z0-9_-]+):\n", body, flags=re.M)
-    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+    return workflow()["jobs"]
+
+
+def steps_using(job: dict, action: str) -> list:
+    return [s for s in job["steps"] if str(s.get("uses", "")).split("@")[0] == action]
+
+
+def run_steps(job: dict) -> list:
+    return [s for s in job["steps"] if "run" in s]
+
+
+def matrix_rows(job: dict) -> list:
+    matrix = job["strategy"]["matrix"]
+    if "include" in matrix:
+        return matrix["include"]
+    (key, values), = matrix.items()
+    return [{key: v} for v in values]
+
+
+def expand(template: str, row: dict) -> str:
+    return re.sub(r"\$\{\{\s*matrix\.(\w+)\s*\}\}", lambda m: str(row[m.group(1)]), template)
+
+
+def python_version(job: dict) -> tuple:
+    (setup,) = steps_using(job, "actions/setup-python")
+    return tuple(int(x) for x in str(setup["with"]["python-version"]).split("."))
 
 
 # ----------------------------------------------------------------------------------
@@ -104,43 +131,62 @@ def test_wheel_is_smoke_tested_with_cpu_torch_installed_first():
 
 
 # ----------------------------------------------------------------------------------
-# The workflow's shape
+# The workflow's shape, read as YAML
 # ----------------------------------------------------------------------------------
-def test_workflow_has_the_four_jobs():
-    assert set(jobs()) == {"cpu-tests", "linux-wheel", "windows-wheel", "smoke"}
+SMOKE_FOR = {"smoke-linux": "linux-wheel", "smoke-windows": "windows-wheel"}
 
 
-def test_cpu_job_runs_the_test_script():
-    assert "bash scripts/test.sh" in jobs()["cpu-tests"]
+def test_workflow_jobs():
+    assert set(jobs()) == {"cpu-tests", "linux-wheel", "windows-wheel", *SMOKE_FOR}
 
 
-def test_build_jobs_set_targets_explicitly_per_cuda_major():
+def test_cpu_job_runs_the_test_script_on_a_python_torch_supports():
+    job = jobs()["cpu-tests"]
+    assert any(s["run"].strip() == "bash scripts/test.sh" for s in run_steps(job))
+    assert python_version(job) >= (3, 10)  # torch 2.13 needs 3.10+
+
+
+def test_build_jobs_set_targets_explicitly_one_leg_per_cuda_major():
     for name in ("linux-wheel", "windows-wheel"):
-        block = jobs()[name]
-        assert "FLASH_MLA_CUDA_ARCHS: ${{ matrix.archs }}" in block
-        archs = re.findall(r'archs: "([^"]+)"', block)
-        cudas = re.findall(r'- cuda: "(\d+)\.', block)
-        assert archs and all("native" not in a and "120f" in a for a in archs)
-        assert sorted(cudas) == ["12", "13"], "one build per CUDA major"
-        assert f"--platform {name.split('-')[0]} --config-file ci/cibuildwheel.toml" in block
+        job = jobs()[name]
+        assert job["strategy"]["fail-fast"] is False
+        rows = matrix_rows(job)
+        assert sorted(str(r["cuda"]).split(".")[0] for r in rows) == ["12", "13"]
+        for row in rows:
+            assert "native" not in row["archs"] and "120f" in row["archs"].split(";")
+        (build,) = [s for s in run_steps(job) if "cibuildwheel --platform" in s["run"]]
+        assert build["env"]["FLASH_MLA_CUDA_ARCHS"] == "${{ matrix.archs }}"
+        assert f"--platform {name.split('-')[0]} --config-file ci/cibuildwheel.toml" in build["run"]
 
 
-def test_windows_job_runner_cuda_and_msvc():
-    block = jobs()["windows-wheel"]
-    assert re.search(r"^    runs-on: windows-2022$", block, re.M)
-    assert "ci/install_cuda_windows.ps1" in block and (REPO / "ci" / "install_cuda_windows.ps1").is_file()
-    assert "ilammy/msvc-dev-cmd" in block
-    assert 'DISTUTILS_USE_SDK: "1"' in block
+def test_windows_job_runner_cuda_and_x64_msvc():
+    job = jobs()["windows-wheel"]
+    assert job["runs-on"] == "windows-2022"  # windows-2025 carries VS 2026
+    (install,) = [s for s in run_steps(job) if "install_cuda_windows.ps1" in s["run"]]
+    assert '-Version "${{ matrix.cuda }}"' in install["run"]
+    assert (REPO / "ci" / "install_cuda_windows.ps1").is_file()
+    (msvc,) = steps_using(job, "ilammy/msvc-dev-cmd")
+    assert msvc["with"]["arch"] == "x64"
+    order = [job["steps"].index(s) for s in (install, msvc)]
+    (build,) = [s for s in run_steps(job) if "cibuildwheel --platform" in s["run"]]
+    assert build["env"]["DISTUTILS_USE_SDK"] == "1"
+    assert order == sorted(order) and job["steps"].index(build) > max(order)
 
 
-def test_smoke_job_installs_each_wheel_on_a_fresh_runner():
-    block = jobs()["smoke"]
-    assert "needs: [linux-wheel, windows-wheel]" in block
-    assert "bash scripts/smoke.sh --wheel" in block
-    assert "scripts\\smoke.ps1 --wheel" in block
-    artifacts = set(re.findall(r"artifact: (\S+)", block))
-    built = set()
-    for name, os_name in (("linux-wheel", "linux"), ("windows-wheel", "windows")):
-        for cuda in re.findall(r'- cuda: "([\d.]+)"', jobs()[name]):
-            built.add(f"wheel-{os_name}-cuda{cuda}")
-    assert artifacts == built
+@pytest.mark.parametrize("smoke,build", sorted(SMOKE_FOR.items()))
+def test_each_leg_is_smoke_tested_even_when_another_leg_fails(smoke, build):
+    job, built = jobs()[smoke], jobs()[build]
+    # Only its own OS's builds, and still run when one of them failed.
+    assert job["needs"] == [build]
+    assert "!cancelled()" in job["if"]
+    assert job["strategy"]["fail-fast"] is False
+    (upload,) = steps_using(built, "actions/upload-artifact")
+    uploaded = {expand(upload["with"]["name"], row) for row in matrix_rows(built)}
+    assert {row["artifact"] for row in matrix_rows(job)} == uploaded
+    assert python_version(job) >= (3, 10)
+    (download,) = steps_using(job, "actions/download-artifact")
+    assert download["with"]["name"] == "${{ matrix.artifact }}"
+    (script,) = [s for s in run_steps(job) if "smoke." in s["run"]]
+    # A clean venv with CPU torch: the wheel alone decides what is installed.
+    assert "--isolated" in script["run"] and "--wheel" in script["run"]
+    assert "download.pytorch.org/whl/cpu" in script["run"]
