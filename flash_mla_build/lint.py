@@ -1,4 +1,4 @@
-"""Portability lint: the source rules of WINDOWS.md, checked on csrc/ and flash_mla/.
+"""Portability lint: the source rules that keep csrc/ and flash_mla/ building with MSVC.
 
 No Windows machine is available, so the things MSVC (and nvcc's MSVC-emulating front
 end) rejects are caught here instead, by a scanner that strips comments and string
