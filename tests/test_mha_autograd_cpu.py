@@ -9,7 +9,7 @@ import torch
 
 import flash_mla
 from flash_mla import dispatch, reference
-from flash_mla.smoke import _mha64, mha_bwd64
+from flash_mla import oracle
 from flash_mla.testing import TOLERANCES, check_close, check_op_close, compare
 
 CONFIGS = [
@@ -71,7 +71,7 @@ def test_grads_match_float64_math(cfg):
     out, lse = _run(cfg, q, k, v, dout, softmax_scale=0.07)
     # Plain float64 autograd of the forward.
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    out64, lse64 = _mha64(q64, k64, v64, lens_q, lens_k, 0.07, causal)
+    out64, lse64 = oracle.mha_fwd(q64, k64, v64, _cu(lens_q), _cu(lens_k), 0.07, causal)
     (out64 * dout.double()).sum().backward()
     check_op_close("mha_prefill", "out", out, out64.detach())
     check_op_close("mha_prefill", "lse", lse, lse64.detach())
@@ -80,10 +80,10 @@ def test_grads_match_float64_math(cfg):
     # dq/dk use delta = rowsum(dO * out) with the forward's rounded out (the kernels'
     # and upstream's contract), so they are compared with the written-out float64
     # backward fed that out; that formula equals autograd when out is exact:
-    exact = mha_bwd64(dout, q64, k64, v64, out64.detach(), lens_q, lens_k, 0.07, causal)
+    exact = oracle.mha_bwd(dout, q64, k64, v64, out64.detach(), _cu(lens_q), _cu(lens_k), 0.07, causal)
     for got, want, name in zip(exact, (q64.grad, k64.grad, v64.grad), ("dq", "dk", "dv")):
         check_close(got, want, abs_tol=1e-10, rel_tol=1e-9, cos_tol=1e-14, name=f"formula {name}")
-    dq64, dk64, _ = mha_bwd64(dout, q, k, v, out, lens_q, lens_k, 0.07, causal)
+    dq64, dk64, _ = oracle.mha_bwd(dout, q, k, v, out, _cu(lens_q), _cu(lens_k), 0.07, causal)
     check_op_close("mha_prefill", "dq", q.grad, dq64)
     check_op_close("mha_prefill", "dk", k.grad, dk64)
 
