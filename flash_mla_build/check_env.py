@@ -391,8 +391,9 @@ def _check_torch_and_gpus(facts: dict) -> List[Check]:
                             "reinstall torch; the build does not need it, the smoke test does"))
     elif not t["installed"]:
         checks.append(Check("torch", INFO, "not installed",
-                            "not needed to build; the smoke step installs torch==2.13.0 into its "
-                            "venv (or pass --torch-spec)"))
+                            "not needed to build; the build installs torch==2.13.0 into this "
+                            "Python for the smoke test (CPU-only on Windows: install a CUDA torch "
+                            "from pytorch.org first to run the kernels)"))
     else:
         flavour = f"CUDA {t['cuda']}" if t["cuda"] else "CPU-only build"
         checks.append(Check("torch", OK, f"{t['version']} ({flavour})"))
@@ -409,8 +410,8 @@ def _check_torch_and_gpus(facts: dict) -> List[Check]:
                             .replace(".", "") + f"){driver}"))
     if t["installed"] and not t["cuda"]:
         checks.append(Check("torch CUDA", WARN, f"torch {t['version']} has no CUDA but a GPU is present",
-                            "install a CUDA build of torch (pytorch.org selector) for the smoke "
-                            "test, or pass --torch-spec to the smoke step"))
+                            "install a CUDA build of torch (pytorch.org selector) into this "
+                            "Python before the build: the smoke test runs the kernels through it"))
     selected = facts["cuda"].get("selected") or []
     if selected:
         for gpu in gpus:
