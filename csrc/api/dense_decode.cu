@@ -1,0 +1,347 @@
+// tvm-ffi entries of the dense MLA decode (flash_mla_with_kvcache without indices):
+//
+//   dense_decode_num_parts(device, batch, s_q, h_q, h_k, batch_invariant) -> int
+//       schedule parts P for this problem on cuda:<device> (the first call sizes the
+//       schedule and partial buffers with it); FLASH_MLA_DENSE_DECODE_PARTS=n forces P
+//       (tests: results must not depend on the number of SMs); ignored when invariant.
+//   dense_decode_schedule(cache_seqlens, metadata, split_offsets, batch_invariant) -> None
+//       metadata int32 [P, 8] and split_offsets int32 [b + 1] from cache_seqlens, on the
+//       GPU (no host synchronisation; capturable in a CUDA graph).
+//   dense_decode_fwd(q, k_cache, block_table, cache_seqlens, metadata, split_offsets,
+//                    o_accum, lse_accum, out, lse, softmax_scale, causal) -> None
+//       the decode kernel, then the split-KV combine, on the caller's stream.
+// Layouts: DenseDecodeParams in csrc/params.h; design: docs/dense_decode.md. o_accum
+// fp32 [S, h_q, s_q, 512] and lse_accum fp32 [S, h_q, s_q] are head-major, so the combine,
+// called with its (s_q, h_q) roles swapped, writes lse as a contiguous [b, h_q, s_q].
+// Validation happens in one function per entry, in the order device, dtype, layout,
+// shape, values; a wrong call raises ValueError or TypeError and never reaches a kernel.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/function.h>
+
+#include "../common/kernel_registry.h"
+#include "../params.h"
+#include "../portable/decode/combine/kernel.h"
+#include "../portable/decode/dense/config.h"
+#include "../portable/decode/dense/kernel.h"
+#include "../portable/decode/schedule/config.h"
+#include "../portable/decode/schedule/kernel.h"
+#include "checks.h"
+#include "launch.h"
+
+namespace flash_mla::api {
+namespace {
+
+namespace dec = ::flash_mla::portable::dense_decode;
+namespace sched = ::flash_mla::portable::decode_schedule;
+
+FLASH_MLA_REGISTER_OP(dense_decode, dec::capabilities_json);
+
+// cp.async moves 16-byte chunks: every stride but the last must be a multiple of 8
+// elements and the data 16-byte aligned.
+void check_chunk_strides(const TensorView& t, const char* name) {
+  for (int i = 0; i + 1 < t.ndim(); ++i) {
+    if (t.stride(i) < 0 || t.stride(i) % 8 != 0) {
+      TVM_FFI_THROW(ValueError) << name << " must have non-negative strides that are multiples "
+                                << "of 8 elements (16 bytes) in every dimension but the last, got "
+                                << "strides " << strides_str(t);
+    }
+  }
+  check_aligned(t, 16, name);
+}
+
+int64_t forced_parts() {
+  const std::string forced = forced_variant("FLASH_MLA_DENSE_DECODE_PARTS");
+  if (forced.empty()) return 0;
+  char* end = nullptr;
+  const long long value = std::strtoll(forced.c_str(), &end, 10);
+  if (end == forced.c_str() || *end != '\0' || value < 1 || value > (1 << 20)) {
+    TVM_FFI_THROW(ValueError) << "FLASH_MLA_DENSE_DECODE_PARTS must be an integer in [1, "
+                              << (1 << 20) << "] (or unset), got '" << forced << "'";
+  }
+  return value;
+}
+
+int64_t dense_decode_num_parts(int64_t device, int64_t batch, int64_t s_q, int64_t h_q,
+                               int64_t h_k, bool batch_invariant) {
+  if (batch < 0 || s_q < 1 || h_q < 1 || h_k < 1 || h_q % h_k != 0 ||
+      s_q > dec::kMaxQueriesPerRequest) {
+    TVM_FFI_THROW(ValueError) << "dense_decode_num_parts needs batch >= 0, 1 <= s_q <= "
+                              << dec::kMaxQueriesPerRequest << " and h_k >= 1 dividing h_q, got "
+                              << "batch=" << batch << ", s_q=" << s_q << ", h_q=" << h_q
+                              << ", h_k=" << h_k;
+  }
+  if (batch_invariant) {
+    return dec::num_parts(0, 0, static_cast<int>(batch), static_cast<int>(s_q),
+                          static_cast<int>(h_q), static_cast<int>(h_k), true);
+  }
+  const int64_t forced = forced_parts();
+  if (forced > 0) return forced;
+  int num_sms = 0;
+  DeviceGuard::check(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount,
+                                            static_cast<int>(device)),
+                     "cudaDeviceGetAttribute(MultiProcessorCount)");
+  return dec::num_parts(num_sms, max_smem_per_sm(static_cast<int>(device)),
+                        static_cast<int>(batch), static_cast<int>(s_q), static_cast<int>(h_q),
+                        static_cast<int>(h_k), false);
+}
+
+DenseDecodeScheduleParams validate_schedule(const TensorView& cache_seqlens,
+                                            const TensorView& metadata,
+                                            const TensorView& split_offsets, bool invariant) {
+  check_cuda(cache_seqlens, "cache_seqlens");
+  check_same_device(metadata, cache_seqlens, "tile_scheduler_metadata", "cache_seqlens");
+  check_same_device(split_offsets, cache_seqlens, "num_splits", "cache_seqlens");
+  check_dtype(cache_seqlens, is_int32(cache_seqlens), "cache_seqlens", "int32");
+  check_dtype(metadata, is_int32(metadata), "tile_scheduler_metadata", "int32");
+  check_dtype(split_offsets, is_int32(split_offsets), "num_splits", "int32");
+  check_ndim(cache_seqlens, 1, "cache_seqlens", "[b]");
+  check_ndim(metadata, 2, "tile_scheduler_metadata", "[num_parts, 8]");
+  check_ndim(split_offsets, 1, "num_splits", "[b + 1]");
+  check_contiguous(cache_seqlens, "cache_seqlens");
+  check_contiguous(metadata, "tile_scheduler_metadata");
+  check_contiguous(split_offsets, "num_splits");
+  const int64_t batch = cache_seqlens.size(0);
+  const int64_t parts = metadata.size(0);
+  check_shape(metadata, {parts, sched::kMetaInts}, "tile_scheduler_metadata", "[num_parts, 8]");
+  check_shape(split_offsets, {batch + 1}, "num_splits", "[b + 1] (b = cache_seqlens.shape[0])");
+  if (parts < 1) {
+    TVM_FFI_THROW(ValueError) << "tile_scheduler_metadata must have at least one part (row), got "
+                              << "shape " << shape_str(metadata);
+  }
+  DenseDecodeScheduleParams p{};
+  p.batch = narrow_to_int32(batch, "cache_seqlens.shape[0] (b)");
+  p.num_parts = narrow_to_int32(parts, "tile_scheduler_metadata.shape[0] (num_parts)");
+  p.batch_invariant = invariant;
+  p.seqlens = static_cast<const int32_t*>(data_ptr(cache_seqlens));
+  p.metadata = static_cast<int32_t*>(data_ptr(metadata));
+  p.split_offsets = static_cast<int32_t*>(data_ptr(split_offsets));
+  return p;
+}
+
+void dense_decode_schedule(TensorView cache_seqlens, TensorView metadata, TensorView split_offsets,
+                           bool batch_invariant) {
+  DenseDecodeScheduleParams p =
+      validate_schedule(cache_seqlens, metadata, split_offsets, batch_invariant);
+  const int device = cache_seqlens.device().device_id;
+  DeviceGuard guard(device);
+  p.stream = current_stream(device);
+  sched::run_dense_decode_schedule(p);
+  check_launch("dense_decode_schedule");
+}
+
+// All checks of dense_decode_fwd, in the order device, dtype, layout, shape, values.
+DenseDecodeParams validate_dense_decode(const TensorView& q, const TensorView& k_cache,
+                                        const TensorView& block_table,
+                                        const TensorView& cache_seqlens,
+                                        const TensorView& metadata,
+                                        const TensorView& split_offsets,
+                                        const TensorView& o_accum, const TensorView& lse_accum,
+                                        const TensorView& out, const TensorView& lse,
+                                        double softmax_scale, bool causal) {
+  // --- device ---
+  check_cuda(q, "q");
+  check_same_device(k_cache, q, "k_cache", "q");
+  check_same_device(block_table, q, "block_table", "q");
+  check_same_device(cache_seqlens, q, "cache_seqlens", "q");
+  check_same_device(metadata, q, "tile_scheduler_metadata", "q");
+  check_same_device(split_offsets, q, "num_splits", "q");
+  check_same_device(o_accum, q, "o_accum", "q");
+  check_same_device(lse_accum, q, "lse_accum", "q");
+  check_same_device(out, q, "out", "q");
+  check_same_device(lse, q, "lse", "q");
+
+  // --- dtype ---
+  const DType dtype = check_dtype_in(q, dec::kDtypes, "q");
+  const char* q_dtype = dtype == DType::kBF16 ? "bfloat16 (same as q)" : "float16 (same as q)";
+  auto same_as_q = [&](const TensorView& t) {
+    DType d{};
+    return element_dtype(t, &d) && d == dtype;
+  };
+  check_dtype(k_cache, same_as_q(k_cache), "k_cache", q_dtype);
+  check_dtype(out, same_as_q(out), "out", q_dtype);
+  check_dtype(block_table, is_int32(block_table), "block_table", "int32");
+  check_dtype(cache_seqlens, is_int32(cache_seqlens), "cache_seqlens", "int32");
+  check_dtype(metadata, is_int32(metadata), "tile_scheduler_metadata", "int32");
+  check_dtype(split_offsets, is_int32(split_offsets), "num_splits", "int32");
+  check_dtype(o_accum, is_fp32(o_accum), "o_accum", "float32");
+  check_dtype(lse_accum, is_fp32(lse_accum), "lse_accum", "float32");
+  check_dtype(lse, is_fp32(lse), "lse", "float32");
+
+  // --- layout ---
+  check_ndim(q, 4, "q", "[b, s_q, h_q, 576]");
+  check_ndim(k_cache, 4, "k_cache", "[num_blocks, 64, h_k, 576]");
+  check_ndim(block_table, 2, "block_table", "[b, max_blocks]");
+  check_ndim(cache_seqlens, 1, "cache_seqlens", "[b]");
+  check_ndim(metadata, 2, "tile_scheduler_metadata", "[num_parts, 8]");
+  check_ndim(split_offsets, 1, "num_splits", "[b + 1]");
+  check_ndim(o_accum, 4, "o_accum", "[num_splits_total, h_q, s_q, 512]");
+  check_ndim(lse_accum, 3, "lse_accum", "[num_splits_total, h_q, s_q]");
+  check_ndim(out, 4, "out", "[b, s_q, h_q, 512]");
+  check_ndim(lse, 3, "lse", "[b, h_q, s_q]");
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k_cache, "k_cache");
+  check_last_dim_contiguous(block_table, "block_table");
+  check_last_dim_contiguous(out, "out");
+  check_chunk_strides(q, "q");
+  check_chunk_strides(k_cache, "k_cache");
+  check_chunk_strides(out, "out");
+  if (block_table.stride(0) < 0) {
+    TVM_FFI_THROW(ValueError) << "block_table must have a non-negative row stride, got strides "
+                              << strides_str(block_table);
+  }
+  check_contiguous(cache_seqlens, "cache_seqlens");
+  check_contiguous(metadata, "tile_scheduler_metadata");
+  check_contiguous(split_offsets, "num_splits");
+  check_contiguous(o_accum, "o_accum");
+  check_contiguous(lse_accum, "lse_accum");
+  check_contiguous(lse, "lse");
+  check_aligned(o_accum, 16, "o_accum");
+
+  // --- shape ---
+  const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2);
+  const int64_t num_cache_blocks = k_cache.size(0), h_k = k_cache.size(2);
+  const int64_t splits = o_accum.size(0), parts = metadata.size(0);
+  check_shape(q, {b, s_q, h_q, dec::kHeadDimQK}, "q", "[b, s_q, h_q, 576]");
+  check_shape(k_cache, {num_cache_blocks, dec::kPageSize, h_k, dec::kHeadDimQK}, "k_cache",
+              "[num_blocks, 64, h_k, 576] (page size 64)");
+  if (!dec::kHeadsQ.contains(static_cast<int>(h_q < 0 || h_q > INT32_MAX ? 0 : h_q))) {
+    TVM_FFI_THROW(ValueError) << "q must have between " << dec::kHeadsQ.first << " and "
+                              << dec::kHeadsQ.last << " heads (dim 2), got shape " << shape_str(q);
+  }
+  if (h_k < 1 || h_q % h_k != 0) {
+    TVM_FFI_THROW(ValueError) << "k_cache heads (dim 2) must divide q's " << h_q
+                              << " heads, got k_cache shape " << shape_str(k_cache);
+  }
+  check_shape(block_table, {b, block_table.size(1)}, "block_table", "[b, max_blocks] (b from q)");
+  check_shape(cache_seqlens, {b}, "cache_seqlens", "[b] (b from q)");
+  check_shape(metadata, {parts, sched::kMetaInts}, "tile_scheduler_metadata", "[num_parts, 8]");
+  check_shape(split_offsets, {b + 1}, "num_splits", "[b + 1] (b from q)");
+  check_shape(o_accum, {splits, h_q, s_q, dec::kHeadDimV}, "o_accum",
+              "[num_splits_total, h_q, s_q, 512] (h_q, s_q from q)");
+  check_shape(lse_accum, {splits, h_q, s_q}, "lse_accum", "[num_splits_total, h_q, s_q]");
+  check_shape(out, {b, s_q, h_q, dec::kHeadDimV}, "out", "[b, s_q, h_q, 512]");
+  check_shape(lse, {b, h_q, s_q}, "lse", "[b, h_q, s_q]");
+
+  // --- values ---
+  if (s_q < 1 || s_q > dec::kMaxQueriesPerRequest) {
+    TVM_FFI_THROW(ValueError) << "q must have between 1 and " << dec::kMaxQueriesPerRequest
+                              << " queries per request (dim 1), got shape " << shape_str(q);
+  }
+  if (!(std::isfinite(softmax_scale) && softmax_scale > 0.0)) {
+    TVM_FFI_THROW(ValueError) << "softmax_scale must be positive and finite, got " << softmax_scale;
+  }
+  if (parts < 1 || splits < 1) {
+    TVM_FFI_THROW(ValueError) << "tile_scheduler_metadata and o_accum must have at least one row, "
+                              << "got shapes " << shape_str(metadata) << " and "
+                              << shape_str(o_accum);
+  }
+  const int m_blocks = dec::num_m_blocks(static_cast<int>(s_q), static_cast<int>(h_q),
+                                         static_cast<int>(h_k));
+  const int64_t ctas = parts * h_k * m_blocks;
+  if (ctas > INT32_MAX) {
+    TVM_FFI_THROW(ValueError) << "tile_scheduler_metadata has " << parts << " parts, which with "
+                              << h_k << " kv heads and " << m_blocks << " row blocks exceeds the "
+                              << "grid limit of " << INT32_MAX << " CTAs";
+  }
+
+  DenseDecodeParams p{};
+  p.batch = narrow_to_int32(b, "q.shape[0] (b)");
+  p.s_q = static_cast<int>(s_q);
+  p.h_q = static_cast<int>(h_q);
+  p.h_k = static_cast<int>(h_k);
+  p.num_m_blocks = m_blocks;
+  p.num_parts = static_cast<int>(parts);
+  p.num_splits_total = narrow_to_int32(splits, "o_accum.shape[0] (num_splits_total)");
+  p.num_cache_blocks = narrow_to_int32(num_cache_blocks, "k_cache.shape[0] (num_blocks)");
+  p.max_blocks_per_seq = narrow_to_int32(block_table.size(1), "block_table.shape[1]");
+  p.is_causal = causal;
+  p.dtype = dtype;
+  p.softmax_scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  p.q = data_ptr(q);
+  p.q_batch_stride = q.stride(0);
+  p.q_row_stride = q.stride(1);
+  p.q_head_stride = q.stride(2);
+  p.k_cache = data_ptr(k_cache);
+  p.k_block_stride = k_cache.stride(0);
+  p.k_token_stride = k_cache.stride(1);
+  p.k_head_stride = k_cache.stride(2);
+  p.block_table = static_cast<const int32_t*>(data_ptr(block_table));
+  p.block_table_stride = block_table.stride(0);
+  p.seqlens = static_cast<const int32_t*>(data_ptr(cache_seqlens));
+  p.metadata = static_cast<const int32_t*>(data_ptr(metadata));
+  p.split_offsets = static_cast<const int32_t*>(data_ptr(split_offsets));
+  p.out = data_ptr(out);
+  p.out_batch_stride = out.stride(0);
+  p.out_row_stride = out.stride(1);
+  p.out_head_stride = out.stride(2);
+  p.lse = static_cast<float*>(data_ptr(lse));
+  p.o_accum = static_cast<float*>(data_ptr(o_accum));
+  p.lse_accum = static_cast<float*>(data_ptr(lse_accum));
+  return p;
+}
+
+// The combine over the decode's partials: (s_q, h_q) swapped, see the file comment.
+CombineParams combine_params(const DenseDecodeParams& p) {
+  CombineParams c{};
+  c.batch = p.batch;
+  c.s_q = p.h_q;
+  c.h_q = p.s_q;
+  c.d_v = dec::kHeadDimV;
+  c.num_splits_total = p.num_splits_total;
+  c.out_dtype = p.dtype;
+  c.skip_single_split = true;
+  c.o_accum = p.o_accum;
+  c.lse_accum = p.lse_accum;
+  c.split_offsets = p.split_offsets;
+  c.attn_sink = nullptr;
+  c.out = p.out;
+  c.out_batch_stride = p.out_batch_stride;
+  c.out_row_stride = p.out_head_stride;
+  c.out_head_stride = p.out_row_stride;
+  c.lse = p.lse;
+  c.stream = p.stream;
+  return c;
+}
+
+void dense_decode_fwd(TensorView q, TensorView k_cache, TensorView block_table,
+                      TensorView cache_seqlens, TensorView metadata, TensorView split_offsets,
+                      TensorView o_accum, TensorView lse_accum, TensorView out, TensorView lse,
+                      double softmax_scale, bool causal) {
+  DenseDecodeParams p =
+      validate_dense_decode(q, k_cache, block_table, cache_seqlens, metadata, split_offsets,
+                            o_accum, lse_accum, out, lse, softmax_scale, causal);
+  if (p.batch == 0) return;
+  const int device = q.device().device_id;
+  DeviceGuard guard(device);
+  p.stream = current_stream(device);
+  if (p.dtype == DType::kBF16) {
+    dec::run_dense_decode<DType::kBF16>(p);
+  } else {
+    dec::run_dense_decode<DType::kFP16>(p);
+  }
+  check_launch("dense_decode");
+  const CombineParams c = combine_params(p);
+  if (p.dtype == DType::kBF16) {
+    combine::run_combine<__nv_bfloat16, 4>(c);
+  } else {
+    combine::run_combine<__half, 4>(c);
+  }
+  check_launch("combine (dense decode)");
+}
+
+}  // namespace
+}  // namespace flash_mla::api
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(dense_decode_num_parts, flash_mla::api::dense_decode_num_parts);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(dense_decode_schedule, flash_mla::api::dense_decode_schedule);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(dense_decode_fwd, flash_mla::api::dense_decode_fwd);

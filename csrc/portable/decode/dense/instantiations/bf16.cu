@@ -1,0 +1,11 @@
+// Portable dense MLA decode, bf16 (causal and not: switched inside run_dense_decode).
+#include "../../../../common/kernel_registry.h"
+#include "../kernel.cuh"
+
+namespace flash_mla::portable::dense_decode {
+
+template void run_dense_decode<DType::kBF16>(const DenseDecodeParams&);
+FLASH_MLA_REGISTER_KERNEL(dense_decode_bf16, "dense_decode", "bf16 d576 dv512, causal|full",
+                          kSmemBytes, kThreads);
+
+}  // namespace flash_mla::portable::dense_decode

@@ -1,0 +1,11 @@
+// Portable dense MLA decode, fp16 (causal and not: switched inside run_dense_decode).
+#include "../../../../common/kernel_registry.h"
+#include "../kernel.cuh"
+
+namespace flash_mla::portable::dense_decode {
+
+template void run_dense_decode<DType::kFP16>(const DenseDecodeParams&);
+FLASH_MLA_REGISTER_KERNEL(dense_decode_fp16, "dense_decode", "fp16 d576 dv512, causal|full",
+                          kSmemBytes, kThreads);
+
+}  // namespace flash_mla::portable::dense_decode

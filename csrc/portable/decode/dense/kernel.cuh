@@ -1,0 +1,449 @@
+// Portable dense MLA decode: mma.sync m16n8k16 + ldmatrix + cp.async only, so the same
+// source runs on sm_80 .. sm_90 and sm_120/121. Design and arithmetic: docs/dense_decode.md.
+//
+// Work split. blockIdx.x = (part * h_k + kv_head) * num_m_blocks + m_block. The CTA serves
+// rows [32 m_block, 32 m_block + 32) of the s_q * group rows of kv head `kv_head` (row r:
+// query r / group, query head kv_head * group + r % group; group = h_q / h_k) for every
+// piece of its schedule part (csrc/portable/decode/schedule): a run of 64-token blocks of
+// one request. Warp w computes S for all 32 rows over dims [144w, 144w + 144) and owns
+// output columns [128w, 128w + 128) (O: 2 slabs x 16 n-tiles x 4 fp32 per lane); warp 0
+// also runs the online softmax (its lanes hold rows 16s + g and 16s + g + 8, g = lane / 4,
+// of both slabs s), with running max / sum in registers.
+//
+// Global memory. q rows (576 elements, 16-byte aligned, any strides that are multiples of 8
+// elements) and cache rows are read with 16-byte cp.async; a token's page id is read from
+// block_table only for tokens below cache_seqlens, and a page id outside [0,
+// num_cache_blocks) is never dereferenced (its rows read as zeros). Rows past the piece's
+// end are zero-filled without a read. A piece of a request with one split writes out
+// (q dtype, rounded to nearest) and lse (natural log) directly; otherwise it writes its
+// normalised fp32 partial to o_accum[split] and its log2 lse to lse_accum[split] (the
+// combine merges them). No atomics, fixed reduction order: bit-identical reruns.
+//
+// Shared memory (config.h has the offsets; 16-bit rows XOR-swizzled in 16-byte chunks,
+// swizzle.cuh):
+//   [0, 36864)          Q block [32][576]
+//   [36864, +3*18432)   KV stage ring, tile i in stage i % 3: [16 tokens][576]
+//   [92160, +6144)      S partial sums of warps 1..3: [warp-1][slab][n-tile][lane] float4
+//   [98304, +1024)      P [32][16] in the input dtype (chunk ^= (row >> 2) & 1)
+//   [99328, +128)       per-row rescale factor of the current tile, fp32
+//   [99456, +128)       per-row 1 / sum for the epilogue, fp32
+//
+// Barrier / cp.async protocol per piece (T tiles of 16 tokens):
+//   __syncthreads (the previous piece's readers are done); cp.async Q and tile 0 ->
+//   commit; tile 1 -> commit.
+//   iteration i: wait_group 1 (tile i landed, this thread's part); B1 __syncthreads (tile
+//     i visible; every warp finished iteration i-1, so stage (i+2) % 3, the S partials, P
+//     and the rescale factors are free); cp.async tile i+2 -> commit (an empty group past
+//     the end keeps the count); S partial sums; warps 1..3 store theirs; B2 __syncthreads;
+//     warp 0: add the partials (warp order 1, 2, 3), mask, online softmax, P and rescale
+//     factors to shared memory; B3 __syncthreads; every warp: rescale O, O += P V.
+//   epilogue: wait_group 0; warp 0 publishes 1 / sum and writes lse; __syncthreads; every
+//     warp writes its columns.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include <cuda_runtime.h>
+
+#include "../../../params.h"
+#include "../../common/cp_async.cuh"
+#include "../../common/element.cuh"
+#include "../../common/ldmatrix.cuh"
+#include "../../common/math.cuh"
+#include "../../common/mma.cuh"
+#include "../../common/swizzle.cuh"
+#include "../schedule/config.h"
+#include "config.h"
+#include "kernel.h"
+
+namespace flash_mla::portable::dense_decode {
+
+// The kernel takes the params struct by value: its layout must be the same for the host
+// compiler (MSVC or gcc) and the device pass.
+static_assert(sizeof(DenseDecodeParams) == 216, "DenseDecodeParams layout changed");
+
+namespace sched = ::flash_mla::portable::decode_schedule;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLn2 = 0.69314718055994530942f;
+constexpr int kChunksPerRow = kHeadDimQK / 8;  // 16-byte chunks per 576-element row
+
+// P tile: 32 rows of 16 elements (two 16-byte chunks); swapping the chunks of rows 4..7 of
+// every 8 makes the 8 row addresses of one ldmatrix matrix hit 32 distinct banks.
+__device__ __forceinline__ uint32_t p_offset(int row, int chunk) {
+  return static_cast<uint32_t>(row * 32 + ((chunk ^ ((row >> 2) & 1)) * 16));
+}
+
+template <typename Elem, bool kIsCausal>
+__global__ void __launch_bounds__(kThreads, 1)
+    dense_decode_kernel(const __grid_constant__ DenseDecodeParams params) {
+  using Storage = typename Elem::Storage;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t smem_base = cvta_shared(smem);
+  const uint32_t q_smem = smem_base;
+  float4* s_partial = reinterpret_cast<float4*>(smem + kSPartialOffset);
+  float* rescale_smem = reinterpret_cast<float*>(smem + kRescaleOffset);
+  float* inv_sum_smem = reinterpret_cast<float*>(smem + kInvSumOffset);
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+
+  const int m_block = static_cast<int>(blockIdx.x % params.num_m_blocks);
+  const int rest = static_cast<int>(blockIdx.x / params.num_m_blocks);
+  const int kv_head = rest % params.h_k;
+  const int part = rest / params.h_k;
+
+  const int32_t* meta = params.metadata + static_cast<int64_t>(part) * sched::kMetaInts;
+  const int begin_req = meta[sched::kBeginReq];
+  const int begin_block = meta[sched::kBeginBlock];
+  const int end_req = meta[sched::kEndReq];
+  const int end_block = meta[sched::kEndBlock];
+  const int first_split = meta[sched::kFirstSplit];
+  if (begin_req < 0 || begin_req >= params.batch) return;  // empty part
+  const int last_req = min(end_req, params.batch - 1);
+
+  const int group = params.h_q / params.h_k;
+  const int rows = params.s_q * group;
+  const int m0 = m_block * kBlockM;
+  const int valid_rows = min(kBlockM, rows - m0);
+  const float scale_log2 = params.softmax_scale_log2;  // > 0 (validated)
+  const Storage* q_base = static_cast<const Storage*>(params.q);
+  const Storage* k_base = static_cast<const Storage*>(params.k_cache);
+  const Storage* k_head = k_base + static_cast<int64_t>(kv_head) * params.k_head_stride;
+
+  // Per-lane ldmatrix coordinates (see mma.cuh / ldmatrix.cuh for the fragment orders).
+  // Q (A of S): row (lane & 15) of the slab, chunk bit lane >> 4. K (B of S, not
+  // transposed): token (lane & 7) + 8 * bit 4, chunk bit (lane >> 3) & 1. V (B of O,
+  // transposed): token (lane & 7) + 8 * bit 3, chunk bit lane >> 4. P (A of O) like Q.
+  const int a_row = lane & 15;
+  const int a_col = (lane >> 4) * 8;
+  const int k_row = (lane & 7) + ((lane >> 4) & 1) * 8;
+  const int k_col = ((lane >> 3) & 1) * 8;
+  const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int v_col = (lane >> 4) * 8;
+
+  for (int req = begin_req; req <= last_req; ++req) {
+    const int s_k = max(params.seqlens[req], 0);
+    const int n_blocks = static_cast<int>((static_cast<int64_t>(s_k) + kPageSize - 1) / kPageSize);
+    const int lo = req == begin_req ? begin_block : 0;
+    const int hi = min(req == end_req ? end_block : n_blocks, n_blocks);
+    // A piece the schedule counted but the current lengths left empty still writes its
+    // (empty) result, so the combine never reads an unwritten split.
+    const int sched_hi = req == end_req ? end_block : n_blocks;
+    if (lo >= sched_hi) continue;
+    const int total_splits = params.num_splits_total;
+    const int off_begin = min(max(params.split_offsets[req], 0), total_splits);
+    const int off_end = min(max(params.split_offsets[req + 1], off_begin), total_splits);
+    const bool direct = off_end - off_begin == 1;
+    const int split = req == begin_req ? first_split : off_begin;
+    if (!direct && (split < 0 || split >= total_splits)) continue;  // stale schedule
+
+    const int tok_begin = lo * kPageSize;
+    int tok_end = static_cast<int>(min(static_cast<int64_t>(max(hi, lo)) * kPageSize,
+                                       static_cast<int64_t>(s_k)));
+    // Per-row visible bound for this lane's four softmax rows (warp 0): keys [0, lim).
+    int lim[kSlabs][2];
+#pragma unroll
+    for (int s = 0; s < kSlabs; ++s) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = m0 + 16 * s + g + 8 * r;
+        lim[s][r] = kIsCausal ? min(tok_end, s_k - params.s_q + row / group + 1) : tok_end;
+      }
+    }
+    if (kIsCausal) {
+      // No row of this block sees keys at or past s_k - s_q + (its last query) + 1.
+      const int last_query = (m0 + valid_rows - 1) / group;
+      tok_end = min(tok_end, s_k - params.s_q + last_query + 1);
+    }
+    const int num_tiles = tok_end > tok_begin ? (tok_end - tok_begin + kBlockN - 1) / kBlockN : 0;
+
+    __syncthreads();  // every warp is done with the previous piece's shared memory
+
+    // ---- Q block: 32 rows x 72 chunks, gathered per row (row -> query, head) ----
+    {
+      const Storage* q_req = q_base + static_cast<int64_t>(req) * params.q_batch_stride;
+#pragma unroll 2
+      for (int j = 0; j < kBlockM * kChunksPerRow / kThreads; ++j) {
+        const int idx = tid + j * kThreads;
+        const int row = idx / kChunksPerRow;
+        const int col = (idx % kChunksPerRow) * 8;
+        const bool valid = row < valid_rows;
+        const Storage* src = q_base;
+        if (valid) {
+          const int r = m0 + row;
+          const int head = kv_head * group + r % group;
+          src = q_req + static_cast<int64_t>(r / group) * params.q_row_stride +
+                static_cast<int64_t>(head) * params.q_head_stride + col;
+        }
+        cp_async_16_zfill(q_smem + swizzled_offset<kHeadDimQK>(row, col), src, valid);
+      }
+    }
+    auto stage_addr = [&](int tile) -> uint32_t {
+      return smem_base + kStagesOffset + static_cast<uint32_t>(tile % kStages) * kTileBytes;
+    };
+    // One 16-token tile: one page (a tile never straddles two), 9 chunks per thread.
+    auto issue_tile = [&](int tile) {
+      const int tok0 = tok_begin + tile * kBlockN;
+      if (tile >= num_tiles) return;
+      const int page = params.block_table[static_cast<int64_t>(req) * params.block_table_stride +
+                                          tok0 / kPageSize];
+      const bool page_ok = page >= 0 && page < params.num_cache_blocks;
+      const Storage* page_base =
+          k_head + static_cast<int64_t>(page_ok ? page : 0) * params.k_block_stride;
+      const uint32_t dst = stage_addr(tile);
+#pragma unroll
+      for (int j = 0; j < kBlockN * kChunksPerRow / kThreads; ++j) {
+        const int idx = tid + j * kThreads;
+        const int row = idx / kChunksPerRow;
+        const int col = (idx % kChunksPerRow) * 8;
+        const int tok = tok0 + row;
+        const bool valid = page_ok && tok < tok_end;
+        const Storage* src =
+            valid ? page_base + static_cast<int64_t>(tok % kPageSize) * params.k_token_stride + col
+                  : k_base;
+        cp_async_16_zfill(dst + swizzled_offset<kHeadDimQK>(row, col), src, valid);
+      }
+    };
+    issue_tile(0);
+    cp_async_commit();
+    issue_tile(1);
+    cp_async_commit();
+
+    float o_acc[kSlabs][kNTilesO][4];
+#pragma unroll
+    for (int s = 0; s < kSlabs; ++s)
+#pragma unroll
+      for (int n = 0; n < kNTilesO; ++n) o_acc[s][n][0] = o_acc[s][n][1] = o_acc[s][n][2] = o_acc[s][n][3] = 0.f;
+    float row_max[kSlabs][2], row_sum[kSlabs][2];
+#pragma unroll
+    for (int s = 0; s < kSlabs; ++s) {
+      row_max[s][0] = row_max[s][1] = kNegInf;
+      row_sum[s][0] = row_sum[s][1] = 0.f;
+    }
+
+    for (int i = 0; i < num_tiles; ++i) {
+      cp_async_wait<1>();
+      __syncthreads();  // B1
+      issue_tile(i + 2);
+      cp_async_commit();
+      const uint32_t tile_smem = stage_addr(i);
+
+      // ---- S partial: this warp's 9 k-steps, 32 rows x 16 tokens ----
+      float s_acc[kSlabs][2][4];
+#pragma unroll
+      for (int s = 0; s < kSlabs; ++s)
+#pragma unroll
+        for (int n = 0; n < 2; ++n) s_acc[s][n][0] = s_acc[s][n][1] = s_acc[s][n][2] = s_acc[s][n][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kKStepsPerWarp; ++kk) {
+        const int col = (warp * kKStepsPerWarp + kk) * 16;
+        uint32_t b[4];
+        ldmatrix_x4(b, tile_smem + swizzled_offset<kHeadDimQK>(k_row, col + k_col));
+        const uint32_t b_lo[2] = {b[0], b[1]};
+        const uint32_t b_hi[2] = {b[2], b[3]};
+#pragma unroll
+        for (int s = 0; s < kSlabs; ++s) {
+          uint32_t a[4];
+          ldmatrix_x4(a, q_smem + swizzled_offset<kHeadDimQK>(16 * s + a_row, col + a_col));
+          mma_m16n8k16<Elem>(s_acc[s][0], a, b_lo);
+          mma_m16n8k16<Elem>(s_acc[s][1], a, b_hi);
+        }
+      }
+      if (warp > 0) {
+#pragma unroll
+        for (int s = 0; s < kSlabs; ++s)
+#pragma unroll
+          for (int n = 0; n < 2; ++n)
+            s_partial[(((warp - 1) * kSlabs + s) * 2 + n) * 32 + lane] =
+                make_float4(s_acc[s][n][0], s_acc[s][n][1], s_acc[s][n][2], s_acc[s][n][3]);
+      }
+      __syncthreads();  // B2
+
+      if (warp == 0) {
+        const int tok0 = tok_begin + i * kBlockN;
+#pragma unroll
+        for (int s = 0; s < kSlabs; ++s) {
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+#pragma unroll
+            for (int w = 1; w < kNumWarps; ++w) {
+              const float4 v = s_partial[(((w - 1) * kSlabs + s) * 2 + n) * 32 + lane];
+              s_acc[s][n][0] += v.x;
+              s_acc[s][n][1] += v.y;
+              s_acc[s][n][2] += v.z;
+              s_acc[s][n][3] += v.w;
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int tok = tok0 + n * 8 + 2 * t + (e & 1);
+              if (tok >= lim[s][e >> 1]) s_acc[s][n][e] = kNegInf;
+            }
+          }
+        }
+        // Online softmax in base 2, as in the prefill kernel: maxima in raw score units,
+        // p = 2^(s c - m c) with one FFMA; __fmul_rn keeps an unchanged max's rescale at
+        // exactly 1 (a fused residual would drift over long rows).
+#pragma unroll
+        for (int s = 0; s < kSlabs; ++s) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            float tile_max = row_max[s][r];
+#pragma unroll
+            for (int n = 0; n < 2; ++n) {
+              tile_max = fmaxf(tile_max, fmaxf(s_acc[s][n][2 * r], s_acc[s][n][2 * r + 1]));
+            }
+            tile_max = quad_max(tile_max);
+            const float ref = tile_max == kNegInf ? 0.f : __fmul_rn(tile_max, scale_log2);
+            const float correction = exp2_approx(__fmul_rn(row_max[s][r], scale_log2) - ref);
+            row_max[s][r] = tile_max;
+            float sum = 0.f;
+#pragma unroll
+            for (int n = 0; n < 2; ++n) {
+              s_acc[s][n][2 * r] = exp2_approx(fmaf(s_acc[s][n][2 * r], scale_log2, -ref));
+              s_acc[s][n][2 * r + 1] = exp2_approx(fmaf(s_acc[s][n][2 * r + 1], scale_log2, -ref));
+              sum += s_acc[s][n][2 * r] + s_acc[s][n][2 * r + 1];
+            }
+            row_sum[s][r] = row_sum[s][r] * correction + sum;
+            const int row = 16 * s + g + 8 * r;
+            if (t == 0) rescale_smem[row] = correction;
+#pragma unroll
+            for (int n = 0; n < 2; ++n) {
+              *reinterpret_cast<uint32_t*>(smem + kPOffset + p_offset(row, n) + 4 * t) =
+                  pack_float2<Elem>(s_acc[s][n][2 * r], s_acc[s][n][2 * r + 1]);
+            }
+          }
+        }
+      }
+      __syncthreads();  // B3
+
+      // ---- O = O * rescale + P V over this warp's 128 columns ----
+#pragma unroll
+      for (int s = 0; s < kSlabs; ++s) {
+        const float c0 = rescale_smem[16 * s + g];
+        const float c1 = rescale_smem[16 * s + g + 8];
+#pragma unroll
+        for (int n = 0; n < kNTilesO; ++n) {
+          o_acc[s][n][0] *= c0;
+          o_acc[s][n][1] *= c0;
+          o_acc[s][n][2] *= c1;
+          o_acc[s][n][3] *= c1;
+        }
+      }
+      uint32_t p_frag[kSlabs][4];
+#pragma unroll
+      for (int s = 0; s < kSlabs; ++s) {
+        const int row = 16 * s + (lane & 7) + ((lane >> 3) & 1) * 8;
+        ldmatrix_x4(p_frag[s], smem_base + kPOffset + p_offset(row, lane >> 4));
+      }
+#pragma unroll
+      for (int dp = 0; dp < kNTilesO / 2; ++dp) {
+        const int col = warp * kColsPerWarp + dp * 16;
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, tile_smem + swizzled_offset<kHeadDimQK>(v_row, col + v_col));
+        const uint32_t b_lo[2] = {b[0], b[1]};
+        const uint32_t b_hi[2] = {b[2], b[3]};
+#pragma unroll
+        for (int s = 0; s < kSlabs; ++s) {
+          mma_m16n8k16<Elem>(o_acc[s][2 * dp], p_frag[s], b_lo);
+          mma_m16n8k16<Elem>(o_acc[s][2 * dp + 1], p_frag[s], b_hi);
+        }
+      }
+    }
+    cp_async_wait<0>();  // drain (the groups past the last tile are empty)
+
+    // ---- epilogue ----
+    if (warp == 0) {
+#pragma unroll
+      for (int s = 0; s < kSlabs; ++s) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float sum = quad_sum(row_sum[s][r]);
+          const int row = 16 * s + g + 8 * r;
+          if (t == 0) {
+            inv_sum_smem[row] = sum > 0.f ? 1.f / sum : 0.f;
+            if (row < valid_rows) {
+              const int rr = m0 + row;
+              const int head = kv_head * group + rr % group;
+              const int64_t hs = static_cast<int64_t>(head) * params.s_q + rr / group;
+              const float lse2 = row_max[s][r] * scale_log2 + __log2f(sum);
+              if (direct) {
+                params.lse[static_cast<int64_t>(req) * params.h_q * params.s_q + hs] =
+                    sum > 0.f ? lse2 * kLn2 : __int_as_float(0x7f800000);
+              } else {
+                params.lse_accum[static_cast<int64_t>(split) * params.h_q * params.s_q + hs] =
+                    sum > 0.f ? lse2 : kNegInf;
+              }
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();
+
+#pragma unroll
+    for (int s = 0; s < kSlabs; ++s) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = 16 * s + g + 8 * r;
+        if (row >= valid_rows) continue;
+        const float inv = inv_sum_smem[row];
+        const int rr = m0 + row;
+        const int head = kv_head * group + rr % group;
+        const int query = rr / group;
+        if (direct) {
+          Storage* dst = static_cast<Storage*>(params.out) +
+                         static_cast<int64_t>(req) * params.out_batch_stride +
+                         static_cast<int64_t>(query) * params.out_row_stride +
+                         static_cast<int64_t>(head) * params.out_head_stride +
+                         warp * kColsPerWarp + 2 * t;
+#pragma unroll
+          for (int n = 0; n < kNTilesO; ++n) {
+            *reinterpret_cast<uint32_t*>(dst + n * 8) =
+                pack_float2<Elem>(o_acc[s][n][2 * r] * inv, o_acc[s][n][2 * r + 1] * inv);
+          }
+        } else {
+          float* dst = params.o_accum +
+                       ((static_cast<int64_t>(split) * params.h_q + head) * params.s_q + query) *
+                           kHeadDimV +
+                       warp * kColsPerWarp + 2 * t;
+#pragma unroll
+          for (int n = 0; n < kNTilesO; ++n) {
+            *reinterpret_cast<float2*>(dst + n * 8) =
+                make_float2(o_acc[s][n][2 * r] * inv, o_acc[s][n][2 * r + 1] * inv);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename Elem, bool kIsCausal>
+void launch_dense_decode(const DenseDecodeParams& params) {
+  auto kernel = dense_decode_kernel<Elem, kIsCausal>;
+  // Per launch, not cached: the attributes belong to the current device. The carveout
+  // asks for the largest shared-memory split, so two CTAs share an H100 SM.
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                       cudaSharedmemCarveoutMaxShared);
+  const int64_t ctas =
+      static_cast<int64_t>(params.num_parts) * params.h_k * params.num_m_blocks;
+  kernel<<<static_cast<unsigned>(ctas), kThreads, kSmemBytes, params.stream>>>(params);
+}
+
+template <DType kDType>
+void run_dense_decode(const DenseDecodeParams& params) {
+  using Elem = typename std::conditional<kDType == DType::kBF16, BF16, FP16>::type;
+  if (params.is_causal) {
+    launch_dense_decode<Elem, true>(params);
+  } else {
+    launch_dense_decode<Elem, false>(params);
+  }
+}
+
+}  // namespace flash_mla::portable::dense_decode
