@@ -7,19 +7,16 @@
 //   - build_info()'s "ops" JSON (JsonObject), which the Python dispatch reads before it
 //     chooses the native backend; so Python never restates a table either.
 //
-// One name per op, unchanged from Python to the kernel registry:
-//   op name (Python dispatch op, build_info "ops" key, FLASH_MLA_REGISTER_OP id, the op
-//   of its FLASH_MLA_REGISTER_KERNEL records)
-//     | tvm-ffi entries (exported names)                   | API file         | table
-//   combine
-//     | combine                                             | api/combine.cu   | portable/decode/combine/config.h
-//   dense_prefill_fwd
-//     | dense_prefill_fwd, dense_prefill_fwd_workspace_bytes | api/dense_prefill_fwd.cu
-//                                                          | portable/prefill/dense_fwd/config.h
-//   dense_prefill_bwd
-//     | dense_prefill_bwd, dense_prefill_bwd_deterministic, dense_prefill_bwd_workspace_bytes
-//                                                          | api/dense_prefill_bwd.cu
-//                                                          | portable/prefill/dense_bwd/config.h
+// One name per op, unchanged from Python to the kernel registry: the op name is the
+// Python dispatch's op, the build_info "ops" key, the FLASH_MLA_REGISTER_OP id and the op
+// of its FLASH_MLA_REGISTER_KERNEL records; its tvm-ffi entries start with it:
+//   combine            entries: combine
+//                      api/combine.cu, table: portable/decode/combine/config.h
+//   dense_prefill_fwd  entries: dense_prefill_fwd, dense_prefill_fwd_workspace_bytes
+//                      api/dense_prefill_fwd.cu, table: portable/prefill/dense_fwd/config.h
+//   dense_prefill_bwd  entries: dense_prefill_bwd, dense_prefill_bwd_deterministic,
+//                      dense_prefill_bwd_workspace_bytes
+//                      api/dense_prefill_bwd.cu, table: portable/prefill/dense_bwd/config.h
 // A new op adds its row here, its tables to its config.h, a capabilities_json() built
 // from them, and FLASH_MLA_REGISTER_OP(<op name>, <its capabilities_json>) in its API file.
 //
