@@ -115,7 +115,7 @@ def validate(q: Any, k_cache: Any, block_table: Any, cache_seqlens: Any, head_di
         softmax_scale = D_QK ** -0.5
     C.positive_finite(softmax_scale, "softmax_scale")
     _check_cache_values(k_cache, block_table, cache_seqlens)
-    return Problem(b=b, s_q=s_q, h_q=h_q, h_k=h_k, page_size=PAGE_SIZE,
+    return Problem(b=int(b), s_q=int(s_q), h_q=int(h_q), h_k=int(h_k), page_size=PAGE_SIZE,
                    softmax_scale=float(softmax_scale))
 
 

@@ -1,6 +1,6 @@
 """The public API's names, parameter names/order/defaults and the FlashMLASchedMeta
-dataclass match SPEC.md (upstream FlashMLA, commit 9241ae3), so keyword callers of
-upstream run unchanged."""
+dataclass match upstream FlashMLA (commit 9241ae3), so keyword callers of upstream
+run unchanged."""
 from __future__ import annotations
 
 import dataclasses

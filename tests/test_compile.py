@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flash_mla
-from flash_mla import ops
+from flash_mla import dense_decode, mha_prefill, sparse_decode, sparse_prefill  # noqa: F401 (register the ops)
 
 
 def _inputs(seed=0, dtype=torch.bfloat16):
@@ -69,7 +69,7 @@ def test_opcheck_forward_and_backward(dtype):
     q, k, v, cu_q, cu_k = _inputs(dtype=dtype)
     fwd_args = (q, k, v, cu_q, cu_k, 7, 8, 0.125, True, True)
     torch.library.opcheck(torch.ops.flash_mla.mha_prefill_fwd.default, fwd_args + (False,))
-    out, lse = ops.mha_prefill_fwd_impl(*(a.detach() if isinstance(a, torch.Tensor) else a for a in fwd_args))
+    out, lse = mha_prefill._fwd_body(*(a.detach() if isinstance(a, torch.Tensor) else a for a in fwd_args))
     dout = torch.randn_like(out)
     bwd_args = (dout, q.detach(), k.detach(), v.detach(), out, lse, cu_q, cu_k, 7, 8, 0.125, True, True)
     for deterministic in (False, True):

@@ -1,6 +1,6 @@
 """Autograd of flash_attn_varlen_func on the CPU (reference backend): gradients
 against flash_mla.reference.mha_prefill_bwd and against float64 math, the packed
-forms against the unpacked one, lse handling, determinism. Tolerances: SPEC.md's
+forms against the unpacked one, lse handling, determinism. Tolerances: the numerics contract's
 "MHA prefill out, dq, dk, dv" row through flash_mla.testing.TOLERANCES."""
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def test_empty_rows_give_zero_output_and_inf_lse():
 
 
 def test_noncontiguous_inputs_match_contiguous():
-    # Hostile layout (SPEC.md): rows/heads strided inside NaN-padded buffers, last dim
+    # Hostile layout (the numerics contract): rows/heads strided inside NaN-padded buffers, last dim
     # contiguous; results and gradients must equal the contiguous call's.
     from flash_mla.testing import make_noncontiguous
 
@@ -184,9 +184,9 @@ def test_gpu_api_matches_reference(cfg):
     """The public API on a GPU (native kernels where the library serves them, else the
     reference) against the fp32 reference, forward and backward, on zero-mean inputs.
 
-    The native forward rounds P to the input dtype before P.V (SPEC.md numerics): its
+    The native forward rounds P to the input dtype before P.V (the numerics contract): its
     element-wise oracle is the reference with p_dtype set, and it must also stay within
-    SPEC's cosine bound of the exact fp32 result. Against the exact oracle alone, rows
+    the contract's cosine bound of the exact fp32 result. Against the exact oracle alone, rows
     with a few keys and cancelling values fail the element rule by P's rounding alone
     (seen on the H100: up to 17 of 30720 elements)."""
     lens_q, lens_k, h_q, h_k, d_qk, d_v, dtype, causal = cfg
