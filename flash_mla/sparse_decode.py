@@ -71,7 +71,7 @@ def _cache_shape(t: torch.Tensor, name: str, d_qk: int) -> None:
             f"{name} must have {bpt} bytes per token (last dim) for q's head dim {d_qk} "
             f"({fmt} format), got shape {C.shape(t)}"
         )
-    C.dim_eq(t, name, 2, 1, "one kv head (dim 2)")
+    C.dim_eq(t, name, 2, 1, "kv heads (dim 2) equal to")
     if t.shape[1] < 1:
         raise ValueError(f"{name} must have page size (dim 1) >= 1, got shape {C.shape(t)}")
     if t.shape[0] > 0 and t.shape[1] > 1 and t.stride(1) != bpt:

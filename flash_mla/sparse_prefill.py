@@ -71,7 +71,7 @@ def validate(q: Any, kv: Any, indices: Any, sm_scale: Any, d_v: Any, attn_sink: 
     if d_qk not in D_QK:
         raise ValueError(f"q must have head dim (last dim) 576 or 512, got shape {C.shape(q)}")
     C.ndim(kv, "kv", 3, "[s_kv, 1, d_qk]")
-    C.dim_eq(kv, "kv", 1, 1, "one kv head (dim 1)")
+    C.dim_eq(kv, "kv", 1, 1, "kv heads (dim 1) equal to")
     C.dim_eq(kv, "kv", 2, d_qk, "head dim (last dim) equal to q's")
     C.ndim(indices, "indices", 3, "[s_q, 1, topk]")
     if C.shape(indices)[:2] != (int(s_q), 1):

@@ -1,0 +1,190 @@
+"""Bad inputs of sparse MLA decode (flash_mla_with_kvcache with indices): each row
+changes one argument of a valid call and names the exception and the whole message
+(tests/_bad_inputs.py explains the harness)."""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import pytest
+import torch
+
+import flash_mla
+from flash_mla import FlashMLASchedMeta
+
+from tests._bad_inputs import (BF16, FP16, FP32, I32, I64, U8, Case, cast, check_case, check_table,
+                               const, ints, on_meta, strided_last)
+
+ROUTER = "with_kvcache.flash_mla_with_kvcache|sched_meta.check_sched_meta_type"
+
+
+def sparse_args() -> Dict[str, Any]:
+    # V3.2 cache (d_qk 576, 656 bytes per token): b 2, s_q 1, h_q 4, topk 8, 2 pages of 64
+    return dict(q=torch.randn(2, 1, 4, 576).to(BF16), k_cache=torch.zeros(2, 64, 1, 656, dtype=U8),
+                block_table=None, cache_seqlens=None, head_dim_v=512,
+                tile_scheduler_metadata=FlashMLASchedMeta(), is_fp8_kvcache=True,
+                indices=torch.zeros(2, 1, 8, dtype=I32), topk_length=ints([8, 3]))
+
+
+def extra_args() -> Dict[str, Any]:
+    # V4 cache (d_qk 512, 584 bytes per token) with an extra pool and sinks
+    return dict(q=torch.randn(2, 1, 4, 512).to(BF16), k_cache=torch.zeros(2, 16, 1, 584, dtype=U8),
+                block_table=None, cache_seqlens=None, head_dim_v=512,
+                tile_scheduler_metadata=FlashMLASchedMeta(), is_fp8_kvcache=True,
+                indices=torch.zeros(2, 1, 8, dtype=I32), attn_sink=torch.zeros(4),
+                extra_k_cache=torch.zeros(1, 32, 1, 584, dtype=U8),
+                extra_indices_in_kvcache=torch.zeros(2, 1, 4, dtype=I32),
+                extra_topk_length=ints([4, 0]))
+
+
+def _call(**kw):
+    return flash_mla.flash_mla_with_kvcache(**kw)
+
+
+ENTRIES = {"sparse": (sparse_args, _call), "extra": (extra_args, _call)}
+
+CASES = [
+    # which arguments go together
+    Case("fp8-flag-false", "sparse", "is_fp8_kvcache", const(False), ValueError,
+         r"is_fp8_kvcache must be True for sparse decode \(indices given\), got False"),
+    Case("causal-true", "sparse", "causal", const(True), ValueError,
+         r"causal must be False for sparse decode \(indices given\), got True"),
+    Case("extra-cache-alone", "sparse", "extra_k_cache", const(torch.zeros(1, 64, 1, 656, dtype=U8)), ValueError,
+         r"extra_indices_in_kvcache must be given together with extra_k_cache, got None"),
+    Case("extra-indices-alone", "sparse", "extra_indices_in_kvcache", const(torch.zeros(2, 1, 4, dtype=I32)),
+         ValueError, r"extra_k_cache must be given together with extra_indices_in_kvcache, got None"),
+    Case("extra-length-alone", "sparse", "extra_topk_length", const(ints([1, 1])), ValueError,
+         r"extra_topk_length must be None when extra_k_cache is None, got Tensor"),
+    # the router's own arguments
+    Case("num-splits", "sparse", "num_splits", const(1), ValueError,
+         r"num_splits must be None \(the schedule lives in tile_scheduler_metadata\), got int", ROUTER),
+    Case("meta-tuple", "sparse", "tile_scheduler_metadata", const((None, None)), TypeError,
+         r"tile_scheduler_metadata must be the FlashMLASchedMeta returned by get_mla_metadata\(\), "
+         r"got tuple", ROUTER),
+    # Python types
+    Case("q-list", "sparse", "q", const([0.0]), TypeError, r"q must be a torch.Tensor, got list"),
+    Case("cache-bytes", "sparse", "k_cache", const(b"\x00" * 656), TypeError,
+         r"k_cache must be a torch.Tensor, got bytes"),
+    Case("indices-list", "sparse", "indices", const([[[0]]]), TypeError, r"indices must be a torch.Tensor, got list"),
+    Case("topk-length-list", "sparse", "topk_length", const([8, 3]), TypeError,
+         r"topk_length must be a torch.Tensor or None, got list"),
+    Case("sink-float", "extra", "attn_sink", const(0.5), TypeError,
+         r"attn_sink must be a torch.Tensor or None, got float"),
+    Case("extra-cache-list", "extra", "extra_k_cache", const([0]), TypeError,
+         r"extra_k_cache must be a torch.Tensor or None, got list"),
+    Case("head-dim-v-str", "sparse", "head_dim_v", const("512"), TypeError, r"head_dim_v must be an int, got str '512'"),
+    Case("scale-str", "sparse", "softmax_scale", const("auto"), TypeError,
+         r"softmax_scale must be a float or None, got str 'auto'"),
+    Case("fp8-flag-none", "sparse", "is_fp8_kvcache", const(None), TypeError,
+         r"is_fp8_kvcache must be a bool, got NoneType None"),
+    Case("causal-float", "sparse", "causal", const(0.0), TypeError, r"causal must be a bool, got float 0.0"),
+    # dtypes
+    Case("q-fp16", "sparse", "q", cast("q", FP16), TypeError, r"q must have dtype bfloat16, got float16"),
+    Case("q-fp32", "sparse", "q", cast("q", FP32), TypeError, r"q must have dtype bfloat16, got float32"),
+    Case("cache-bf16", "sparse", "k_cache", const(torch.zeros(2, 64, 1, 656, dtype=BF16)), TypeError,
+         r"k_cache must have dtype uint8 or int8 or float8_e4m3fn, got bfloat16"),
+    Case("cache-int32", "sparse", "k_cache", const(torch.zeros(2, 64, 1, 164, dtype=I32)), TypeError,
+         r"k_cache must have dtype uint8 or int8 or float8_e4m3fn, got int32"),
+    Case("indices-int64", "sparse", "indices", cast("indices", I64), TypeError, r"indices must have dtype int32, got int64"),
+    Case("topk-length-int64", "sparse", "topk_length", cast("topk_length", I64), TypeError,
+         r"topk_length must have dtype int32, got int64"),
+    Case("sink-bf16", "extra", "attn_sink", cast("attn_sink", BF16), TypeError,
+         r"attn_sink must have dtype float32, got bfloat16"),
+    Case("extra-cache-fp16", "extra", "extra_k_cache", const(torch.zeros(1, 32, 1, 584, dtype=FP16)), TypeError,
+         r"extra_k_cache must have dtype uint8 or int8 or float8_e4m3fn, got float16"),
+    Case("extra-indices-int64", "extra", "extra_indices_in_kvcache", cast("extra_indices_in_kvcache", I64),
+         TypeError, r"extra_indices_in_kvcache must have dtype int32, got int64"),
+    Case("extra-length-int64", "extra", "extra_topk_length", cast("extra_topk_length", I64), TypeError,
+         r"extra_topk_length must have dtype int32, got int64"),
+    # devices
+    Case("cache-device", "sparse", "k_cache", on_meta("k_cache"), ValueError,
+         r"k_cache must be on the same device as q \(cpu\), got meta"),
+    Case("indices-device", "sparse", "indices", on_meta("indices"), ValueError,
+         r"indices must be on the same device as q \(cpu\), got meta"),
+    Case("sink-device", "extra", "attn_sink", on_meta("attn_sink"), ValueError,
+         r"attn_sink must be on the same device as q \(cpu\), got meta"),
+    Case("extra-length-device", "extra", "extra_topk_length", on_meta("extra_topk_length"), ValueError,
+         r"extra_topk_length must be on the same device as q \(cpu\), got meta"),
+    # layout
+    Case("indices-strided", "sparse", "indices", strided_last("indices"), ValueError,
+         r"indices must have a contiguous last dimension \(stride\(-1\) == 1\), got strides \(16, 16, 2\) "
+         r"for shape \(2, 1, 8\)"),
+    Case("q-strided", "sparse", "q", strided_last("q"), ValueError,
+         r"q must have a contiguous last dimension \(stride\(-1\) == 1\), got strides \(4608, 4608, 1152, 2\) "
+         r"for shape \(2, 1, 4, 576\)"),
+    Case("cache-page-stride", "sparse", "k_cache", const(torch.zeros(2, 64, 1, 700, dtype=U8)[..., :656]),
+         ValueError, r"k_cache must have stride\(1\) == 656 \(tokens of a page back to back\), got strides "
+                     r"\(44800, 700, 700, 1\) for shape \(2, 64, 1, 656\)"),
+    Case("extra-cache-page-stride", "extra", "extra_k_cache",
+         const(torch.zeros(1, 32, 1, 600, dtype=U8)[..., :584]), ValueError,
+         r"extra_k_cache must have stride\(1\) == 584 \(tokens of a page back to back\), got strides "
+         r"\(19200, 600, 600, 1\) for shape \(1, 32, 1, 584\)"),
+    # shapes
+    Case("q-3d", "sparse", "q", const(torch.zeros(2, 4, 576, dtype=BF16)), ValueError,
+         r"q must have shape \[b, s_q, h_q, d_qk\] \(4-D\), got shape \(2, 4, 576\)"),
+    Case("q-d128", "sparse", "q", const(torch.zeros(2, 1, 4, 128, dtype=BF16)), ValueError,
+         r"q must have head dim \(last dim\) 576 \(V3.2 cache\) or 512 \(V4 cache\), got shape \(2, 1, 4, 128\)"),
+    Case("cache-576-bytes", "sparse", "k_cache", const(torch.zeros(2, 64, 1, 576, dtype=U8)), ValueError,
+         r"k_cache must have 656 bytes per token \(last dim\) for q's head dim 576 \(V3.2 format\), "
+         r"got shape \(2, 64, 1, 576\)"),
+    Case("q-512-with-v32-cache", "sparse", "q", const(torch.zeros(2, 1, 4, 512, dtype=BF16)), ValueError,
+         r"k_cache must have 584 bytes per token \(last dim\) for q's head dim 512 \(V4 format\), "
+         r"got shape \(2, 64, 1, 656\)"),
+    Case("cache-3d", "sparse", "k_cache", const(torch.zeros(128, 1, 656, dtype=U8)), ValueError,
+         r"k_cache must have shape \[num_blocks, page_size, 1, 656\] \(4-D\), got shape \(128, 1, 656\)"),
+    Case("cache-heads", "sparse", "k_cache", const(torch.zeros(2, 64, 2, 656, dtype=U8)), ValueError,
+         r"k_cache must have kv heads \(dim 2\) equal to 1, got shape \(2, 64, 2, 656\)"),
+    Case("cache-page-0", "sparse", "k_cache", const(torch.zeros(2, 0, 1, 656, dtype=U8)), ValueError,
+         r"k_cache must have page size \(dim 1\) >= 1, got shape \(2, 0, 1, 656\)"),
+    Case("indices-2d", "sparse", "indices", const(torch.zeros(2, 8, dtype=I32)), ValueError,
+         r"indices must have shape \[b, s_q, topk\] \(3-D\), got shape \(2, 8\)"),
+    Case("indices-s-q", "sparse", "indices", const(torch.zeros(2, 2, 8, dtype=I32)), ValueError,
+         r"indices must have shape \[b, s_q, topk\] = \[2, 1, topk\] matching q, got shape \(2, 2, 8\)"),
+    Case("indices-batch", "sparse", "indices", const(torch.zeros(3, 1, 8, dtype=I32)), ValueError,
+         r"indices must have shape \[b, s_q, topk\] = \[2, 1, topk\] matching q, got shape \(3, 1, 8\)"),
+    Case("topk-length-length", "sparse", "topk_length", const(ints([8])), ValueError,
+         r"topk_length must have length 2, got shape \(1,\)"),
+    Case("topk-length-2d", "sparse", "topk_length", const(ints([[8, 3]])), ValueError,
+         r"topk_length must have shape \[b\] \(1-D\), got shape \(1, 2\)"),
+    Case("sink-length", "extra", "attn_sink", const(torch.zeros(3)), ValueError,
+         r"attn_sink must have length 4, got shape \(3,\)"),
+    Case("extra-cache-v32-bytes", "extra", "extra_k_cache", const(torch.zeros(1, 32, 1, 656, dtype=U8)),
+         ValueError, r"extra_k_cache must have 584 bytes per token \(last dim\) for q's head dim 512 "
+                     r"\(V4 format\), got shape \(1, 32, 1, 656\)"),
+    Case("extra-indices-shape", "extra", "extra_indices_in_kvcache", const(torch.zeros(2, 4, dtype=I32)),
+         ValueError, r"extra_indices_in_kvcache must have shape \[b, s_q, extra_topk\] \(3-D\), got shape \(2, 4\)"),
+    Case("extra-indices-batch", "extra", "extra_indices_in_kvcache", const(torch.zeros(1, 1, 4, dtype=I32)),
+         ValueError, r"extra_indices_in_kvcache must have shape \[b, s_q, extra_topk\] = \[2, 1, extra_topk\] "
+                     r"matching q, got shape \(1, 1, 4\)"),
+    Case("extra-length-length", "extra", "extra_topk_length", const(ints([4, 0, 1])), ValueError,
+         r"extra_topk_length must have length 2, got shape \(3,\)"),
+    # values
+    Case("head-dim-v-576", "sparse", "head_dim_v", const(576), ValueError, r"head_dim_v must be 512, got 576"),
+    Case("scale-inf", "sparse", "softmax_scale", const(float("inf")), ValueError,
+         r"softmax_scale must be a finite positive float, got inf"),
+    Case("scale-negative", "extra", "softmax_scale", const(-1.0), ValueError,
+         r"softmax_scale must be a finite positive float, got -1.0"),
+]
+
+
+def test_table():
+    check_table(CASES, ENTRIES)
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRIES))
+def test_valid_baseline_is_accepted(entry):
+    build, call = ENTRIES[entry]
+    out, lse = call(**build())
+    assert out.shape == (2, 1, 4, 512) and lse.shape == (2, 4, 1)
+
+
+def test_index_values_are_not_checked():
+    # A negative index or one past the cache is invalid by contract, never an error.
+    args = sparse_args()
+    args["indices"] = torch.tensor([[[-5, 128, 2 ** 31 - 1, 0, -1, 7, 127, 1]]] * 2, dtype=I32)
+    out, lse = ENTRIES["sparse"][1](**args)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case):
+    check_case(case, ENTRIES, "sparse_decode")
