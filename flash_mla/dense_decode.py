@@ -15,21 +15,25 @@ Values of cache_seqlens and block_table are checked only where reading them cost
 no device sync (CPU tensors): seqlens >= 0, enough table columns, pages inside the
 cache. On a GPU they are the caller's responsibility, as upstream.
 
-Native binding point: ``_run_native`` beside ``_run_reference``. This version has
-no dense decode kernel, so ``flash_mla.dispatch`` reports that and every call runs
-the reference. Binding one means: implement ``_run_native`` (same arguments and
-outputs as ``_run_reference``), add "dense_decode" to the dispatch's bound ops, and
-describe the kernel's capabilities under build_info()["ops"]["dense_decode"]
-(``_features`` says which keys the dispatch asks about).
+Native path: ``_run_native`` calls the library's tvm-ffi entries (csrc/api/dense_decode.cu):
+the first call that receives a FlashMLASchedMeta runs the schedule kernel
+(``dense_decode_schedule``, on the GPU, no host sync) and stores its tensors in the holder
+(``tile_scheduler_metadata``: int32 [parts, 8], ``num_splits``: split offsets int32
+[b + 1]); every call then launches the decode and the split-KV combine
+(``dense_decode_fwd``) on the current stream, so a decode step is capturable in a CUDA
+graph (a capture that includes the first call recomputes the schedule at each replay).
+``enable_batch_invariant=True`` picks pieces that depend only on each request's own length
+(docs/dense_decode.md).
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
 from . import _checks as C
 from . import _custom_op
+from . import _native
 from . import dispatch as _dispatch
 from .sched_meta import FlashMLASchedMeta, bind_or_check_config
 
@@ -151,16 +155,71 @@ def _features(q: torch.Tensor) -> dict:
     return {"dtype": _DTYPE_FEATURE[q.dtype]}
 
 
+# Native entries (csrc/api/dense_decode.cu), looked up once per loaded library.
+_functions: Dict[str, Callable] = {}
+_functions_owner: list = [None]
+# Ints per schedule part (csrc/portable/decode/schedule/config.h, kMetaInts).
+_META_INTS = 8
+
+
+def _function(name: str) -> Callable:
+    if _functions_owner[0] is not _native.function:  # a test replaced the loader
+        _functions.clear()
+        _functions_owner[0] = _native.function
+    fn = _functions.get(name)
+    if fn is None:
+        fn = _functions[name] = _native.function(name)
+    return fn
+
+
+def _native_schedule(q: torch.Tensor, k_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                     batch_invariant: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The split-KV schedule on q's device, computed by a GPU kernel from cache_seqlens
+    (no host sync): (metadata int32 [parts, 8], split offsets int32 [b + 1])."""
+    b, s_q, h_q, _ = q.shape
+    h_k = k_cache.shape[2]
+    parts = int(_function("dense_decode_num_parts")(
+        q.device.index, int(b), int(s_q), int(h_q), int(h_k), bool(batch_invariant)))
+    metadata = torch.empty((parts, _META_INTS), dtype=torch.int32, device=q.device)
+    split_offsets = torch.empty((int(b) + 1,), dtype=torch.int32, device=q.device)
+    _function("dense_decode_schedule")(cache_seqlens, metadata, split_offsets,
+                                       bool(batch_invariant))
+    return metadata, split_offsets
+
+
 def _run_native(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
                 cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float,
-                causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The native kernel (none in this version; the dispatch never picks it)."""
-    raise NotImplementedError("flash_mla has no native dense decode kernel in this version")
+                causal: bool, tile_scheduler_metadata: Optional[torch.Tensor] = None,
+                num_splits: Optional[torch.Tensor] = None,
+                batch_invariant: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The native decode and combine (one tvm-ffi call on the current stream). The
+    schedule comes from the caller's FlashMLASchedMeta, or is computed here when none is
+    given (a traced call). The fp32 split partials hold at most b + parts splits (each
+    part adds at most one piece beyond one per request), or parts in batch-invariant mode
+    (one part per piece); they are allocated per call, so nothing waits on the host."""
+    if tile_scheduler_metadata is None or num_splits is None:
+        tile_scheduler_metadata, num_splits = _native_schedule(q, k_cache, cache_seqlens,
+                                                               batch_invariant)
+    b, s_q, h_q, _ = q.shape
+    parts = tile_scheduler_metadata.shape[0]
+    splits = parts if batch_invariant else b + parts
+    out = torch.empty((b, s_q, h_q, head_dim_v), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=q.device)
+    o_accum = torch.empty((splits, h_q, s_q, head_dim_v), dtype=torch.float32, device=q.device)
+    lse_accum = torch.empty((splits, h_q, s_q), dtype=torch.float32, device=q.device)
+    _function("dense_decode_fwd")(q, k_cache, block_table, cache_seqlens,
+                                  tile_scheduler_metadata, num_splits, o_accum, lse_accum, out,
+                                  lse, float(softmax_scale), bool(causal))
+    return out, lse
 
 
 def _run_reference(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
                    cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float,
-                   causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                   causal: bool, tile_scheduler_metadata: Optional[torch.Tensor] = None,
+                   num_splits: Optional[torch.Tensor] = None,
+                   batch_invariant: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 reference (needs no schedule; every request is computed on its own, so
+    it is batch invariant as it stands)."""
     from . import reference  # imported on the fallback path only
 
     out, lse = reference.dense_decode(
@@ -171,15 +230,19 @@ def _run_reference(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Te
 
 def _body(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
           cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float,
-          causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+          causal: bool, tile_scheduler_metadata: Optional[torch.Tensor],
+          num_splits: Optional[torch.Tensor],
+          batch_invariant: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dense decode on validated inputs: (out [b, s_q, h_q, head_dim_v] in q's dtype,
     lse fp32 [b, h_q, s_q] contiguous)."""
     backend = _dispatch.choose(OP, q.device, _features(q))
     run = _run_native if backend == _dispatch.NATIVE else _run_reference
-    return run(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
+    return run(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
+               tile_scheduler_metadata, num_splits, batch_invariant)
 
 
-def _fake(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):
+def _fake(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
+          tile_scheduler_metadata, num_splits, batch_invariant):
     b, s_q, h_q, _ = q.shape
     return (q.new_empty((b, s_q, h_q, head_dim_v)),
             torch.empty((b, h_q, s_q), dtype=torch.float32, device=q.device))
@@ -188,21 +251,55 @@ def _fake(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, cau
 _op = _custom_op.define(
     OP,
     "(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "
-    "float softmax_scale, bool causal) -> (Tensor, Tensor)",
+    "float softmax_scale, bool causal, Tensor? tile_scheduler_metadata, Tensor? num_splits, "
+    "bool batch_invariant) -> (Tensor, Tensor)",
     _body, _fake)
+
+
+# The enable_batch_invariant a holder's stored schedule was made with (an attribute of the
+# instance beside upstream's fields, which stay exactly upstream's).
+_INVARIANT_ATTR = "_dense_decode_batch_invariant"
+
+
+def _stored_schedule(holder: FlashMLASchedMeta, q: torch.Tensor, k_cache: torch.Tensor,
+                     cache_seqlens: torch.Tensor, batch_invariant: bool
+                     ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The holder's schedule; on its first native call, computed and stored there. None
+    while tracing (the op computes one per call) or on the reference backend."""
+    if holder.tile_scheduler_metadata is not None:
+        recorded = getattr(holder, _INVARIANT_ATTR, batch_invariant)
+        if recorded != batch_invariant:
+            raise ValueError(
+                f"tile_scheduler_metadata holds a schedule made with enable_batch_invariant="
+                f"{recorded} but this call has enable_batch_invariant={batch_invariant}; get a "
+                "new one from get_mla_metadata() for this call")
+        return holder.tile_scheduler_metadata, holder.num_splits
+    if C.is_compiling():
+        return None, None
+    if _dispatch.choose(OP, q.device, _features(q)) != _dispatch.NATIVE:
+        return None, None
+    holder.tile_scheduler_metadata, holder.num_splits = _native_schedule(
+        q, k_cache, cache_seqlens, batch_invariant)
+    setattr(holder, _INVARIANT_ATTR, batch_invariant)
+    return holder.tile_scheduler_metadata, holder.num_splits
 
 
 # --------------------------------------------------------------------------- entry
 
 def decode(q: Any, k_cache: Any, block_table: Any, cache_seqlens: Any, head_dim_v: Any,
            tile_scheduler_metadata: FlashMLASchedMeta, softmax_scale: Any, causal: Any,
-           is_fp8_kvcache: Any, **sparse_only: Optional[Any]) -> Tuple[torch.Tensor, torch.Tensor]:
+           is_fp8_kvcache: Any, enable_batch_invariant: Any = False,
+           **sparse_only: Optional[Any]) -> Tuple[torch.Tensor, torch.Tensor]:
     """``flash_mla_with_kvcache`` without indices (see flash_mla.with_kvcache):
-    validate, record or check the schedule holder's configuration, run."""
+    validate, record or check the schedule holder's configuration, run. The first
+    native call stores the split-KV schedule in the holder; later calls reuse it."""
     p = validate(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
                  is_fp8_kvcache, **sparse_only)
+    C.boolean(enable_batch_invariant, "enable_batch_invariant")
     config = FlashMLASchedMeta.Config(p.b, p.s_q, p.h_q, p.page_size, p.h_k, bool(causal),
                                       False, None, None, None)
     bind_or_check_config(tile_scheduler_metadata, config)
+    metadata, num_splits = _stored_schedule(tile_scheduler_metadata, q, k_cache, cache_seqlens,
+                                            bool(enable_batch_invariant))
     return _op(q, k_cache, block_table, cache_seqlens, int(head_dim_v), p.softmax_scale,
-               bool(causal))
+               bool(causal), metadata, num_splits, bool(enable_batch_invariant))

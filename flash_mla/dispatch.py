@@ -46,9 +46,9 @@ OPS = (
 )
 
 # Ops whose native entry point the Python layer calls (csrc/api exports them with
-# the signatures in the shared contract). The decode and sparse-prefill kernels are
-# not written yet, so there is nothing to bind for them.
-_NATIVE_BOUND_OPS = frozenset({"dense_prefill_fwd", "dense_prefill_bwd"})
+# the signatures in the shared contract). The sparse decode and sparse-prefill kernels
+# are not written yet, so there is nothing to bind for them.
+_NATIVE_BOUND_OPS = frozenset({"dense_prefill_fwd", "dense_prefill_bwd", "dense_decode"})
 
 
 class FlashMLAFallbackWarning(UserWarning):

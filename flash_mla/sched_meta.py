@@ -26,10 +26,10 @@ class FlashMLASchedMeta:
     Fields (same names and defaults as upstream FlashMLA):
       have_initialized: set by the first ``flash_mla_with_kvcache`` call.
       config: the :class:`FlashMLASchedMeta.Config` that call had.
-      tile_scheduler_metadata: int32 device tensor with the split-KV schedule, or
-        None while the decode runs on the PyTorch reference backend (it needs no
-        schedule).
-      num_splits: int32 device tensor (split offsets per batch), or None likewise.
+      tile_scheduler_metadata: int32 device tensor with the split-KV schedule (dense
+        decode: [parts, 8], one row per part), or None while the decode runs on the
+        PyTorch reference backend (it needs no schedule).
+      num_splits: int32 device tensor (split offsets per batch, [b + 1]), or None likewise.
     """
 
     @dataclasses.dataclass

@@ -52,6 +52,7 @@ def flash_mla_with_kvcache(
     extra_indices_in_kvcache: Optional[torch.Tensor] = None,
     topk_length: Optional[torch.Tensor] = None,
     extra_topk_length: Optional[torch.Tensor] = None,
+    enable_batch_invariant: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """MLA decode over a paged KV cache: dense (``indices is None``) or sparse FP8.
 
@@ -67,6 +68,9 @@ def flash_mla_with_kvcache(
     unused and may be None.
 
     ``num_splits`` must be None. ``softmax_scale`` defaults to q.shape[-1] ** -0.5.
+    ``enable_batch_invariant=True`` (dense decode) makes each request's out/lse
+    bit-identical whatever the batch it is in: its split-KV pieces depend only on its
+    own length.
 
     Returns (out [b, s_q, h_q, 512] in q's dtype, lse fp32 [b, h_q, s_q] natural
     log). For sparse decode lse is the transposed view of a contiguous
@@ -82,7 +86,7 @@ def flash_mla_with_kvcache(
     if indices is None:
         return dense_decode.decode(
             q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
-            softmax_scale, causal, is_fp8_kvcache, attn_sink=attn_sink,
+            softmax_scale, causal, is_fp8_kvcache, enable_batch_invariant, attn_sink=attn_sink,
             extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
             topk_length=topk_length, extra_topk_length=extra_topk_length)
     return sparse_decode.decode(

@@ -25,7 +25,7 @@ EXPECTED = {
         ("tile_scheduler_metadata", E), ("num_splits", None), ("softmax_scale", None),
         ("causal", False), ("is_fp8_kvcache", False), ("indices", None), ("attn_sink", None),
         ("extra_k_cache", None), ("extra_indices_in_kvcache", None), ("topk_length", None),
-        ("extra_topk_length", None),
+        ("extra_topk_length", None), ("enable_batch_invariant", False),
     ],
     "flash_mla_sparse_fwd": [
         ("q", E), ("kv", E), ("indices", E), ("sm_scale", E), ("d_v", 512), ("attn_sink", None),
