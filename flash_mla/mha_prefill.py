@@ -93,9 +93,9 @@ class Problem(NamedTuple):
 
 def _fast(q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, max_q: Any, max_k: Any, dropout_p: Any,
           softmax_scale: Any, causal: Any, deterministic: Any, is_varlen: Any) -> Optional[Problem]:
-    """The common valid ``flash_attn_varlen_func`` call in a few expressions (it runs
-    once per layer per step; the full checks cost ~10-25 us of Python). Returns the
-    sizes only when every condition of the full checks holds, stricter where that is
+    """The common valid ``flash_attn_varlen_func`` call in a few expressions: it runs
+    once per layer per step, and the full checks cost several times more Python time
+    (docs/dispatch.md). Returns the sizes only when every condition of the full checks holds, stricter where that is
     simpler (plain int/float/bool scalars, unit last-dim strides); None means "run
     the full checks", which then raise the precise error or accept."""
     tensor = torch.Tensor
