@@ -12,6 +12,9 @@
 // of its FLASH_MLA_REGISTER_KERNEL records; its tvm-ffi entries start with it:
 //   combine            entries: combine
 //                      api/combine.cu, table: portable/decode/combine/config.h
+//   dense_decode       entries: dense_decode_num_parts, dense_decode_schedule,
+//                      dense_decode_fwd (decode, then the combine)
+//                      api/dense_decode.cu, table: portable/decode/dense/config.h
 //   dense_prefill_fwd  entries: dense_prefill_fwd, dense_prefill_fwd_workspace_bytes
 //                      api/dense_prefill_fwd.cu, table: portable/prefill/dense_fwd/config.h
 //   dense_prefill_bwd  entries: dense_prefill_bwd, dense_prefill_bwd_deterministic,
