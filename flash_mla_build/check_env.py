@@ -38,7 +38,7 @@ PROBE_TARGETS = ("80", "86", "89", "90a", "100f", "103f", "120", "120f", "121f")
 # Free space for two venvs (torch ~ 1-3 GB), the build tree and the wheel.
 DISK_BLOCKER_GIB = 2.0
 DISK_WARN_GIB = 10.0
-# MSVC 19.50 is Visual Studio 2026; CUDA 13.1 and older refuse it (WINDOWS.md).
+# MSVC 19.50 is Visual Studio 2026; CUDA 13.1 and older refuse it in host_config.h.
 MSVC_VS2026 = (19, 50)
 # The longest file name a build venv gets below site-packages (nvidia-cutlass 4.2.0.0:
 # cutlass_library/source/examples/68_hopper_.../..._with_sparse_groups.cu).

@@ -13,7 +13,7 @@ Public API:
 - ``nvcc_link_args(platform, output, lib_dirs, libs) -> list[str]``: the shared
   library link through nvcc (it adds the static cudart); objects go into a
   response file (``--options-file``), so the line stays short on Windows.
-- ``LOUD_PTXAS``: the ptxas options every CUDA file gets (STYLE.md).
+- ``LOUD_PTXAS``: the ptxas options every CUDA file gets (resources printed, spills loud).
 - ``spilling_kernels(compiler_output) -> list[str]``: kernels ptxas reported with
   spills (a release build fails on any).
 """
