@@ -1,0 +1,162 @@
+"""Sustained-load soak of the native dense MLA decode: random shapes for --seconds
+(default 60), alternating eager calls and CUDA-graph replays (a step captured once per
+shape and replayed with new cache_seqlens), checked at intervals.
+
+Checks: every --check-every calls the last result is compared with float64 math
+(flash_mla.oracle, element rule TOLERANCES["dense_decode"]); a fixed sentinel problem is
+rerun every --check-every calls and must reproduce its first result bit for bit (no drift,
+no corruption of state between calls). A watchdog thread exits the process with status 3
+when no call completes for --hang-seconds (a livelock or hang); any error or failed check
+exits with status 1. Prints one summary line per check and a final count.
+
+Usage: python benchmarks/soak_dense_decode.py [--seconds 60] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import threading
+import time
+import types
+from typing import Optional
+
+D_QK, D_V, PAGE = 576, 512, 64
+HEADS = [(1, 1), (3, 1), (9, 3), (16, 1), (32, 2), (63, 3), (64, 1), (64, 8), (126, 2), (128, 1)]
+
+
+class Watchdog:
+    """Exits the process (status 3) when beat() is not called for `limit` seconds."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.last = time.monotonic()
+        self.what = "start"
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def beat(self, what: str) -> None:
+        self.last = time.monotonic()
+        self.what = what
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(1.0)
+            if time.monotonic() - self.last > self.limit:
+                print(f"HANG: no call completed for {self.limit:.0f} s (last: {self.what})",
+                      flush=True)
+                os._exit(3)
+
+
+def make(torch, rng: random.Random, gen, max_b: int):
+    """A random problem built on the GPU: q, a cache whose pages are shuffled, with NaN in
+    two unreferenced blocks and huge values in an extra block_table column, lengths with
+    some zeros (at most 400k tokens in all), causal or not."""
+    b = rng.randint(1, max_b)
+    s_q = rng.choice([1, 1, 2, 4])
+    h_q, h_k = rng.choice(HEADS)
+    dtype = rng.choice([torch.bfloat16, torch.float16])
+    max_len = min(rng.choice([64, 700, 5000, 20000]), 400_000 // b)
+    seqlens = [0 if rng.random() < 0.1 else rng.randint(1, max_len) for _ in range(b)]
+    pages = -(-max_len // PAGE)
+    k_cache = (torch.randn(b * pages + 2, PAGE, h_k, D_QK, device="cuda", generator=gen) / 10
+               ).to(dtype)
+    k_cache[-2:] = float("nan")
+    table = torch.randperm(b * pages, device="cuda", generator=gen).to(torch.int32).view(b, pages)
+    huge = torch.full((b, 1), 2 ** 31 - 1, dtype=torch.int32, device="cuda")
+    cache = types.SimpleNamespace(k_cache=k_cache, block_table=torch.cat([table, huge], 1),
+                                  max_len=max_len)
+    q = (torch.randn(b, s_q, h_q, D_QK, device="cuda", generator=gen) / 10).clamp(-1, 1).to(dtype)
+    seqlens_dev = torch.tensor(seqlens, dtype=torch.int32, device="cuda")
+    return q, cache, seqlens_dev, rng.random() < 0.5
+
+
+def check(torch, flash_mla, q, cache, seqlens_dev, causal, out, lse, label: str) -> None:
+    from flash_mla import oracle
+    from flash_mla.testing import check_op_close
+
+    exact_out, exact_lse = oracle.dense_decode(q, cache.k_cache, cache.block_table,
+                                               seqlens_dev.tolist(), D_V, D_QK ** -0.5, causal)
+    check_op_close("dense_decode", "out", out, exact_out, name=f"{label} out")
+    check_op_close("dense_decode", "lse", lse, exact_lse, name=f"{label} lse")
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--check-every", type=int, default=50)
+    ap.add_argument("--hang-seconds", type=float, default=60.0)
+    ap.add_argument("--max-b", type=int, default=64)
+    args = ap.parse_args(argv)
+    os.environ["FLASH_MLA_BACKEND"] = "native"
+    import torch
+
+    import flash_mla
+
+    dog = Watchdog(args.hang_seconds)
+    rng = random.Random(args.seed)
+    gen = torch.Generator(device="cuda").manual_seed(args.seed)
+
+    def decode(q, cache, seqlens_dev, causal, meta=None):
+        meta = meta or flash_mla.get_mla_metadata()[0]
+        return flash_mla.flash_mla_with_kvcache(q, cache.k_cache, cache.block_table, seqlens_dev,
+                                                D_V, meta, causal=causal)
+
+    sentinel = make(torch, random.Random(12345), torch.Generator(device="cuda").manual_seed(1), 8)
+    sentinel_ref = [t.clone() for t in decode(*sentinel)]
+    torch.cuda.synchronize()
+
+    calls = graphs = checks = 0
+    start = time.monotonic()
+    try:
+        while time.monotonic() - start < args.seconds:
+            problem = make(torch, rng, gen, args.max_b)
+            q, cache, seqlens_dev, causal = problem
+            use_graph = rng.random() < 0.5
+            if use_graph:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    decode(*problem)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out, lse = decode(*problem)
+                for _ in range(rng.randint(2, 6)):
+                    new = [rng.randint(0, cache.max_len) for _ in range(q.shape[0])]
+                    seqlens_dev.copy_(torch.tensor(new, dtype=torch.int32))
+                    graph.replay()
+                    calls += 1
+                    graphs += 1
+                torch.cuda.synchronize()
+            else:
+                meta = flash_mla.get_mla_metadata()[0]
+                for _ in range(rng.randint(1, 4)):
+                    out, lse = decode(q, cache, seqlens_dev, causal, meta)
+                    calls += 1
+                torch.cuda.synchronize()
+            dog.beat(f"call {calls}: b={q.shape[0]} s_q={q.shape[1]} h_q={q.shape[2]} "
+                     f"h_k={cache.k_cache.shape[2]} graph={use_graph}")
+            if calls // args.check_every > checks:
+                checks += 1
+                if q.shape[0] <= 16:
+                    check(torch, flash_mla, q, cache, seqlens_dev, causal, out, lse,
+                          f"check {checks}")
+                again = decode(*sentinel)
+                torch.cuda.synchronize()
+                for got, want, name in zip(again, sentinel_ref, ("out", "lse")):
+                    if not torch.equal(got, want):
+                        raise AssertionError(f"sentinel {name} drifted at check {checks}")
+                print(f"[{time.monotonic() - start:6.1f} s] {calls} calls ({graphs} in graphs), "
+                      f"check {checks} ok", flush=True)
+    except Exception as err:  # any failure ends the soak with status 1
+        print(f"FAIL after {calls} calls: {type(err).__name__}: {err}", flush=True)
+        return 1
+    print(f"PASS: {calls} calls ({graphs} graph replays) in {time.monotonic() - start:.0f} s, "
+          f"{checks} checks, no hang, no drift", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
