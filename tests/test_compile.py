@@ -139,7 +139,7 @@ def test_opcheck_decode_and_sparse_prefill_ops():
     dense, sparse, prefill = _decode_inputs()
     torch.library.opcheck(torch.ops.flash_mla.dense_decode.default,
                           (dense["q"], dense["k_cache"], dense["block_table"], dense["cache_seqlens"],
-                           512, 0.04, True))
+                           512, 0.04, True, None, None, False))
     torch.library.opcheck(torch.ops.flash_mla.sparse_decode.default,
                           (sparse["q"], sparse["k_cache"], sparse["indices"], sparse["topk_length"],
                            sparse["attn_sink"], None, None, None, 512, 0.04))
