@@ -45,9 +45,9 @@ OPS = (
     "combine",
 )
 
-# Ops whose native entry point the Python layer calls (csrc/api exports them with
-# the signatures in the shared contract). The sparse decode and sparse-prefill kernels
-# are not written yet, so there is nothing to bind for them.
+# Ops whose family module binds a native entry point (its _run_native calls the
+# csrc/api export). The sparse decode and sparse-prefill kernels are not written yet,
+# so their families run the reference.
 _NATIVE_BOUND_OPS = frozenset({"dense_prefill_fwd", "dense_prefill_bwd", "dense_decode"})
 
 
