@@ -1,7 +1,7 @@
 """Dense MHA prefill (training) benchmark: this library's native kernels against torch
 SDPA's flash and cuDNN backends, forward and backward, all measured in one run.
 
-Shapes are SPEC.md's (the upstream FlashMLA ones): b = 2, seqlen 4096 and 8192,
+Shapes are the upstream FlashMLA benchmark's: b = 2, seqlen 4096 and 8192,
 (h_q, h_k) in {(128, 128), (32, 4)}, (d_qk, d_v) in {(128, 128), (192, 128)},
 causal and not. FLOP counts the unmasked (query, key) pairs:
 forward pairs * h_q * 2 * (d_qk + d_v), backward pairs * h_q * 2 * (3 d_qk + 2 d_v).
