@@ -1,4 +1,4 @@
-"""benchmarks/bwd_numerics.py on the CPU: its judgement of one gradient, and its exit
+"""benchmarks/bwd_numerics.py on the CPU: its judgement of one gradient under both rules, and its exit
 without a GPU (the GPU run itself is recorded in benchmarks/results/)."""
 from __future__ import annotations
 
@@ -33,7 +33,22 @@ def test_judge_passes_equal_tensors_and_counts_a_planted_miss():
     assert report["worst"] == pytest.approx(0.5 / (8.01 / 128), rel=1e-3)
 
 
-def test_bounds_are_spec_mha_rows():
+def test_judge_applies_the_plain_rule_when_given_plain():
+    bn = _load()
+    ref = torch.randn(64, 4, 32, generator=torch.Generator().manual_seed(1))
+    plain = ref.clone()
+    plain[0, 0, 0] += 0.01          # plain's worst error: 0.01
+    got = ref.clone()
+    got[5, 2, 1] += 0.015           # 1.5x plain's: passes the plain-math rule
+    report = bn.judge(torch, got, ref, "dv", "within", plain)
+    assert report["plain_pass"] and report["vs_plain"] == pytest.approx(1.5, rel=1e-3)
+    got[5, 2, 1] += 0.01            # 2.5x plain's: fails it
+    report = bn.judge(torch, got, ref, "dv", "beyond", plain)
+    assert not report["plain_pass"] and report["vs_plain"] == pytest.approx(2.5, rel=1e-3)
+    assert "plain_pass" not in bn.judge(torch, got, ref, "dv", "no plain")
+
+
+def test_bounds_are_the_element_rules_mha_rows():
     bn = _load()
     for what in ("dq", "dk", "dv"):
         assert bn.bounds(what) == (1e-3, 8.01 / 128, 7e-6)
