@@ -1,4 +1,4 @@
-"""flash_mla.testing: the comparison rule must fail where SPEC.md says and say where (CPU)."""
+"""flash_mla.testing: both numerics rules must fail where the contract says and say where (CPU)."""
 from __future__ import annotations
 
 import re
@@ -11,7 +11,9 @@ from flash_mla.testing import (
     TOLERANCES,
     check_close,
     check_op_close,
+    check_plain_rule,
     compare,
+    compare_plain,
     invalid_prefill_indices,
     make_noncontiguous,
     make_paged_kv_cache,
@@ -177,3 +179,86 @@ def test_make_paged_kv_cache_is_hostile_and_consistent():
     assert len(set(seen_pages)) == len(seen_pages)
     assert torch.isnan(kc[~used].float()).all()
     assert testing.PagedKVCache is type(cache)
+
+
+# ---------------------------------------------------------------------------
+# rule 2: the plain-math rule
+# ---------------------------------------------------------------------------
+def _rule2_tensors():
+    g = torch.Generator().manual_seed(3)
+    exact = torch.randn(4, 8, 16, generator=g, dtype=torch.float64)
+    plain = exact.clone()
+    plain[2, 3, 4] += 0.01  # plain's worst error: 0.01 at (2, 3, 4)
+    return exact, plain
+
+
+def test_plain_rule_passes_within_twice_plains_error():
+    exact, plain = _rule2_tensors()
+    actual = exact.clone()
+    actual[1, 1, 1] += 0.02  # exactly 2x: allowed (<=)
+    report = check_plain_rule(actual, exact, plain, "mha_prefill", "dq")
+    assert report.passed and report.ratio == pytest.approx(2.0)
+    assert report.worst_index == (1, 1, 1) and report.plain_worst_index == (2, 3, 4)
+    assert testing.PLAIN_FACTOR == 2.0
+
+
+def test_plain_rule_planted_miss_names_the_worst_element():
+    exact, plain = _rule2_tensors()
+    actual = exact.clone()
+    actual[0, 5, 9] += 0.021
+    actual[3, 0, 0] += 0.001  # smaller: not the worst
+    with pytest.raises(AssertionError) as info:
+        check_plain_rule(actual, exact, plain, "mha_prefill", "dk", name="planted")
+    msg = str(info.value)
+    assert msg.startswith("planted: FAIL")
+    assert re.search(r"max_err 2\.100e-02 exceeds 2 x plain's 1\.000e-02 = 2\.000e-02", msg)
+    assert "worst at index (0, 5, 9)" in msg and "plain's worst at (2, 3, 4)" in msg
+    assert f"exact={float(exact[0, 5, 9]):.8g}" in msg
+
+
+def test_plain_rule_exact_plain_demands_exact_actual():
+    exact = torch.ones(3)
+    assert not compare_plain(exact + 1e-6, exact, exact.clone(), cos_tol=1.0).passed
+    assert compare_plain(exact.clone(), exact, exact.clone(), cos_tol=0.0).passed
+
+
+def test_plain_rule_cos_bound_and_special_pattern():
+    exact, plain = _rule2_tensors()
+    # Within 2x plain's max error everywhere, yet every element moved: the cos bound fails.
+    actual = exact + 0.019 * torch.sign(exact)
+    plain_everywhere = exact + 0.01 * torch.sign(exact)
+    report = compare_plain(actual, exact, plain_everywhere, cos_tol=1e-9)
+    assert not report.passed and "cos_diff" in report.problems[-1] and report.ratio <= 2.0
+    actual = exact.clone()
+    actual[0, 0, 0] = float("nan")
+    report = compare_plain(actual, exact, plain, cos_tol=1.0)
+    assert not report.passed and report.num_special_mismatch == 1
+    assert "NaN pattern, first at (0, 0, 0)" in report.message
+    exact_inf = exact.clone()
+    exact_inf[1, 2, 3] = INF
+    plain_inf, actual_inf = plain.clone(), exact.clone()
+    plain_inf[1, 2, 3] = actual_inf[1, 2, 3] = INF
+    assert compare_plain(actual_inf, exact_inf, plain_inf, cos_tol=1.0).passed
+
+
+def test_plain_rule_reports_a_broken_plain_and_shape_mismatch():
+    exact, plain = _rule2_tensors()
+    plain[0, 0, 1] = float("nan")
+    report = compare_plain(exact.clone(), exact, plain, cos_tol=1.0)
+    assert not report.passed and "plain computation is broken" in report.message
+    report = compare_plain(exact[:2], exact, plain, cos_tol=1.0)
+    assert not report.passed and "shape mismatch" in report.message
+
+
+def test_plain_rule_keeps_the_element_rule_for_fp32_outputs():
+    ref = torch.tensor([10.0, 20.0])
+    # lse: the element rule (abs 1e-6 OR rel 2.01/65536); plain is not used.
+    assert check_plain_rule(ref + 1e-4, ref, None, "mha_prefill", "lse").passed
+    with pytest.raises(AssertionError, match="elements outside abs_tol"):
+        check_plain_rule(ref + 1e-2, ref, ref + 1.0, "mha_prefill", "lse")
+    with pytest.raises(AssertionError, match="elements outside abs_tol"):
+        check_plain_rule(ref + 1e-2, ref, None, "sparse_prefill", "max_logits")
+    with pytest.raises(TypeError, match="plain must be a torch.Tensor"):
+        check_plain_rule(ref, ref, None, "mha_prefill", "out")
+    with pytest.raises(ValueError, match="what must be one of"):
+        check_plain_rule(ref, ref, ref, "mha_prefill", "dz")
