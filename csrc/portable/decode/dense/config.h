@@ -55,8 +55,14 @@ constexpr int kPOffset = kSPartialOffset + kSPartialBytes;             // P [32]
 constexpr int kPBytes = kBlockM * kBlockN * kElemBytes;                // 1024
 constexpr int kRescaleOffset = kPOffset + kPBytes;                     // [32] fp32 per tile
 constexpr int kInvSumOffset = kRescaleOffset + kBlockM * 4;            // [32] fp32, epilogue
-constexpr int kSmemBytes = kInvSumOffset + kBlockM * 4;
-static_assert(kSmemBytes == 99584, "decode budget as documented in docs/dense_decode.md");
+// Softmax state of warp 0 (kept here, not in registers: every thread of the CTA would
+// carry the registers, and sm_120's build spilled with them): per row the visible-key
+// bound (int32) and running max (fp32), per (row, quad lane) the partial running sum.
+constexpr int kRowLimitOffset = kInvSumOffset + kBlockM * 4;
+constexpr int kRowMaxOffset = kRowLimitOffset + kBlockM * 4;
+constexpr int kRowSumOffset = kRowMaxOffset + kBlockM * 4;
+constexpr int kSmemBytes = kRowSumOffset + kBlockM * 4 * 4;
+static_assert(kSmemBytes == 100352, "decode budget as documented in docs/dense_decode.md");
 static_assert(kSmemBytes <= kMaxSmemPerBlockSm120, "dense decode tile exceeds sm_120's 99 KB");
 
 // Row blocks per kv head for s_q queries of h_q / h_k heads each.

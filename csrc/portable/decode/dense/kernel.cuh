@@ -8,7 +8,8 @@
 // one request. Warp w computes S for all 32 rows over dims [144w, 144w + 144) and owns
 // output columns [128w, 128w + 128) (O: 2 slabs x 16 n-tiles x 4 fp32 per lane); warp 0
 // also runs the online softmax (its lanes hold rows 16s + g and 16s + g + 8, g = lane / 4,
-// of both slabs s), with running max / sum in registers.
+// of both slabs s), with running max / sum in shared memory (registers would be held by
+// every thread of the CTA; the sm_120 build spilled with them).
 //
 // Global memory. q rows (576 elements, 16-byte aligned, any strides that are multiples of 8
 // elements) and cache rows are read with 16-byte cp.async; a token's page id is read from
@@ -27,6 +28,8 @@
 //   [98304, +1024)      P [32][16] in the input dtype (chunk ^= (row >> 2) & 1)
 //   [99328, +128)       per-row rescale factor of the current tile, fp32
 //   [99456, +128)       per-row 1 / sum for the epilogue, fp32
+//   [99584, +384)       warp 0's softmax state: per row the visible-key bound and the running
+//                       max, per (row, quad lane) the partial running sum
 //
 // Barrier / cp.async protocol per piece (T tiles of 16 tokens):
 //   __syncthreads (the previous piece's readers are done); cp.async Q and tile 0 ->
@@ -76,6 +79,13 @@ __device__ __forceinline__ uint32_t p_offset(int row, int chunk) {
   return static_cast<uint32_t>(row * 32 + ((chunk ^ ((row >> 2) & 1)) * 16));
 }
 
+// Keys [0, bound) that query `query` sees in a piece ending at tok_end (causal: also
+// keys <= s_k - s_q + query, bottom-right aligned).
+template <bool kIsCausal>
+__device__ __forceinline__ int visible_bound(int tok_end, int s_k, int s_q, int query) {
+  return kIsCausal ? min(tok_end, s_k - s_q + query + 1) : tok_end;
+}
+
 template <typename Elem, bool kIsCausal>
 __global__ void __launch_bounds__(kThreads, 1)
     dense_decode_kernel(const __grid_constant__ DenseDecodeParams params) {
@@ -86,6 +96,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   float4* s_partial = reinterpret_cast<float4*>(smem + kSPartialOffset);
   float* rescale_smem = reinterpret_cast<float*>(smem + kRescaleOffset);
   float* inv_sum_smem = reinterpret_cast<float*>(smem + kInvSumOffset);
+  int* row_limit_smem = reinterpret_cast<int*>(smem + kRowLimitOffset);
+  float* row_max_smem = reinterpret_cast<float*>(smem + kRowMaxOffset);
+  float* row_sum_smem = reinterpret_cast<float*>(smem + kRowSumOffset);
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -146,16 +159,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int tok_begin = lo * kPageSize;
     int tok_end = static_cast<int>(min(static_cast<int64_t>(max(hi, lo)) * kPageSize,
                                        static_cast<int64_t>(s_k)));
-    // Per-row visible bound for this lane's four softmax rows (warp 0): keys [0, lim).
-    int lim[kSlabs][2];
-#pragma unroll
-    for (int s = 0; s < kSlabs; ++s) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = m0 + 16 * s + g + 8 * r;
-        lim[s][r] = kIsCausal ? min(tok_end, s_k - params.s_q + row / group + 1) : tok_end;
-      }
-    }
+    const int tok_end_piece = tok_end;
     if (kIsCausal) {
       // No row of this block sees keys at or past s_k - s_q + (its last query) + 1.
       const int last_query = (m0 + valid_rows - 1) / group;
@@ -164,6 +168,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int num_tiles = tok_end > tok_begin ? (tok_end - tok_begin + kBlockN - 1) / kBlockN : 0;
 
     __syncthreads();  // every warp is done with the previous piece's shared memory
+
+    // Warp 0's softmax state: row `lane` sees keys [0, limit); max -inf, sums 0.
+    if (warp == 0) {
+      const int bound = visible_bound<kIsCausal>(tok_end_piece, s_k, params.s_q, (m0 + lane) / group);
+      row_limit_smem[lane] = bound;
+      row_max_smem[lane] = kNegInf;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) row_sum_smem[lane * 4 + k] = 0.f;
+      __syncwarp();
+    }
 
     // ---- Q block: 32 rows x 72 chunks, gathered per row (row -> query, head) ----
     {
@@ -220,12 +234,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < kSlabs; ++s)
 #pragma unroll
       for (int n = 0; n < kNTilesO; ++n) o_acc[s][n][0] = o_acc[s][n][1] = o_acc[s][n][2] = o_acc[s][n][3] = 0.f;
-    float row_max[kSlabs][2], row_sum[kSlabs][2];
-#pragma unroll
-    for (int s = 0; s < kSlabs; ++s) {
-      row_max[s][0] = row_max[s][1] = kNegInf;
-      row_sum[s][0] = row_sum[s][1] = 0.f;
-    }
 
     for (int i = 0; i < num_tiles; ++i) {
       cp_async_wait<1>();
@@ -267,6 +275,19 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       if (warp == 0) {
         const int tok0 = tok_begin + i * kBlockN;
+        float row_max[kSlabs][2], row_sum[kSlabs][2];
+        int lim[kSlabs][2];
+#pragma unroll
+        for (int s = 0; s < kSlabs; ++s) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int row = 16 * s + g + 8 * r;
+            row_max[s][r] = row_max_smem[row];
+            row_sum[s][r] = row_sum_smem[row * 4 + t];
+            lim[s][r] = row_limit_smem[row];
+          }
+        }
+        __syncwarp();  // every lane has read the old maxima before any is replaced
 #pragma unroll
         for (int s = 0; s < kSlabs; ++s) {
 #pragma unroll
@@ -311,7 +332,11 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
             row_sum[s][r] = row_sum[s][r] * correction + sum;
             const int row = 16 * s + g + 8 * r;
-            if (t == 0) rescale_smem[row] = correction;
+            row_sum_smem[row * 4 + t] = row_sum[s][r];
+            if (t == 0) {
+              rescale_smem[row] = correction;
+              row_max_smem[row] = row_max[s][r];
+            }
 #pragma unroll
             for (int n = 0; n < 2; ++n) {
               *reinterpret_cast<uint32_t*>(smem + kPOffset + p_offset(row, n) + 4 * t) =
@@ -359,19 +384,21 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // ---- epilogue ----
     if (warp == 0) {
+      __syncwarp();  // the last tile's state stores (or the initial ones) are visible
 #pragma unroll
       for (int s = 0; s < kSlabs; ++s) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const float sum = quad_sum(row_sum[s][r]);
           const int row = 16 * s + g + 8 * r;
+          const float sum = quad_sum(row_sum_smem[row * 4 + t]);
+          const float row_max = row_max_smem[row];
           if (t == 0) {
             inv_sum_smem[row] = sum > 0.f ? 1.f / sum : 0.f;
             if (row < valid_rows) {
               const int rr = m0 + row;
               const int head = kv_head * group + rr % group;
               const int64_t hs = static_cast<int64_t>(head) * params.s_q + rr / group;
-              const float lse2 = row_max[s][r] * scale_log2 + __log2f(sum);
+              const float lse2 = row_max * scale_log2 + __log2f(sum);
               if (direct) {
                 params.lse[static_cast<int64_t>(req) * params.h_q * params.s_q + hs] =
                     sum > 0.f ? lse2 * kLn2 : __int_as_float(0x7f800000);
