@@ -248,7 +248,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int s = 0; s < kSlabs; ++s)
 #pragma unroll
         for (int n = 0; n < 2; ++n) s_acc[s][n][0] = s_acc[s][n][1] = s_acc[s][n][2] = s_acc[s][n][3] = 0.f;
-#pragma unroll
+      // Not unrolled: its fragments are loaded per step anyway, and unrolling lets the
+      // scheduler hoist loads into registers that the 128 O accumulators need (sm_100f
+      // spilled with it).
+#pragma unroll 1
       for (int kk = 0; kk < kKStepsPerWarp; ++kk) {
         const int col = (warp * kKStepsPerWarp + kk) * 16;
         uint32_t b[4];
