@@ -20,9 +20,9 @@ Public API (scripts/, ci/ and tests call these):
 
 cuobjdump shows static shared memory only; the dynamic amount comes from the kernel
 registry (build_info "kernels"). A kernel is joined to the registry by op name: its
-symbol contains the op's name (e.g. "combine" in flash_mla::combine::combine_kernel);
-the largest dynamic size registered for that op is used, or, when no op matches,
-the largest in the whole library (a conservative bound).
+symbol contains the op's name (e.g. "combine" in flash_mla::combine::combine_kernel; the
+longest such name where several occur); the largest dynamic size registered for that op
+is used, or, when no op matches, the largest in the whole library (a conservative bound).
 """
 from __future__ import annotations
 
@@ -104,6 +104,11 @@ def _is_sm120(arch: str) -> bool:
 def _dynamic_smem_for(symbol: str, info: dict) -> tuple:
     kernels = info.get("kernels", []) if info else []
     matching = [k for k in kernels if k.get("op") and k["op"] in symbol]
+    if matching:
+        # The most specific op: "dense_decode_schedule_kernel" is the schedule's kernel,
+        # not one of "dense_decode"'s, although both names occur in its symbol.
+        longest = max(len(k["op"]) for k in matching)
+        matching = [k for k in matching if len(k["op"]) == longest]
     pool = matching or kernels
     if not pool:
         return 0, "none registered"

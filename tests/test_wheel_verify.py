@@ -204,3 +204,15 @@ def test_build_info_failure_in_the_child_is_a_warning(tmp_path, capsys):
     lib.write_bytes(b"garbage")
     assert W.read_build_info(lib) is None
     assert "could not read build_info" in capsys.readouterr().err
+
+
+def test_kernel_joins_the_most_specific_op():
+    # The schedule kernel's symbol names both "dense_decode" and "dense_decode_schedule":
+    # it must get the schedule's 0 B of dynamic shared memory, not the decode's 100352.
+    info = {"kernels": [
+        {"op": "dense_decode", "variant": "bf16", "dynamic_smem_bytes": 100352, "threads": 128},
+        {"op": "dense_decode_schedule", "variant": "s", "dynamic_smem_bytes": 0, "threads": 256}]}
+    sched = "_ZN9flash_mla8portable15decode_schedule28dense_decode_schedule_kernelEv"
+    decode = "_ZN9flash_mla8portable12dense_decode19dense_decode_kernelEv"
+    assert W._dynamic_smem_for(sched, info) == (0, "op dense_decode_schedule")
+    assert W._dynamic_smem_for(decode, info) == (100352, "op dense_decode")

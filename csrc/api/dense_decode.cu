@@ -45,6 +45,7 @@ namespace dec = ::flash_mla::portable::dense_decode;
 namespace sched = ::flash_mla::portable::decode_schedule;
 
 FLASH_MLA_REGISTER_OP(dense_decode, dec::capabilities_json);
+FLASH_MLA_REGISTER_OP(dense_decode_schedule, sched::capabilities_json);
 
 // cp.async moves 16-byte chunks: every stride but the last must be a multiple of 8
 // elements and the data 16-byte aligned.

@@ -4,6 +4,10 @@
 // in tests/test_decode_schedule.py. The rule itself: docs/dense_decode.md, "Schedule".
 #pragma once
 
+#include <string>
+
+#include "../../../common/capabilities.h"
+
 namespace flash_mla::portable::decode_schedule {
 
 // Tokens per KV block (the cache's page size); the schedule's work unit is one block.
@@ -31,5 +35,10 @@ enum MetaField : int {
 
 // One CTA computes the whole schedule: prefix sums over the batch in chunks of kThreads.
 constexpr int kThreads = 256;
+
+// The op "dense_decode_schedule" (its own tvm-ffi entry and kernel, so the wheel check
+// joins the kernel to its own shared memory, not the decode kernel's) has no features
+// to choose between: any batch of int32 lengths.
+inline std::string capabilities_json() { return caps::JsonObject().str(); }
 
 }  // namespace flash_mla::portable::decode_schedule

@@ -4,6 +4,7 @@
 
 namespace flash_mla::portable::decode_schedule {
 
-FLASH_MLA_REGISTER_KERNEL(dense_decode_schedule, "dense_decode", "split-KV schedule", 0, kThreads);
+FLASH_MLA_REGISTER_KERNEL(dense_decode_schedule, "dense_decode_schedule", "split-KV schedule",
+                          0, kThreads);
 
 }  // namespace flash_mla::portable::decode_schedule
