@@ -22,6 +22,7 @@ torch = pytest.importorskip("torch")
 import flash_mla  # noqa: E402
 from flash_mla import oracle  # noqa: E402
 from flash_mla.testing import (  # noqa: E402
+    TOLERANCES,
     check_op_close,
     check_plain_rule,
     make_noncontiguous,
@@ -198,12 +199,16 @@ def test_results_do_not_depend_on_the_number_of_parts(monkeypatch, parts):
     out, lse = _decode(q, cache, causal=True, meta=meta)
     assert meta.tile_scheduler_metadata.shape[0] == int(parts)
     _check_element_rule(q, cache, True, out, lse, f"parts={parts}")
-    # only where requests are cut differs: fp32 partials, so lse agrees to ~1e-7
-    # relative and out to one rounding of the output dtype
+    # Only where requests are cut differs. lse is merged in fp32 and agrees to ~1e-7
+    # relative. out does not agree to one rounding: each split rounds its P to bf16
+    # against its own running max, so the two runs' P differ by an ulp here and there;
+    # both meet the element rule against float64 (checked above), and they agree within
+    # that rule's tolerance. Bit-identity whatever the split is the batch-invariant mode's.
     finite = torch.isfinite(base_lse)
     assert torch.equal(finite, torch.isfinite(lse))
     assert torch.allclose(lse[finite], base_lse[finite], rtol=2e-6, atol=1e-6)
-    assert torch.allclose(out.float(), base_out.float(), rtol=2 ** -7, atol=1e-5)
+    abs_tol, rel_tol, _ = TOLERANCES["dense_decode"]["out"]
+    assert torch.allclose(out.float(), base_out.float(), rtol=rel_tol, atol=abs_tol)
 
 
 @gpu

@@ -14,8 +14,10 @@ ROWS = ["dense_prefill_fwd out", "dense_prefill_fwd lse", "dense_prefill_bwd dq"
         "dense_prefill_bwd dv", "dense_decode out", "dense_decode lse", "sparse_decode out",
         "sparse_decode lse"]
 MHA_OPS = ("dense_prefill_fwd", "dense_prefill_bwd")
+NATIVE_OPS = MHA_OPS + ("dense_decode",)
 INFO_SM90 = {"version": "0.1.0", "cuda_version": "13.0", "targets": ["80", "90a"], "ptx": None,
-             "ops": {"dense_prefill_fwd": {}, "dense_prefill_bwd": {}, "combine": {}}, "kernels": []}
+             "ops": {"dense_prefill_fwd": {}, "dense_prefill_bwd": {}, "combine": {},
+                     "dense_decode": {}, "dense_decode_schedule": {}}, "kernels": []}
 
 
 @pytest.fixture
@@ -52,10 +54,10 @@ def test_plan_backend_reference_forces_the_reference_on_a_gpu():
 def test_plan_on_a_served_gpu_expects_native_for_the_native_kernel_ops():
     p = _plan((9, 0))
     assert p.library_failure is None and p.no_gpu_reason is None
-    for op in MHA_OPS:
+    for op in NATIVE_OPS:
         assert p.expected[op].backend == "native" and "90a" in p.expected[op].why
-    for op in ("dense_decode", "sparse_decode"):
-        assert p.expected[op] == smoke.Expectation("reference", "no native kernel in this version")
+    assert p.expected["sparse_decode"] == smoke.Expectation("reference",
+                                                            "no native kernel in this version")
 
 
 def test_plan_family_cubin_and_ptx_count_as_runnable():
@@ -68,14 +70,14 @@ def test_plan_family_cubin_and_ptx_count_as_runnable():
 def test_plan_library_without_the_gpus_arch_fails_naming_targets():
     p = _plan((12, 0))  # planted: a library built for sm_80 / sm_90a on an sm_120 GPU
     assert "sm_120" in p.library_failure and "80, 90a" in p.library_failure
-    for op in MHA_OPS:
+    for op in NATIVE_OPS:
         assert p.expected[op].backend == "native"
 
 
 def test_plan_missing_library_on_a_gpu_fails_with_the_loaders_reason():
     p = _plan((9, 0), info=None, load_error="planted: libflash_mla_native.so: cannot open")
     assert "planted: libflash_mla_native.so: cannot open" in p.library_failure
-    for op in MHA_OPS:
+    for op in NATIVE_OPS:
         assert p.expected[op].backend == "native"
 
 
@@ -114,22 +116,23 @@ def test_smoke_with_backend_reference_says_so(capsys, no_gpu, monkeypatch):
 
 def test_planted_library_without_the_gpus_arch_fails_with_the_reason(capsys, no_gpu, monkeypatch):
     # The smoke believes an sm_120 GPU is visible and the library was built for sm_80/90a:
-    # every MHA op must fail (it falls back), the library row too, and the exit is 1.
+    # every op with a native kernel must fail (it falls back), the library row too, and
+    # the exit is 1.
     monkeypatch.setattr(smoke, "_capability", lambda device: (12, 0))
     monkeypatch.setattr(_native, "build_info", lambda: INFO_SM90)
     monkeypatch.setattr(_native, "load_error", lambda: None)
     assert smoke.main(["--device", "cpu"]) == 1
     text = capsys.readouterr().out
     assert "FAIL native library: the native library has no kernel for this GPU (sm_120" in text
-    for row in ROWS[:5]:
+    for row in ROWS[:7]:
         line = _lines(text, row)[0]
         assert line.endswith("FAIL") and " native " in line, line
         assert f"FAIL {row}: expected native" in text and "but reference ran; dispatcher: " in text
-    for row in ROWS[5:]:
+    for row in ROWS[7:]:
         assert "reference (no native kernel in this version)" in _lines(text, row)[0]
         assert _lines(text, row)[0].endswith("PASS")
-    assert f"smoke: 4/{len(ROWS) + 1} passed" in text
-    assert "GPU kernels expected: dense_prefill_fwd, dense_prefill_bwd" in text
+    assert f"smoke: 2/{len(ROWS) + 1} passed" in text
+    assert "GPU kernels expected: dense_prefill_fwd, dense_prefill_bwd, dense_decode" in text
 
 
 def test_planted_missing_library_fails_with_the_loaders_reason(capsys, no_gpu, monkeypatch):
@@ -200,3 +203,11 @@ def test_smoke_on_gpu_passes(capsys):
     if smoke.make_plan(device).no_gpu_reason is None:
         for row in ROWS[:5]:
             assert " native " in _lines(text, row)[0], text
+
+
+def test_the_smoke_tests_list_of_native_ops_matches_the_dispatchers():
+    # Kept apart on purpose (the smoke test's expectation must not come from the code it
+    # checks), so a kernel family bound in the dispatcher must be added to both.
+    from flash_mla import dispatch, smoke
+
+    assert set(smoke.NATIVE_KERNEL_OPS) == set(dispatch._NATIVE_BOUND_OPS)
