@@ -100,10 +100,11 @@ def native_unavailable_reason(op: str, device: Any, features: Optional[dict] = N
         raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
     if _device_type(device) != "cuda":
         return f"tensors are on {_device_key(device)}, and native kernels need a CUDA device"
-    reason = _native.unavailable_reason(op, device, features)
-    if reason is None and op not in _NATIVE_BOUND_OPS:
-        reason = f"this version of flash_mla has no native {op} entry point to call"
-    return reason
+    if op not in _NATIVE_BOUND_OPS:
+        # First: the library's answer ("not in this native build; rebuild with ...") would
+        # send the user to rebuild for a kernel that no build of this version has.
+        return f"this version of flash_mla has no native {op} entry point to call"
+    return _native.unavailable_reason(op, device, features)
 
 
 def choose(op: str, device: Any, features: Optional[dict] = None) -> str:

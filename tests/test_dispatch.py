@@ -288,3 +288,15 @@ def test_gpu_low_level_small_workspace_matches_large():
         results.append((out, lse, dk, dv))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_an_unbound_op_says_this_version_has_no_kernel_not_rebuild(monkeypatch):
+    # The loader would say "not in this native build; rebuild with FLASH_MLA_KERNELS=all",
+    # which no rebuild of this version can satisfy for an op that has no kernel yet.
+    unbound = sorted(set(dispatch.OPS) - set(dispatch._NATIVE_BOUND_OPS) - {"combine"})
+    assert unbound, "every op has a kernel: pick another example"
+    monkeypatch.setattr(_native, "unavailable_reason",
+                        lambda *a, **k: "op is not in this native build; rebuild")
+    for op in unbound:
+        reason = dispatch.native_unavailable_reason(op, CUDA0)
+        assert reason == f"this version of flash_mla has no native {op} entry point to call"
