@@ -1,0 +1,242 @@
+// The per-tile steps of an MLA row block: 32 query rows (two m16 slabs) against a 16-token
+// KV tile whose rows hold d_qk dims (V = the first 512), computed by 4 warps with
+// mma.sync m16n8k16. The sparse prefill kernel (csrc/portable/prefill/sparse) is built
+// from these; they are the same steps, in the same order and with the same rounding, as
+// the dense decode kernel's loop (csrc/portable/decode/dense/kernel.cuh), which may move
+// onto them.
+//
+// Split of the work (kDimQK = 576 or 512, 4 warps):
+//   S = Q K^T: warp w sums dims [w * kDimQK / 4, (w + 1) * kDimQK / 4) for all 32 rows and
+//     16 tokens; warps 1..3 store their partial sums, warp 0 adds them in warp order 1, 2,
+//     3 (a fixed order: bit-identical reruns).
+//   softmax: warp 0 only (its lanes hold rows 16s + g and 16s + g + 8, g = lane / 4, of
+//     both slabs s), base 2, state in shared memory: per row the running max (raw score
+//     units) and per (row, quad lane) the partial running sum.
+//   O += P V: warp w owns output columns [128w, 128w + 128): 2 slabs x 16 n-tiles x 4 fp32.
+// Shared tiles are 16-bit rows XOR-swizzled in 16-byte chunks (swizzle.cuh); P is [32][16]
+// in the input dtype with the two chunks of rows 4..7 of every 8 swapped (p_offset).
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include <cuda_runtime.h>
+
+#include "element.cuh"
+#include "ldmatrix.cuh"
+#include "math.cuh"
+#include "mma.cuh"
+#include "swizzle.cuh"
+
+namespace flash_mla::portable::mla_row_block {
+
+constexpr int kNumWarps = 4;
+constexpr int kThreads = kNumWarps * 32;
+constexpr int kSlabs = 2;
+constexpr int kBlockM = 16 * kSlabs;  // rows
+constexpr int kBlockN = 16;           // tokens per KV tile
+constexpr int kHeadDimV = 512;
+constexpr int kColsPerWarp = kHeadDimV / kNumWarps;  // 128
+constexpr int kNTilesO = kColsPerWarp / 8;           // 16
+
+// Bytes of the fixed-size pieces (the Q block and KV tiles depend on kDimQK).
+constexpr int kSPartialBytes = (kNumWarps - 1) * kBlockM * kBlockN * 4;  // 6144
+constexpr int kPBytes = kBlockM * kBlockN * 2;                            // 1024
+constexpr int kRowFloatBytes = kBlockM * 4;                               // 128
+constexpr int kRowSumBytes = kBlockM * 4 * 4;                             // 512
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLn2 = 0.69314718055994530942f;
+
+template <int kDimQK>
+struct Dims {
+  static_assert(kDimQK % (kNumWarps * 16) == 0, "whole k-steps per warp");
+  static_assert(kDimQK >= kHeadDimV, "V is the first 512 dims of a KV row");
+  static constexpr int kDimsPerWarp = kDimQK / kNumWarps;  // 144 or 128
+  static constexpr int kKStepsPerWarp = kDimsPerWarp / 16; // 9 or 8
+  static constexpr int kChunksPerRow = kDimQK / 8;         // 16-byte chunks per row
+  static constexpr int kQBytes = kBlockM * kDimQK * 2;
+  static constexpr int kTileBytes = kBlockN * kDimQK * 2;
+};
+
+// P tile: 32 rows of 16 elements (two 16-byte chunks); swapping the chunks of rows 4..7 of
+// every 8 makes the 8 row addresses of one ldmatrix matrix hit 32 distinct banks.
+__device__ __forceinline__ uint32_t p_offset(int row, int chunk) {
+  return static_cast<uint32_t>(row * 32 + ((chunk ^ ((row >> 2) & 1)) * 16));
+}
+
+using SAcc = float[kSlabs][2][4];
+using OAcc = float[kSlabs][kNTilesO][4];
+
+__device__ __forceinline__ void zero_s(SAcc& s_acc) {
+#pragma unroll
+  for (int s = 0; s < kSlabs; ++s)
+#pragma unroll
+    for (int n = 0; n < 2; ++n) s_acc[s][n][0] = s_acc[s][n][1] = s_acc[s][n][2] = s_acc[s][n][3] = 0.f;
+}
+
+__device__ __forceinline__ void zero_o(OAcc& o_acc) {
+#pragma unroll
+  for (int s = 0; s < kSlabs; ++s)
+#pragma unroll
+    for (int n = 0; n < kNTilesO; ++n) o_acc[s][n][0] = o_acc[s][n][1] = o_acc[s][n][2] = o_acc[s][n][3] = 0.f;
+}
+
+// This warp's share of S for the tile at tile_smem: s_acc = Q[:, dims] K[:, dims]^T.
+// Q (A, row-major): ldmatrix lane row (lane & 15), chunk bit lane >> 4. K (B, stored
+// token-major = "col"): token (lane & 7) + 8 * bit 4, chunk bit (lane >> 3) & 1, so b[0..1]
+// are tokens 0..7 and b[2..3] tokens 8..15 (mma.cuh, ldmatrix.cuh).
+template <typename Elem, int kDimQK>
+__device__ __forceinline__ void s_partial(SAcc& s_acc, uint32_t q_smem, uint32_t tile_smem,
+                                          int warp, int lane) {
+  using D = Dims<kDimQK>;
+  const int a_row = lane & 15;
+  const int a_col = (lane >> 4) * 8;
+  const int k_row = (lane & 7) + ((lane >> 4) & 1) * 8;
+  const int k_col = ((lane >> 3) & 1) * 8;
+  zero_s(s_acc);
+  // Not unrolled: fragments are loaded per step anyway, and unrolling lets the scheduler
+  // hoist loads into registers that the 128 O accumulators need (sm_100f spilled).
+#pragma unroll 1
+  for (int kk = 0; kk < D::kKStepsPerWarp; ++kk) {
+    const int col = (warp * D::kKStepsPerWarp + kk) * 16;
+    uint32_t b[4];
+    ldmatrix_x4(b, tile_smem + swizzled_offset<kDimQK>(k_row, col + k_col));
+    const uint32_t b_lo[2] = {b[0], b[1]};
+    const uint32_t b_hi[2] = {b[2], b[3]};
+#pragma unroll
+    for (int s = 0; s < kSlabs; ++s) {
+      uint32_t a[4];
+      ldmatrix_x4(a, q_smem + swizzled_offset<kDimQK>(16 * s + a_row, col + a_col));
+      mma_m16n8k16<Elem>(s_acc[s][0], a, b_lo);
+      mma_m16n8k16<Elem>(s_acc[s][1], a, b_hi);
+    }
+  }
+}
+
+// Warps 1..3: publish this warp's partial S (float4 per lane and fragment).
+__device__ __forceinline__ void store_s_partial(float4* s_partials, const SAcc& s_acc, int warp,
+                                                int lane) {
+#pragma unroll
+  for (int s = 0; s < kSlabs; ++s)
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+      s_partials[(((warp - 1) * kSlabs + s) * 2 + n) * 32 + lane] =
+          make_float4(s_acc[s][n][0], s_acc[s][n][1], s_acc[s][n][2], s_acc[s][n][3]);
+}
+
+// Warp 0: s_acc += the partials of warps 1, 2, 3 (in that order).
+__device__ __forceinline__ void add_s_partials(SAcc& s_acc, const float4* s_partials, int lane) {
+#pragma unroll
+  for (int s = 0; s < kSlabs; ++s)
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int w = 1; w < kNumWarps; ++w) {
+        const float4 v = s_partials[(((w - 1) * kSlabs + s) * 2 + n) * 32 + lane];
+        s_acc[s][n][0] += v.x;
+        s_acc[s][n][1] += v.y;
+        s_acc[s][n][2] += v.z;
+        s_acc[s][n][3] += v.w;
+      }
+}
+
+// Warp 0, after masking (masked scores are -inf): one online-softmax step in base 2.
+// Maxima stay in raw score units; p = 2^(s c - m c) with one FFMA; __fmul_rn keeps an
+// unchanged max's rescale at exactly 1 (a fused residual would drift over long rows). A
+// row whose every score so far is -inf keeps max -inf, sum 0 and P 0. Writes P (rounded to
+// the input dtype) at p_smem, each row's rescale factor, and the new state.
+template <typename Elem>
+__device__ __forceinline__ void softmax_step(SAcc& s_acc, float scale_log2, float* row_max_smem,
+                                             float* row_sum_smem, float* rescale_smem,
+                                             unsigned char* p_smem, int lane) {
+  const int g = lane / 4;
+  const int t = lane % 4;
+  float row_max[kSlabs][2], row_sum[kSlabs][2];
+#pragma unroll
+  for (int s = 0; s < kSlabs; ++s)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = 16 * s + g + 8 * r;
+      row_max[s][r] = row_max_smem[row];
+      row_sum[s][r] = row_sum_smem[row * 4 + t];
+    }
+  __syncwarp();  // every lane has read the old maxima before any is replaced
+#pragma unroll
+  for (int s = 0; s < kSlabs; ++s) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile_max = row_max[s][r];
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        tile_max = fmaxf(tile_max, fmaxf(s_acc[s][n][2 * r], s_acc[s][n][2 * r + 1]));
+      }
+      tile_max = quad_max(tile_max);
+      const float ref = tile_max == kNegInf ? 0.f : __fmul_rn(tile_max, scale_log2);
+      const float correction = exp2_approx(__fmul_rn(row_max[s][r], scale_log2) - ref);
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        s_acc[s][n][2 * r] = exp2_approx(fmaf(s_acc[s][n][2 * r], scale_log2, -ref));
+        s_acc[s][n][2 * r + 1] = exp2_approx(fmaf(s_acc[s][n][2 * r + 1], scale_log2, -ref));
+        sum += s_acc[s][n][2 * r] + s_acc[s][n][2 * r + 1];
+      }
+      const int row = 16 * s + g + 8 * r;
+      row_sum_smem[row * 4 + t] = row_sum[s][r] * correction + sum;
+      if (t == 0) {
+        rescale_smem[row] = correction;
+        row_max_smem[row] = tile_max;
+      }
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        *reinterpret_cast<uint32_t*>(p_smem + p_offset(row, n) + 4 * t) =
+            pack_float2<Elem>(s_acc[s][n][2 * r], s_acc[s][n][2 * r + 1]);
+      }
+    }
+  }
+}
+
+// Every warp, after the softmax step is visible: O = O * rescale + P V over this warp's
+// 128 columns. P (A) is read like Q; V (B, stored token-major, so transposed): token
+// (lane & 7) + 8 * bit 3, chunk bit lane >> 4.
+template <typename Elem, int kDimQK>
+__device__ __forceinline__ void rescale_and_pv(OAcc& o_acc, const float* rescale_smem,
+                                               uint32_t p_smem, uint32_t tile_smem, int warp,
+                                               int lane) {
+  const int g = lane / 4;
+#pragma unroll
+  for (int s = 0; s < kSlabs; ++s) {
+    const float c0 = rescale_smem[16 * s + g];
+    const float c1 = rescale_smem[16 * s + g + 8];
+#pragma unroll
+    for (int n = 0; n < kNTilesO; ++n) {
+      o_acc[s][n][0] *= c0;
+      o_acc[s][n][1] *= c0;
+      o_acc[s][n][2] *= c1;
+      o_acc[s][n][3] *= c1;
+    }
+  }
+  uint32_t p_frag[kSlabs][4];
+#pragma unroll
+  for (int s = 0; s < kSlabs; ++s) {
+    const int row = 16 * s + (lane & 7) + ((lane >> 3) & 1) * 8;
+    ldmatrix_x4(p_frag[s], p_smem + p_offset(row, lane >> 4));
+  }
+  const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int v_col = (lane >> 4) * 8;
+#pragma unroll
+  for (int dp = 0; dp < kNTilesO / 2; ++dp) {
+    const int col = warp * kColsPerWarp + dp * 16;
+    uint32_t b[4];
+    ldmatrix_x4_trans(b, tile_smem + swizzled_offset<kDimQK>(v_row, col + v_col));
+    const uint32_t b_lo[2] = {b[0], b[1]};
+    const uint32_t b_hi[2] = {b[2], b[3]};
+#pragma unroll
+    for (int s = 0; s < kSlabs; ++s) {
+      mma_m16n8k16<Elem>(o_acc[s][2 * dp], p_frag[s], b_lo);
+      mma_m16n8k16<Elem>(o_acc[s][2 * dp + 1], p_frag[s], b_hi);
+    }
+  }
+}
+
+}  // namespace flash_mla::portable::mla_row_block

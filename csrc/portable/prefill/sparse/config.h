@@ -1,0 +1,65 @@
+// Tile sizes, shared-memory layout and capabilities of the portable sparse MLA prefill
+// (flash_mla_sparse_fwd). The ONE place that decides them: the API entry
+// (csrc/api/sparse_prefill.cu: validation, launch geometry, registry) and the kernel
+// (kernel.cuh) both read these. Reasoning and byte arithmetic: docs/sparse_prefill.md.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "../../../common/capabilities.h"
+#include "../../../common/limits.h"
+
+namespace flash_mla::portable::sparse_prefill {
+
+constexpr int kHeadDimV = 512;  // V = the first 512 dims of the gathered kv row
+constexpr int kElemBytes = 2;   // bf16
+
+// What the op "sparse_prefill" serves (common/capabilities.h): dtypes and d_qk. Any
+// h_q in [1, 128], any topk >= 1, any s_q (the grid loops over work items).
+inline constexpr DType kDtypes[] = {DType::kBF16};
+inline constexpr int kHeadDimsQK[] = {512, 576};
+inline constexpr caps::IntRange kHeadsQ{1, 128, 1};
+
+inline std::string capabilities_json() {
+  return caps::JsonObject().field("dtype", kDtypes).field("d_qk", kHeadDimsQK).str();
+}
+
+// CTA: 4 warps; the 32 heads [32 hb, 32 hb + 32) of one query are its rows (a block of
+// fewer heads zero-fills the rest); its topk gathered kv rows are the keys, 16 per tile,
+// in a 3-stage cp.async ring.
+constexpr int kNumWarps = 4;
+constexpr int kThreads = kNumWarps * 32;
+constexpr int kBlockM = 32;
+constexpr int kBlockN = 16;
+constexpr int kStages = 3;
+
+// Shared-memory byte layout for one d_qk (kernel.cuh's header comment gives the protocol).
+template <int kDimQK>
+struct Layout {
+  static constexpr int kQBytes = kBlockM * kDimQK * kElemBytes;      // 36864 | 32768, swizzled
+  static constexpr int kTileBytes = kBlockN * kDimQK * kElemBytes;   // 18432 | 16384, swizzled
+  static constexpr int kStagesOffset = kQBytes;
+  static constexpr int kSPartialOffset = kStagesOffset + kStages * kTileBytes;
+  static constexpr int kSPartialBytes = (kNumWarps - 1) * kBlockM * kBlockN * 4;  // 6144
+  static constexpr int kPOffset = kSPartialOffset + kSPartialBytes;  // P [32][16] bf16
+  static constexpr int kPBytes = kBlockM * kBlockN * kElemBytes;     // 1024
+  static constexpr int kRescaleOffset = kPOffset + kPBytes;          // [32] fp32 per tile
+  static constexpr int kOutScaleOffset = kRescaleOffset + kBlockM * 4;  // [32] fp32, epilogue
+  static constexpr int kRowMaxOffset = kOutScaleOffset + kBlockM * 4;   // [32] fp32
+  static constexpr int kRowSumOffset = kRowMaxOffset + kBlockM * 4;     // [32][4] fp32
+  // Per stage, the bit mask of the tile's tokens that are valid (index in [0, s_kv) and
+  // inside topk_length): bit j = token j of the tile.
+  static constexpr int kValidOffset = kRowSumOffset + kBlockM * 4 * 4;
+  static constexpr int kSmemBytes = kValidOffset + 16;
+};
+
+static_assert(Layout<576>::kSmemBytes == 100240, "sparse prefill budget as in docs/sparse_prefill.md");
+static_assert(Layout<512>::kSmemBytes == 90000, "sparse prefill budget as in docs/sparse_prefill.md");
+static_assert(Layout<576>::kSmemBytes <= kMaxSmemPerBlockSm120, "tile exceeds sm_120's 99 KB");
+static_assert(Layout<512>::kSmemBytes <= kMaxSmemPerBlockSm120, "tile exceeds sm_120's 99 KB");
+
+// Head blocks per query.
+inline int num_head_blocks(int h_q) { return (h_q + kBlockM - 1) / kBlockM; }
+
+}  // namespace flash_mla::portable::sparse_prefill
