@@ -57,6 +57,7 @@ __all__ = [
     "plain_mha_fwd",
     "plain_mha_bwd",
     "plain_combine",
+    "plain_sparse_prefill",
 ]
 
 INF = float("inf")
@@ -605,3 +606,42 @@ def plain_combine(o_accum: torch.Tensor, lse_accum: torch.Tensor, split_offsets:
     if not outs:
         return torch.zeros(0, *o_accum.shape[1:], dtype=out_dtype, device=dev)
     return torch.stack(outs).to(out_dtype)
+
+
+def plain_sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float,
+                         d_v: int, sink: Optional[torch.Tensor] = None,
+                         topk_length: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Sparse prefill in plain PyTorch at q's dtype, on q's device (the rule-2 baseline):
+    fp32 scores and softmax over each query's valid indices (as sparse_prefill above),
+    P cast to q's dtype, P.V in that dtype, the sink factor applied in fp32, one rounding
+    to q's dtype. Returns out [s_q, h_q, d_v] in q's dtype (0 in rows with no valid index)."""
+    s_q, h_q, _ = q.shape
+    s_kv = kv.shape[0]
+    topk = indices.shape[2]
+    dev, dtype = q.device, q.dtype
+    idx = indices[:, 0].to(dev).long()                                   # [s_q, topk]
+    valid = (idx >= 0) & (idx < s_kv)
+    if topk_length is not None:
+        lengths = torch.as_tensor(topk_length if not isinstance(topk_length, torch.Tensor)
+                                  else topk_length.tolist(), device=dev).long()
+        valid &= torch.arange(topk, device=dev).unsqueeze(0) < lengths.clamp(0, topk).unsqueeze(1)
+    safe = torch.where(valid, idx, torch.zeros_like(idx))
+    out = torch.zeros(s_q, h_q, d_v, dtype=dtype, device=dev)
+    step = min(_chunk_rows(h_q, topk), _chunk_rows(kv.shape[2], topk))
+    for r0 in range(0, s_q, step):
+        r1 = min(s_q, r0 + step)
+        keys = kv[safe[r0:r1].flatten().to(kv.device), 0].to(dev, dtype).reshape(r1 - r0, topk, -1)
+        vis = valid[r0:r1].unsqueeze(1)                                  # [m, 1, topk]
+        # Invalid slots read row 0 (may hold anything): zero them before any product.
+        keys = torch.where(valid[r0:r1].unsqueeze(-1), keys, torch.zeros((), dtype=dtype, device=dev))
+        scores = torch.matmul(q[r0:r1].float(), keys.float().transpose(-1, -2)) * scale
+        any_row = vis.any(dim=-1, keepdim=True)
+        scores = scores.masked_fill(~vis, -INF).masked_fill(~any_row, 0.0)
+        p = torch.softmax(scores, dim=-1) * any_row
+        o = torch.matmul(p.to(dtype), keys[..., :d_v]).float()
+        if sink is not None:
+            lse = torch.logsumexp(scores, dim=-1)
+            factor = 1.0 / (1.0 + torch.exp(sink.to(dev, torch.float32) - lse))
+            o = o * torch.where(any_row.squeeze(-1), factor, torch.ones_like(factor)).unsqueeze(-1)
+        out[r0:r1] = o.to(dtype)
+    return out

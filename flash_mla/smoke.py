@@ -28,6 +28,9 @@ Cases:
   plain-math rule (rule 2: at most 2x plain bf16 PyTorch's error), lse by the element rule;
 - dense decode, bf16, s_q 2 causal, paged cache with NaN in every unused slot and a
   zero-length sequence, upstream-style values (rule 1, element rule): out, lse;
+- sparse prefill, bf16, d_qk 576, h_q 16, upstream-style values (rule 1): every invalid
+  index candidate, an all-invalid row, topk_length (entries past it point at NaN rows),
+  an attention sink: out, lse, max_logits;
 - sparse FP8 decode (V3.2 cache, 656 B/token, NaN bytes in every slot not read),
   invalid (-1) indices and topk_length (rule 1): out, lse.
 
@@ -53,9 +56,11 @@ REFERENCE = "reference"
 
 # Ops for which this version of flash_mla has a native kernel and calls it; on a GPU the
 # library was built for, each must run natively.
-NATIVE_KERNEL_OPS: Tuple[str, ...] = ("dense_prefill_fwd", "dense_prefill_bwd", "dense_decode")
+NATIVE_KERNEL_OPS: Tuple[str, ...] = ("dense_prefill_fwd", "dense_prefill_bwd", "dense_decode",
+                                      "sparse_prefill")
 # Ops the smoke test runs, in table order.
-SMOKE_OPS: Tuple[str, ...] = ("dense_prefill_fwd", "dense_prefill_bwd", "dense_decode", "sparse_decode")
+SMOKE_OPS: Tuple[str, ...] = ("dense_prefill_fwd", "dense_prefill_bwd", "dense_decode", "sparse_prefill",
+                              "sparse_decode")
 NO_NATIVE_KERNEL = "no native kernel in this version"
 HEADERS = ("op", "backend", "expected", "device", "rule", "max_err", "limit", "cos_diff", "result")
 
@@ -259,6 +264,41 @@ def _case_dense_decode(device: torch.device, gen: torch.Generator, plan_: Plan) 
     return rows
 
 
+def _case_sparse_prefill(device: torch.device, gen: torch.Generator, plan_: Plan) -> List[Row]:
+    from . import flash_mla_sparse_fwd, oracle
+
+    s_q, h_q, d, d_v, s_kv, topk = 5, 16, 576, 512, 90, 37
+    scale = d ** -0.5
+    # Upstream-style values (std 0.1); kv rows no query may read hold NaN.
+    kv = (torch.randn(s_kv, 1, d, generator=gen) / 10).to(torch.bfloat16)
+    q = (torch.randn(s_q, h_q, d, generator=gen) / 10).to(torch.bfloat16)
+    unread = 7
+    kv[unread] = float("nan")
+    readable = torch.tensor([i for i in range(s_kv) if i != unread])
+    indices = readable[torch.randint(0, len(readable), (s_q, 1, topk), generator=gen)].to(torch.int32)
+    invalid = [-2 ** 31, -123456, -1, s_kv, 114514, 2147480000, 2 ** 31 - 1]
+    for j, bad in enumerate(invalid):
+        indices[0, 0, 3 * j] = bad
+        indices[4, 0, j] = bad
+    indices[2, 0, :] = torch.tensor(invalid, dtype=torch.int32).repeat(topk // len(invalid) + 1)[:topk]
+    topk_length = torch.tensor([topk, 20, topk, 1, 30], dtype=torch.int32)
+    indices[1, 0, 20:] = unread   # past topk_length: never read
+    indices[3, 0, 1:] = unread
+    sink = torch.randn(h_q, generator=gen)
+
+    out, max_logits, lse = flash_mla_sparse_fwd(
+        q.to(device), kv.to(device), indices.to(device), scale, d_v, attn_sink=sink.to(device),
+        topk_length=topk_length.to(device))
+    exact_out, exact_max, exact_lse = oracle.sparse_prefill(q, kv, indices, scale, d_v, sink=sink,
+                                                            topk_length=topk_length.tolist())
+    rows = [element_row("sparse_prefill", "sparse_prefill", "out", device, out, exact_out),
+            element_row("sparse_prefill", "sparse_prefill", "lse", device, lse, exact_lse),
+            element_row("sparse_prefill", "sparse_prefill", "max_logits", device, max_logits, exact_max)]
+    backend_rows("sparse_prefill", device, plan_.expected["sparse_prefill"], {"dtype": "bf16", "d_qk": d},
+                 rows)
+    return rows
+
+
 def _pack_v32(nope_e4m3: torch.Tensor, scales: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """One V3.2 token row per input row: [512 e4m3 | 4 fp32 scales | 64 bf16] = 656 B."""
     return torch.cat([nope_e4m3.view(torch.uint8), scales.contiguous().view(torch.uint8),
@@ -303,6 +343,7 @@ def _case_sparse_decode(device: torch.device, gen: torch.Generator, plan_: Plan)
 CASES: Sequence[Tuple[str, Callable[[torch.device, torch.Generator, Plan], List[Row]]]] = (
     ("dense_prefill", _case_mha),
     ("dense_decode", _case_dense_decode),
+    ("sparse_prefill", _case_sparse_prefill),
     ("sparse_decode", _case_sparse_decode),
 )
 

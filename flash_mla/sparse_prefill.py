@@ -12,17 +12,19 @@ values need no check (and none is made: that would need a device sync).
 topk_length int32 [s_q] (per query); attn_sink fp32 [h_q]; d_v 512; sm_scale has
 no default, as upstream.
 
-Native binding point: ``_run_native`` beside ``_run_reference``; this version has
-no sparse prefill kernel, so every call runs the reference (the dispatch says so).
+Native path: ``_run_native`` allocates the outputs and calls the library's tvm-ffi entry
+``sparse_prefill_fwd`` (csrc/api/sparse_prefill.cu) on the current stream; the kernel
+skips invalid indices itself and needs no host sync (docs/sparse_prefill.md).
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
 from . import _checks as C
 from . import _custom_op
+from . import _native
 from . import dispatch as _dispatch
 
 __all__ = ["flash_mla_sparse_fwd"]
@@ -97,9 +99,47 @@ def _features(q: torch.Tensor) -> dict:
     return {"dtype": "bf16", "d_qk": int(q.shape[-1])}
 
 
-def _run_native(q, kv, indices, sm_scale, d_v, attn_sink, topk_length):
-    """The native kernel (none in this version; the dispatch never picks it)."""
-    raise NotImplementedError("flash_mla has no native sparse prefill kernel in this version")
+# The native entry (csrc/api/sparse_prefill.cu), looked up once per loaded library.
+_functions: Dict[str, Callable] = {}
+_functions_owner: list = [None]
+
+
+def _function(name: str) -> Callable:
+    if _functions_owner[0] is not _native.function:  # a test replaced the loader
+        _functions.clear()
+        _functions_owner[0] = _native.function
+    fn = _functions.get(name)
+    if fn is None:
+        fn = _functions[name] = _native.function(name)
+    return fn
+
+
+def _chunk_aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself when the kernel can read it with 16-byte copies (every stride but the
+    last a multiple of 8 elements, 16-byte aligned start), else a contiguous copy (a
+    layout validation accepts but the kernel cannot gather from)."""
+    ok = t.data_ptr() % 16 == 0 and all(
+        st >= 0 and st % 8 == 0 for st in t.stride()[:-1])
+    return t if ok else t.contiguous()
+
+
+def _run_native(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
+                d_v: int, attn_sink: Optional[torch.Tensor],
+                topk_length: Optional[torch.Tensor]
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The native kernel (one tvm-ffi call on the current stream): out bf16
+    [s_q, h_q, d_v], max_logits and lse fp32 [s_q, h_q], allocated here."""
+    s_q, h_q, _ = q.shape
+    out = torch.empty((s_q, h_q, d_v), dtype=q.dtype, device=q.device)
+    max_logits = torch.empty((s_q, h_q), dtype=torch.float32, device=q.device)
+    lse = torch.empty((s_q, h_q), dtype=torch.float32, device=q.device)
+    if topk_length is not None:
+        topk_length = topk_length.contiguous()
+    if attn_sink is not None:
+        attn_sink = attn_sink.contiguous()
+    _function("sparse_prefill_fwd")(_chunk_aligned(q), _chunk_aligned(kv), indices, topk_length,
+                                    attn_sink, out, max_logits, lse, float(sm_scale), int(d_v))
+    return out, max_logits, lse
 
 
 def _run_reference(q, kv, indices, sm_scale, d_v, attn_sink, topk_length):

@@ -140,8 +140,8 @@ def test_reference_setting_is_silent(monkeypatch):
 
 def test_op_without_python_binding_falls_back_with_its_reason(monkeypatch):
     monkeypatch.setattr(_native, "unavailable_reason", lambda *a, **k: None)
-    with pytest.warns(dispatch.FlashMLAFallbackWarning, match="no native sparse_prefill entry point"):
-        assert dispatch.choose("sparse_prefill", CUDA0) == "reference"
+    with pytest.warns(dispatch.FlashMLAFallbackWarning, match="no native sparse_decode entry point"):
+        assert dispatch.choose("sparse_decode", CUDA0) == "reference"
     monkeypatch.setenv(dispatch.ENV_VAR, "native")
     with pytest.raises(RuntimeError, match="no native sparse_decode entry point"):
         dispatch.choose("sparse_decode", CUDA0)

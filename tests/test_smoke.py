@@ -11,13 +11,14 @@ import flash_mla
 from flash_mla import _native, smoke
 
 ROWS = ["dense_prefill_fwd out", "dense_prefill_fwd lse", "dense_prefill_bwd dq", "dense_prefill_bwd dk",
-        "dense_prefill_bwd dv", "dense_decode out", "dense_decode lse", "sparse_decode out",
-        "sparse_decode lse"]
+        "dense_prefill_bwd dv", "dense_decode out", "dense_decode lse", "sparse_prefill out",
+        "sparse_prefill lse", "sparse_prefill max_logits", "sparse_decode out", "sparse_decode lse"]
 MHA_OPS = ("dense_prefill_fwd", "dense_prefill_bwd")
-NATIVE_OPS = MHA_OPS + ("dense_decode",)
+NATIVE_OPS = MHA_OPS + ("dense_decode", "sparse_prefill")
 INFO_SM90 = {"version": "0.1.0", "cuda_version": "13.0", "targets": ["80", "90a"], "ptx": None,
              "ops": {"dense_prefill_fwd": {}, "dense_prefill_bwd": {}, "combine": {},
-                     "dense_decode": {}, "dense_decode_schedule": {}}, "kernels": []}
+                     "dense_decode": {}, "dense_decode_schedule": {}, "sparse_prefill": {}},
+             "kernels": []}
 
 
 @pytest.fixture
@@ -124,15 +125,16 @@ def test_planted_library_without_the_gpus_arch_fails_with_the_reason(capsys, no_
     assert smoke.main(["--device", "cpu"]) == 1
     text = capsys.readouterr().out
     assert "FAIL native library: the native library has no kernel for this GPU (sm_120" in text
-    for row in ROWS[:7]:
+    for row in ROWS[:10]:
         line = _lines(text, row)[0]
         assert line.endswith("FAIL") and " native " in line, line
         assert f"FAIL {row}: expected native" in text and "but reference ran; dispatcher: " in text
-    for row in ROWS[7:]:
+    for row in ROWS[10:]:
         assert "reference (no native kernel in this version)" in _lines(text, row)[0]
         assert _lines(text, row)[0].endswith("PASS")
     assert f"smoke: 2/{len(ROWS) + 1} passed" in text
-    assert "GPU kernels expected: dense_prefill_fwd, dense_prefill_bwd, dense_decode" in text
+    assert ("GPU kernels expected: dense_prefill_fwd, dense_prefill_bwd, dense_decode, "
+            "sparse_prefill") in text
 
 
 def test_planted_missing_library_fails_with_the_loaders_reason(capsys, no_gpu, monkeypatch):
