@@ -133,6 +133,8 @@ def _run_native(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_sca
     out = torch.empty((s_q, h_q, d_v), dtype=q.dtype, device=q.device)
     max_logits = torch.empty((s_q, h_q), dtype=torch.float32, device=q.device)
     lse = torch.empty((s_q, h_q), dtype=torch.float32, device=q.device)
+    if s_q == 0 or h_q == 0:
+        return out, max_logits, lse
     if topk_length is not None:
         topk_length = topk_length.contiguous()
     if attn_sink is not None:
