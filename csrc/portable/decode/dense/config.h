@@ -65,6 +65,38 @@ constexpr int kSmemBytes = kRowSumOffset + kBlockM * 4 * 4;
 static_assert(kSmemBytes == 100352, "decode budget as documented in docs/dense_decode.md");
 static_assert(kSmemBytes <= kMaxSmemPerBlockSm120, "dense decode tile exceeds sm_120's 99 KB");
 
+// Wide CTA for many rows per kv head (kernel_wide.cuh): the same 32-row block, 8 warps.
+// Warp w = 2 kg + s: S partial of slab s over dims [144 kg, 144 kg + 144) with its Q
+// fragments in registers (9 k-steps x 4 = 36), then, after one exchange of the four
+// partials of its slab, the slab's softmax (the four warps of a slab compute it
+// identically) and O for slab s x columns [128 kg, 128 kg + 128) (64 fp32), P staying
+// in registers. Q no longer lives in shared memory (staged through the KV ring at the
+// start of a piece), so the ring has 4 stages. Arithmetic: docs/dense_decode.md.
+constexpr bool kWideEnabled = true;  // false: every shape takes the 4-warp kernel
+constexpr int kWideNumWarps = 8;
+constexpr int kWideThreads = kWideNumWarps * 32;
+constexpr int kWideKGroups = kWideNumWarps / kSlabs;                  // 4
+constexpr int kWideKStepsPerWarp = kHeadDimQK / 16 / kWideKGroups;    // 9
+constexpr int kWideColsPerWarp = kHeadDimV / kWideKGroups;            // 128
+constexpr int kWideNTilesO = kWideColsPerWarp / 8;                    // 16
+constexpr int kWideStages = 4;
+static_assert(kHeadDimQK % (16 * kWideKGroups) == 0, "whole k-steps per warp");
+static_assert(kWideStages >= 2 && kWideStages * kTileBytes >= kQBytes,
+              "the Q block is staged through the KV ring");
+constexpr int kWideSPartialOffset = kWideStages * kTileBytes;         // [warp][n-tile][lane] float4
+constexpr int kWideSPartialBytes = kWideNumWarps * 2 * 32 * 16;       // 8192
+constexpr int kWideSmemBytes = kWideSPartialOffset + kWideSPartialBytes;
+static_assert(kWideSmemBytes == 81920, "wide decode budget as documented in docs/dense_decode.md");
+static_assert(kWideSmemBytes <= kMaxSmemPerBlockSm120, "wide dense decode tile exceeds sm_120's 99 KB");
+
+// The one place that picks the CTA shape: more than one 32-row block per kv head (h_q /
+// h_k x s_q > 32) takes the wide CTA; one block or fewer stays on the 4-warp kernel,
+// which already streams the cache at copy speed there.
+inline bool use_wide_cta(int s_q, int h_q, int h_k) {
+  const int64_t rows = static_cast<int64_t>(s_q) * (h_q / h_k);
+  return kWideEnabled && rows > kBlockM;
+}
+
 // Row blocks per kv head for s_q queries of h_q / h_k heads each.
 inline int num_m_blocks(int s_q, int h_q, int h_k) {
   const int64_t rows = static_cast<int64_t>(s_q) * (h_q / h_k);
@@ -77,6 +109,10 @@ inline int ctas_per_sm(int smem_per_sm) {
   return n > 0 ? n : 1;
 }
 
+// The wide CTA's 256 threads use more than 128 registers each (ptxas: 218..236 by
+// target), so one CTA fills an SM's 64K registers whatever its shared memory allows.
+constexpr int kWideCtasPerSm = 1;
+
 // Schedule parts: enough CTAs (parts x h_k x row blocks) to fill every SM once, or, in
 // batch-invariant mode, one part per (request, piece).
 inline int num_parts(int num_sms, int smem_per_sm, int batch, int s_q, int h_q, int h_k,
@@ -86,7 +122,8 @@ inline int num_parts(int num_sms, int smem_per_sm, int batch, int s_q, int h_q, 
     return static_cast<int>(parts > 0 ? parts : 1);
   }
   const int64_t per_part = static_cast<int64_t>(h_k) * num_m_blocks(s_q, h_q, h_k);
-  const int64_t slots = static_cast<int64_t>(num_sms) * ctas_per_sm(smem_per_sm);
+  const int per_sm = use_wide_cta(s_q, h_q, h_k) ? kWideCtasPerSm : ctas_per_sm(smem_per_sm);
+  const int64_t slots = static_cast<int64_t>(num_sms) * per_sm;
   const int64_t parts = slots / per_part;
   return static_cast<int>(parts > 0 ? parts : 1);
 }

@@ -60,6 +60,7 @@
 #include "../schedule/config.h"
 #include "config.h"
 #include "kernel.h"
+#include "kernel_wide.cuh"
 
 namespace flash_mla::portable::dense_decode {
 
@@ -469,6 +470,14 @@ void launch_dense_decode(const DenseDecodeParams& params) {
 template <DType kDType>
 void run_dense_decode(const DenseDecodeParams& params) {
   using Elem = typename std::conditional<kDType == DType::kBF16, BF16, FP16>::type;
+  if (use_wide_cta(params.s_q, params.h_q, params.h_k)) {
+    if (params.is_causal) {
+      wide::launch<Elem, true>(params);
+    } else {
+      wide::launch<Elem, false>(params);
+    }
+    return;
+  }
   if (params.is_causal) {
     launch_dense_decode<Elem, true>(params);
   } else {

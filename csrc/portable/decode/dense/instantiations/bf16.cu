@@ -7,5 +7,8 @@ namespace flash_mla::portable::dense_decode {
 template void run_dense_decode<DType::kBF16>(const DenseDecodeParams&);
 FLASH_MLA_REGISTER_KERNEL(dense_decode_bf16, "dense_decode", "bf16 d576 dv512, causal|full",
                           kSmemBytes, kThreads);
+FLASH_MLA_REGISTER_KERNEL(dense_decode_wide_bf16, "dense_decode",
+                          "bf16 d576 dv512 wide (over 32 rows per kv head), causal|full",
+                          kWideSmemBytes, kWideThreads);
 
 }  // namespace flash_mla::portable::dense_decode

@@ -7,5 +7,8 @@ namespace flash_mla::portable::dense_decode {
 template void run_dense_decode<DType::kFP16>(const DenseDecodeParams&);
 FLASH_MLA_REGISTER_KERNEL(dense_decode_fp16, "dense_decode", "fp16 d576 dv512, causal|full",
                           kSmemBytes, kThreads);
+FLASH_MLA_REGISTER_KERNEL(dense_decode_wide_fp16, "dense_decode",
+                          "fp16 d576 dv512 wide (over 32 rows per kv head), causal|full",
+                          kWideSmemBytes, kWideThreads);
 
 }  // namespace flash_mla::portable::dense_decode

@@ -1,0 +1,396 @@
+// Portable dense MLA decode, wide CTA (8 warps) for many rows per kv head: mma.sync
+// m16n8k16 + ldmatrix + cp.async only, like kernel.cuh, whose work split (blockIdx.x =
+// (part * h_k + kv_head) * num_m_blocks + m_block, 32 rows per block), global-memory rules
+// and output contract it shares. Design and arithmetic: docs/dense_decode.md.
+//
+// Warps. Warp w = 2 kg + s (kg = 0..3, s = 0..1) holds the Q fragments of slab s (rows
+// 16s .. 16s + 15 of the block) for dims [144 kg, 144 kg + 144) in registers and computes
+// that slab's S partial over those dims (16 rows x 16 tokens). The four partials of a slab
+// meet in shared memory; every warp of the slab adds them in the fixed order kg = 0, 1, 2,
+// 3 and runs the same online softmax on the same values, so the four copies of the row
+// maxima, sums and P agree bit for bit. P then stays in registers (the C fragments of S
+// are the A fragment of P V) and the warp accumulates O for slab s x output columns
+// [128 kg, 128 kg + 128) (16 n-tiles x 4 fp32 per lane).
+//
+// Shared memory (config.h has the offsets; 16-bit rows XOR-swizzled in 16-byte chunks):
+//   [0, 4 * 18432)      KV stage ring, tile i in stage i % 4: [16 tokens][576]; at the start
+//                       of a piece its first 36864 B stage the Q block [32][576]
+//   [73728, +8192)      S partials: [warp][n-tile][lane] float4
+//
+// Barrier / cp.async protocol per piece (T tiles of 16 tokens):
+//   __syncthreads (the previous piece's readers are done); cp.async Q -> commit; wait_group 0;
+//   __syncthreads; ldmatrix Q fragments into registers; __syncthreads (the staging area is
+//   free); cp.async tiles 0, 1, 2 -> one commit each.
+//   iteration i: wait_group 2 (tile i landed, this thread's part); B1 __syncthreads (tile i
+//     visible; every warp finished iteration i-1, so stage (i+3) % 4 and the S partials are
+//     free); cp.async tile i+3 -> commit (an empty group past the end keeps the count);
+//     S partial -> shared memory; B2 __syncthreads; sum the slab's partials, mask, online
+//     softmax, rescale O, O += P V.
+//   epilogue: wait_group 0; quad sums; warp kg = 0 of each slab writes lse; every warp
+//     writes its columns.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include <cuda_runtime.h>
+
+#include "../../../params.h"
+#include "../../common/cp_async.cuh"
+#include "../../common/element.cuh"
+#include "../../common/ldmatrix.cuh"
+#include "../../common/math.cuh"
+#include "../../common/mma.cuh"
+#include "../../common/swizzle.cuh"
+#include "../schedule/config.h"
+#include "config.h"
+
+namespace flash_mla::portable::dense_decode {
+
+namespace wide {
+
+namespace sched = ::flash_mla::portable::decode_schedule;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLn2 = 0.69314718055994530942f;
+constexpr int kChunksPerRow = kHeadDimQK / 8;                // 72 16-byte chunks per row
+constexpr int kQChunks = kBlockM * kChunksPerRow;            // 2304
+constexpr int kTileChunks = kBlockN * kChunksPerRow;         // 1152
+constexpr int kQChunksPerThread = kQChunks / kWideThreads;   // 9
+constexpr int kTileChunksPerThread = (kTileChunks + kWideThreads - 1) / kWideThreads;  // 5
+static_assert(kQChunks % kWideThreads == 0, "whole Q chunks per thread");
+
+template <typename Elem, bool kIsCausal>
+__global__ void __launch_bounds__(kWideThreads, 1)
+    dense_decode_wide_kernel(const __grid_constant__ DenseDecodeParams params) {
+  using Storage = typename Elem::Storage;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t smem_base = cvta_shared(smem);
+  float4* s_partial = reinterpret_cast<float4*>(smem + kWideSPartialOffset);
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int slab = warp & 1;
+  const int kg = warp >> 1;
+
+  const int m_block = static_cast<int>(blockIdx.x % params.num_m_blocks);
+  const int rest = static_cast<int>(blockIdx.x / params.num_m_blocks);
+  const int kv_head = rest % params.h_k;
+  const int part = rest / params.h_k;
+
+  const int32_t* meta = params.metadata + static_cast<int64_t>(part) * sched::kMetaInts;
+  const int begin_req = meta[sched::kBeginReq];
+  const int begin_block = meta[sched::kBeginBlock];
+  const int end_req = meta[sched::kEndReq];
+  const int end_block = meta[sched::kEndBlock];
+  const int first_split = meta[sched::kFirstSplit];
+  if (begin_req < 0 || begin_req >= params.batch) return;  // empty part
+  const int last_req = min(end_req, params.batch - 1);
+
+  const int group = params.h_q / params.h_k;
+  const int rows = params.s_q * group;
+  const int m0 = m_block * kBlockM;
+  const int valid_rows = min(kBlockM, rows - m0);
+  const float scale_log2 = params.softmax_scale_log2;  // > 0 (validated)
+  const Storage* q_base = static_cast<const Storage*>(params.q);
+  const Storage* k_base = static_cast<const Storage*>(params.k_cache);
+  const Storage* k_head = k_base + static_cast<int64_t>(kv_head) * params.k_head_stride;
+
+  // Per-lane ldmatrix coordinates (mma.cuh / ldmatrix.cuh give the fragment orders), as in
+  // kernel.cuh. Q (A of S): row (lane & 15) of the slab, chunk bit lane >> 4. K (B of S,
+  // not transposed): token (lane & 7) + 8 * bit 4, chunk bit (lane >> 3) & 1. V (B of O,
+  // transposed): token (lane & 7) + 8 * bit 3, chunk bit lane >> 4.
+  const int a_row = 16 * slab + (lane & 15);
+  const int a_col = (lane >> 4) * 8;
+  const int k_row = (lane & 7) + ((lane >> 4) & 1) * 8;
+  const int k_col = ((lane >> 3) & 1) * 8;
+  const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int v_col = (lane >> 4) * 8;
+  const int dim0 = kg * kWideKStepsPerWarp * 16;  // first S dim of this warp
+  const int col0 = kg * kWideColsPerWarp;         // first output column of this warp
+  // This lane's accumulator rows within the block: 16 slab + g and 16 slab + g + 8.
+  const int row_lo = 16 * slab + g;
+
+  for (int req = begin_req; req <= last_req; ++req) {
+    const int s_k = max(params.seqlens[req], 0);
+    const int n_blocks = static_cast<int>((static_cast<int64_t>(s_k) + kPageSize - 1) / kPageSize);
+    const int lo = req == begin_req ? begin_block : 0;
+    const int hi = min(req == end_req ? end_block : n_blocks, n_blocks);
+    // A piece the schedule counted but the current lengths left empty still writes its
+    // (empty) result, so the combine never reads an unwritten split.
+    const int sched_hi = req == end_req ? end_block : n_blocks;
+    if (lo >= sched_hi) continue;
+    const int total_splits = params.num_splits_total;
+    const int off_begin = min(max(params.split_offsets[req], 0), total_splits);
+    const int off_end = min(max(params.split_offsets[req + 1], off_begin), total_splits);
+    const bool direct = off_end - off_begin == 1;
+    const int split = req == begin_req ? first_split : off_begin;
+    if (!direct && (split < 0 || split >= total_splits)) continue;  // stale schedule
+
+    const int tok_begin = lo * kPageSize;
+    int tok_end = static_cast<int>(min(static_cast<int64_t>(max(hi, lo)) * kPageSize,
+                                       static_cast<int64_t>(s_k)));
+    const int tok_end_piece = tok_end;
+    if (kIsCausal) {
+      // No row of this block sees keys at or past s_k - s_q + (its last query) + 1.
+      const int last_query = (m0 + valid_rows - 1) / group;
+      tok_end = min(tok_end, s_k - params.s_q + last_query + 1);
+    }
+    const int num_tiles = tok_end > tok_begin ? (tok_end - tok_begin + kBlockN - 1) / kBlockN : 0;
+
+    // Keys [0, lim[r]) that this lane's row r (row_lo + 8 r) sees.
+    int lim[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int query = (m0 + row_lo + 8 * r) / group;
+      lim[r] = kIsCausal ? min(tok_end_piece, s_k - params.s_q + query + 1) : tok_end_piece;
+    }
+
+    __syncthreads();  // every warp is done with the previous piece's shared memory
+
+    // ---- Q block: 32 rows x 72 chunks into the ring's first two stages, then registers ----
+    {
+      const Storage* q_req = q_base + static_cast<int64_t>(req) * params.q_batch_stride;
+#pragma unroll 3
+      for (int j = 0; j < kQChunksPerThread; ++j) {
+        const int idx = tid + j * kWideThreads;
+        const int row = idx / kChunksPerRow;
+        const int col = (idx % kChunksPerRow) * 8;
+        const bool valid = row < valid_rows;
+        const Storage* src = q_base;
+        if (valid) {
+          const int r = m0 + row;
+          const int head = kv_head * group + r % group;
+          src = q_req + static_cast<int64_t>(r / group) * params.q_row_stride +
+                static_cast<int64_t>(head) * params.q_head_stride + col;
+        }
+        cp_async_16_zfill(smem_base + swizzled_offset<kHeadDimQK>(row, col), src, valid);
+      }
+      cp_async_commit();
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the Q block is visible
+    uint32_t q_frag[kWideKStepsPerWarp][4];
+#pragma unroll
+    for (int kk = 0; kk < kWideKStepsPerWarp; ++kk) {
+      ldmatrix_x4(q_frag[kk], smem_base + swizzled_offset<kHeadDimQK>(a_row, dim0 + kk * 16 + a_col));
+    }
+    __syncthreads();  // every warp holds its Q fragments: the staging area is free
+
+    auto stage_addr = [&](int tile) -> uint32_t {
+      return smem_base + static_cast<uint32_t>(tile % kWideStages) * kTileBytes;
+    };
+    // One 16-token tile: one page (a tile never straddles two), 4.5 chunks per thread.
+    auto issue_tile = [&](int tile) {
+      const int tok0 = tok_begin + tile * kBlockN;
+      if (tile >= num_tiles) return;
+      const int page = params.block_table[static_cast<int64_t>(req) * params.block_table_stride +
+                                          tok0 / kPageSize];
+      const bool page_ok = page >= 0 && page < params.num_cache_blocks;
+      const Storage* page_base =
+          k_head + static_cast<int64_t>(page_ok ? page : 0) * params.k_block_stride;
+      const uint32_t dst = stage_addr(tile);
+#pragma unroll
+      for (int j = 0; j < kTileChunksPerThread; ++j) {
+        const int idx = tid + j * kWideThreads;
+        if (idx < kTileChunks) {
+          const int row = idx / kChunksPerRow;
+          const int col = (idx % kChunksPerRow) * 8;
+          const int tok = tok0 + row;
+          const bool valid = page_ok && tok < tok_end;
+          const Storage* src =
+              valid ? page_base + static_cast<int64_t>(tok % kPageSize) * params.k_token_stride + col
+                    : k_base;
+          cp_async_16_zfill(dst + swizzled_offset<kHeadDimQK>(row, col), src, valid);
+        }
+      }
+    };
+#pragma unroll
+    for (int st = 0; st < kWideStages - 1; ++st) {
+      issue_tile(st);
+      cp_async_commit();
+    }
+
+    float o_acc[kWideNTilesO][4];
+#pragma unroll
+    for (int n = 0; n < kWideNTilesO; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0.f;
+    // Online softmax state of this lane's two rows: running max (raw score units, the same
+    // in the four lanes of a quad) and this lane's part of the running sum.
+    float row_max[2] = {kNegInf, kNegInf};
+    float row_sum[2] = {0.f, 0.f};
+
+    for (int i = 0; i < num_tiles; ++i) {
+      cp_async_wait<kWideStages - 2>();
+      __syncthreads();  // B1
+      issue_tile(i + kWideStages - 1);
+      cp_async_commit();
+      const uint32_t tile_smem = stage_addr(i);
+
+      // ---- S partial: slab rows x 16 tokens over this warp's 9 k-steps ----
+      // Even and odd k-steps accumulate in separate chains (4 independent MMAs in flight
+      // instead of 2; the chains are added once, in a fixed order).
+      float s_acc[2][2][4];
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+#pragma unroll
+        for (int n = 0; n < 2; ++n) s_acc[c][n][0] = s_acc[c][n][1] = s_acc[c][n][2] = s_acc[c][n][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kWideKStepsPerWarp; ++kk) {
+        uint32_t b[4];
+        ldmatrix_x4(b, tile_smem + swizzled_offset<kHeadDimQK>(k_row, dim0 + kk * 16 + k_col));
+        const uint32_t b_lo[2] = {b[0], b[1]};
+        const uint32_t b_hi[2] = {b[2], b[3]};
+        mma_m16n8k16<Elem>(s_acc[kk & 1][0], q_frag[kk], b_lo);
+        mma_m16n8k16<Elem>(s_acc[kk & 1][1], q_frag[kk], b_hi);
+      }
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        s_partial[(warp * 2 + n) * 32 + lane] =
+            make_float4(s_acc[0][n][0] + s_acc[1][n][0], s_acc[0][n][1] + s_acc[1][n][1],
+                        s_acc[0][n][2] + s_acc[1][n][2], s_acc[0][n][3] + s_acc[1][n][3]);
+      }
+      __syncthreads();  // B2
+
+      // ---- the slab's S: partials of warps kg = 0..3 in that order (every warp of the
+      // slab forms the same sums) ----
+      float sc[2][4];
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        float4 v = s_partial[(slab * 2 + n) * 32 + lane];
+#pragma unroll
+        for (int k = 1; k < kWideKGroups; ++k) {
+          const float4 p = s_partial[((k * 2 + slab) * 2 + n) * 32 + lane];
+          v.x += p.x;
+          v.y += p.y;
+          v.z += p.z;
+          v.w += p.w;
+        }
+        sc[n][0] = v.x;
+        sc[n][1] = v.y;
+        sc[n][2] = v.z;
+        sc[n][3] = v.w;
+      }
+      const int tok0 = tok_begin + i * kBlockN;
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int tok = tok0 + n * 8 + 2 * t + (e & 1);
+          if (tok >= lim[e >> 1]) sc[n][e] = kNegInf;
+        }
+      }
+      // Online softmax in base 2, as in kernel.cuh: maxima in raw score units, p = 2^(s c -
+      // m c) with one FFMA; __fmul_rn keeps an unchanged max's rescale at exactly 1.
+      float correction[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float tile_max = row_max[r];
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          tile_max = fmaxf(tile_max, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
+        }
+        tile_max = quad_max(tile_max);
+        const float ref = tile_max == kNegInf ? 0.f : __fmul_rn(tile_max, scale_log2);
+        correction[r] = exp2_approx(__fmul_rn(row_max[r], scale_log2) - ref);
+        row_max[r] = tile_max;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          sc[n][2 * r] = exp2_approx(fmaf(sc[n][2 * r], scale_log2, -ref));
+          sc[n][2 * r + 1] = exp2_approx(fmaf(sc[n][2 * r + 1], scale_log2, -ref));
+          sum += sc[n][2 * r] + sc[n][2 * r + 1];
+        }
+        row_sum[r] = row_sum[r] * correction[r] + sum;
+      }
+      // P as the A fragment of P V (mma.cuh): a[0] row g tokens 2t.., a[1] row g+8 tokens
+      // 2t.., a[2] row g tokens 8+2t.., a[3] row g+8 tokens 8+2t.. -- n-tile 0 then 1.
+      uint32_t p_frag[4];
+      p_frag[0] = pack_float2<Elem>(sc[0][0], sc[0][1]);
+      p_frag[1] = pack_float2<Elem>(sc[0][2], sc[0][3]);
+      p_frag[2] = pack_float2<Elem>(sc[1][0], sc[1][1]);
+      p_frag[3] = pack_float2<Elem>(sc[1][2], sc[1][3]);
+
+      // ---- O = O * rescale + P V over this warp's 128 columns ----
+#pragma unroll
+      for (int n = 0; n < kWideNTilesO; ++n) {
+        o_acc[n][0] *= correction[0];
+        o_acc[n][1] *= correction[0];
+        o_acc[n][2] *= correction[1];
+        o_acc[n][3] *= correction[1];
+      }
+#pragma unroll
+      for (int dp = 0; dp < kWideNTilesO / 2; ++dp) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, tile_smem + swizzled_offset<kHeadDimQK>(v_row, col0 + dp * 16 + v_col));
+        const uint32_t b_lo[2] = {b[0], b[1]};
+        const uint32_t b_hi[2] = {b[2], b[3]};
+        mma_m16n8k16<Elem>(o_acc[2 * dp], p_frag, b_lo);
+        mma_m16n8k16<Elem>(o_acc[2 * dp + 1], p_frag, b_hi);
+      }
+    }
+    cp_async_wait<0>();  // drain (the groups past the last tile are empty)
+
+    // ---- epilogue: every lane of a quad holds the same row max; the sums are split ----
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row_lo + 8 * r;
+      const float sum = quad_sum(row_sum[r]);
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      if (row >= valid_rows) continue;
+      const int rr = m0 + row;
+      const int head = kv_head * group + rr % group;
+      const int query = rr / group;
+      if (kg == 0 && t == 0) {
+        const int64_t hs = static_cast<int64_t>(head) * params.s_q + query;
+        const float lse2 = row_max[r] * scale_log2 + __log2f(sum);
+        if (direct) {
+          params.lse[static_cast<int64_t>(req) * params.h_q * params.s_q + hs] =
+              sum > 0.f ? lse2 * kLn2 : __int_as_float(0x7f800000);
+        } else {
+          params.lse_accum[static_cast<int64_t>(split) * params.h_q * params.s_q + hs] =
+              sum > 0.f ? lse2 : kNegInf;
+        }
+      }
+      if (direct) {
+        Storage* dst = static_cast<Storage*>(params.out) +
+                       static_cast<int64_t>(req) * params.out_batch_stride +
+                       static_cast<int64_t>(query) * params.out_row_stride +
+                       static_cast<int64_t>(head) * params.out_head_stride + col0 + 2 * t;
+#pragma unroll
+        for (int n = 0; n < kWideNTilesO; ++n) {
+          *reinterpret_cast<uint32_t*>(dst + n * 8) =
+              pack_float2<Elem>(o_acc[n][2 * r] * inv, o_acc[n][2 * r + 1] * inv);
+        }
+      } else {
+        float* dst = params.o_accum +
+                     ((static_cast<int64_t>(split) * params.h_q + head) * params.s_q + query) *
+                         kHeadDimV +
+                     col0 + 2 * t;
+#pragma unroll
+        for (int n = 0; n < kWideNTilesO; ++n) {
+          *reinterpret_cast<float2*>(dst + n * 8) =
+              make_float2(o_acc[n][2 * r] * inv, o_acc[n][2 * r + 1] * inv);
+        }
+      }
+    }
+  }
+}
+
+template <typename Elem, bool kIsCausal>
+void launch(const DenseDecodeParams& params) {
+  auto kernel = dense_decode_wide_kernel<Elem, kIsCausal>;
+  // Per launch, not cached: the attributes belong to the current device.
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWideSmemBytes);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                       cudaSharedmemCarveoutMaxShared);
+  const int64_t ctas =
+      static_cast<int64_t>(params.num_parts) * params.h_k * params.num_m_blocks;
+  kernel<<<static_cast<unsigned>(ctas), kWideThreads, kWideSmemBytes, params.stream>>>(params);
+}
+
+}  // namespace wide
+
+}  // namespace flash_mla::portable::dense_decode
