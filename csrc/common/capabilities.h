@@ -20,6 +20,8 @@
 //   dense_prefill_bwd  entries: dense_prefill_bwd, dense_prefill_bwd_deterministic,
 //                      dense_prefill_bwd_workspace_bytes
 //                      api/dense_prefill_bwd.cu, table: portable/prefill/dense_bwd/config.h
+//   sparse_prefill     entries: sparse_prefill_fwd
+//                      api/sparse_prefill.cu, table: portable/prefill/sparse/config.h
 // A new op adds its row here, its tables to its config.h, a capabilities_json() built
 // from them, and FLASH_MLA_REGISTER_OP(<op name>, <its capabilities_json>) in its API file.
 //
