@@ -70,8 +70,11 @@ static_assert(kSmemBytes <= kMaxSmemPerBlockSm120, "dense decode tile exceeds sm
 // fragments in registers (9 k-steps x 4 = 36), then, after one exchange of the four
 // partials of its slab, the slab's softmax (the four warps of a slab compute it
 // identically) and O for slab s x columns [128 kg, 128 kg + 128) (64 fp32), P staying
-// in registers. Q no longer lives in shared memory (staged through the KV ring at the
-// start of a piece), so the ring has 4 stages. Arithmetic: docs/dense_decode.md.
+// in registers. The next tile's S partial is computed before this tile's softmax (the
+// partials are double-buffered), so one barrier per tile suffices and its MMAs overlap
+// the softmax. Q does not live in shared memory (staged through the ring's last two
+// stages at the start of a piece), so the ring has 4 stages. Arithmetic:
+// docs/dense_decode.md.
 constexpr bool kWideEnabled = true;  // false: every shape takes the 4-warp kernel
 constexpr int kWideNumWarps = 8;
 constexpr int kWideThreads = kWideNumWarps * 32;
@@ -81,12 +84,13 @@ constexpr int kWideColsPerWarp = kHeadDimV / kWideKGroups;            // 128
 constexpr int kWideNTilesO = kWideColsPerWarp / 8;                    // 16
 constexpr int kWideStages = 4;
 static_assert(kHeadDimQK % (16 * kWideKGroups) == 0, "whole k-steps per warp");
-static_assert(kWideStages >= 2 && kWideStages * kTileBytes >= kQBytes,
-              "the Q block is staged through the KV ring");
-constexpr int kWideSPartialOffset = kWideStages * kTileBytes;         // [warp][n-tile][lane] float4
-constexpr int kWideSPartialBytes = kWideNumWarps * 2 * 32 * 16;       // 8192
+// Q [32][576] staged in stages 2..3 while tiles 0 and 1 land in stages 0 and 1.
+constexpr int kWideQStageOffset = 2 * kTileBytes;
+static_assert(kWideStages == 4 && 2 * kTileBytes == kQBytes, "Q is staged in stages 2..3");
+constexpr int kWideSPartialOffset = kWideStages * kTileBytes;         // [2][warp][n-tile][lane] float4
+constexpr int kWideSPartialBytes = 2 * kWideNumWarps * 2 * 32 * 16;   // 16384
 constexpr int kWideSmemBytes = kWideSPartialOffset + kWideSPartialBytes;
-static_assert(kWideSmemBytes == 81920, "wide decode budget as documented in docs/dense_decode.md");
+static_assert(kWideSmemBytes == 90112, "wide decode budget as documented in docs/dense_decode.md");
 static_assert(kWideSmemBytes <= kMaxSmemPerBlockSm120, "wide dense decode tile exceeds sm_120's 99 KB");
 
 // The one place that picks the CTA shape: more than one 32-row block per kv head (h_q /
@@ -109,7 +113,7 @@ inline int ctas_per_sm(int smem_per_sm) {
   return n > 0 ? n : 1;
 }
 
-// The wide CTA's 256 threads use more than 128 registers each (ptxas: 218..236 by
+// The wide CTA's 256 threads use more than 128 registers each (ptxas: 201..241 by
 // target), so one CTA fills an SM's 64K registers whatever its shared memory allows.
 constexpr int kWideCtasPerSm = 1;
 

@@ -14,18 +14,21 @@
 //
 // Shared memory (config.h has the offsets; 16-bit rows XOR-swizzled in 16-byte chunks):
 //   [0, 4 * 18432)      KV stage ring, tile i in stage i % 4: [16 tokens][576]; at the start
-//                       of a piece its first 36864 B stage the Q block [32][576]
-//   [73728, +8192)      S partials: [warp][n-tile][lane] float4
+//                       of a piece stages 2..3 stage the Q block [32][576]
+//   [73728, +16384)     S partials, double-buffered (tile i in buffer i % 2):
+//                       [buffer][warp][n-tile][lane] float4
 //
 // Barrier / cp.async protocol per piece (T tiles of 16 tokens):
-//   __syncthreads (the previous piece's readers are done); cp.async Q -> commit; wait_group 0;
-//   __syncthreads; ldmatrix Q fragments into registers; __syncthreads (the staging area is
-//   free); cp.async tiles 0, 1, 2 -> one commit each.
-//   iteration i: wait_group 2 (tile i landed, this thread's part); B1 __syncthreads (tile i
-//     visible; every warp finished iteration i-1, so stage (i+3) % 4 and the S partials are
-//     free); cp.async tile i+3 -> commit (an empty group past the end keeps the count);
-//     S partial -> shared memory; B2 __syncthreads; sum the slab's partials, mask, online
-//     softmax, rescale O, O += P V.
+//   __syncthreads (the previous piece's readers are done); cp.async Q -> commit; tile 0 ->
+//   commit; tile 1 -> commit; wait_group 2 (Q landed); __syncthreads; ldmatrix the Q
+//   fragments into registers; __syncthreads (stages 2..3 are free); tile 2 -> commit.
+//   prologue (T > 0): wait_group 2 (tile 0); __syncthreads; S partial of tile 0 -> buffer 0.
+//   iteration i: wait_group 1 (tiles i and i+1 landed, this thread's part); B __syncthreads
+//     (tile i+1 and the partials of tile i visible; every warp finished iteration i-1, so
+//     stage (i+3) % 4 and partial buffer (i+1) % 2 are free); cp.async tile i+3 -> commit
+//     (an empty group past the end keeps the count); sum the slab's partials of tile i;
+//     S partial of tile i+1 -> buffer (i+1) % 2 (its MMAs overlap what follows); mask,
+//     online softmax, rescale O, O += P V of tile i.
 //   epilogue: wait_group 0; quad sums; warp kg = 0 of each slab writes lse; every warp
 //     writes its columns.
 #pragma once
@@ -151,35 +154,6 @@ __global__ void __launch_bounds__(kWideThreads, 1)
 
     __syncthreads();  // every warp is done with the previous piece's shared memory
 
-    // ---- Q block: 32 rows x 72 chunks into the ring's first two stages, then registers ----
-    {
-      const Storage* q_req = q_base + static_cast<int64_t>(req) * params.q_batch_stride;
-#pragma unroll 3
-      for (int j = 0; j < kQChunksPerThread; ++j) {
-        const int idx = tid + j * kWideThreads;
-        const int row = idx / kChunksPerRow;
-        const int col = (idx % kChunksPerRow) * 8;
-        const bool valid = row < valid_rows;
-        const Storage* src = q_base;
-        if (valid) {
-          const int r = m0 + row;
-          const int head = kv_head * group + r % group;
-          src = q_req + static_cast<int64_t>(r / group) * params.q_row_stride +
-                static_cast<int64_t>(head) * params.q_head_stride + col;
-        }
-        cp_async_16_zfill(smem_base + swizzled_offset<kHeadDimQK>(row, col), src, valid);
-      }
-      cp_async_commit();
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // the Q block is visible
-    uint32_t q_frag[kWideKStepsPerWarp][4];
-#pragma unroll
-    for (int kk = 0; kk < kWideKStepsPerWarp; ++kk) {
-      ldmatrix_x4(q_frag[kk], smem_base + swizzled_offset<kHeadDimQK>(a_row, dim0 + kk * 16 + a_col));
-    }
-    __syncthreads();  // every warp holds its Q fragments: the staging area is free
-
     auto stage_addr = [&](int tile) -> uint32_t {
       return smem_base + static_cast<uint32_t>(tile % kWideStages) * kTileBytes;
     };
@@ -208,11 +182,67 @@ __global__ void __launch_bounds__(kWideThreads, 1)
         }
       }
     };
-#pragma unroll
-    for (int st = 0; st < kWideStages - 1; ++st) {
-      issue_tile(st);
+
+    // ---- Q block: 32 rows x 72 chunks staged in stages 2..3 while tiles 0 and 1 land in
+    // stages 0 and 1, then into registers ----
+    {
+      const Storage* q_req = q_base + static_cast<int64_t>(req) * params.q_batch_stride;
+#pragma unroll 3
+      for (int j = 0; j < kQChunksPerThread; ++j) {
+        const int idx = tid + j * kWideThreads;
+        const int row = idx / kChunksPerRow;
+        const int col = (idx % kChunksPerRow) * 8;
+        const bool valid = row < valid_rows;
+        const Storage* src = q_base;
+        if (valid) {
+          const int r = m0 + row;
+          const int head = kv_head * group + r % group;
+          src = q_req + static_cast<int64_t>(r / group) * params.q_row_stride +
+                static_cast<int64_t>(head) * params.q_head_stride + col;
+        }
+        cp_async_16_zfill(smem_base + kWideQStageOffset + swizzled_offset<kHeadDimQK>(row, col), src,
+                          valid);
+      }
       cp_async_commit();
     }
+    issue_tile(0);
+    cp_async_commit();
+    issue_tile(1);
+    cp_async_commit();
+    cp_async_wait<2>();  // the Q group (tiles 0 and 1 may still be in flight)
+    __syncthreads();     // the Q block is visible
+    uint32_t q_frag[kWideKStepsPerWarp][4];
+#pragma unroll
+    for (int kk = 0; kk < kWideKStepsPerWarp; ++kk) {
+      ldmatrix_x4(q_frag[kk], smem_base + kWideQStageOffset +
+                                  swizzled_offset<kHeadDimQK>(a_row, dim0 + kk * 16 + a_col));
+    }
+    __syncthreads();  // every warp holds its Q fragments: stages 2..3 are free
+    issue_tile(2);
+    cp_async_commit();
+
+    // This warp's S partial of one tile (slab rows x 16 tokens over its 9 k-steps), stored
+    // to partial buffer `buf`.
+    auto s_partial_to_smem = [&](int tile, int buf) {
+      const uint32_t tile_smem = stage_addr(tile);
+      float s_acc[2][4];
+#pragma unroll
+      for (int n = 0; n < 2; ++n) s_acc[n][0] = s_acc[n][1] = s_acc[n][2] = s_acc[n][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kWideKStepsPerWarp; ++kk) {
+        uint32_t b[4];
+        ldmatrix_x4(b, tile_smem + swizzled_offset<kHeadDimQK>(k_row, dim0 + kk * 16 + k_col));
+        const uint32_t b_lo[2] = {b[0], b[1]};
+        const uint32_t b_hi[2] = {b[2], b[3]};
+        mma_m16n8k16<Elem>(s_acc[0], q_frag[kk], b_lo);
+        mma_m16n8k16<Elem>(s_acc[1], q_frag[kk], b_hi);
+      }
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        s_partial[((buf * kWideNumWarps + warp) * 2 + n) * 32 + lane] =
+            make_float4(s_acc[n][0], s_acc[n][1], s_acc[n][2], s_acc[n][3]);
+      }
+    };
 
     float o_acc[kWideNTilesO][4];
 #pragma unroll
@@ -222,47 +252,28 @@ __global__ void __launch_bounds__(kWideThreads, 1)
     float row_max[2] = {kNegInf, kNegInf};
     float row_sum[2] = {0.f, 0.f};
 
+    // Prologue: tile 0's S partial (groups after Q: tiles 0, 1, 2; tile 0 must be done).
+    if (num_tiles > 0) {
+      cp_async_wait<2>();
+      __syncthreads();  // tile 0 visible
+      s_partial_to_smem(0, 0);
+    }
     for (int i = 0; i < num_tiles; ++i) {
-      cp_async_wait<kWideStages - 2>();
-      __syncthreads();  // B1
-      issue_tile(i + kWideStages - 1);
+      // Groups committed: tiles 0 .. i+2; tiles 0 .. i+1 must be done.
+      cp_async_wait<1>();
+      __syncthreads();  // B: partials of tile i and tile i+1 visible; iteration i-1 done
+      issue_tile(i + kWideStages - 1);  // into stage (i - 1) % 4, read last in iteration i-1
       cp_async_commit();
-      const uint32_t tile_smem = stage_addr(i);
 
-      // ---- S partial: slab rows x 16 tokens over this warp's 9 k-steps ----
-      // Even and odd k-steps accumulate in separate chains (4 independent MMAs in flight
-      // instead of 2; the chains are added once, in a fixed order).
-      float s_acc[2][2][4];
-#pragma unroll
-      for (int c = 0; c < 2; ++c)
-#pragma unroll
-        for (int n = 0; n < 2; ++n) s_acc[c][n][0] = s_acc[c][n][1] = s_acc[c][n][2] = s_acc[c][n][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < kWideKStepsPerWarp; ++kk) {
-        uint32_t b[4];
-        ldmatrix_x4(b, tile_smem + swizzled_offset<kHeadDimQK>(k_row, dim0 + kk * 16 + k_col));
-        const uint32_t b_lo[2] = {b[0], b[1]};
-        const uint32_t b_hi[2] = {b[2], b[3]};
-        mma_m16n8k16<Elem>(s_acc[kk & 1][0], q_frag[kk], b_lo);
-        mma_m16n8k16<Elem>(s_acc[kk & 1][1], q_frag[kk], b_hi);
-      }
-#pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        s_partial[(warp * 2 + n) * 32 + lane] =
-            make_float4(s_acc[0][n][0] + s_acc[1][n][0], s_acc[0][n][1] + s_acc[1][n][1],
-                        s_acc[0][n][2] + s_acc[1][n][2], s_acc[0][n][3] + s_acc[1][n][3]);
-      }
-      __syncthreads();  // B2
-
-      // ---- the slab's S: partials of warps kg = 0..3 in that order (every warp of the
-      // slab forms the same sums) ----
+      // ---- the slab's S of tile i: partials of warps kg = 0..3 in that order (every
+      // warp of the slab forms the same sums) ----
       float sc[2][4];
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
-        float4 v = s_partial[(slab * 2 + n) * 32 + lane];
+        float4 v = s_partial[(((i & 1) * kWideNumWarps + slab) * 2 + n) * 32 + lane];
 #pragma unroll
         for (int k = 1; k < kWideKGroups; ++k) {
-          const float4 p = s_partial[((k * 2 + slab) * 2 + n) * 32 + lane];
+          const float4 p = s_partial[(((i & 1) * kWideNumWarps + k * 2 + slab) * 2 + n) * 32 + lane];
           v.x += p.x;
           v.y += p.y;
           v.z += p.z;
@@ -273,6 +284,9 @@ __global__ void __launch_bounds__(kWideThreads, 1)
         sc[n][2] = v.z;
         sc[n][3] = v.w;
       }
+      // ---- tile i+1's S partial: its MMAs overlap this tile's softmax below ----
+      if (i + 1 < num_tiles) s_partial_to_smem(i + 1, (i + 1) & 1);
+
       const int tok0 = tok_begin + i * kBlockN;
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
@@ -321,6 +335,7 @@ __global__ void __launch_bounds__(kWideThreads, 1)
         o_acc[n][2] *= correction[1];
         o_acc[n][3] *= correction[1];
       }
+      const uint32_t tile_smem = stage_addr(i);
 #pragma unroll
       for (int dp = 0; dp < kWideNTilesO / 2; ++dp) {
         uint32_t b[4];
