@@ -120,7 +120,8 @@ def _chunk_aligned(t: torch.Tensor) -> torch.Tensor:
     layout validation accepts but the kernel cannot gather from)."""
     ok = t.data_ptr() % 16 == 0 and all(
         st >= 0 and st % 8 == 0 for st in t.stride()[:-1])
-    return t if ok else t.contiguous()
+    # clone, not contiguous(): a contiguous tensor at an odd address must move too.
+    return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
 def _run_native(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,

@@ -221,6 +221,12 @@ def test_strides_the_kernel_cannot_gather_from_are_copied():
     wide = torch.full((200, 1, 580), float("nan"), dtype=torch.bfloat16, device="cuda")
     wide[..., :576] = p.kv
     _check_element(p, _run(p, kv=wide[..., :576]), "odd kv stride")
+    # A contiguous q at an address 2 bytes past 16-byte alignment.
+    flat = torch.empty(p.q.numel() + 8, dtype=torch.bfloat16, device="cuda")
+    shifted = flat[1:1 + p.q.numel()].view(p.q.shape)
+    shifted.copy_(p.q)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0
+    _check_element(p, _run(p, q=shifted), "misaligned q")
 
 
 @gpu
