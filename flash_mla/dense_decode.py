@@ -152,7 +152,7 @@ def _check_cache_values(k_cache: torch.Tensor, block_table: torch.Tensor,
 
 def _features(q: torch.Tensor) -> dict:
     """What the dispatch asks the library about (keys of build_info()["ops"][OP])."""
-    return {"dtype": _DTYPE_FEATURE[q.dtype]}
+    return {"dtype": _DTYPE_FEATURE[q.dtype], "h_q": int(q.shape[2])}
 
 
 # Native entries (csrc/api/dense_decode.cu), looked up once per loaded library.

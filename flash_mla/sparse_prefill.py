@@ -96,7 +96,7 @@ def validate(q: Any, kv: Any, indices: Any, sm_scale: Any, d_v: Any, attn_sink: 
 
 def _features(q: torch.Tensor) -> dict:
     """What the dispatch asks the library about (keys of build_info()["ops"][OP])."""
-    return {"dtype": "bf16", "d_qk": int(q.shape[-1])}
+    return {"dtype": "bf16", "d_qk": int(q.shape[-1]), "h_q": int(q.shape[1])}
 
 
 # The native entry (csrc/api/sparse_prefill.cu), looked up once per loaded library.

@@ -300,3 +300,27 @@ def test_an_unbound_op_says_this_version_has_no_kernel_not_rebuild(monkeypatch):
     for op in unbound:
         reason = dispatch.native_unavailable_reason(op, CUDA0)
         assert reason == f"this version of flash_mla has no native {op} entry point to call"
+
+
+@pytest.mark.parametrize("family,shape", [("dense_decode", (1, 1, 256, 576)),
+                                          ("sparse_prefill", (4, 256, 576))])
+def test_head_counts_past_the_kernels_fall_back_with_the_reason(monkeypatch, family, shape):
+    # The kernels serve h_q 1..128 (their capability tables say so); a call with more
+    # heads runs on the reference with the reason, instead of failing in the native entry.
+    import importlib
+
+    module = importlib.import_module(f"flash_mla.{family}")
+    op = module.OP
+    q = torch.zeros(shape, dtype=torch.bfloat16)
+    features = module._features(q)
+    assert features["h_q"] == 256
+    table = {"dtype": ["bf16", "fp16"], "d_qk": [512, 576], "h_q": list(range(1, 129))}
+    info = {"version": "0", "cuda_version": "13.0", "targets": ["90a"], "ptx": None,
+            "kernels": [], "ops": {op: {k: table[k] for k in features}}}
+    _native._reset_for_tests()
+    monkeypatch.setattr(_native, "_state", {"module": object(), "info": info, "path": "x.so"})
+    monkeypatch.setattr(_native, "_device_capability", lambda device: (0, (9, 0), "cuda:0"))
+    reason = dispatch.native_unavailable_reason(op, CUDA0, features)
+    assert reason is not None and "h_q=256" in reason
+    features["h_q"] = 128
+    assert dispatch.native_unavailable_reason(op, CUDA0, features) is None

@@ -15,14 +15,18 @@ namespace flash_mla::portable::sparse_prefill {
 constexpr int kHeadDimV = 512;  // V = the first 512 dims of the gathered kv row
 constexpr int kElemBytes = 2;   // bf16
 
-// What the op "sparse_prefill" serves (common/capabilities.h): dtypes and d_qk. Any
-// h_q in [1, 128], any topk >= 1, any s_q (the grid loops over work items).
+// What the op "sparse_prefill" serves (common/capabilities.h): dtypes, d_qk and h_q in
+// [1, 128]; any topk >= 1, any s_q (the grid loops over work items).
 inline constexpr DType kDtypes[] = {DType::kBF16};
 inline constexpr int kHeadDimsQK[] = {512, 576};
 inline constexpr caps::IntRange kHeadsQ{1, 128, 1};
 
 inline std::string capabilities_json() {
-  return caps::JsonObject().field("dtype", kDtypes).field("d_qk", kHeadDimsQK).str();
+  return caps::JsonObject()
+      .field("dtype", kDtypes)
+      .field("d_qk", kHeadDimsQK)
+      .field("h_q", kHeadsQ)
+      .str();
 }
 
 // CTA: 4 warps; the 32 heads [32 hb, 32 hb + 32) of one query are its rows (a block of
