@@ -113,7 +113,7 @@ inline int ctas_per_sm(int smem_per_sm) {
   return n > 0 ? n : 1;
 }
 
-// The wide CTA's 256 threads use more than 128 registers each (ptxas: 201..241 by
+// The wide CTA's 256 threads use more than 128 registers each (ptxas: 188..246 by
 // target), so one CTA fills an SM's 64K registers whatever its shared memory allows.
 constexpr int kWideCtasPerSm = 1;
 

@@ -7,7 +7,7 @@
 // 16s .. 16s + 15 of the block) for dims [144 kg, 144 kg + 144) in registers and computes
 // that slab's S partial over those dims (16 rows x 16 tokens). The four partials of a slab
 // meet in shared memory; every warp of the slab adds them in the fixed order kg = 0, 1, 2,
-// 3 and runs the same online softmax on the same values, so the four copies of the row
+// 3 (its own from its registers: the bits it stored) and runs the same online softmax on the same values, so the four copies of the row
 // maxima, sums and P agree bit for bit. P then stays in registers (the C fragments of S
 // are the A fragment of P V) and the warp accumulates O for slab s x output columns
 // [128 kg, 128 kg + 128) (16 n-tiles x 4 fp32 per lane).
@@ -223,9 +223,8 @@ __global__ void __launch_bounds__(kWideThreads, 1)
 
     // This warp's S partial of one tile (slab rows x 16 tokens over its 9 k-steps), stored
     // to partial buffer `buf`.
-    auto s_partial_to_smem = [&](int tile, int buf) {
+    auto s_partial_to_smem = [&](int tile, int buf, float (&s_acc)[2][4]) {
       const uint32_t tile_smem = stage_addr(tile);
-      float s_acc[2][4];
 #pragma unroll
       for (int n = 0; n < 2; ++n) s_acc[n][0] = s_acc[n][1] = s_acc[n][2] = s_acc[n][3] = 0.f;
 #pragma unroll
@@ -253,10 +252,11 @@ __global__ void __launch_bounds__(kWideThreads, 1)
     float row_sum[2] = {0.f, 0.f};
 
     // Prologue: tile 0's S partial (groups after Q: tiles 0, 1, 2; tile 0 must be done).
+    float s_own[2][4];  // this warp's partial of the tile whose partials are read next
     if (num_tiles > 0) {
       cp_async_wait<2>();
       __syncthreads();  // tile 0 visible
-      s_partial_to_smem(0, 0);
+      s_partial_to_smem(0, 0, s_own);
     }
     for (int i = 0; i < num_tiles; ++i) {
       // Groups committed: tiles 0 .. i+2; tiles 0 .. i+1 must be done.
@@ -267,13 +267,17 @@ __global__ void __launch_bounds__(kWideThreads, 1)
 
       // ---- the slab's S of tile i: partials of warps kg = 0..3 in that order (every
       // warp of the slab forms the same sums) ----
+      // This warp's own partial comes from its registers (the same bits it stored).
       float sc[2][4];
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
-        float4 v = s_partial[(((i & 1) * kWideNumWarps + slab) * 2 + n) * 32 + lane];
+        float4 v = kg == 0 ? make_float4(s_own[n][0], s_own[n][1], s_own[n][2], s_own[n][3])
+                           : s_partial[(((i & 1) * kWideNumWarps + slab) * 2 + n) * 32 + lane];
 #pragma unroll
         for (int k = 1; k < kWideKGroups; ++k) {
-          const float4 p = s_partial[(((i & 1) * kWideNumWarps + k * 2 + slab) * 2 + n) * 32 + lane];
+          const float4 p =
+              kg == k ? make_float4(s_own[n][0], s_own[n][1], s_own[n][2], s_own[n][3])
+                      : s_partial[(((i & 1) * kWideNumWarps + k * 2 + slab) * 2 + n) * 32 + lane];
           v.x += p.x;
           v.y += p.y;
           v.z += p.z;
@@ -285,7 +289,7 @@ __global__ void __launch_bounds__(kWideThreads, 1)
         sc[n][3] = v.w;
       }
       // ---- tile i+1's S partial: its MMAs overlap this tile's softmax below ----
-      if (i + 1 < num_tiles) s_partial_to_smem(i + 1, (i + 1) & 1);
+      if (i + 1 < num_tiles) s_partial_to_smem(i + 1, (i + 1) & 1, s_own);
 
       const int tok0 = tok_begin + i * kBlockN;
 #pragma unroll
