@@ -261,7 +261,7 @@ __global__ void __launch_bounds__(kWideThreads, 1)
     for (int i = 0; i < num_tiles; ++i) {
       // Groups committed: tiles 0 .. i+2; tiles 0 .. i+1 must be done.
       cp_async_wait<1>();
-      __syncthreads();  // B: partials of tile i and tile i+1 visible; iteration i-1 done
+      __syncthreads();  // B: tile i+1 and the partials of tile i visible; iteration i-1 done
       issue_tile(i + kWideStages - 1);  // into stage (i - 1) % 4, read last in iteration i-1
       cp_async_commit();
 
