@@ -18,7 +18,11 @@ captured in a CUDA graph and replayed with the L2 flushed (bench_mha.Timer). Hos
 one eager flash_mla_with_kvcache call after the first on a tiny problem, next to the raw
 tvm-ffi dense_decode_fwd call, both without synchronisation (median of --host-iters).
 
-Usage: python benchmarks/bench_dense_decode.py --out DIR [--lib PATH] [--quick]
+CTA shapes: by default each shape runs the CTA the library picks; --ab also times every
+shape with FLASH_MLA_DENSE_DECODE_WARPS=4 and =8 (both CTAs serve every shape), rows
+marked by "cta", to check the pick.
+
+Usage: python benchmarks/bench_dense_decode.py --out DIR [--lib PATH] [--quick] [--ab]
        python benchmarks/bench_dense_decode.py --plot DIR/bench_dense_decode.json
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import statistics
 import sys
 import time
@@ -140,7 +145,13 @@ def make_problem(torch, b: int, s_q: int, h_q: int, s_k: int):
     return q, k_cache, block_table, seqlens
 
 
-def bench_shape(torch, flash_mla, timer: Timer, b: int, s_q: int, h_q: int, s_k: int) -> Dict:
+CTA_VARIABLE = "FLASH_MLA_DENSE_DECODE_WARPS"
+
+
+def bench_shape(torch, flash_mla, timer: Timer, b: int, s_q: int, h_q: int, s_k: int,
+                cta: str = "default") -> Dict:
+    """Time one shape; cta "4" or "8" forces that CTA (through CTA_VARIABLE, restored
+    afterwards), "default" leaves the library's choice."""
     q, k_cache, block_table, seqlens = make_problem(torch, b, s_q, h_q, s_k)
     meta = flash_mla.get_mla_metadata()[0]
 
@@ -148,9 +159,19 @@ def bench_shape(torch, flash_mla, timer: Timer, b: int, s_q: int, h_q: int, s_k:
         flash_mla.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, D_V, meta,
                                          causal=True)
 
-    us, how = timer.time_us(call)
-    return {"b": b, "s_q": s_q, "h_q": h_q, "h_k": 1, "s_k": s_k, "us": us, "timing": how,
-            "tflops": flop(b, s_q, h_q, s_k) / us / 1e6, "gbps": nbytes(b, s_q, h_q, s_k) / us / 1e3,
+    saved = os.environ.get(CTA_VARIABLE)
+    if cta != "default":
+        os.environ[CTA_VARIABLE] = cta
+    try:
+        us, how = timer.time_us(call)
+    finally:
+        if saved is None:
+            os.environ.pop(CTA_VARIABLE, None)
+        else:
+            os.environ[CTA_VARIABLE] = saved
+    return {"b": b, "s_q": s_q, "h_q": h_q, "h_k": 1, "s_k": s_k, "cta": cta, "us": us,
+            "timing": how, "tflops": flop(b, s_q, h_q, s_k) / us / 1e6,
+            "gbps": nbytes(b, s_q, h_q, s_k) / us / 1e3,
             "parts": int(meta.tile_scheduler_metadata.shape[0])}
 
 
@@ -197,7 +218,8 @@ def plot(json_path: Path, png_path: Path) -> None:
 
     data = json.loads(json_path.read_text())
     rows = data["rows"]
-    labels = [f"s_q{r['s_q']} h{r['h_q']} s_k{r['s_k']}" for r in rows]
+    labels = [f"s_q{r['s_q']} h{r['h_q']} s_k{r['s_k']}"
+              + ("" if r.get("cta", "default") == "default" else f" w{r['cta']}") for r in rows]
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
     ax[0].bar(labels, [r["gbps"] / data["copy_gbps"] for r in rows])
     ax[0].set_title("GB/s / device copy bandwidth")
@@ -217,6 +239,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--lib", action="append", default=[])
     ap.add_argument("--quick", action="store_true", help="serving shapes and s_k 8192 only")
+    ap.add_argument("--ab", action="store_true",
+                    help=f"also time every shape with {CTA_VARIABLE}=4 and =8")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--host-iters", type=int, default=300)
@@ -241,14 +265,16 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{copy_best['bytes'] >> 20} MiB), mma.sync bf16 peak {peak:.0f} TFLOPS")
     shapes = SERVING + [s for s in UPSTREAM if not args.quick or s[3] == 8192]
     rows = []
-    print(f"{'b':>4} {'s_q':>3} {'h_q':>4} {'s_k':>6} {'us':>9} {'GB/s':>7} {'/copy':>6} "
+    ctas = ("default", "4", "8") if args.ab else ("default",)
+    print(f"{'b':>4} {'s_q':>3} {'h_q':>4} {'s_k':>6} {'cta':>7} {'us':>9} {'GB/s':>7} {'/copy':>6} "
           f"{'TFLOPS':>7} {'/mma':>6} parts")
     for b, s_q, h_q, s_k in shapes:
-        row = bench_shape(torch, flash_mla, timer, b, s_q, h_q, s_k)
-        rows.append(row)
-        print(f"{b:>4} {s_q:>3} {h_q:>4} {s_k:>6} {row['us']:>9.1f} {row['gbps']:>7.0f} "
-              f"{row['gbps'] / copy_gbps:>6.3f} {row['tflops']:>7.1f} {row['tflops'] / peak:>6.3f} "
-              f"{row['parts']}")
+        for cta in ctas:
+            row = bench_shape(torch, flash_mla, timer, b, s_q, h_q, s_k, cta)
+            rows.append(row)
+            print(f"{b:>4} {s_q:>3} {h_q:>4} {s_k:>6} {cta:>7} {row['us']:>9.1f} "
+                  f"{row['gbps']:>7.0f} {row['gbps'] / copy_gbps:>6.3f} {row['tflops']:>7.1f} "
+                  f"{row['tflops'] / peak:>6.3f} {row['parts']}")
     host = host_time(torch, flash_mla, native, args.host_iters)
     print(f"host time per eager call: API {host['api_us']:.1f} us, raw tvm-ffi "
           f"{host['raw_tvm_ffi_us']:.1f} us")

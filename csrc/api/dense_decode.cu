@@ -4,6 +4,7 @@
 //       schedule parts P for this problem on cuda:<device> (the first call sizes the
 //       schedule and partial buffers with it); FLASH_MLA_DENSE_DECODE_PARTS=n forces P
 //       (tests: results must not depend on the number of SMs); ignored when invariant.
+//       FLASH_MLA_DENSE_DECODE_WARPS=4|8 forces the CTA shape (cta_for below).
 //   dense_decode_schedule(cache_seqlens, metadata, split_offsets, batch_invariant) -> None
 //       metadata int32 [P, 8] and split_offsets int32 [b + 1] from cache_seqlens, on the
 //       GPU (no host synchronisation; capturable in a CUDA graph).
@@ -72,6 +73,20 @@ int64_t forced_parts() {
   return value;
 }
 
+// CTA shape for (s_q, h_q, h_k) (config.h: choose_cta). FLASH_MLA_DENSE_DECODE_WARPS=4|8
+// forces one, so both are tested and timed on one GPU at any shape; it is read on every
+// call (the schedule's part count and the launch), no process-wide state.
+dec::CtaShape cta_for(int64_t s_q, int64_t h_q, int64_t h_k) {
+  const std::string forced = forced_variant("FLASH_MLA_DENSE_DECODE_WARPS");
+  if (!forced.empty()) {
+    if (forced == "4") return dec::CtaShape::kWarps4;
+    if (forced == "8") return dec::CtaShape::kWarps8;
+    TVM_FFI_THROW(ValueError) << "FLASH_MLA_DENSE_DECODE_WARPS must be 4 or 8 (or unset), got '"
+                              << forced << "'";
+  }
+  return dec::choose_cta(static_cast<int>(s_q), static_cast<int>(h_q), static_cast<int>(h_k));
+}
+
 int64_t dense_decode_num_parts(int64_t device, int64_t batch, int64_t s_q, int64_t h_q,
                                int64_t h_k, bool batch_invariant) {
   if (batch < 0 || s_q < 1 || h_q < 1 || h_k < 1 || h_q % h_k != 0 ||
@@ -83,7 +98,8 @@ int64_t dense_decode_num_parts(int64_t device, int64_t batch, int64_t s_q, int64
   }
   if (batch_invariant) {
     return dec::num_parts(0, 0, static_cast<int>(batch), static_cast<int>(s_q),
-                          static_cast<int>(h_q), static_cast<int>(h_k), true);
+                          static_cast<int>(h_q), static_cast<int>(h_k), true,
+                          dec::CtaShape::kWarps4);
   }
   const int64_t forced = forced_parts();
   if (forced > 0) return forced;
@@ -93,7 +109,7 @@ int64_t dense_decode_num_parts(int64_t device, int64_t batch, int64_t s_q, int64
                      "cudaDeviceGetAttribute(MultiProcessorCount)");
   return dec::num_parts(num_sms, max_smem_per_sm(static_cast<int>(device)),
                         static_cast<int>(batch), static_cast<int>(s_q), static_cast<int>(h_q),
-                        static_cast<int>(h_k), false);
+                        static_cast<int>(h_k), false, cta_for(s_q, h_q, h_k));
 }
 
 DenseDecodeScheduleParams validate_schedule(const TensorView& cache_seqlens,
@@ -325,10 +341,11 @@ void dense_decode_fwd(TensorView q, TensorView k_cache, TensorView block_table,
   const int device = q.device().device_id;
   DeviceGuard guard(device);
   p.stream = current_stream(device);
+  const dec::CtaShape cta = cta_for(p.s_q, p.h_q, p.h_k);
   if (p.dtype == DType::kBF16) {
-    dec::run_dense_decode<DType::kBF16>(p);
+    dec::run_dense_decode<DType::kBF16>(p, cta);
   } else {
-    dec::run_dense_decode<DType::kFP16>(p);
+    dec::run_dense_decode<DType::kFP16>(p, cta);
   }
   check_launch("dense_decode");
   const CombineParams c = combine_params(p);

@@ -95,10 +95,13 @@ static_assert(kWideSmemBytes <= kMaxSmemPerBlockSm120, "wide dense decode tile e
 
 // The one place that picks the CTA shape: more than one 32-row block per kv head (h_q /
 // h_k x s_q > 32) takes the wide CTA; one block or fewer stays on the 4-warp kernel,
-// which already streams the cache at copy speed there.
-inline bool use_wide_cta(int s_q, int h_q, int h_k) {
+// which already streams the cache at copy speed there. Either serves every shape (the
+// host may force one: FLASH_MLA_DENSE_DECODE_WARPS in csrc/api/dense_decode.cu).
+enum class CtaShape { kWarps4, kWarps8 };
+
+inline CtaShape choose_cta(int s_q, int h_q, int h_k) {
   const int64_t rows = static_cast<int64_t>(s_q) * (h_q / h_k);
-  return kWideEnabled && rows > kBlockM;
+  return kWideEnabled && rows > kBlockM ? CtaShape::kWarps8 : CtaShape::kWarps4;
 }
 
 // Row blocks per kv head for s_q queries of h_q / h_k heads each.
@@ -120,13 +123,13 @@ constexpr int kWideCtasPerSm = 1;
 // Schedule parts: enough CTAs (parts x h_k x row blocks) to fill every SM once, or, in
 // batch-invariant mode, one part per (request, piece).
 inline int num_parts(int num_sms, int smem_per_sm, int batch, int s_q, int h_q, int h_k,
-                     bool batch_invariant) {
+                     bool batch_invariant, CtaShape cta) {
   if (batch_invariant) {
     const int64_t parts = static_cast<int64_t>(batch) * decode_schedule::kInvariantMaxPieces;
     return static_cast<int>(parts > 0 ? parts : 1);
   }
   const int64_t per_part = static_cast<int64_t>(h_k) * num_m_blocks(s_q, h_q, h_k);
-  const int per_sm = use_wide_cta(s_q, h_q, h_k) ? kWideCtasPerSm : ctas_per_sm(smem_per_sm);
+  const int per_sm = cta == CtaShape::kWarps8 ? kWideCtasPerSm : ctas_per_sm(smem_per_sm);
   const int64_t slots = static_cast<int64_t>(num_sms) * per_sm;
   const int64_t parts = slots / per_part;
   return static_cast<int>(parts > 0 ? parts : 1);

@@ -1,7 +1,7 @@
 // Portable dense MLA decode: mma.sync m16n8k16 + ldmatrix + cp.async only, so the same
 // source runs on sm_80 .. sm_90 and sm_120/121. Design and arithmetic: docs/dense_decode.md.
 // This 4-warp CTA serves up to 32 rows per kv head; more rows take the 8-warp CTA of
-// kernel_wide.cuh (config.h use_wide_cta decides; run_dense_decode below dispatches).
+// kernel_wide.cuh (config.h choose_cta decides; run_dense_decode below dispatches).
 //
 // Work split. blockIdx.x = (part * h_k + kv_head) * num_m_blocks + m_block. The CTA serves
 // rows [32 m_block, 32 m_block + 32) of the s_q * group rows of kv head `kv_head` (row r:
@@ -470,9 +470,9 @@ void launch_dense_decode(const DenseDecodeParams& params) {
 }
 
 template <DType kDType>
-void run_dense_decode(const DenseDecodeParams& params) {
+void run_dense_decode(const DenseDecodeParams& params, CtaShape cta) {
   using Elem = typename std::conditional<kDType == DType::kBF16, BF16, FP16>::type;
-  if (use_wide_cta(params.s_q, params.h_q, params.h_k)) {
+  if (cta == CtaShape::kWarps8) {
     if (params.is_causal) {
       wide::launch<Elem, true>(params);
     } else {

@@ -4,7 +4,7 @@
 
 namespace flash_mla::portable::dense_decode {
 
-template void run_dense_decode<DType::kBF16>(const DenseDecodeParams&);
+template void run_dense_decode<DType::kBF16>(const DenseDecodeParams&, CtaShape);
 FLASH_MLA_REGISTER_KERNEL(dense_decode_bf16, "dense_decode", "bf16 d576 dv512, causal|full",
                           kSmemBytes, kThreads);
 FLASH_MLA_REGISTER_KERNEL(dense_decode_wide_bf16, "dense_decode",

@@ -4,7 +4,7 @@
 
 namespace flash_mla::portable::dense_decode {
 
-template void run_dense_decode<DType::kFP16>(const DenseDecodeParams&);
+template void run_dense_decode<DType::kFP16>(const DenseDecodeParams&, CtaShape);
 FLASH_MLA_REGISTER_KERNEL(dense_decode_fp16, "dense_decode", "fp16 d576 dv512, causal|full",
                           kSmemBytes, kThreads);
 FLASH_MLA_REGISTER_KERNEL(dense_decode_wide_fp16, "dense_decode",
