@@ -75,7 +75,11 @@ static_assert(kSmemBytes <= kMaxSmemPerBlockSm120, "dense decode tile exceeds sm
 // the softmax. Q does not live in shared memory (staged through the ring's last two
 // stages at the start of a piece), so the ring has 4 stages. Arithmetic:
 // docs/dense_decode.md.
-constexpr bool kWideEnabled = true;  // false: every shape takes the 4-warp kernel
+// Off by default: measured on an H100 (docs/dense_decode.md, 2026-12-06) it was slower
+// than the 4-warp kernel on every benchmark shape (0.35 vs 0.41 of copy bandwidth at
+// h_q = 64; 0.19 vs 0.24 of the mma.sync peak at h_q = 128, s_q = 2). It stays built and
+// tested (FLASH_MLA_DENSE_DECODE_WARPS=8 forces it) as the base for the next attempt.
+constexpr bool kWideEnabled = false;  // false: every shape takes the 4-warp kernel
 constexpr int kWideNumWarps = 8;
 constexpr int kWideThreads = kWideNumWarps * 32;
 constexpr int kWideKGroups = kWideNumWarps / kSlabs;                  // 4
@@ -93,9 +97,9 @@ constexpr int kWideSmemBytes = kWideSPartialOffset + kWideSPartialBytes;
 static_assert(kWideSmemBytes == 90112, "wide decode budget as documented in docs/dense_decode.md");
 static_assert(kWideSmemBytes <= kMaxSmemPerBlockSm120, "wide dense decode tile exceeds sm_120's 99 KB");
 
-// The one place that picks the CTA shape: more than one 32-row block per kv head (h_q /
-// h_k x s_q > 32) takes the wide CTA; one block or fewer stays on the 4-warp kernel,
-// which already streams the cache at copy speed there. Either serves every shape (the
+// The one place that picks the CTA shape: with kWideEnabled, more than one 32-row block
+// per kv head (h_q / h_k x s_q > 32) would take the wide CTA; one block or fewer stays on
+// the 4-warp kernel. Either serves every shape (the
 // host may force one: FLASH_MLA_DENSE_DECODE_WARPS in csrc/api/dense_decode.cu).
 enum class CtaShape { kWarps4, kWarps8 };
 
