@@ -162,13 +162,20 @@ def build_info() -> Optional[dict]:
 
 
 def function(name: str) -> Callable:
+    """The exported function ``name``, looked up once per loaded library (a tvm-ffi
+    lookup costs microseconds; the families call this on every launch)."""
     state = _load()
     if "module" not in state:
         raise RuntimeError(f"native function {name!r} is unavailable: {state['error']}")
-    try:
-        return getattr(state["module"], name)
-    except AttributeError:
-        raise RuntimeError(f"native function {name!r} is not exported by {state['path']}") from None
+    functions = state.setdefault("functions", {})
+    fn = functions.get(name)
+    if fn is None:
+        try:
+            fn = functions[name] = getattr(state["module"], name)
+        except AttributeError:
+            raise RuntimeError(f"native function {name!r} is not exported by "
+                               f"{state['path']}") from None
+    return fn
 
 
 def _device_capability(device: Any) -> Tuple[Optional[int], Optional[Tuple[int, int]], str]:

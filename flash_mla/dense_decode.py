@@ -27,7 +27,7 @@ graph (a capture that includes the first call recomputes the schedule at each re
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -155,21 +155,8 @@ def _features(q: torch.Tensor) -> dict:
     return {"dtype": _DTYPE_FEATURE[q.dtype], "h_q": int(q.shape[2])}
 
 
-# Native entries (csrc/api/dense_decode.cu), looked up once per loaded library.
-_functions: Dict[str, Callable] = {}
-_functions_owner: list = [None]
 # Ints per schedule part (csrc/portable/decode/schedule/config.h, kMetaInts).
 _META_INTS = 8
-
-
-def _function(name: str) -> Callable:
-    if _functions_owner[0] is not _native.function:  # a test replaced the loader
-        _functions.clear()
-        _functions_owner[0] = _native.function
-    fn = _functions.get(name)
-    if fn is None:
-        fn = _functions[name] = _native.function(name)
-    return fn
 
 
 def _native_schedule(q: torch.Tensor, k_cache: torch.Tensor, cache_seqlens: torch.Tensor,
@@ -178,11 +165,11 @@ def _native_schedule(q: torch.Tensor, k_cache: torch.Tensor, cache_seqlens: torc
     (no host sync): (metadata int32 [parts, 8], split offsets int32 [b + 1])."""
     b, s_q, h_q, _ = q.shape
     h_k = k_cache.shape[2]
-    parts = int(_function("dense_decode_num_parts")(
+    parts = int(_native.function("dense_decode_num_parts")(
         q.device.index, int(b), int(s_q), int(h_q), int(h_k), bool(batch_invariant)))
     metadata = torch.empty((parts, _META_INTS), dtype=torch.int32, device=q.device)
     split_offsets = torch.empty((int(b) + 1,), dtype=torch.int32, device=q.device)
-    _function("dense_decode_schedule")(cache_seqlens, metadata, split_offsets,
+    _native.function("dense_decode_schedule")(cache_seqlens, metadata, split_offsets,
                                        bool(batch_invariant))
     return metadata, split_offsets
 
@@ -207,7 +194,7 @@ def _run_native(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tenso
     lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=q.device)
     o_accum = torch.empty((splits, h_q, s_q, head_dim_v), dtype=torch.float32, device=q.device)
     lse_accum = torch.empty((splits, h_q, s_q), dtype=torch.float32, device=q.device)
-    _function("dense_decode_fwd")(q, k_cache, block_table, cache_seqlens,
+    _native.function("dense_decode_fwd")(q, k_cache, block_table, cache_seqlens,
                                   tile_scheduler_metadata, num_splits, o_accum, lse_accum, out,
                                   lse, float(softmax_scale), bool(causal))
     return out, lse

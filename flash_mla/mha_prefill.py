@@ -312,10 +312,9 @@ def _features(q: torch.Tensor, d_qk: Any, d_v: Any) -> dict:
     return {"dtype": _DTYPE_FEATURE[q.dtype], "head_dims": [int(d_qk), int(d_v)]}
 
 
-# Native functions by name, and workspace sizes by problem size: both are fixed for
-# the process, and looking them up costs microseconds per call. The caches belong to
-# the loader function they were filled from; a replaced loader (tests) empties them.
-_functions: Dict[str, Callable] = {}
+# Workspace sizes by problem size: fixed for the process, and asking the library costs
+# microseconds per call. The cache belongs to the loader function it was filled from; a
+# replaced loader (tests) empties it.
 _workspace_bytes: Dict[Tuple[str, Tuple[int, ...]], int] = {}
 _cache_owner: list = [None]
 _WORKSPACE_CACHE_LIMIT = 4096
@@ -323,17 +322,8 @@ _WORKSPACE_CACHE_LIMIT = 4096
 
 def _sync_caches() -> None:
     if _cache_owner[0] is not _native.function:
-        _functions.clear()
         _workspace_bytes.clear()
         _cache_owner[0] = _native.function
-
-
-def _function(name: str) -> Callable:
-    _sync_caches()
-    fn = _functions.get(name)
-    if fn is None:
-        fn = _functions[name] = _native.function(name)
-    return fn
 
 
 def _workspace(workspace: Optional[torch.Tensor], name: str, q: torch.Tensor, k: torch.Tensor,
@@ -347,7 +337,7 @@ def _workspace(workspace: Optional[torch.Tensor], name: str, q: torch.Tensor, k:
     if needed is None:
         if len(_workspace_bytes) >= _WORKSPACE_CACHE_LIMIT:
             _workspace_bytes.clear()  # varlen training sees many sizes; stay bounded
-        needed = _workspace_bytes[(name, dims)] = int(_function(name)(*dims))
+        needed = _workspace_bytes[(name, dims)] = int(_native.function(name)(*dims))
     if workspace is not None and workspace.numel() >= needed:
         return workspace
     # Never hand the kernel a zero-byte buffer (its pointer may be null).
@@ -357,7 +347,7 @@ def _workspace(workspace: Optional[torch.Tensor], name: str, q: torch.Tensor, k:
 def _run_native_fwd(workspace, q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, causal,
                     softmax_scale, max_seqlen_q, max_seqlen_k, is_varlen) -> None:
     ws = _workspace(workspace, "dense_prefill_fwd_workspace_bytes", q, k, v, cu_seqlens_q)
-    _function("dense_prefill_fwd")(
+    _native.function("dense_prefill_fwd")(
         ws, q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, 1 if causal else 0,
         float(softmax_scale), int(max_seqlen_q), int(max_seqlen_k), bool(is_varlen))
 
@@ -378,7 +368,7 @@ def _run_native_bwd(workspace, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens
                     deterministic) -> None:
     ws = _workspace(workspace, "dense_prefill_bwd_workspace_bytes", q, k, v, cu_seqlens_q)
     name = "dense_prefill_bwd_deterministic" if deterministic else "dense_prefill_bwd"
-    _function(name)(
+    _native.function(name)(
         ws, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, dq, dk, dv,
         1 if causal else 0, float(softmax_scale), int(max_seqlen_q), int(max_seqlen_k),
         bool(is_varlen))

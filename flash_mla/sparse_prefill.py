@@ -18,7 +18,7 @@ skips invalid indices itself and needs no host sync (docs/sparse_prefill.md).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -99,19 +99,6 @@ def _features(q: torch.Tensor) -> dict:
     return {"dtype": "bf16", "d_qk": int(q.shape[-1]), "h_q": int(q.shape[1])}
 
 
-# The native entry (csrc/api/sparse_prefill.cu), looked up once per loaded library.
-_functions: Dict[str, Callable] = {}
-_functions_owner: list = [None]
-
-
-def _function(name: str) -> Callable:
-    if _functions_owner[0] is not _native.function:  # a test replaced the loader
-        _functions.clear()
-        _functions_owner[0] = _native.function
-    fn = _functions.get(name)
-    if fn is None:
-        fn = _functions[name] = _native.function(name)
-    return fn
 
 
 def _chunk_aligned(t: torch.Tensor) -> torch.Tensor:
@@ -140,7 +127,7 @@ def _run_native(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_sca
         topk_length = topk_length.contiguous()
     if attn_sink is not None:
         attn_sink = attn_sink.contiguous()
-    _function("sparse_prefill_fwd")(_chunk_aligned(q), _chunk_aligned(kv), indices, topk_length,
+    _native.function("sparse_prefill_fwd")(_chunk_aligned(q), _chunk_aligned(kv), indices, topk_length,
                                     attn_sink, out, max_logits, lse, float(sm_scale), int(d_v))
     return out, max_logits, lse
 
