@@ -347,13 +347,20 @@ def _probe_missing(runner: Runner, python: PurePath, names: Sequence[str], env: 
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _cuobjdump(runner: Runner, python: PurePath, root: PurePath, env: Mapping[str, str],
+               host: Host) -> str:
+    """The cuobjdump the build venv finds, else this Python's (a CUDA Toolkit here), else
+    "" (and "" in a dry run for another OS)."""
+    probe = runner.capture([python, "-c", "from flash_mla_build import toolchain as T; "
+                            "print(T.find_cuobjdump() or '')"], cwd=root, env=env)
+    return (probe or "").strip() or (_local_cuobjdump() if host.is_current else "")
+
+
 def _cuobjdump_spec(runner: Runner, python: PurePath, root: PurePath, env: Mapping[str, str],
                     host: Host) -> Optional[str]:
     """NVIDIA's cuobjdump wheel for the build venv when neither it nor this Python has a
     cuobjdump, so that the wheel check always runs; None when one exists."""
-    probe = runner.capture([python, "-c", "from flash_mla_build import toolchain as T; "
-                            "print(T.find_cuobjdump() or '')"], cwd=root, env=env)
-    if (probe or "").strip() or (host.is_current and _local_cuobjdump()):
+    if _cuobjdump(runner, python, root, env, host):
         return None
     major = _nvcc_major() or 13
     return f"{CUOBJDUMP_WHEEL}=={major}.*"
@@ -419,10 +426,7 @@ def build(args: argparse.Namespace, runner: Runner, host: Host, root: PurePath =
     runner.log(f"    wheel: {wheel}")
 
     steps("wheel check (cubins, registers, spills, shared memory)")
-    probe = runner.capture([python, "-c", "from flash_mla_build import toolchain as T; "
-                            "print(T.find_cuobjdump() or '')"], cwd=root, env=env)
-    # The build venv may have no cuobjdump where this Python has one (a CUDA Toolkit).
-    tool = (probe or "").strip() or (_local_cuobjdump() if host.is_current else "")
+    tool = _cuobjdump(runner, python, root, env, host)
     if runner.dry_run or tool:
         verify = [python, "-m", "flash_mla_build.wheel_verify", wheel]
         verify += ["--cuobjdump", tool] if tool else []
