@@ -1,9 +1,11 @@
 // The per-tile steps of an MLA row block: 32 query rows (two m16 slabs) against a 16-token
 // KV tile whose rows hold d_qk dims (V = the first 512), computed by 4 warps with
-// mma.sync m16n8k16. The sparse prefill kernel (csrc/portable/prefill/sparse) is built
-// from these; they are the same steps, in the same order and with the same rounding, as
-// the dense decode kernel's loop (csrc/portable/decode/dense/kernel.cuh), which may move
-// onto them.
+// mma.sync m16n8k16. The sparse prefill kernel (csrc/portable/prefill/sparse) and the dense
+// decode 4-warp kernel (csrc/portable/decode/dense/kernel.cuh) are built from these.
+// Both kernels' machine code is sensitive to how the steps are cut: a step split
+// differently (a local array moved into a callee, coordinates computed in a helper) made
+// ptxas schedule either kernel differently, so the pieces below are the cuts under which
+// each kernel compiles to the same code as its own inline loop did.
 //
 // Split of the work (kDimQK = 576 or 512, 4 warps):
 //   S = Q K^T: warp w sums dims [w * kDimQK / 4, (w + 1) * kDimQK / 4) for all 32 rows and
@@ -82,18 +84,23 @@ __device__ __forceinline__ void zero_o(OAcc& o_acc) {
     for (int n = 0; n < kNTilesO; ++n) o_acc[s][n][0] = o_acc[s][n][1] = o_acc[s][n][2] = o_acc[s][n][3] = 0.f;
 }
 
+// Per-lane ldmatrix coordinates (mma.cuh, ldmatrix.cuh). Q (A of S, row-major): row
+// (lane & 15), chunk bit lane >> 4. K (B of S, stored token-major = "col"): token (lane & 7)
+// + 8 * bit 4, chunk bit (lane >> 3) & 1, so b[0..1] are tokens 0..7 and b[2..3] tokens
+// 8..15. V (B of O, transposed): token (lane & 7) + 8 * bit 3, chunk bit lane >> 4.
+struct SCoords {
+  int a_row, a_col, k_row, k_col;
+};
+
 // This warp's share of S for the tile at tile_smem: s_acc = Q[:, dims] K[:, dims]^T.
-// Q (A, row-major): ldmatrix lane row (lane & 15), chunk bit lane >> 4. K (B, stored
-// token-major = "col"): token (lane & 7) + 8 * bit 4, chunk bit (lane >> 3) & 1, so b[0..1]
-// are tokens 0..7 and b[2..3] tokens 8..15 (mma.cuh, ldmatrix.cuh).
 template <typename Elem, int kDimQK>
 __device__ __forceinline__ void s_partial(SAcc& s_acc, uint32_t q_smem, uint32_t tile_smem,
-                                          int warp, int lane) {
+                                          int warp, const SCoords& c) {
   using D = Dims<kDimQK>;
-  const int a_row = lane & 15;
-  const int a_col = (lane >> 4) * 8;
-  const int k_row = (lane & 7) + ((lane >> 4) & 1) * 8;
-  const int k_col = ((lane >> 3) & 1) * 8;
+  const int a_row = c.a_row;
+  const int a_col = c.a_col;
+  const int k_row = c.k_row;
+  const int k_col = c.k_col;
   zero_s(s_acc);
   // Not unrolled: fragments are loaded per step anyway, and unrolling lets the scheduler
   // hoist loads into registers that the 128 O accumulators need (sm_100f spilled).
@@ -114,6 +121,14 @@ __device__ __forceinline__ void s_partial(SAcc& s_acc, uint32_t q_smem, uint32_t
   }
 }
 
+template <typename Elem, int kDimQK>
+__device__ __forceinline__ void s_partial(SAcc& s_acc, uint32_t q_smem, uint32_t tile_smem,
+                                          int warp, int lane) {
+  const SCoords c{lane & 15, (lane >> 4) * 8, (lane & 7) + ((lane >> 4) & 1) * 8,
+                  ((lane >> 3) & 1) * 8};
+  s_partial<Elem, kDimQK>(s_acc, q_smem, tile_smem, warp, c);
+}
+
 // Warps 1..3: publish this warp's partial S (float4 per lane and fragment).
 __device__ __forceinline__ void store_s_partial(float4* s_partials, const SAcc& s_acc, int warp,
                                                 int lane) {
@@ -125,34 +140,35 @@ __device__ __forceinline__ void store_s_partial(float4* s_partials, const SAcc& 
           make_float4(s_acc[s][n][0], s_acc[s][n][1], s_acc[s][n][2], s_acc[s][n][3]);
 }
 
+// Warp 0: fragment n of slab s += the partials of warps 1, 2, 3 (in that order).
+__device__ __forceinline__ void add_s_partial(SAcc& s_acc, const float4* s_partials, int s, int n,
+                                              int lane) {
+#pragma unroll
+  for (int w = 1; w < kNumWarps; ++w) {
+    const float4 v = s_partials[(((w - 1) * kSlabs + s) * 2 + n) * 32 + lane];
+    s_acc[s][n][0] += v.x;
+    s_acc[s][n][1] += v.y;
+    s_acc[s][n][2] += v.z;
+    s_acc[s][n][3] += v.w;
+  }
+}
+
 // Warp 0: s_acc += the partials of warps 1, 2, 3 (in that order).
 __device__ __forceinline__ void add_s_partials(SAcc& s_acc, const float4* s_partials, int lane) {
 #pragma unroll
   for (int s = 0; s < kSlabs; ++s)
 #pragma unroll
-    for (int n = 0; n < 2; ++n)
-#pragma unroll
-      for (int w = 1; w < kNumWarps; ++w) {
-        const float4 v = s_partials[(((w - 1) * kSlabs + s) * 2 + n) * 32 + lane];
-        s_acc[s][n][0] += v.x;
-        s_acc[s][n][1] += v.y;
-        s_acc[s][n][2] += v.z;
-        s_acc[s][n][3] += v.w;
-      }
+    for (int n = 0; n < 2; ++n) add_s_partial(s_acc, s_partials, s, n, lane);
 }
 
-// Warp 0, after masking (masked scores are -inf): one online-softmax step in base 2.
-// Maxima stay in raw score units; p = 2^(s c - m c) with one FFMA; __fmul_rn keeps an
-// unchanged max's rescale at exactly 1 (a fused residual would drift over long rows). A
-// row whose every score so far is -inf keeps max -inf, sum 0 and P 0. Writes P (rounded to
-// the input dtype) at p_smem, each row's rescale factor, and the new state.
-template <typename Elem>
-__device__ __forceinline__ void softmax_step(SAcc& s_acc, float scale_log2, float* row_max_smem,
-                                             float* row_sum_smem, float* rescale_smem,
-                                             unsigned char* p_smem, int lane) {
-  const int g = lane / 4;
-  const int t = lane % 4;
-  float row_max[kSlabs][2], row_sum[kSlabs][2];
+// Warp 0: this lane's rows' softmax state (running max, partial running sum).
+using RowState = float[kSlabs][2];
+
+// g = lane / 4, t = lane % 4, computed by the caller (recomputed here from `lane`, they
+// changed the dense decode kernel's sm_120 code).
+__device__ __forceinline__ void load_softmax_state(RowState& row_max, RowState& row_sum,
+                                                   const float* row_max_smem,
+                                                   const float* row_sum_smem, int g, int t) {
 #pragma unroll
   for (int s = 0; s < kSlabs; ++s)
 #pragma unroll
@@ -161,7 +177,20 @@ __device__ __forceinline__ void softmax_step(SAcc& s_acc, float scale_log2, floa
       row_max[s][r] = row_max_smem[row];
       row_sum[s][r] = row_sum_smem[row * 4 + t];
     }
-  __syncwarp();  // every lane has read the old maxima before any is replaced
+}
+
+// Warp 0, after masking (masked scores are -inf) and after every lane has loaded the old
+// state (a __syncwarp between, since the state is replaced here; g, t as above): one
+// online-softmax step in base 2. Maxima stay in raw score units; p = 2^(s c - m c) with
+// one FFMA; __fmul_rn keeps an unchanged max's rescale at exactly 1 (a fused residual
+// would drift over long rows). A row whose every score so far is -inf keeps max -inf, sum
+// 0 and P 0. Writes P (rounded to the input dtype) at p_smem, each row's rescale factor,
+// and the new state (to shared memory and to row_max / row_sum).
+template <typename Elem>
+__device__ __forceinline__ void softmax_update(SAcc& s_acc, RowState& row_max, RowState& row_sum,
+                                               float scale_log2, float* row_max_smem,
+                                               float* row_sum_smem, float* rescale_smem,
+                                               unsigned char* p_smem, int g, int t) {
 #pragma unroll
   for (int s = 0; s < kSlabs; ++s) {
 #pragma unroll
@@ -174,6 +203,7 @@ __device__ __forceinline__ void softmax_step(SAcc& s_acc, float scale_log2, floa
       tile_max = quad_max(tile_max);
       const float ref = tile_max == kNegInf ? 0.f : __fmul_rn(tile_max, scale_log2);
       const float correction = exp2_approx(__fmul_rn(row_max[s][r], scale_log2) - ref);
+      row_max[s][r] = tile_max;
       float sum = 0.f;
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
@@ -181,11 +211,12 @@ __device__ __forceinline__ void softmax_step(SAcc& s_acc, float scale_log2, floa
         s_acc[s][n][2 * r + 1] = exp2_approx(fmaf(s_acc[s][n][2 * r + 1], scale_log2, -ref));
         sum += s_acc[s][n][2 * r] + s_acc[s][n][2 * r + 1];
       }
+      row_sum[s][r] = row_sum[s][r] * correction + sum;
       const int row = 16 * s + g + 8 * r;
-      row_sum_smem[row * 4 + t] = row_sum[s][r] * correction + sum;
+      row_sum_smem[row * 4 + t] = row_sum[s][r];
       if (t == 0) {
         rescale_smem[row] = correction;
-        row_max_smem[row] = tile_max;
+        row_max_smem[row] = row_max[s][r];
       }
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
@@ -196,13 +227,22 @@ __device__ __forceinline__ void softmax_step(SAcc& s_acc, float scale_log2, floa
   }
 }
 
-// Every warp, after the softmax step is visible: O = O * rescale + P V over this warp's
-// 128 columns. P (A) is read like Q; V (B, stored token-major, so transposed): token
-// (lane & 7) + 8 * bit 3, chunk bit lane >> 4.
-template <typename Elem, int kDimQK>
-__device__ __forceinline__ void rescale_and_pv(OAcc& o_acc, const float* rescale_smem,
-                                               uint32_t p_smem, uint32_t tile_smem, int warp,
-                                               int lane) {
+// Warp 0, after masking: load the state, one softmax step (softmax_update).
+template <typename Elem>
+__device__ __forceinline__ void softmax_step(SAcc& s_acc, float scale_log2, float* row_max_smem,
+                                             float* row_sum_smem, float* rescale_smem,
+                                             unsigned char* p_smem, int lane) {
+  const int g = lane / 4;
+  const int t = lane % 4;
+  float row_max[kSlabs][2], row_sum[kSlabs][2];
+  load_softmax_state(row_max, row_sum, row_max_smem, row_sum_smem, g, t);
+  __syncwarp();  // every lane has read the old maxima before any is replaced
+  softmax_update<Elem>(s_acc, row_max, row_sum, scale_log2, row_max_smem, row_sum_smem,
+                       rescale_smem, p_smem, g, t);
+}
+
+// Every warp, after the softmax step is visible: O *= each row's rescale factor.
+__device__ __forceinline__ void rescale_o(OAcc& o_acc, const float* rescale_smem, int lane) {
   const int g = lane / 4;
 #pragma unroll
   for (int s = 0; s < kSlabs; ++s) {
@@ -216,14 +256,24 @@ __device__ __forceinline__ void rescale_and_pv(OAcc& o_acc, const float* rescale
       o_acc[s][n][3] *= c1;
     }
   }
-  uint32_t p_frag[kSlabs][4];
+}
+
+using PFrag = uint32_t[kSlabs][4];
+
+// P as the A operand of O += P V, read like Q (row (lane & 15), chunk bit lane >> 4; the
+// ldmatrix row order of lanes 8..15 is folded into the row as bit 3).
+__device__ __forceinline__ void load_p(PFrag& p_frag, uint32_t p_smem, int lane) {
 #pragma unroll
   for (int s = 0; s < kSlabs; ++s) {
     const int row = 16 * s + (lane & 7) + ((lane >> 3) & 1) * 8;
     ldmatrix_x4(p_frag[s], p_smem + p_offset(row, lane >> 4));
   }
-  const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8;
-  const int v_col = (lane >> 4) * 8;
+}
+
+// O += P V over this warp's 128 columns; V is the tile read transposed.
+template <typename Elem, int kDimQK>
+__device__ __forceinline__ void pv(OAcc& o_acc, const PFrag& p_frag, uint32_t tile_smem,
+                                   int warp, int v_row, int v_col) {
 #pragma unroll
   for (int dp = 0; dp < kNTilesO / 2; ++dp) {
     const int col = warp * kColsPerWarp + dp * 16;
@@ -237,6 +287,19 @@ __device__ __forceinline__ void rescale_and_pv(OAcc& o_acc, const float* rescale
       mma_m16n8k16<Elem>(o_acc[s][2 * dp + 1], p_frag[s], b_hi);
     }
   }
+}
+
+// Every warp, after the softmax step is visible: O = O * rescale + P V.
+template <typename Elem, int kDimQK>
+__device__ __forceinline__ void rescale_and_pv(OAcc& o_acc, const float* rescale_smem,
+                                               uint32_t p_smem, uint32_t tile_smem, int warp,
+                                               int lane) {
+  rescale_o(o_acc, rescale_smem, lane);
+  uint32_t p_frag[kSlabs][4];
+  load_p(p_frag, p_smem, lane);
+  const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int v_col = (lane >> 4) * 8;
+  pv<Elem, kDimQK>(o_acc, p_frag, tile_smem, warp, v_row, v_col);
 }
 
 }  // namespace flash_mla::portable::mla_row_block

@@ -1,7 +1,8 @@
 // Portable dense MLA decode: mma.sync m16n8k16 + ldmatrix + cp.async only, so the same
 // source runs on sm_80 .. sm_90 and sm_120/121. Design and arithmetic: docs/dense_decode.md.
 // This 4-warp CTA serves up to 32 rows per kv head; more rows take the 8-warp CTA of
-// kernel_wide.cuh (config.h choose_cta decides; run_dense_decode below dispatches).
+// kernel_wide.cuh (config.h choose_cta decides; run_dense_decode below dispatches). Its
+// per-tile steps are csrc/portable/common/mla_row_block.cuh's (shared with sparse prefill).
 //
 // Work split. blockIdx.x = (part * h_k + kv_head) * num_m_blocks + m_block. The CTA serves
 // rows [32 m_block, 32 m_block + 32) of the s_q * group rows of kv head `kv_head` (row r:
@@ -57,6 +58,7 @@
 #include "../../common/element.cuh"
 #include "../../common/ldmatrix.cuh"
 #include "../../common/math.cuh"
+#include "../../common/mla_row_block.cuh"
 #include "../../common/mma.cuh"
 #include "../../common/swizzle.cuh"
 #include "../schedule/config.h"
@@ -71,16 +73,21 @@ namespace flash_mla::portable::dense_decode {
 static_assert(sizeof(DenseDecodeParams) == 216, "DenseDecodeParams layout changed");
 
 namespace sched = ::flash_mla::portable::decode_schedule;
+namespace rb = ::flash_mla::portable::mla_row_block;
+
+// The per-tile steps (S partials, their reduction, the softmax step, rescale + P V) are
+// mla_row_block.cuh's, shared with the sparse prefill kernel; tile and shared-memory pieces
+// must agree.
+static_assert(rb::kThreads == kThreads && rb::kSlabs == kSlabs && rb::kBlockM == kBlockM &&
+                  rb::kBlockN == kBlockN && rb::kHeadDimV == kHeadDimV &&
+                  rb::kNTilesO == kNTilesO && rb::kSPartialBytes == kSPartialBytes &&
+                  rb::kPBytes == kPBytes &&
+                  rb::Dims<kHeadDimQK>::kKStepsPerWarp == kKStepsPerWarp,
+              "the row-block steps and this kernel must agree on the tile");
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLn2 = 0.69314718055994530942f;
 constexpr int kChunksPerRow = kHeadDimQK / 8;  // 16-byte chunks per 576-element row
-
-// P tile: 32 rows of 16 elements (two 16-byte chunks); swapping the chunks of rows 4..7 of
-// every 8 makes the 8 row addresses of one ldmatrix matrix hit 32 distinct banks.
-__device__ __forceinline__ uint32_t p_offset(int row, int chunk) {
-  return static_cast<uint32_t>(row * 32 + ((chunk ^ ((row >> 2) & 1)) * 16));
-}
 
 // Keys [0, bound) that query `query` sees in a piece ending at tok_end (causal: also
 // keys <= s_k - s_q + query, bottom-right aligned).
@@ -132,14 +139,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const Storage* k_base = static_cast<const Storage*>(params.k_cache);
   const Storage* k_head = k_base + static_cast<int64_t>(kv_head) * params.k_head_stride;
 
-  // Per-lane ldmatrix coordinates (see mma.cuh / ldmatrix.cuh for the fragment orders).
-  // Q (A of S): row (lane & 15) of the slab, chunk bit lane >> 4. K (B of S, not
-  // transposed): token (lane & 7) + 8 * bit 4, chunk bit (lane >> 3) & 1. V (B of O,
-  // transposed): token (lane & 7) + 8 * bit 3, chunk bit lane >> 4. P (A of O) like Q.
-  const int a_row = lane & 15;
-  const int a_col = (lane >> 4) * 8;
-  const int k_row = (lane & 7) + ((lane >> 4) & 1) * 8;
-  const int k_col = ((lane >> 3) & 1) * 8;
+  // Per-lane ldmatrix coordinates (mla_row_block.cuh), computed once for the whole CTA.
+  const rb::SCoords s_coords{lane & 15, (lane >> 4) * 8, (lane & 7) + ((lane >> 4) & 1) * 8,
+                             ((lane >> 3) & 1) * 8};
   const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8;
   const int v_col = (lane >> 4) * 8;
 
@@ -233,10 +235,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     cp_async_commit();
 
     float o_acc[kSlabs][kNTilesO][4];
-#pragma unroll
-    for (int s = 0; s < kSlabs; ++s)
-#pragma unroll
-      for (int n = 0; n < kNTilesO; ++n) o_acc[s][n][0] = o_acc[s][n][1] = o_acc[s][n][2] = o_acc[s][n][3] = 0.f;
+    rb::zero_o(o_acc);
 
     for (int i = 0; i < num_tiles; ++i) {
       cp_async_wait<1>();
@@ -245,42 +244,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       cp_async_commit();
       const uint32_t tile_smem = stage_addr(i);
 
-      // ---- S partial: this warp's 9 k-steps, 32 rows x 16 tokens ----
       float s_acc[kSlabs][2][4];
-#pragma unroll
-      for (int s = 0; s < kSlabs; ++s)
-#pragma unroll
-        for (int n = 0; n < 2; ++n) s_acc[s][n][0] = s_acc[s][n][1] = s_acc[s][n][2] = s_acc[s][n][3] = 0.f;
-      // Not unrolled: its fragments are loaded per step anyway, and unrolling lets the
-      // scheduler hoist loads into registers that the 128 O accumulators need (sm_100f
-      // spilled with it).
-#pragma unroll 1
-      for (int kk = 0; kk < kKStepsPerWarp; ++kk) {
-        const int col = (warp * kKStepsPerWarp + kk) * 16;
-        uint32_t b[4];
-        ldmatrix_x4(b, tile_smem + swizzled_offset<kHeadDimQK>(k_row, col + k_col));
-        const uint32_t b_lo[2] = {b[0], b[1]};
-        const uint32_t b_hi[2] = {b[2], b[3]};
-#pragma unroll
-        for (int s = 0; s < kSlabs; ++s) {
-          uint32_t a[4];
-          ldmatrix_x4(a, q_smem + swizzled_offset<kHeadDimQK>(16 * s + a_row, col + a_col));
-          mma_m16n8k16<Elem>(s_acc[s][0], a, b_lo);
-          mma_m16n8k16<Elem>(s_acc[s][1], a, b_hi);
-        }
-      }
-      if (warp > 0) {
-#pragma unroll
-        for (int s = 0; s < kSlabs; ++s)
-#pragma unroll
-          for (int n = 0; n < 2; ++n)
-            s_partial[(((warp - 1) * kSlabs + s) * 2 + n) * 32 + lane] =
-                make_float4(s_acc[s][n][0], s_acc[s][n][1], s_acc[s][n][2], s_acc[s][n][3]);
-      }
+      rb::s_partial<Elem, kHeadDimQK>(s_acc, q_smem, tile_smem, warp, s_coords);
+      if (warp > 0) rb::store_s_partial(s_partial, s_acc, warp, lane);
       __syncthreads();  // B2
 
       if (warp == 0) {
         const int tok0 = tok_begin + i * kBlockN;
+        // The softmax state is loaded here with the row limits, not by
+        // rb::load_softmax_state: each reduced fragment is masked as soon as it is summed.
         float row_max[kSlabs][2], row_sum[kSlabs][2];
         int lim[kSlabs][2];
 #pragma unroll
@@ -298,14 +270,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int s = 0; s < kSlabs; ++s) {
 #pragma unroll
           for (int n = 0; n < 2; ++n) {
-#pragma unroll
-            for (int w = 1; w < kNumWarps; ++w) {
-              const float4 v = s_partial[(((w - 1) * kSlabs + s) * 2 + n) * 32 + lane];
-              s_acc[s][n][0] += v.x;
-              s_acc[s][n][1] += v.y;
-              s_acc[s][n][2] += v.z;
-              s_acc[s][n][3] += v.w;
-            }
+            rb::add_s_partial(s_acc, s_partial, s, n, lane);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int tok = tok0 + n * 8 + 2 * t + (e & 1);
@@ -313,78 +278,15 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
           }
         }
-        // Online softmax in base 2, as in the prefill kernel: maxima in raw score units,
-        // p = 2^(s c - m c) with one FFMA; __fmul_rn keeps an unchanged max's rescale at
-        // exactly 1 (a fused residual would drift over long rows).
-#pragma unroll
-        for (int s = 0; s < kSlabs; ++s) {
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            float tile_max = row_max[s][r];
-#pragma unroll
-            for (int n = 0; n < 2; ++n) {
-              tile_max = fmaxf(tile_max, fmaxf(s_acc[s][n][2 * r], s_acc[s][n][2 * r + 1]));
-            }
-            tile_max = quad_max(tile_max);
-            const float ref = tile_max == kNegInf ? 0.f : __fmul_rn(tile_max, scale_log2);
-            const float correction = exp2_approx(__fmul_rn(row_max[s][r], scale_log2) - ref);
-            row_max[s][r] = tile_max;
-            float sum = 0.f;
-#pragma unroll
-            for (int n = 0; n < 2; ++n) {
-              s_acc[s][n][2 * r] = exp2_approx(fmaf(s_acc[s][n][2 * r], scale_log2, -ref));
-              s_acc[s][n][2 * r + 1] = exp2_approx(fmaf(s_acc[s][n][2 * r + 1], scale_log2, -ref));
-              sum += s_acc[s][n][2 * r] + s_acc[s][n][2 * r + 1];
-            }
-            row_sum[s][r] = row_sum[s][r] * correction + sum;
-            const int row = 16 * s + g + 8 * r;
-            row_sum_smem[row * 4 + t] = row_sum[s][r];
-            if (t == 0) {
-              rescale_smem[row] = correction;
-              row_max_smem[row] = row_max[s][r];
-            }
-#pragma unroll
-            for (int n = 0; n < 2; ++n) {
-              *reinterpret_cast<uint32_t*>(smem + kPOffset + p_offset(row, n) + 4 * t) =
-                  pack_float2<Elem>(s_acc[s][n][2 * r], s_acc[s][n][2 * r + 1]);
-            }
-          }
-        }
+        rb::softmax_update<Elem>(s_acc, row_max, row_sum, scale_log2, row_max_smem, row_sum_smem,
+                                 rescale_smem, smem + kPOffset, g, t);
       }
       __syncthreads();  // B3
 
-      // ---- O = O * rescale + P V over this warp's 128 columns ----
-#pragma unroll
-      for (int s = 0; s < kSlabs; ++s) {
-        const float c0 = rescale_smem[16 * s + g];
-        const float c1 = rescale_smem[16 * s + g + 8];
-#pragma unroll
-        for (int n = 0; n < kNTilesO; ++n) {
-          o_acc[s][n][0] *= c0;
-          o_acc[s][n][1] *= c0;
-          o_acc[s][n][2] *= c1;
-          o_acc[s][n][3] *= c1;
-        }
-      }
+      rb::rescale_o(o_acc, rescale_smem, lane);
       uint32_t p_frag[kSlabs][4];
-#pragma unroll
-      for (int s = 0; s < kSlabs; ++s) {
-        const int row = 16 * s + (lane & 7) + ((lane >> 3) & 1) * 8;
-        ldmatrix_x4(p_frag[s], smem_base + kPOffset + p_offset(row, lane >> 4));
-      }
-#pragma unroll
-      for (int dp = 0; dp < kNTilesO / 2; ++dp) {
-        const int col = warp * kColsPerWarp + dp * 16;
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, tile_smem + swizzled_offset<kHeadDimQK>(v_row, col + v_col));
-        const uint32_t b_lo[2] = {b[0], b[1]};
-        const uint32_t b_hi[2] = {b[2], b[3]};
-#pragma unroll
-        for (int s = 0; s < kSlabs; ++s) {
-          mma_m16n8k16<Elem>(o_acc[s][2 * dp], p_frag[s], b_lo);
-          mma_m16n8k16<Elem>(o_acc[s][2 * dp + 1], p_frag[s], b_hi);
-        }
-      }
+      rb::load_p(p_frag, smem_base + kPOffset, lane);
+      rb::pv<Elem, kHeadDimQK>(o_acc, p_frag, tile_smem, warp, v_row, v_col);
     }
     cp_async_wait<0>();  // drain (the groups past the last tile are empty)
 
