@@ -7,6 +7,7 @@
 // Entry points validate in a fixed order: device, dtype, layout, shape, values.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
@@ -138,6 +139,34 @@ inline void check_aligned(const TensorView& t, int64_t bytes, const char* name) 
     TVM_FFI_THROW(ValueError) << name << " must start at a " << bytes
                               << "-byte aligned address, got a pointer offset by "
                               << reinterpret_cast<uintptr_t>(data_ptr(t)) % bytes << " bytes";
+  }
+}
+
+// cp.async moves 16-byte chunks: every stride but the last must be a multiple of 8
+// elements and the data 16-byte aligned.
+inline void check_chunk_strides(const TensorView& t, const char* name) {
+  for (int i = 0; i + 1 < t.ndim(); ++i) {
+    if (t.stride(i) < 0 || t.stride(i) % 8 != 0) {
+      TVM_FFI_THROW(ValueError) << name << " must have non-negative strides that are multiples "
+                                << "of 8 elements (16 bytes) in every dimension but the last, got "
+                                << "strides " << strides_str(t);
+    }
+  }
+  check_aligned(t, 16, name);
+}
+
+// Tables the kernels index by row (block_table, indices): rows at increasing addresses.
+inline void check_row_stride_non_negative(const TensorView& t, const char* name) {
+  if (t.stride(0) < 0) {
+    TVM_FFI_THROW(ValueError) << name << " must have a non-negative row stride, got strides "
+                              << strides_str(t);
+  }
+}
+
+// A softmax scale: the kernels fold it into base-2 exponents and rely on it being > 0.
+inline void check_positive_finite(double value, const char* name) {
+  if (!(std::isfinite(value) && value > 0.0)) {
+    TVM_FFI_THROW(ValueError) << name << " must be positive and finite, got " << value;
   }
 }
 

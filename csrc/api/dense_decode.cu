@@ -20,7 +20,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -47,19 +46,6 @@ namespace sched = ::flash_mla::portable::decode_schedule;
 
 FLASH_MLA_REGISTER_OP(dense_decode, dec::capabilities_json);
 FLASH_MLA_REGISTER_OP(dense_decode_schedule, sched::capabilities_json);
-
-// cp.async moves 16-byte chunks: every stride but the last must be a multiple of 8
-// elements and the data 16-byte aligned.
-void check_chunk_strides(const TensorView& t, const char* name) {
-  for (int i = 0; i + 1 < t.ndim(); ++i) {
-    if (t.stride(i) < 0 || t.stride(i) % 8 != 0) {
-      TVM_FFI_THROW(ValueError) << name << " must have non-negative strides that are multiples "
-                                << "of 8 elements (16 bytes) in every dimension but the last, got "
-                                << "strides " << strides_str(t);
-    }
-  }
-  check_aligned(t, 16, name);
-}
 
 int64_t forced_parts() {
   const std::string forced = forced_variant("FLASH_MLA_DENSE_DECODE_PARTS");
@@ -212,10 +198,7 @@ DenseDecodeParams validate_dense_decode(const TensorView& q, const TensorView& k
   check_chunk_strides(q, "q");
   check_chunk_strides(k_cache, "k_cache");
   check_chunk_strides(out, "out");
-  if (block_table.stride(0) < 0) {
-    TVM_FFI_THROW(ValueError) << "block_table must have a non-negative row stride, got strides "
-                              << strides_str(block_table);
-  }
+  check_row_stride_non_negative(block_table, "block_table");
   check_contiguous(cache_seqlens, "cache_seqlens");
   check_contiguous(metadata, "tile_scheduler_metadata");
   check_contiguous(split_offsets, "num_splits");
@@ -254,9 +237,7 @@ DenseDecodeParams validate_dense_decode(const TensorView& q, const TensorView& k
     TVM_FFI_THROW(ValueError) << "q must have between 1 and " << dec::kMaxQueriesPerRequest
                               << " queries per request (dim 1), got shape " << shape_str(q);
   }
-  if (!(std::isfinite(softmax_scale) && softmax_scale > 0.0)) {
-    TVM_FFI_THROW(ValueError) << "softmax_scale must be positive and finite, got " << softmax_scale;
-  }
+  check_positive_finite(softmax_scale, "softmax_scale");
   if (parts < 1 || splits < 1) {
     TVM_FFI_THROW(ValueError) << "tile_scheduler_metadata and o_accum must have at least one row, "
                               << "got shapes " << shape_str(metadata) << " and "

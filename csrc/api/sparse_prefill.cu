@@ -10,7 +10,6 @@
 // docs/sparse_prefill.md. Validation happens in one function, in the order device, dtype,
 // layout, shape, values; a wrong call raises ValueError or TypeError and never reaches the
 // kernel.
-#include <cmath>
 #include <cstdint>
 #include <iterator>
 
@@ -33,19 +32,6 @@ using tvm::ffi::Optional;
 namespace sp = ::flash_mla::portable::sparse_prefill;
 
 FLASH_MLA_REGISTER_OP(sparse_prefill, sp::capabilities_json);
-
-// cp.async moves 16-byte chunks: every stride but the last must be a multiple of 8
-// elements and the data 16-byte aligned.
-void check_chunk_strides(const TensorView& t, const char* name) {
-  for (int i = 0; i + 1 < t.ndim(); ++i) {
-    if (t.stride(i) < 0 || t.stride(i) % 8 != 0) {
-      TVM_FFI_THROW(ValueError) << name << " must have non-negative strides that are multiples "
-                                << "of 8 elements (16 bytes) in every dimension but the last, got "
-                                << "strides " << strides_str(t);
-    }
-  }
-  check_aligned(t, 16, name);
-}
 
 // All checks of sparse_prefill_fwd, in the order device, dtype, layout, shape, values.
 sp::SparsePrefillParams validate_sparse_prefill(
@@ -88,10 +74,7 @@ sp::SparsePrefillParams validate_sparse_prefill(
   check_chunk_strides(q, "q");
   check_chunk_strides(kv, "kv");
   check_chunk_strides(out, "out");
-  if (indices.stride(0) < 0) {
-    TVM_FFI_THROW(ValueError) << "indices must have a non-negative row stride, got strides "
-                              << strides_str(indices);
-  }
+  check_row_stride_non_negative(indices, "indices");
   if (topk_length) check_contiguous(*topk_length, "topk_length");
   if (attn_sink) check_contiguous(*attn_sink, "attn_sink");
   check_contiguous(max_logits, "max_logits");
@@ -120,9 +103,7 @@ sp::SparsePrefillParams validate_sparse_prefill(
   if (d_v != sp::kHeadDimV) {
     TVM_FFI_THROW(ValueError) << "d_v must be " << sp::kHeadDimV << ", got " << d_v;
   }
-  if (!(std::isfinite(sm_scale) && sm_scale > 0.0)) {
-    TVM_FFI_THROW(ValueError) << "sm_scale must be positive and finite, got " << sm_scale;
-  }
+  check_positive_finite(sm_scale, "sm_scale");
 
   sp::SparsePrefillParams p{};
   p.s_q = narrow_to_int32(s_q, "q.shape[0] (s_q)");
