@@ -10,7 +10,7 @@ import torch
 import flash_mla
 from flash_mla import dispatch, reference
 from flash_mla import oracle
-from flash_mla.testing import TOLERANCES, check_close, check_op_close, compare
+from flash_mla.testing import TOLERANCES, check_close, check_op_close, check_plain_rule, compare
 
 CONFIGS = [
     # (lens_q, lens_k, h_q, h_k, d_qk, d_v, dtype, causal)
@@ -210,11 +210,16 @@ def test_gpu_api_matches_reference(cfg):
         cos_tol = TOLERANCES["mha_prefill"]["out"][2]
         report = compare(out, exact_out, abs_tol=0.0, rel_tol=0.0, cos_tol=cos_tol, name="out vs exact")
         assert report.cos_diff <= cos_tol and report.num_special_mismatch == 0, report.message
-    dq, dk, dv = reference.mha_prefill_bwd(dout, q.detach(), k.detach(), v.detach(), out.detach(),
-                                           lse.detach(), cu_q, cu_k, scale, causal)
-    check_op_close("mha_prefill", "dq", q.grad, dq)
-    check_op_close("mha_prefill", "dk", k.grad, dk)
-    check_op_close("mha_prefill", "dv", v.grad, dv)
+    # The inputs are std-1 (hostile in the numerics contract's terms): the gradients are held
+    # to the plain-math rule, float64 given the forward's out against plain PyTorch at the
+    # input precision. A backward that rounds P and dS once (ours, FA2's) misses the
+    # element rule here on a few dq elements (seen on the H100: up to 43 of 30720).
+    exact = oracle.mha_bwd(dout, q.detach(), k.detach(), v.detach(), out.detach(), cu_q, cu_k,
+                           scale, causal)
+    plain = oracle.plain_mha_bwd(dout, q.detach(), k.detach(), v.detach(), cu_q, cu_k, scale,
+                                 causal)
+    for what, got, e, p in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), exact, plain):
+        check_plain_rule(got, e, p, "mha_prefill", what)
 
 
 def test_inference_path_equals_autograd_path():

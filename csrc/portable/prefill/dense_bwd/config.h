@@ -45,22 +45,19 @@ static_assert(kWarpRowsN * kWarpColsN == kNumWarps && kWarpRowsM * kWarpColsM ==
               "warp grids must use every warp");
 static_assert(kBlockM % 64 == 0, "P^T / dS^T rows (kBlockM elements) must suit the swizzle");
 
-// Compensated P and dS: each is split into hi = round(x) and lo = round(x - hi),
-// both in the input dtype, and the products that read them (dV from P; dK and dQ
-// from dS) run on both parts (two MMAs per fragment). Rounding once to bf16
-// leaves a relative error up to 2^-8 per term, and dV / dK / dQ are sums of
-// terms of both signs (dO, Q, K are signed) that cancel, so a few elements land
-// outside the per-element rule of the numerics contract (docs/numerics.md) even
-// though the cosine is fine; hi + lo carries ~16 bits and keeps them inside. Costs
-// 2 * d_qk + d_v more MMA work per (query, key) pair (1.6x at d = 128). Where they
-// fit (d <= 128) the lo parts get tiles of their own; at d = 192 they reuse the
-// P^T / dS^T buffers in turn, which costs two more barriers per step.
-// -DFLASH_MLA_BWD_PLAIN_DS rounds P and dS once (FA2's numerics) for A/B builds;
-// release builds never define it (docs/mha_bwd.md).
-#if defined(FLASH_MLA_BWD_PLAIN_DS)
-constexpr bool kCompensatedDS = false;
-#else
+// P and dS are rounded once to the input dtype before the products that read them (dV
+// from P; dK and dQ from dS), as FA2 does: the numerics contract's rule for hostile
+// inputs (at most 2x the error of plain PyTorch math, docs/numerics.md) holds with it.
+// The compensated form splits each into hi = round(x) and lo = round(x - hi) and runs
+// those products on both parts (two MMAs per fragment, 2 * d_qk + d_v more MMA work per
+// (query, key) pair: 1.6x at d = 128); it kept an older, element-wise rule and is built
+// only with -DFLASH_MLA_BWD_COMPENSATED, for A/B runs (docs/mha_bwd.md). Where its lo
+// parts fit (d <= 128) they get tiles of their own; at d = 192 they reuse the P^T / dS^T
+// buffers in turn, which costs two more barriers per step.
+#if defined(FLASH_MLA_BWD_COMPENSATED)
 constexpr bool kCompensatedDS = true;
+#else
+constexpr bool kCompensatedDS = false;
 #endif
 
 template <int kDQK, int kDV>

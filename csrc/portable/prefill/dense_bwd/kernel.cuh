@@ -12,8 +12,8 @@
 //        dP^T = V dO^T                 dS^T = P^T * (dP^T - delta)
 //        dV  += P^T dO                 dK  += dS^T Q
 //        dq_accum += dS K              (fp32 RED into the workspace)
-//      where dV uses P, and dK and dQ use dS, as hi + lo parts in the input
-//      dtype (config.h, kCompensatedDS), so cancelling sums keep ~16 bits.
+//      where dV uses P, and dK and dQ use dS, rounded once to the input dtype
+//      (config.h, kCompensatedDS: hi + lo parts in A/B builds).
 //      dK and dV stay in registers for the whole CTA and are written once at the
 //      end (times softmax_scale for dK): bit-deterministic, no atomics. dQ comes
 //      from many CTAs through fp32 atomics: NOT bit-deterministic.
