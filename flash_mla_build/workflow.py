@@ -544,14 +544,12 @@ def test(args: argparse.Namespace, pytest_args: Sequence[str], runner: Runner, h
     specs = read_requirements(reqs_path)
     torch_spec = os.environ.get("FLASH_MLA_TEST_TORCH") or DEFAULT_TORCH
     wanted = {_requirement_name(s): s for s in [torch_spec, *specs]}
-    out = runner.capture([python, "-c", _PROBE, *wanted], env=env)
-    if out is None:
+    missing = _probe_missing(runner, python, list(wanted), env)
+    if missing is None:
         if not runner.dry_run:
             raise WorkflowError(f"{python} could not run; is it a working Python 3.9+?")
         missing = list(wanted)
         runner.log("    (dry run: assuming every requirement is missing)")
-    else:
-        missing = json.loads(out.strip().splitlines()[-1])
     if missing:
         runner.log("    missing: " + ", ".join(missing))
         if _requirement_name(torch_spec) in missing:
