@@ -80,7 +80,8 @@ def _load() -> Dict[str, Any]:
         path = library_path()
         if path is None:
             _state["error"] = ("no native library built (flash_mla/lib has no flash_mla_native "
-                               "library; build with `pip install .` or set "
+                               "library; build and install it with scripts/build.sh "
+                               "(scripts\\build.ps1 on Windows) or set "
                                "FLASH_MLA_LIBRARY_PATH)")
             return _state
         _state["path"] = path
