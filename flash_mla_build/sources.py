@@ -62,8 +62,10 @@ FAMILIES: Tuple[Family, ...] = (
     Family("dense_decode", ("csrc/api/dense_decode.cu", "csrc/api/decode_schedule.cu",
                             "csrc/portable/decode/dense/", "csrc/portable/decode/schedule/"),
            requires=("combine",)),
+    # Sparse decode runs the dense decode's split-KV schedule kernel over its key-list
+    # lengths, and the combine.
     Family("sparse_decode", ("csrc/api/sparse_decode.cu", "csrc/portable/decode/sparse/"),
-           requires=("combine",)),
+           requires=("combine", "dense_decode")),
     Family("sparse_prefill", ("csrc/api/sparse_prefill.cu", "csrc/portable/prefill/sparse/")),
     Family("dense_prefill", ("csrc/api/dense_prefill_fwd.cu", "csrc/api/dense_prefill_bwd.cu",
                              "csrc/portable/prefill/dense_fwd/",

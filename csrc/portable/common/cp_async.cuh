@@ -19,6 +19,14 @@ __device__ __forceinline__ void cp_async_16_zfill(uint32_t smem_addr, const void
                "r"(src_bytes));
 }
 
+// The 8-byte form (.ca: .cg takes only 16 bytes), for rows that are only 8-byte aligned
+// (the sparse decode's V4 cache pages); same zero-fill rule.
+__device__ __forceinline__ void cp_async_8_zfill(uint32_t smem_addr, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 8 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr), "l"(gmem),
+               "r"(src_bytes));
+}
+
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::);
 }

@@ -1,0 +1,144 @@
+// Tile sizes, shared-memory layout and capabilities of the portable sparse MLA decode
+// (flash_mla_with_kvcache with indices, over a byte cache). The ONE place that decides
+// them: the API entry (csrc/api/sparse_decode.cu: validation, launch geometry, schedule
+// parts, registry) and the kernel (kernel.cuh) both read these. The byte formats are
+// formats.cuh's policies. Reasoning and byte arithmetic: docs/sparse_decode.md.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "../../../common/capabilities.h"
+#include "../../../common/limits.h"
+#include "../schedule/config.h"
+
+namespace flash_mla::portable::sparse_decode {
+
+constexpr int kHeadDimV = 512;  // V = the first 512 dequantised dims of a token
+constexpr int kElemBytes = 2;   // q, the dequantised tiles and out are bf16
+
+// Cache formats, in the order of the public names (flash_mla.quant.FORMAT_NAMES). The
+// integer is what the kernel's parameters carry; the names are what build_info publishes.
+enum class KvFormat : int { kV32 = 0, kV32NoRope = 1, kV4 = 2, kV41 = 3, kV41Fp4 = 4 };
+constexpr int kNumFormats = 5;
+
+// What the op "sparse_decode" serves (common/capabilities.h): q dtype, the cache formats
+// of the main and of the extra pool (any pairing with the same d_qk), and h_q in [1, 128].
+// Any topk >= 1, any page size, any s_q (the grid loops over schedule parts).
+inline constexpr DType kDtypes[] = {DType::kBF16};
+inline constexpr caps::IntRange kHeadsQ{1, 128, 1};
+inline constexpr caps::IntRange kFormatIds{0, kNumFormats - 1, 1};
+
+inline const char* format_name(int id) {
+  switch (id) {
+    case 0: return "V32";
+    case 1: return "V32_NO_ROPE";
+    case 2: return "V4";
+    case 3: return "V41";
+    case 4: return "V41_FP4";
+    default: return "?";
+  }
+}
+
+struct FormatInfo {
+  int bytes_per_token;
+  int d_qk;
+  int copy_bytes;  // cp.async chunk: 16, or 8 where a page's rows are only 8-byte aligned
+};
+
+// Bytes per token, d_qk and copy granularity of each format (formats.cuh has the layouts).
+constexpr FormatInfo format_info(int id) {
+  return id == 0   ? FormatInfo{656, 576, 16}
+         : id == 1 ? FormatInfo{528, 512, 16}
+         : id == 2 ? FormatInfo{584, 512, 8}
+         : id == 3 ? FormatInfo{528, 512, 16}
+                   : FormatInfo{288, 512, 16};
+}
+
+inline std::string capabilities_json() {
+  std::string names = "[";
+  for (int i = 0; i < kNumFormats; ++i) {
+    names += (i ? ", \"" : "\"") + std::string(format_name(i)) + "\"";
+  }
+  names += "]";
+  std::string json = caps::JsonObject().field("dtype", kDtypes).field("h_q", kHeadsQ).str();
+  json.pop_back();  // the two format fields are lists of names
+  return json + ", \"kv_format\": " + names + ", \"extra_kv_format\": " + names + "}";
+}
+
+// CTA: 4 warps; its rows are 32 heads [32 hb, 32 hb + 32) of one query (heads past h_q
+// are zero rows, never written); its keys are one schedule piece of the request's
+// index list, 16 tokens per tile (mla_row_block.cuh's steps).
+constexpr int kNumWarps = 4;
+constexpr int kThreads = kNumWarps * 32;
+constexpr int kBlockM = 32;
+constexpr int kBlockN = 16;
+constexpr int kRawStages = 3;  // cp.async ring of raw cache bytes
+// The schedule's unit is kPositionsPerBlock index positions; the main pool's list is
+// padded to a multiple of kBlockN so that no tile mixes the two pools.
+constexpr int kPositionsPerBlock = decode_schedule::kPageSize;
+static_assert(kPositionsPerBlock % kBlockN == 0, "a piece starts on a tile boundary");
+
+// Shared-memory byte layout for one d_qk (kernel.cuh's header comment gives the protocol).
+template <int kDimQK>
+struct Layout {
+  // Raw bytes of one token in the ring: the largest format of this d_qk, rounded up to
+  // 16 bytes (cp.async destinations are 16-byte aligned): 656 for d 576; 592 for 512
+  // (V4's 576 + 8 bytes are the widest).
+  static constexpr int kRawRowBytes = kDimQK == 576 ? 656 : 592;
+  static constexpr int kQBytes = kBlockM * kDimQK * kElemBytes;       // 36864 | 32768, swizzled
+  static constexpr int kTileBytes = kBlockN * kDimQK * kElemBytes;    // 18432 | 16384, swizzled
+  static constexpr int kRawStageBytes = kBlockN * kRawRowBytes;       // 10496 | 9472
+  static constexpr int kTileOffset = kQBytes;                          // dequantised tile (bf16)
+  static constexpr int kRawOffset = kTileOffset + kTileBytes;
+  static constexpr int kSPartialOffset = kRawOffset + kRawStages * kRawStageBytes;
+  static constexpr int kSPartialBytes = (kNumWarps - 1) * kBlockM * kBlockN * 4;  // 6144
+  static constexpr int kPOffset = kSPartialOffset + kSPartialBytes;  // P [32][16] bf16
+  static constexpr int kPBytes = kBlockM * kBlockN * kElemBytes;     // 1024
+  static constexpr int kRescaleOffset = kPOffset + kPBytes;          // [32] fp32 per tile
+  static constexpr int kOutScaleOffset = kRescaleOffset + kBlockM * 4;  // [32] fp32, epilogue
+  static constexpr int kRowMaxOffset = kOutScaleOffset + kBlockM * 4;   // [32] fp32
+  static constexpr int kRowSumOffset = kRowMaxOffset + kBlockM * 4;     // [32][4] fp32
+  // Per raw stage, the bit mask of the tile's valid tokens (bit j = token j).
+  static constexpr int kValidOffset = kRowSumOffset + kBlockM * 4 * 4;
+  // The current piece's record (kernel.cuh's Piece, 24 bytes).
+  static constexpr int kPieceOffset = kValidOffset + 16;
+  static constexpr int kSmemBytes = kPieceOffset + 32;
+};
+
+static_assert(Layout<576>::kSmemBytes == 94896, "sparse decode budget as in docs/sparse_decode.md");
+static_assert(Layout<512>::kSmemBytes == 85680, "sparse decode budget as in docs/sparse_decode.md");
+static_assert(Layout<576>::kSmemBytes <= kMaxSmemPerBlockSm120, "tile exceeds sm_120's 99 KB");
+static_assert(Layout<512>::kSmemBytes <= kMaxSmemPerBlockSm120, "tile exceeds sm_120's 99 KB");
+static_assert(format_info(0).bytes_per_token <= Layout<576>::kRawRowBytes &&
+                  format_info(2).bytes_per_token <= Layout<512>::kRawRowBytes,
+              "a raw row holds the widest token");
+
+constexpr int kMaxQueriesPerRequest = 1 << 16;
+
+// Head blocks per query and row blocks (CTAs per schedule part).
+inline int num_head_blocks(int h_q) { return (h_q + kBlockM - 1) / kBlockM; }
+inline int num_m_blocks(int s_q, int h_q) { return s_q * num_head_blocks(h_q); }
+
+// CTAs that fit one SM's shared memory (1 on sm_120, 2 on an H100).
+inline int ctas_per_sm(int smem_per_sm, int d_qk) {
+  const int bytes = d_qk == 576 ? Layout<576>::kSmemBytes : Layout<512>::kSmemBytes;
+  const int n = smem_per_sm / (bytes + kReservedSmemPerBlock);
+  return n > 0 ? n : 1;
+}
+
+// Schedule parts: enough CTAs (parts x row blocks) to fill every SM once, or, in
+// batch-invariant mode, one part per (request, piece) as the dense decode does.
+inline int num_parts(int num_sms, int smem_per_sm, int batch, int s_q, int h_q, int d_qk,
+                     bool batch_invariant) {
+  if (batch_invariant) {
+    const int64_t parts = static_cast<int64_t>(batch) * decode_schedule::kInvariantMaxPieces;
+    return static_cast<int>(parts > 0 ? parts : 1);
+  }
+  const int64_t per_part = num_m_blocks(s_q, h_q);
+  const int64_t slots = static_cast<int64_t>(num_sms) * ctas_per_sm(smem_per_sm, d_qk);
+  const int64_t parts = slots / per_part;
+  return static_cast<int>(parts > 0 ? parts : 1);
+}
+
+}  // namespace flash_mla::portable::sparse_decode

@@ -1,0 +1,163 @@
+// Byte formats of the sparse decode's paged caches as compile-time policies. A policy says
+// how many bytes a token has, whether its bytes sit in one run (token-contiguous) or split
+// across the page (V4), the cp.async granularity its rows allow, and how one group of 8
+// dims dequantises from the token's raw bytes (staged in shared memory, laid out as
+// raw_row() below) to bf16. A new format is one more policy here, its row in config.h's
+// format_info() and its case in kernel.cuh's format switch.
+//
+// kDataBytes: the bytes of a token's one contiguous run (all of them for token-contiguous
+// formats); kScaleBytes: its separate scale row (page-structured formats only).
+// Raw row in shared memory (what the kernel's cp.async ring holds per token):
+//   token-contiguous formats: the token's bytes_per_token bytes as stored;
+//   V4: the token's 576 data bytes, then its 8 scale bytes (from the page's scale area).
+// Values: e4m3 and ue8m0 / e4m3 / fp32 scales are widened to fp32, multiplied and rounded
+// to bf16 once (with power-of-two scales, as the writers use, the product is exact).
+// A NaN code or NaN scale gives NaN (never a plausible value).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include "../../common/element.cuh"
+#include "config.h"
+
+namespace flash_mla::portable::sparse_decode::formats {
+
+// ue8m0 byte e -> 2^(e - 127); 0 is 2^-127 (a subnormal float), 255 is NaN.
+__device__ __forceinline__ float ue8m0_to_float(uint32_t e) {
+  if (e == 255u) return __int_as_float(0x7fc00000);
+  if (e == 0u) return __int_as_float(0x00400000);
+  return __int_as_float(static_cast<int>(e << 23));
+}
+
+// One e4m3 byte -> fp32 (exact; through fp16, which holds every e4m3 value).
+__device__ __forceinline__ float e4m3_to_float(uint32_t byte) {
+  const __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(byte), __NV_E4M3);
+  return __half2float(__half(h));
+}
+
+// 8 e4m3 bytes (lo: bytes 0..3, hi: 4..7) times `scale` -> 8 bf16 packed in 4 words.
+__device__ __forceinline__ uint4 e4m3x8_scaled(uint2 codes, float scale) {
+  uint32_t out[4];
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    const uint32_t word = w < 2 ? codes.x : codes.y;
+    const __nv_fp8x2_storage_t pair =
+        static_cast<__nv_fp8x2_storage_t>((word >> (16 * (w & 1))) & 0xffffu);
+    const __half2_raw h2 = __nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3);
+    const float2 f = __half22float2(__half2(h2));
+    out[w] = pack_float2<BF16>(f.x * scale, f.y * scale);
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// 8 e2m1 nibbles (element 2i in the low nibble of byte i) times `scale` -> 8 bf16.
+// Twice the magnitude of code c (0..7) is nibble c of kTwiceMagnitude: {0, 1, 2, 3, 4, 6, 8, 12}.
+__device__ __forceinline__ uint4 e2m1x8_scaled(uint32_t codes, float scale) {
+  constexpr uint32_t kTwiceMagnitude = 0xC8643210u;
+  const float half_scale = 0.5f * scale;
+  uint32_t out[4];
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    float v[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const uint32_t nib = (codes >> (4 * (2 * w + k))) & 0xFu;
+      const float mag = static_cast<float>((kTwiceMagnitude >> (4 * (nib & 7u))) & 0xFu);
+      v[k] = (nib & 8u ? -mag : mag) * half_scale;
+    }
+    out[w] = pack_float2<BF16>(v[0], v[1]);
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// V3.2: [512 e4m3 | 4 fp32 scales, one per 128 dims | 64 bf16 RoPE dims 512..575].
+struct V32 {
+  static constexpr int kId = 0;
+  static constexpr int kDimQK = 576;
+  static constexpr int kBytesPerToken = 656;
+  static constexpr bool kPageStructured = false;
+  static constexpr int kDataBytes = kBytesPerToken;  // one run per token, no scale row
+  static constexpr int kScaleBytes = 0;
+  __device__ static uint4 dequant8(const unsigned char* raw, int dim0) {
+    if (dim0 >= 512) return *reinterpret_cast<const uint4*>(raw + 528 + 2 * (dim0 - 512));
+    const float scale = *reinterpret_cast<const float*>(raw + 512 + 4 * (dim0 / 128));
+    return e4m3x8_scaled(*reinterpret_cast<const uint2*>(raw + dim0), scale);
+  }
+};
+
+// V3.2 without RoPE: the first 528 bytes of V3.2; d_qk 512, every dim quantised.
+struct V32NoRope {
+  static constexpr int kId = 1;
+  static constexpr int kDimQK = 512;
+  static constexpr int kBytesPerToken = 528;
+  static constexpr bool kPageStructured = false;
+  static constexpr int kDataBytes = kBytesPerToken;  // one run per token, no scale row
+  static constexpr int kScaleBytes = 0;
+  __device__ static uint4 dequant8(const unsigned char* raw, int dim0) {
+    const float scale = *reinterpret_cast<const float*>(raw + 512 + 4 * (dim0 / 128));
+    return e4m3x8_scaled(*reinterpret_cast<const uint2*>(raw + dim0), scale);
+  }
+};
+
+// V4 (MODEL1): per page, page_size rows of [448 e4m3 | 64 bf16 RoPE] (576 B), then
+// page_size rows of 8 B (7 ue8m0 scales, one per 64 dims, + 1 pad byte). Raw row in
+// shared memory: [576 data | 8 scale bytes].
+struct V4 {
+  static constexpr int kId = 2;
+  static constexpr int kDimQK = 512;
+  static constexpr int kBytesPerToken = 584;
+  static constexpr bool kPageStructured = true;
+  static constexpr int kDataBytes = 576;
+  static constexpr int kScaleBytes = 8;
+  __device__ static uint4 dequant8(const unsigned char* raw, int dim0) {
+    if (dim0 >= 448) return *reinterpret_cast<const uint4*>(raw + 448 + 2 * (dim0 - 448));
+    const float scale = ue8m0_to_float(raw[kDataBytes + dim0 / 64]);
+    return e4m3x8_scaled(*reinterpret_cast<const uint2*>(raw + dim0), scale);
+  }
+};
+
+// V4.1: [512 e4m3 (RoPE dims quantised too) | 16 ue8m0 scales, one per 32 dims].
+struct V41 {
+  static constexpr int kId = 3;
+  static constexpr int kDimQK = 512;
+  static constexpr int kBytesPerToken = 528;
+  static constexpr bool kPageStructured = false;
+  static constexpr int kDataBytes = kBytesPerToken;  // one run per token, no scale row
+  static constexpr int kScaleBytes = 0;
+  __device__ static uint4 dequant8(const unsigned char* raw, int dim0) {
+    const float scale = ue8m0_to_float(raw[512 + dim0 / 32]);
+    return e4m3x8_scaled(*reinterpret_cast<const uint2*>(raw + dim0), scale);
+  }
+};
+
+// V4.1 FP4: [256 B of e2m1, element i in byte i / 2, even element in the low nibble |
+// 32 e4m3 scales, one per 16 dims].
+struct V41Fp4 {
+  static constexpr int kId = 4;
+  static constexpr int kDimQK = 512;
+  static constexpr int kBytesPerToken = 288;
+  static constexpr bool kPageStructured = false;
+  static constexpr int kDataBytes = kBytesPerToken;  // one run per token, no scale row
+  static constexpr int kScaleBytes = 0;
+  __device__ static uint4 dequant8(const unsigned char* raw, int dim0) {
+    const float scale = e4m3_to_float(raw[256 + dim0 / 16]);
+    return e2m1x8_scaled(*reinterpret_cast<const uint32_t*>(raw + dim0 / 2), scale);
+  }
+};
+
+// The policies agree with the table the host reads.
+template <typename F>
+constexpr bool matches_table() {
+  return format_info(F::kId).bytes_per_token == F::kBytesPerToken &&
+         format_info(F::kId).d_qk == F::kDimQK &&
+         (format_info(F::kId).copy_bytes == 8) == F::kPageStructured;
+}
+static_assert(matches_table<V32>() && matches_table<V32NoRope>() && matches_table<V4>() &&
+                  matches_table<V41>() && matches_table<V41Fp4>(),
+              "formats.cuh and config.h's format_info agree");
+
+}  // namespace flash_mla::portable::sparse_decode::formats

@@ -1,0 +1,448 @@
+// Portable sparse MLA decode over paged byte caches: mma.sync m16n8k16 + ldmatrix +
+// cp.async only, so the same source runs on sm_80 .. sm_90 and sm_120/121. Design and
+// arithmetic: docs/sparse_decode.md; byte formats: formats.cuh.
+//
+// Work split. blockIdx.x = part * num_m_blocks + m_block, m_block = query * num_head_blocks
+// + hb: the CTA's rows are the heads [32 hb, 32 hb + 32) of query `query` (heads past h_q
+// are zero rows, never written); for every piece of its schedule part (a run of
+// 64-position blocks of one request's key list) it attends to the tokens the list names.
+// Request i's key list: the main pool's counted positions [0, main_limit_i), padded with
+// invalid positions to main_span_i (a multiple of 16, so no tile mixes pools), then the
+// extra pool's counted positions. The per-tile math is mla_row_block.cuh's (warp w: S over
+// dims [w d/4, (w+1) d/4), warp 0: online softmax in base 2, warp w: output columns
+// [128w, 128w + 128)).
+//
+// Global memory. Per tile, lane j (j < 16) of every warp reads index position j of the
+// tile; a value outside [0, num_tokens) or a position past the pool's limit is invalid,
+// and the lane's byte offset of the token becomes -1. The copying threads take their
+// token's offsets from that lane with a shuffle; an invalid token's raw row is
+// zero-filled by cp.async without a read (it dequantises to zeros) and its scores are set
+// to -inf from the tile's valid mask (warp 0 writes it when it issues the tile). A token
+// is copied in 16-byte chunks, or 8-byte ones for V4, whose page rows are only 8-byte
+// aligned (the API checks the alignment of cache base and block stride).
+// A piece of a request with one split writes out (bf16, rounded to nearest, with the sink
+// factor) and lse (natural log) directly; otherwise it writes its normalised fp32 partial
+// to o_accum[split] and its log2 lse to lse_accum[split] (the combine merges them and
+// applies the sink). No atomics, fixed reduction order: bit-identical reruns.
+//
+// Shared memory (config.h, Layout<d>; 16-bit rows XOR-swizzled in 16-byte chunks):
+//   Q block [32][d] | dequantised tile [16][d] bf16 | raw ring, tile i in stage i % 3:
+//   [16][raw row] bytes | S partials of warps 1..3 | P [32][16] bf16 | per-row rescale |
+//   per-row output scale (epilogue) | warp 0's softmax state | valid masks of the 3 stages.
+//
+// Barrier / cp.async protocol per piece (T tiles):
+//   __syncthreads (the previous piece's readers are done); warp 0 resets the softmax
+//   state; cp.async Q and raw tile 0 -> commit; raw tile 1 -> commit.
+//   iteration i: wait_group 1 (raw tile i landed, this thread's part); B1 __syncthreads
+//     (raw tile i and its mask visible; every warp finished iteration i-1, so the
+//     dequantised tile, raw stage (i+2) % 3 and its mask, the S partials, P and the
+//     rescale factors are free); issue raw tile i+2 -> commit (an empty group past the
+//     end keeps the count); every thread dequantises its chunks of raw tile i into the
+//     bf16 tile; B2 __syncthreads; S partial sums; warps 1..3 store theirs; B3
+//     __syncthreads; warp 0: add the partials, mask, softmax step; B4 __syncthreads;
+//     every warp: rescale O, O += P V.
+//   epilogue: wait_group 0; warp 0 writes lse (or lse_accum) and publishes each row's
+//     output scale; __syncthreads; every warp writes its columns.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "../../common/cp_async.cuh"
+#include "../../common/element.cuh"
+#include "../../common/math.cuh"
+#include "../../common/mla_row_block.cuh"
+#include "../../common/swizzle.cuh"
+#include "../../common/tile_copy.cuh"
+#include "../schedule/config.h"
+#include "config.h"
+#include "formats.cuh"
+#include "kernel.h"
+
+namespace flash_mla::portable::sparse_decode {
+
+namespace rb = ::flash_mla::portable::mla_row_block;
+namespace sched = ::flash_mla::portable::decode_schedule;
+
+static_assert(rb::kThreads == kThreads && rb::kBlockM == kBlockM && rb::kBlockN == kBlockN &&
+                  rb::kHeadDimV == kHeadDimV,
+              "the row-block steps and this kernel must agree on the tile");
+
+// Counted positions of request `req` in a pool: min(max(topk_length[req], 0), topk).
+__device__ __forceinline__ int pool_limit(const CachePool& pool, int req) {
+  int limit = pool.topk;
+  if (pool.topk_length != nullptr) limit = min(max(pool.topk_length[req], 0), limit);
+  return limit;
+}
+
+// Byte offsets (from pool.cache) of token `token` (valid) of a pool: its data and, for a
+// page-structured format, its scale row.
+template <typename F>
+__device__ __forceinline__ void token_offsets(const CachePool& pool, int token, int64_t& data,
+                                              int64_t& scales) {
+  const int block = token / pool.page_size;
+  const int offset = token - block * pool.page_size;
+  const int64_t base = static_cast<int64_t>(block) * pool.block_stride;
+  if constexpr (F::kPageStructured) {
+    data = base + static_cast<int64_t>(offset) * F::kDataBytes;
+    scales = base + static_cast<int64_t>(pool.page_size) * F::kDataBytes +
+             static_cast<int64_t>(offset) * F::kScaleBytes;
+  } else {
+    data = base + static_cast<int64_t>(offset) * F::kBytesPerToken;
+    scales = 0;
+  }
+}
+
+// cp.async of one raw tile: 16 tokens, whose offsets lanes 0..15 of every warp hold
+// (-1: invalid). kRawRowBytes: the stride of raw rows in shared memory.
+template <typename F, int kRawRowBytes>
+__device__ __forceinline__ void issue_raw_tile(const CachePool& pool, uint32_t raw_stage,
+                                               int64_t my_data, int64_t my_scales, int tid) {
+  constexpr int kChunkBytes = F::kPageStructured ? 8 : 16;
+  // V4: 72 data chunks + 1 scale chunk per token; the others: whole 16-byte chunks.
+  constexpr int kDataChunks = F::kDataBytes / kChunkBytes;
+  constexpr int kChunksPerToken = kDataChunks + (F::kPageStructured ? 1 : 0);
+  constexpr int kChunks = kBlockN * kChunksPerToken;
+  constexpr int kIters = (kChunks + kThreads - 1) / kThreads;
+  static_assert(F::kDataBytes % kChunkBytes == 0 && F::kScaleBytes <= kChunkBytes,
+                "whole chunks per token");
+  // Not unrolled: the O accumulators are live here, and unrolled copies keep every
+  // chunk's shuffled 64-bit offsets in registers at once (the build spilled).
+#pragma unroll 1
+  for (int j = 0; j < kIters; ++j) {
+    const int idx = tid + j * kThreads;
+    const int row = (idx / kChunksPerToken) & (kBlockN - 1);
+    const int chunk = idx % kChunksPerToken;
+    // Every lane shuffles (the last iteration may hold fewer copies than lanes).
+    const int64_t data = __shfl_sync(0xffffffffu, my_data, row);
+    const int64_t scales = F::kPageStructured ? __shfl_sync(0xffffffffu, my_scales, row) : 0;
+    if (kChunks % kThreads != 0 && idx >= kChunks) continue;
+    const bool valid = data >= 0;
+    const bool is_scale = F::kPageStructured && chunk == kDataChunks;
+    const int64_t src_off = is_scale ? scales : data + static_cast<int64_t>(chunk) * kChunkBytes;
+    const unsigned char* src = valid ? pool.cache + src_off : pool.cache;
+    const uint32_t dst = raw_stage + static_cast<uint32_t>(row * kRawRowBytes + chunk * kChunkBytes);
+    if constexpr (kChunkBytes == 8) {
+      cp_async_8_zfill(dst, src, valid);
+    } else {
+      cp_async_16_zfill(dst, src, valid);
+    }
+  }
+}
+
+// Raw tile (shared) -> dequantised bf16 tile (shared, swizzled): kChunksPerRow chunks of 8
+// dims per token, spread over the CTA.
+template <typename F, int kDimQK, int kRawRowBytes>
+__device__ __forceinline__ void dequant_tile(const unsigned char* raw_stage, unsigned char* tile,
+                                             int tid) {
+  static_assert(F::kDimQK == kDimQK, "format and kernel agree on d_qk");
+  constexpr int kChunksPerRow = kDimQK / 8;
+  constexpr int kChunks = kBlockN * kChunksPerRow;
+  static_assert(kChunks % kThreads == 0, "dequantisation divides evenly over the CTA");
+#pragma unroll 1
+  for (int j = 0; j < kChunks / kThreads; ++j) {
+    const int idx = tid + j * kThreads;
+    const int row = idx / kChunksPerRow;
+    const int dim0 = (idx % kChunksPerRow) * 8;
+    const uint4 v = F::dequant8(raw_stage + row * kRawRowBytes, dim0);
+    *reinterpret_cast<uint4*>(tile + swizzled_offset<kDimQK>(row, dim0)) = v;
+  }
+}
+
+// Calls f(F{}) with the policy of format id `format` among those of d_qk kDimQK (the API
+// has checked that the format belongs to this d_qk; any other id does nothing).
+template <int kDimQK, typename Fn>
+__device__ __forceinline__ void with_format(int format, Fn&& f) {
+  if constexpr (kDimQK == 576) {
+    if (format == formats::V32::kId) f(formats::V32{});
+  } else {
+    switch (format) {
+      case formats::V32NoRope::kId: f(formats::V32NoRope{}); break;
+      case formats::V4::kId: f(formats::V4{}); break;
+      case formats::V41::kId: f(formats::V41{}); break;
+      case formats::V41Fp4::kId: f(formats::V41Fp4{}); break;
+      default: break;
+    }
+  }
+}
+
+// What the tile loop needs of the current piece. Thread 0 stores it in shared memory at
+// the piece's start and the loop reads it back after its barriers, so none of it stays in
+// registers beside the O accumulators (the d_qk 576 build spilled with these live).
+struct Piece {
+  int req;
+  int main_limit, main_span, extra_limit;  // the request's key list (see the file comment)
+  int pos_begin;                           // first position of the piece
+  int split;                               // its o_accum row; -1: write out directly
+};
+
+template <int kDimQK>
+__global__ void __launch_bounds__(kThreads, 1)
+    sparse_decode_kernel(const __grid_constant__ SparseDecodeParams params) {
+  using L = Layout<kDimQK>;
+  using Elem = BF16;
+  using Storage = typename Elem::Storage;
+  constexpr int kRawRowBytes = L::kRawRowBytes;
+  static_assert(L::kSPartialBytes == rb::kSPartialBytes && L::kPBytes == rb::kPBytes,
+                "shared layout and row-block steps agree");
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t smem_base = cvta_shared(smem);
+  const uint32_t q_smem = smem_base;
+  const uint32_t tile_smem = smem_base + L::kTileOffset;
+  float4* s_partials = reinterpret_cast<float4*>(smem + L::kSPartialOffset);
+  float* rescale_smem = reinterpret_cast<float*>(smem + L::kRescaleOffset);
+  float* out_scale_smem = reinterpret_cast<float*>(smem + L::kOutScaleOffset);
+  float* row_max_smem = reinterpret_cast<float*>(smem + L::kRowMaxOffset);
+  float* row_sum_smem = reinterpret_cast<float*>(smem + L::kRowSumOffset);
+  uint32_t* valid_smem = reinterpret_cast<uint32_t*>(smem + L::kValidOffset);
+  Piece* piece_smem = reinterpret_cast<Piece*>(smem + L::kPieceOffset);
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+
+  const int m_block = static_cast<int>(blockIdx.x % params.num_m_blocks);
+  const int part = static_cast<int>(blockIdx.x / params.num_m_blocks);
+  const int query = m_block / params.num_head_blocks;
+  const int head0 = (m_block % params.num_head_blocks) * kBlockM;
+  const int valid_rows = min(kBlockM, params.h_q - head0);
+
+  const int32_t* meta = params.metadata + static_cast<int64_t>(part) * sched::kMetaInts;
+  const int begin_req = meta[sched::kBeginReq];
+  const int begin_block = meta[sched::kBeginBlock];
+  const int end_req = meta[sched::kEndReq];
+  const int end_block = meta[sched::kEndBlock];
+  const int first_split = meta[sched::kFirstSplit];
+  if (begin_req < 0 || begin_req >= params.batch) return;  // empty part
+  const int last_req = min(end_req, params.batch - 1);
+  const bool has_extra = params.extra.cache != nullptr;
+  const float scale_log2 = params.softmax_scale_log2;  // > 0 (validated)
+  const Storage* q_base = static_cast<const Storage*>(params.q);
+  // Per-lane ldmatrix coordinates (mla_row_block.cuh), computed once for the whole CTA.
+  const rb::SCoords s_coords{lane & 15, (lane >> 4) * 8, (lane & 7) + ((lane >> 4) & 1) * 8,
+                             ((lane >> 3) & 1) * 8};
+  const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int v_col = (lane >> 4) * 8;
+
+  for (int req = begin_req; req <= last_req; ++req) {
+    const int main_limit = pool_limit(params.main, req);
+    const int main_span = (main_limit + kBlockN - 1) / kBlockN * kBlockN;
+    const int extra_limit = has_extra ? pool_limit(params.extra, req) : 0;
+    const int total = main_span + extra_limit;
+    const int n_blocks = (total + kPositionsPerBlock - 1) / kPositionsPerBlock;
+    const int lo = req == begin_req ? begin_block : 0;
+    const int hi = min(req == end_req ? end_block : n_blocks, n_blocks);
+    // A piece the schedule counted but the current lengths left empty still writes its
+    // (empty) result, so the combine never reads an unwritten split.
+    const int sched_hi = req == end_req ? end_block : n_blocks;
+    if (lo >= sched_hi) continue;
+    const int total_splits = params.num_splits_total;
+    const int off_begin = min(max(params.split_offsets[req], 0), total_splits);
+    const int off_end = min(max(params.split_offsets[req + 1], off_begin), total_splits);
+    const bool direct = off_end - off_begin == 1;
+    const int split = req == begin_req ? first_split : off_begin;
+    if (!direct && (split < 0 || split >= total_splits)) continue;  // stale schedule
+
+    const int pos_begin = lo * kPositionsPerBlock;
+    const Piece here{req, main_limit, main_span, extra_limit, pos_begin, direct ? -1 : split};
+    const int pos_end = min(max(hi, lo) * kPositionsPerBlock, total);
+    const int num_tiles = pos_end > pos_begin ? (pos_end - pos_begin + kBlockN - 1) / kBlockN : 0;
+
+    __syncthreads();  // every warp is done with the previous piece's shared memory
+
+    if (tid == 0) *piece_smem = here;
+    if (warp == 0) {
+      row_max_smem[lane] = rb::kNegInf;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) row_sum_smem[lane * 4 + k] = 0.f;
+    }
+
+    // Q block: heads [head0, head0 + valid_rows) of this query; the other rows are zeros.
+    load_tile_async<kBlockM, kDimQK, kThreads>(
+        q_smem,
+        q_base + static_cast<int64_t>(req) * params.q_batch_stride +
+            static_cast<int64_t>(query) * params.q_row_stride,
+        params.q_head_stride, head0, valid_rows, tid);
+
+    auto raw_stage = [&](int tile) -> uint32_t {
+      return smem_base + L::kRawOffset + static_cast<uint32_t>(tile % kRawStages) * L::kRawStageBytes;
+    };
+    auto tile_pool = [&](const Piece& pc, int tile, int& pos, int& limit) -> const CachePool& {
+      const int pos0 = pc.pos_begin + tile * kBlockN;
+      if (pos0 < pc.main_span) {
+        pos = pos0;
+        limit = pc.main_limit;
+        return params.main;
+      }
+      pos = pos0 - pc.main_span;
+      limit = pc.extra_limit;
+      return params.extra;
+    };
+    // One raw tile of 16 index positions of one pool (uniform over the CTA).
+    auto issue_tile = [&](const Piece& pc, int tile) {
+      if (tile >= num_tiles) return;
+      int pos0, limit;
+      const CachePool& pool = tile_pool(pc, tile, pos0, limit);
+      const int pos = pos0 + (lane & (kBlockN - 1));
+      int token = -1;
+      if (pos < limit) {
+        const int v = pool.indices[static_cast<int64_t>(pc.req) * pool.indices_batch_stride +
+                                   static_cast<int64_t>(query) * pool.indices_row_stride + pos];
+        if (v >= 0 && static_cast<int64_t>(v) < pool.num_tokens) token = v;
+      }
+      if (warp == 0) {
+        const uint32_t mask = __ballot_sync(0xffffffffu, token >= 0) & 0xffffu;
+        if (lane == 0) valid_smem[tile % kRawStages] = mask;
+      }
+      with_format<kDimQK>(pool.format, [&](auto fmt) {
+        using F = decltype(fmt);
+        int64_t data = -1, scales = -1;
+        if (token >= 0) token_offsets<F>(pool, token, data, scales);
+        issue_raw_tile<F, kRawRowBytes>(pool, raw_stage(tile), data, scales, tid);
+      });
+    };
+    issue_tile(here, 0);
+    cp_async_commit();
+    issue_tile(here, 1);
+    cp_async_commit();
+
+    float o_acc[rb::kSlabs][rb::kNTilesO][4];
+    rb::zero_o(o_acc);
+
+    for (int i = 0; i < num_tiles; ++i) {
+      cp_async_wait<1>();
+      __syncthreads();  // B1
+      {
+        const Piece pc = *piece_smem;
+        issue_tile(pc, i + 2);
+        cp_async_commit();
+        int pos0, limit;
+        const CachePool& pool = tile_pool(pc, i, pos0, limit);
+        const unsigned char* raw = smem + L::kRawOffset + (i % kRawStages) * L::kRawStageBytes;
+        with_format<kDimQK>(pool.format, [&](auto fmt) {
+          dequant_tile<decltype(fmt), kDimQK, kRawRowBytes>(raw, smem + L::kTileOffset, tid);
+        });
+      }
+      __syncthreads();  // B2
+
+      float s_acc[rb::kSlabs][2][4];
+      rb::s_partial<Elem, kDimQK>(s_acc, q_smem, tile_smem, warp, s_coords);
+      if (warp > 0) rb::store_s_partial(s_partials, s_acc, warp, lane);
+      __syncthreads();  // B3
+
+      if (warp == 0) {
+        rb::add_s_partials(s_acc, s_partials, lane);
+        const uint32_t mask = valid_smem[i % kRawStages];
+#pragma unroll
+        for (int s = 0; s < rb::kSlabs; ++s)
+#pragma unroll
+          for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int tok = n * 8 + 2 * t + (e & 1);
+              if (!((mask >> tok) & 1u)) s_acc[s][n][e] = rb::kNegInf;
+            }
+        rb::softmax_step<Elem>(s_acc, scale_log2, row_max_smem, row_sum_smem, rescale_smem,
+                               smem + L::kPOffset, lane);
+      }
+      __syncthreads();  // B4
+
+      rb::rescale_o(o_acc, rescale_smem, lane);
+      uint32_t p_frag[rb::kSlabs][4];
+      rb::load_p(p_frag, smem_base + L::kPOffset, lane);
+      rb::pv<Elem, kDimQK>(o_acc, p_frag, tile_smem, warp, v_row, v_col);
+    }
+    cp_async_wait<0>();  // drain (the groups past the last tile are empty)
+    __syncthreads();     // the piece record and the last tile's softmax state are visible
+
+    // ---- epilogue ----
+    const Piece pc = *piece_smem;
+    const bool direct_out = pc.split < 0;
+    if (warp == 0) {
+#pragma unroll
+      for (int s = 0; s < rb::kSlabs; ++s) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = 16 * s + g + 8 * r;
+          const float sum = quad_sum(row_sum_smem[row * 4 + t]);
+          const float row_max = row_max_smem[row];
+          if (t == 0) {
+            float out_scale = sum > 0.f ? 1.f / sum : 0.f;
+            if (row < valid_rows) {
+              const int head = head0 + row;
+              const int64_t qh = static_cast<int64_t>(query) * params.h_q + head;
+              const float lse2 = row_max * scale_log2 + __log2f(sum);
+              if (direct_out) {
+                const float lse = lse2 * rb::kLn2;
+                params.lse[static_cast<int64_t>(pc.req) * params.s_q * params.h_q + qh] =
+                    sum > 0.f ? lse : __int_as_float(0x7f800000);
+                // out *= exp(lse) / (exp(lse) + exp(sink)) = 1 / (1 + exp(sink - lse)):
+                // sink +inf gives 0, -inf gives 1.
+                if (sum > 0.f && params.attn_sink != nullptr) {
+                  out_scale *= 1.f / (1.f + expf(params.attn_sink[head] - lse));
+                }
+              } else {
+                params.lse_accum[static_cast<int64_t>(pc.split) * params.s_q * params.h_q + qh] =
+                    sum > 0.f ? lse2 : rb::kNegInf;
+              }
+            }
+            out_scale_smem[row] = out_scale;
+          }
+        }
+      }
+    }
+    __syncthreads();
+
+#pragma unroll
+    for (int s = 0; s < rb::kSlabs; ++s) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = 16 * s + g + 8 * r;
+        if (row >= valid_rows) continue;
+        const float scale = out_scale_smem[row];
+        const int head = head0 + row;
+        const int col0 = warp * rb::kColsPerWarp + 2 * t;
+        if (direct_out) {
+          Storage* dst = static_cast<Storage*>(params.out) +
+                         static_cast<int64_t>(pc.req) * params.out_batch_stride +
+                         static_cast<int64_t>(query) * params.out_row_stride +
+                         static_cast<int64_t>(head) * params.out_head_stride + col0;
+#pragma unroll
+          for (int n = 0; n < rb::kNTilesO; ++n) {
+            *reinterpret_cast<uint32_t*>(dst + n * 8) =
+                pack_float2<Elem>(o_acc[s][n][2 * r] * scale, o_acc[s][n][2 * r + 1] * scale);
+          }
+        } else {
+          float* dst = params.o_accum +
+                       ((static_cast<int64_t>(pc.split) * params.s_q + query) * params.h_q + head) *
+                           kHeadDimV +
+                       col0;
+#pragma unroll
+          for (int n = 0; n < rb::kNTilesO; ++n) {
+            *reinterpret_cast<float2*>(dst + n * 8) =
+                make_float2(o_acc[s][n][2 * r] * scale, o_acc[s][n][2 * r + 1] * scale);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <int kDimQK>
+void run_sparse_decode(const SparseDecodeParams& params) {
+  auto kernel = sparse_decode_kernel<kDimQK>;
+  constexpr int kSmemBytes = Layout<kDimQK>::kSmemBytes;
+  // Per launch, not cached: the attributes belong to the current device. The carveout
+  // asks for the largest shared-memory split, so two CTAs share an H100 SM.
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                       cudaSharedmemCarveoutMaxShared);
+  const int64_t ctas = static_cast<int64_t>(params.num_parts) * params.num_m_blocks;
+  kernel<<<static_cast<unsigned>(ctas), kThreads, kSmemBytes, params.stream>>>(params);
+}
+
+}  // namespace flash_mla::portable::sparse_decode
