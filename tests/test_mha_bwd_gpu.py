@@ -135,8 +135,16 @@ def _run_bwd(pb: Problem, *, dq: Optional[torch.Tensor] = None, dk: Optional[tor
     if workspace is None:
         n = ws_bytes(len(pb.seq_q), total_q, total_k, h_q, h_k, d_qk, d_v)
         workspace = torch.empty(n, dtype=torch.uint8, device="cuda")
-    bwd(workspace, dout, q, k, v, out, lse, pb.cu_q, pb.cu_k, dq, dk, dv,
-        1 if pb.causal else 0, pb.scale, max(pb.seq_q + [0]), max(pb.seq_k + [0]), True)
+    try:
+        bwd(workspace, dout, q, k, v, out, lse, pb.cu_q, pb.cu_k, dq, dk, dv,
+            1 if pb.causal else 0, pb.scale, max(pb.seq_q + [0]), max(pb.seq_k + [0]), True)
+    except ValueError as err:
+        # A forced 4-warp CTA on a GPU whose shared memory cannot hold two of them (sm_120,
+        # sm_86/89: 100 KB per SM): the library refuses, naming the variable, and never
+        # runs that CTA there, so there is nothing of it to test on this GPU.
+        if "FLASH_MLA_DENSE_BWD_WARPS=4 needs a GPU" in str(err):
+            pytest.skip(f"the 4-warp backward CTA does not exist on this GPU: {err}")
+        raise
     return dq, dk, dv
 
 
