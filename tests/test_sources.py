@@ -125,7 +125,9 @@ def test_kernel_switch_selects_families_and_their_requirements():
                                                                   "dense_prefill"}
     # The decode families launch the combine, so it comes with them.
     assert S.select_kernel_families("dense_decode") == {"core", "dense_decode", "combine"}
-    assert S.select_kernel_families(" Sparse_Decode ") == {"core", "sparse_decode", "combine"}
+    # Sparse decode also runs the dense decode's schedule kernel.
+    assert S.select_kernel_families(" Sparse_Decode ") == {"core", "sparse_decode", "combine",
+                                                          "dense_decode"}
     assert S.select_kernel_families("all") == {"core", *S.KERNEL_FAMILIES}
     assert S.select_kernel_families(None) == S.select_kernel_families("all")
     with pytest.raises(S.KernelsError, match=r"unknown kernel families \['decodes'\]"):

@@ -20,6 +20,9 @@
 //   dense_prefill_bwd  entries: dense_prefill_bwd, dense_prefill_bwd_deterministic,
 //                      dense_prefill_bwd_workspace_bytes
 //                      api/dense_prefill_bwd.cu, table: portable/prefill/dense_bwd/config.h
+//   sparse_decode      entries: sparse_decode_num_parts, sparse_decode_fwd (decode, then
+//                      the combine); its schedule is dense_decode_schedule's kernel
+//                      api/sparse_decode.cu, table: portable/decode/sparse/config.h
 //   sparse_prefill     entries: sparse_prefill_fwd
 //                      api/sparse_prefill.cu, table: portable/prefill/sparse/config.h
 // A new op adds its row here, its tables to its config.h, a capabilities_json() built
