@@ -13,8 +13,9 @@ float64's, softmax in natural log):
   delta = rowsum(dO * out) with out as the forward rounded it); ``out=None`` gives the
   true gradient of the float64 forward.
 - ``dense_decode``: paged cache, ``block_table``, ``cache_seqlens``.
-- ``sparse_decode``: the tokens named by ``indices`` in one or more FP8 caches, optional
-  attention sink.
+- ``sparse_decode``: the tokens named by ``indices`` in one or more quantised caches (each
+  in any of the five formats V32, V32_NO_ROPE, V4, V41, V41_FP4, decoded from its bytes by
+  ``decode_fp8_tokens``), optional attention sink.
 - ``sparse_prefill``: the tokens named by ``indices`` in a bf16 ``kv``, optional sink.
 - ``combine``: the split-KV merge of partial outputs with log2 partial LSEs.
 
@@ -26,8 +27,9 @@ true gradient. Query rows are processed in chunks so long rows fit in memory.
 Plain functions (the numerics rule for hostile inputs compares a kernel's error with
 theirs): ``plain_mha_fwd`` / ``plain_mha_bwd`` compute the op in plain PyTorch at the
 input precision: fp32 scores and softmax, P cast to the input dtype, P.V in that dtype;
-the gradients by autograd through exactly that. ``plain_combine`` merges in fp32 and
-rounds once to the output dtype.
+the gradients by autograd through exactly that. ``plain_sparse_prefill`` and
+``plain_sparse_decode`` do the same over the selected tokens (decode: the dequantised
+tokens in q's dtype). ``plain_combine`` merges in fp32 and rounds once to the output dtype.
 """
 from __future__ import annotations
 
@@ -43,8 +45,14 @@ __all__ = [
     "bf16_value",
     "fp32_value",
     "ue8m0_value",
+    "e2m1_value",
+    "FORMAT_SIZES",
+    "format_name",
     "decode_v32_token",
+    "decode_v32_no_rope_token",
     "decode_model1_token",
+    "decode_v41_token",
+    "decode_v41_fp4_token",
     "decode_fp8_token",
     "decode_fp8_tokens",
     "attend",
@@ -58,6 +66,7 @@ __all__ = [
     "plain_mha_bwd",
     "plain_combine",
     "plain_sparse_prefill",
+    "plain_sparse_decode",
 ]
 
 INF = float("inf")
@@ -102,18 +111,69 @@ def ue8m0_value(byte: int) -> float:
     return float("nan") if byte == 255 else math.ldexp(1.0, byte - 127)
 
 
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def e2m1_value(nibble: int) -> float:
+    """e2m1 (FP4): bit 3 the sign, bits 0..2 a magnitude code for {0, .5, 1, 1.5, 2, 3, 4, 6}."""
+    magnitude = E2M1_MAGNITUDES[nibble & 0x7]
+    return -magnitude if nibble & 0x8 else magnitude
+
+# name -> (bytes per token, d_qk); written out here, not imported, so the oracle stays
+# independent of flash_mla.quant.
+FORMAT_SIZES = {"V32": (656, 576), "V32_NO_ROPE": (528, 512), "V4": (584, 512),
+                "V41": (528, 512), "V41_FP4": (288, 512)}
+_BY_HEAD_DIM = {576: "V32", 512: "V4"}
+
+
+def format_name(kv_format: Union[str, int]) -> str:
+    """A format name, or q's head dim under the older rule (576 -> V32, 512 -> V4)."""
+    if isinstance(kv_format, int) and not isinstance(kv_format, bool):
+        if kv_format not in _BY_HEAD_DIM:
+            raise ValueError(f"kv_format given as a head dim must be 576 (V32) or 512 (V4), got {kv_format}")
+        return _BY_HEAD_DIM[kv_format]
+    if kv_format not in FORMAT_SIZES:
+        raise ValueError(f"kv_format must be one of {', '.join(map(repr, FORMAT_SIZES))}, got {kv_format!r}")
+    return kv_format
+
+
 def decode_v32_token(raw: Sequence[int]) -> List[float]:
     """656 bytes -> 576 values: 512 e4m3 * fp32 scale per 128, then 64 bf16."""
     if len(raw) != 656:
-        raise ValueError(f"raw must hold 656 bytes (one V3.2 token), got {len(raw)}")
-    scales = [fp32_value(raw[512 + 4 * t:516 + 4 * t]) for t in range(4)]
-    values = [E4M3_TABLE[raw[i]] * scales[i // 128] for i in range(512)]
+        raise ValueError(f"raw must hold 656 bytes (one V32 token), got {len(raw)}")
+    values = decode_v32_no_rope_token(raw[:528])
     values += [bf16_value(raw[528 + 2 * j], raw[529 + 2 * j]) for j in range(64)]
     return values
 
 
+def decode_v32_no_rope_token(raw: Sequence[int]) -> List[float]:
+    """528 bytes -> 512 values: 512 e4m3 * fp32 scale per 128 (the first 528 bytes of V32)."""
+    if len(raw) != 528:
+        raise ValueError(f"raw must hold 528 bytes (one V32_NO_ROPE token), got {len(raw)}")
+    scales = [fp32_value(raw[512 + 4 * t:516 + 4 * t]) for t in range(4)]
+    return [E4M3_TABLE[raw[i]] * scales[i // 128] for i in range(512)]
+
+
+def decode_v41_token(raw: Sequence[int]) -> List[float]:
+    """528 bytes -> 512 values: 512 e4m3 * ue8m0 scale per 32."""
+    if len(raw) != 528:
+        raise ValueError(f"raw must hold 528 bytes (one V41 token), got {len(raw)}")
+    scales = [ue8m0_value(raw[512 + t]) for t in range(16)]
+    return [E4M3_TABLE[raw[i]] * scales[i // 32] for i in range(512)]
+
+
+def decode_v41_fp4_token(raw: Sequence[int]) -> List[float]:
+    """288 bytes -> 512 values: e2m1 (element i in byte i // 2, even element in the low
+    nibble) * e4m3 scale per 16."""
+    if len(raw) != 288:
+        raise ValueError(f"raw must hold 288 bytes (one V41_FP4 token), got {len(raw)}")
+    scales = [E4M3_TABLE[raw[256 + t]] for t in range(32)]
+    nibbles = [(raw[i // 2] >> (4 * (i % 2))) & 0xF for i in range(512)]
+    return [e2m1_value(nibbles[i]) * scales[i // 16] for i in range(512)]
+
+
 def decode_model1_token(block_bytes: Sequence[int], page_size: int, offset: int) -> List[float]:
-    """Token ``offset`` of one MODEL1 block (page_size * 584 bytes in logical order) -> 512
+    """Token ``offset`` of one V4 (MODEL1) block (page_size * 584 bytes in logical order) -> 512
     values: 448 e4m3 * ue8m0 scale per 64, then 64 bf16."""
     data = block_bytes[offset * 576:(offset + 1) * 576]
     scale_base = page_size * 576 + offset * 8
@@ -123,22 +183,34 @@ def decode_model1_token(block_bytes: Sequence[int], page_size: int, offset: int)
     return values
 
 
+_TOKEN_DECODERS = {"V32": decode_v32_token, "V32_NO_ROPE": decode_v32_no_rope_token,
+                   "V41": decode_v41_token, "V41_FP4": decode_v41_fp4_token}
+
+
 def _raw_bytes(k_cache: torch.Tensor) -> torch.Tensor:
     return k_cache.view(torch.uint8) if k_cache.dtype != torch.uint8 else k_cache
 
 
-def decode_fp8_token(k_cache: torch.Tensor, d_qk: int, index: int) -> torch.Tensor:
+def _check_cache_bytes(raw: torch.Tensor, name: str) -> None:
+    bpt = FORMAT_SIZES[name][0]
+    if raw.dim() != 4 or raw.shape[3] != bpt:
+        raise ValueError(f"k_cache must have shape [num_blocks, page_size, 1, {bpt}] for kv_format {name!r}, "
+                         f"got shape {tuple(raw.shape)}")
+
+
+def decode_fp8_token(k_cache: torch.Tensor, kv_format: Union[str, int], index: int) -> torch.Tensor:
     """Physical token ``index`` of a quantised cache [num_blocks, page_size, 1, bytes] ->
-    float64 [d_qk] (576: V3.2, 512: MODEL1), one byte at a time."""
+    float64 [d_qk], one byte at a time. kv_format: a format name, or q's head dim
+    (576: V32, 512: V4)."""
+    name = format_name(kv_format)
     raw = _raw_bytes(k_cache)
+    _check_cache_bytes(raw, name)
     page_size = raw.shape[1]
     block, offset = index // page_size, index % page_size
-    if d_qk == 576:
-        values = decode_v32_token(raw[block, offset, 0].tolist())
-    elif d_qk == 512:
+    if name == "V4":
         values = decode_model1_token(raw[block].reshape(-1).tolist(), page_size, offset)
     else:
-        raise ValueError(f"d_qk must be 576 (V3.2) or 512 (MODEL1), got {d_qk}")
+        values = _TOKEN_DECODERS[name](raw[block, offset, 0].tolist())
     return torch.tensor(values, dtype=F64)
 
 
@@ -147,10 +219,19 @@ def _bytes_to(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return raw.contiguous().view(dtype).to(F64)
 
 
-def decode_fp8_tokens(k_cache: torch.Tensor, d_qk: int, indices: Sequence[int]) -> torch.Tensor:
+def _ue8m0_to_f64(codes: torch.Tensor) -> torch.Tensor:
+    return torch.where(codes == 255, torch.full(codes.shape, float("nan"), dtype=F64),
+                       torch.pow(2.0, codes.to(F64) - 127.0))
+
+
+def decode_fp8_tokens(k_cache: torch.Tensor, kv_format: Union[str, int], indices: Sequence[int]) -> torch.Tensor:
     """Physical tokens ``indices`` of a quantised cache -> float64 [len(indices), d_qk], on the
-    CPU; the same decoding as decode_fp8_token, done for many tokens at once."""
+    CPU; the same decoding as decode_fp8_token, done for many tokens at once. kv_format: a
+    format name, or q's head dim (576: V32, 512: V4)."""
+    name = format_name(kv_format)
+    d_qk = FORMAT_SIZES[name][1]
     raw = _raw_bytes(k_cache).detach().cpu()
+    _check_cache_bytes(raw, name)
     num_blocks, page_size = raw.shape[0], raw.shape[1]
     ids = torch.as_tensor(list(indices), dtype=torch.int64)
     if ids.numel() == 0:
@@ -159,23 +240,27 @@ def decode_fp8_tokens(k_cache: torch.Tensor, d_qk: int, indices: Sequence[int]) 
         raise ValueError(f"indices must lie in [0, {num_blocks * page_size}), got "
                          f"[{int(ids.min())}, {int(ids.max())}]")
     table = torch.tensor(E4M3_TABLE, dtype=F64)
-    if d_qk == 576:
-        tok = raw.reshape(num_blocks * page_size, -1)[ids]                       # [n, 656]
-        scales = _bytes_to(tok[:, 512:528], torch.float32)                         # [n, 4]
-        nope = table[tok[:, :512].long()] * scales.repeat_interleave(128, dim=1)
-        rope = _bytes_to(tok[:, 528:656], torch.bfloat16)
-        return torch.cat([nope, rope], dim=1)
-    if d_qk == 512:
+    if name == "V4":
         blocks = raw.reshape(num_blocks, -1)                                       # [blocks, page * 584]
         block, offset = ids // page_size, ids % page_size
         data = blocks[block.unsqueeze(1), offset.unsqueeze(1) * 576 + torch.arange(576)]
         codes = blocks[block.unsqueeze(1), page_size * 576 + offset.unsqueeze(1) * 8 + torch.arange(7)]
-        scales = torch.where(codes == 255, torch.full(codes.shape, float("nan"), dtype=F64),
-                             torch.pow(2.0, codes.to(F64) - 127.0))
-        nope = table[data[:, :448].long()] * scales.repeat_interleave(64, dim=1)
+        nope = table[data[:, :448].long()] * _ue8m0_to_f64(codes).repeat_interleave(64, dim=1)
         rope = _bytes_to(data[:, 448:576], torch.bfloat16)
         return torch.cat([nope, rope], dim=1)
-    raise ValueError(f"d_qk must be 576 (V3.2) or 512 (MODEL1), got {d_qk}")
+    tok = raw.reshape(num_blocks * page_size, -1)[ids]                             # [n, bytes]
+    if name in ("V32", "V32_NO_ROPE"):
+        scales = _bytes_to(tok[:, 512:528], torch.float32)                         # [n, 4]
+        nope = table[tok[:, :512].long()] * scales.repeat_interleave(128, dim=1)
+        if name == "V32_NO_ROPE":
+            return nope
+        return torch.cat([nope, _bytes_to(tok[:, 528:656], torch.bfloat16)], dim=1)
+    if name == "V41":
+        return table[tok[:, :512].long()] * _ue8m0_to_f64(tok[:, 512:528]).repeat_interleave(32, dim=1)
+    e2m1 = torch.tensor([e2m1_value(n) for n in range(16)], dtype=F64)
+    data = tok[:, :256].long()
+    nibbles = torch.stack([data & 0xF, data >> 4], dim=2).reshape(-1, 512)
+    return e2m1[nibbles] * table[tok[:, 256:288].long()].repeat_interleave(16, dim=1)
 
 
 # ---------------------------------------------------------------------------
@@ -401,37 +486,71 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tens
     return out, lse
 
 
-def sparse_decode(q: torch.Tensor, pools: Sequence[Tuple[torch.Tensor, torch.Tensor, Optional[Sequence[int]]]],
-                  scale: float, d_v: int, sink: Optional[torch.Tensor] = None
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """q [b, s_q, h_q, d_qk]; pools: (FP8 k_cache, indices [b, s_q, topk], topk_length per
-    batch or None) each; a row attends to the first topk_length[i] entries of every pool's
-    indices (all topk without lengths), skipping -1. -> (out [b, s_q, h_q, d_v],
-    lse [b, s_q, h_q]), float64 on q's device; the sink (per head) scales out only."""
+Pool = Tuple  # (k_cache, indices, topk_length or None[, kv_format])
+
+
+def _decoded_pools(q: torch.Tensor, pools: Sequence[Pool]) -> List[Tuple[list, dict, Optional[torch.Tensor]]]:
+    """Per pool: (the tokens each (batch, query) reads, in order; token -> row of the table;
+    float64 table [n, d_qk] of the decoded tokens on q's device, or None when nothing is read).
+
+    A pool is (k_cache, indices [b, s_q, topk], topk_length per batch or None, kv_format);
+    without the fourth entry the format follows q's head dim (576 -> V32, 512 -> V4). Only
+    the first topk_length[i] entries count; an index < 0 or >= num_blocks * page_size is
+    invalid and never read."""
+    b, s_q, _, d_qk = q.shape
+    decoded = []
+    for n, pool in enumerate(pools):
+        if len(pool) == 4:
+            cache, indices, lengths, kv_format = pool
+        elif len(pool) == 3:
+            (cache, indices, lengths), kv_format = pool, d_qk
+        else:
+            raise ValueError(f"pools[{n}] must be (k_cache, indices, topk_length[, kv_format]), got {len(pool)} items")
+        name = format_name(kv_format)
+        if FORMAT_SIZES[name][1] != d_qk:
+            raise ValueError(f"pools[{n}] has kv_format {name!r} (d_qk {FORMAT_SIZES[name][1]}), "
+                             f"but q has head dim {d_qk}")
+        capacity = cache.shape[0] * cache.shape[1]
+        idx = indices.detach().cpu().long()
+        topk = idx.shape[2]
+        reads = []
+        for i in range(b):
+            count = topk if lengths is None else max(0, min(topk, int(lengths[i])))
+            reads.append([[t for t in idx[i, j, :count].tolist() if 0 <= t < capacity] for j in range(s_q)])
+        wanted = sorted({t for per_batch in reads for per_query in per_batch for t in per_query})
+        table = decode_fp8_tokens(cache, name, wanted).to(q.device) if wanted else None
+        decoded.append((reads, {t: r for r, t in enumerate(wanted)}, table))
+    return decoded
+
+
+def _row_keys(decoded: List[Tuple[list, dict, Optional[torch.Tensor]]], i: int, j: int) -> Optional[torch.Tensor]:
+    """float64 [n, d_qk]: the keys row (i, j) reads from every pool, in pool order; None if none."""
+    rows = []
+    for reads, position, table in decoded:
+        picks = [position[t] for t in reads[i][j]]
+        if picks:
+            rows.append(table[torch.tensor(picks, device=table.device)])
+    return torch.cat(rows, dim=0) if rows else None
+
+
+def sparse_decode(q: torch.Tensor, pools: Sequence[Pool], scale: float, d_v: int,
+                  sink: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """q [b, s_q, h_q, d_qk]; pools: (k_cache, indices [b, s_q, topk], topk_length per batch or
+    None, kv_format) each (a 3-tuple takes the format from q's head dim: 576 V32, 512 V4); a
+    row attends to the first topk_length[i] entries of every pool's indices (all topk
+    without lengths), skipping any index < 0 or past its cache, a repeated index counting
+    each time. -> (out [b, s_q, h_q, d_v], lse [b, s_q, h_q]), float64 on q's device; the
+    sink (per head) scales out only."""
     b, s_q, h_q, d_qk = q.shape
     dev = q.device
     out = torch.zeros(b, s_q, h_q, d_v, dtype=F64, device=dev)
     lse = torch.full((b, s_q, h_q), INF, dtype=F64, device=dev)
-    decoded = []
-    for cache, indices, lengths in pools:
-        idx = indices.detach().cpu().long()
-        topk = idx.shape[2]
-        # Per (batch, query): the tokens read, in order; entries past topk_length are never read.
-        reads = [[[int(x) for x in idx[i, j, :topk if lengths is None else max(0, min(topk, int(lengths[i])))]
-                   .tolist() if int(x) != -1] for j in range(s_q)] for i in range(b)]
-        wanted = sorted({t for per_batch in reads for per_query in per_batch for t in per_query})
-        table = decode_fp8_tokens(cache, d_qk, wanted).to(dev) if wanted else None
-        decoded.append((reads, {t: n for n, t in enumerate(wanted)}, table))
+    decoded = _decoded_pools(q, pools)
     for i in range(b):
         for j in range(s_q):
-            rows = []
-            for reads, position, table in decoded:
-                picks = [position[t] for t in reads[i][j]]
-                if picks:
-                    rows.append(table[torch.tensor(picks, device=dev)])
-            if not rows:
+            keys = _row_keys(decoded, i, j)
+            if keys is None:
                 continue
-            keys = torch.cat(rows, dim=0)
             visible = torch.ones(1, keys.shape[0], dtype=torch.bool, device=dev)
             o, l, _ = attend(q[i, j].to(dev, F64).unsqueeze(1), keys, keys[:, :d_v], visible, scale)
             l = l.squeeze(1)
@@ -644,4 +763,31 @@ def plain_sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
             factor = 1.0 / (1.0 + torch.exp(sink.to(dev, torch.float32) - lse))
             o = o * torch.where(any_row.squeeze(-1), factor, torch.ones_like(factor)).unsqueeze(-1)
         out[r0:r1] = o.to(dtype)
+    return out
+
+
+def plain_sparse_decode(q: torch.Tensor, pools: Sequence[Pool], scale: float, d_v: int,
+                        sink: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sparse decode in plain PyTorch at q's dtype, on q's device (the rule-2 baseline): the
+    tokens of sparse_decode above, dequantised (float64) and rounded to q's dtype (exact for
+    the writers' scales), fp32 scores and softmax, P cast to q's dtype, P.V in that dtype,
+    the sink factor applied in fp32, one rounding to q's dtype. Returns out [b, s_q, h_q, d_v]
+    in q's dtype (0 in rows with no valid index)."""
+    b, s_q, h_q, _ = q.shape
+    dev, dtype = q.device, q.dtype
+    out = torch.zeros(b, s_q, h_q, d_v, dtype=dtype, device=dev)
+    decoded = _decoded_pools(q, pools)
+    for i in range(b):
+        for j in range(s_q):
+            keys = _row_keys(decoded, i, j)
+            if keys is None:
+                continue
+            keys = keys.to(dtype)
+            scores = torch.matmul(q[i, j].float(), keys.float().T) * scale      # [h_q, n]
+            p = torch.softmax(scores, dim=-1)
+            o = torch.matmul(p.to(dtype), keys[:, :d_v]).float()
+            if sink is not None:
+                lse = torch.logsumexp(scores, dim=-1)
+                o = o * (1.0 / (1.0 + torch.exp(sink.to(dev, torch.float32) - lse))).unsqueeze(-1)
+            out[i, j] = o.to(dtype)
     return out

@@ -1,45 +1,65 @@
-"""FP8 KV-cache formats of sparse MLA decode: quantise, dequantise, address.
+"""KV-cache byte formats of sparse MLA decode: registry, quantise, dequantise, address.
 
-Two of the five cache formats (docs/cache_formats.md describes all five):
+Five formats (docs/cache_formats.md has the byte tables). A cache is
+``[num_blocks, page_size, 1, bytes_per_token]`` of uint8/int8/float8_e4m3fn::
 
-V3.2 (d_qk 576, 656 bytes per token, token-contiguous)::
+    name         bytes  d_qk  layout            content of one token
+    V32          656    576   token-contiguous  512 e4m3 | 4 fp32 scales (per 128) | 64 bf16 RoPE
+    V32_NO_ROPE  528    512   token-contiguous  512 e4m3 | 4 fp32 scales (per 128)
+    V4 (MODEL1)  584    512   page-structured   448 e4m3 | 64 bf16 RoPE, scales after the page
+    V41          528    512   token-contiguous  512 e4m3 | 16 ue8m0 scales (per 32)
+    V41_FP4      288    512   token-contiguous  512 e2m1 nibbles | 32 e4m3 scales (per 16)
 
-    bytes [  0, 512)  512 float8_e4m3fn, latent dims 0..511
-    bytes [512, 528)  4 fp32 scales, scale t covers dims [128 t, 128 t + 128)
-    bytes [528, 656)  64 bf16 RoPE dims 512..575, not quantised
-
-MODEL1 (d_qk 512, 584 bytes per token, block-structured). The bytes of one page
-block (``k_cache[j]`` flattened in logical order) are::
+V4 is page-structured: the bytes of one page block (``k_cache[j]`` flattened in
+logical order) are::
 
     [0, page_size * 576)          page_size x [448 e4m3 (dims 0..447) | 64 bf16 RoPE (dims 448..511)]
     [page_size * 576, page_size * 584)
                                   page_size x 8 bytes: 7 ue8m0 scales (one per 64
                                   values) + 1 pad byte (written as 0, ignored)
 
-so the tensor is only *viewed* as [num_blocks, page_size, 1, 584]: token t of a
+so such a tensor is only *viewed* as [num_blocks, page_size, 1, 584]: token t of a
 block does not own bytes [584 t, 584 t + 584). A ue8m0 byte e means 2**(e - 127);
-e = 255 is the format's NaN.
+e = 255 is the format's NaN. An e2m1 nibble has the sign in bit 3 and a magnitude
+code 0..7 for {0, .5, 1, 1.5, 2, 3, 4, 6}; element i of a token sits in byte i // 2,
+the even element in the low nibble.
 
-Dequantised value = e4m3 value * scale, computed here in fp32. With the
-power-of-two scales that the writers below produce this product is exact (so it
-equals the bf16 product the kernels form); with an arbitrary fp32 V3.2 scale the
-fp32 product may differ from a bf16 one by one bf16 rounding.
+Dequantised value = code value * scale, computed here in fp32. With the scales the
+writers below produce (powers of two for the e4m3 formats, e4m3 scales for e2m1) this
+product is exact, so it equals the bf16 product the kernels form; with an arbitrary
+fp32 V32 scale the fp32 product may differ from a bf16 one by one bf16 rounding.
 
-Scale choice (both formats): ``scale = 2 ** ceil(log2(max(amax / 448, 1e-4)))``,
-amax the largest |x| of the 128 (V3.2) or 64 (MODEL1) values of a tile. The
-exponent is derived exactly from the binary exponent (frexp) of amax / 448 formed
-in float64, not from a rounded float log2, so a tile whose amax / 448 is a power
-of two keeps that scale and no tile's values exceed 448 after division. A tile
-that contains NaN or +-inf gets a NaN scale (V3.2 fp32 NaN, MODEL1 byte 255) and
-NaN codes: it dequantises to NaN rather than to plausible garbage.
+Scale choice of the e4m3 formats: ``scale = 2 ** ceil(log2(max(amax / 448, 1e-4)))``,
+amax the largest |x| of the 128 (V32, V32_NO_ROPE), 64 (V4) or 32 (V41) values of a
+group. The exponent is derived exactly from the binary exponent (frexp) of amax / 448
+formed in float64, not from a rounded float log2, so a group whose amax / 448 is a
+power of two keeps that scale and no group's values exceed 448 after division.
+V41_FP4: ``scale = clamp(amax / 6, 2**-9, 448)`` rounded to the nearest e4m3 (ties to
+the even code), per 16 values; each value / scale is rounded to the nearest e2m1
+magnitude (ties to the even code), saturating at 6. Both roundings are decided by
+exact float64 comparisons (amax against 6 x midpoints, |x| against scale x
+midpoints), so no double rounding can move a tie.
+
+A group that contains NaN or +-inf gets a NaN scale (fp32 NaN, ue8m0 byte 255, e4m3
+NaN code 0x7F) and dequantises to NaN rather than to plausible garbage.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from dataclasses import dataclass
+from typing import Dict, Tuple, Union
 
 import torch
 
 __all__ = [
+    "FORMAT_NAMES",
+    "KvFormat",
+    "FORMATS",
+    "DETECTED_FORMATS",
+    "detect_format",
+    "resolve_format",
+    "quantize_kv",
+    "dequantize_kv",
+    "dequantize_kv_tokens",
     "V32_BYTES_PER_TOKEN",
     "MODEL1_BYTES_PER_TOKEN",
     "quantize_kv_v32",
@@ -47,14 +67,13 @@ __all__ = [
     "quantize_kv_model1",
     "dequantize_kv_model1",
     "dequantize_kv_cache",
-    "dequantize_kv_tokens",
     "bytes_per_token",
     "positions_to_physical_indices",
     "power_of_two_scale",
 ]
 
 E4M3_MAX = 448.0
-# Lower clamp of amax / 448, so an all-zero tile still gets a finite scale (2**-13).
+# Lower clamp of amax / 448, so an all-zero group still gets a finite scale (2**-13).
 SCALE_FLOOR = 1e-4
 ROPE_DIMS = 64
 
@@ -65,6 +84,7 @@ V32_NUM_TILES = V32_NOPE_DIMS // V32_TILE          # 4
 V32_SCALE_OFFSET = V32_NOPE_DIMS                   # 512
 V32_ROPE_OFFSET = V32_SCALE_OFFSET + 4 * V32_NUM_TILES  # 528
 V32_BYTES_PER_TOKEN = V32_ROPE_OFFSET + 2 * ROPE_DIMS   # 656
+V32_NO_ROPE_BYTES_PER_TOKEN = V32_ROPE_OFFSET           # 528: V32 without its RoPE part
 
 MODEL1_D_QK = 512
 MODEL1_NOPE_DIMS = 448
@@ -76,8 +96,91 @@ MODEL1_BYTES_PER_TOKEN = MODEL1_TOKEN_DATA_BYTES + MODEL1_SCALE_BYTES  # 584
 UE8M0_BIAS = 127
 UE8M0_NAN = 255
 
+V41_D_QK = 512
+V41_TILE = 32
+V41_NUM_TILES = V41_D_QK // V41_TILE                # 16
+V41_SCALE_OFFSET = V41_D_QK                         # 512
+V41_BYTES_PER_TOKEN = V41_SCALE_OFFSET + V41_NUM_TILES  # 528
+
+FP4_D_QK = 512
+FP4_TILE = 16
+FP4_NUM_TILES = FP4_D_QK // FP4_TILE                # 32
+FP4_SCALE_OFFSET = FP4_D_QK // 2                    # 256: two e2m1 codes per byte
+FP4_BYTES_PER_TOKEN = FP4_SCALE_OFFSET + FP4_NUM_TILES  # 288
+E2M1_MAX = 6.0
+FP4_SCALE_MIN = 2.0 ** -9                           # the smallest positive e4m3 (a subnormal)
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_SIGN_BIT = 0x8
+E4M3_NAN_CODE = 0x7F
+
 _BYTE_DTYPES = (torch.uint8, torch.int8, torch.float8_e4m3fn)
 _INPUT_DTYPES = (torch.bfloat16, torch.float32)
+
+
+# ---------------------------------------------------------------------------
+# the registry
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KvFormat:
+    """One cache format: its name (a ``kv_format`` value), bytes per token, the head dim
+    d_qk of q that reads it, and whether a page holds its tokens' bytes in several runs
+    (page_structured, V4) rather than one record per token."""
+    name: str
+    bytes_per_token: int
+    d_qk: int
+    page_structured: bool
+
+
+FORMAT_NAMES = ("V32", "V32_NO_ROPE", "V4", "V41", "V41_FP4")
+
+FORMATS: Dict[str, KvFormat] = {
+    "V32": KvFormat("V32", V32_BYTES_PER_TOKEN, V32_D_QK, False),
+    "V32_NO_ROPE": KvFormat("V32_NO_ROPE", V32_NO_ROPE_BYTES_PER_TOKEN, V32_NOPE_DIMS, False),
+    "V4": KvFormat("V4", MODEL1_BYTES_PER_TOKEN, MODEL1_D_QK, True),
+    "V41": KvFormat("V41", V41_BYTES_PER_TOKEN, V41_D_QK, False),
+    "V41_FP4": KvFormat("V41_FP4", FP4_BYTES_PER_TOKEN, FP4_D_QK, False),
+}
+
+# bytes per token -> the format a cache of that size is read as when no format is named.
+# V32_NO_ROPE shares V41's 528 bytes, so it is read only when named.
+DETECTED_FORMATS = {656: "V32", 584: "V4", 528: "V41", 288: "V41_FP4"}
+# The older rule of this module: q's head dim selected the format.
+_BY_HEAD_DIM = {V32_D_QK: "V32", MODEL1_D_QK: "V4"}
+
+DETECTION_RULE = "656 (V32), 584 (V4), 528 (V41; V32_NO_ROPE has the same size and must be named) or 288 (V41_FP4)"
+
+
+def detect_format(bytes_per_token: int) -> str:
+    """The format name a cache with ``bytes_per_token`` bytes per token is read as when
+    none is named: 656 -> V32, 584 -> V4, 528 -> V41, 288 -> V41_FP4; ValueError otherwise."""
+    if isinstance(bytes_per_token, bool) or not isinstance(bytes_per_token, int):
+        raise TypeError(f"bytes_per_token must be an int, got {type(bytes_per_token).__name__}")
+    if bytes_per_token not in DETECTED_FORMATS:
+        raise ValueError(f"bytes_per_token must be {DETECTION_RULE}, got {bytes_per_token}")
+    return DETECTED_FORMATS[bytes_per_token]
+
+
+def resolve_format(kv_format: Union[str, int], name: str = "kv_format") -> KvFormat:
+    """A format name (one of FORMAT_NAMES) -> its KvFormat. An int is the older calling
+    convention, q's head dim: 576 -> V32, 512 -> V4."""
+    if isinstance(kv_format, bool):
+        raise TypeError(f"{name} must be a format name (str) or a head dim (int), got bool")
+    if isinstance(kv_format, int):
+        if kv_format not in _BY_HEAD_DIM:
+            raise ValueError(f"{name} given as a head dim must be 576 (V32) or 512 (V4), got {kv_format}")
+        return FORMATS[_BY_HEAD_DIM[kv_format]]
+    if not isinstance(kv_format, str):
+        raise TypeError(f"{name} must be a format name (str) or a head dim (int), got {type(kv_format).__name__}")
+    if kv_format not in FORMATS:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, FORMAT_NAMES))}, got {kv_format!r}")
+    return FORMATS[kv_format]
+
+
+def bytes_per_token(d_qk: int) -> int:
+    """Bytes per token of the format the older rule selects by d_qk (576 -> V32 656, 512 -> V4 584)."""
+    if d_qk not in _BY_HEAD_DIM:
+        raise ValueError(f"d_qk must be 576 (V32 format) or 512 (V4 format), got {d_qk}")
+    return FORMATS[_BY_HEAD_DIM[d_qk]].bytes_per_token
 
 
 # ---------------------------------------------------------------------------
@@ -105,17 +208,15 @@ def _as_bytes(name: str, t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.uint8 else t.view(torch.uint8)
 
 
-def bytes_per_token(d_qk: int) -> int:
-    """Bytes per token of the FP8 format selected by d_qk (576 -> 656, 512 -> 584)."""
-    if d_qk == V32_D_QK:
-        return V32_BYTES_PER_TOKEN
-    if d_qk == MODEL1_D_QK:
-        return MODEL1_BYTES_PER_TOKEN
-    raise ValueError(f"d_qk must be 576 (V3.2 FP8 format) or 512 (MODEL1 FP8 format), got {d_qk}")
+def _check_paged_4d(name: str, t: torch.Tensor, last: int, what: str) -> None:
+    if t.dim() != 4 or t.shape[2] != 1 or t.shape[3] != last:
+        raise ValueError(
+            f"{name} must have shape [num_blocks, page_size, 1, {last}] ({what}), got shape {tuple(t.shape)}"
+        )
 
 
 # ---------------------------------------------------------------------------
-# scales
+# number formats
 # ---------------------------------------------------------------------------
 def power_of_two_scale(amax: torch.Tensor) -> torch.Tensor:
     """fp32 ``2 ** ceil(log2(max(amax / 448, 1e-4)))``; NaN where amax is not finite."""
@@ -131,7 +232,7 @@ def power_of_two_scale(amax: torch.Tensor) -> torch.Tensor:
 
 
 def _quantize_tiles(values: torch.Tensor, tile: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """values fp32 [..., n * tile] -> (e4m3 codes as uint8 [..., n * tile], fp32 scales [..., n])."""
+    """values fp32 [..., n * tile] -> (e4m3 codes as uint8 [..., n * tile], fp32 power-of-two scales [..., n])."""
     lead = values.shape[:-1]
     tiles = values.reshape(*lead, -1, tile)
     amax = tiles.abs().amax(dim=-1)
@@ -178,48 +279,143 @@ def _bf16_from_bytes(raw: torch.Tensor) -> torch.Tensor:
     return raw.contiguous().view(torch.bfloat16).to(torch.float32)
 
 
-# ---------------------------------------------------------------------------
-# V3.2 format
-# ---------------------------------------------------------------------------
-def quantize_kv_v32(kv: torch.Tensor) -> torch.Tensor:
-    """bf16/fp32 [..., 576] -> uint8 [..., 656] in the V3.2 layout (see module docstring).
+def _e4m3_positive(device: torch.device) -> torch.Tensor:
+    """The 126 positive finite e4m3 values in float64, ascending; entry k is code k + 1."""
+    return torch.arange(1, 127, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn).to(torch.float64)
 
-    Returns a new contiguous tensor on kv's device. RoPE dims are rounded to bf16
-    (round to nearest even) when kv is fp32.
-    """
-    kv = _require_tensor("kv", kv)
-    _require_dtype("kv", kv, _INPUT_DTYPES)
-    _require_last_dim("kv", kv, V32_D_QK, "V3.2 format: 512 latent + 64 RoPE dims")
-    lead = kv.shape[:-1]
-    values = kv.to(torch.float32)
+
+def _fp4_scale_codes(amax: torch.Tensor) -> torch.Tensor:
+    """float64 group amax (finite, >= 0) -> e4m3 codes of clamp(amax / 6, 2**-9, 448) rounded
+    to nearest, ties to the even code. Decided by comparing amax with 6 x the midpoints
+    between neighbouring e4m3 values (exact in float64), never by rounding amax / 6 twice."""
+    table = _e4m3_positive(amax.device)
+    midpoints6 = 3.0 * (table[:-1] + table[1:])            # 6 * (t_k + t_{k+1}) / 2, exact
+    below = torch.searchsorted(midpoints6, amax.contiguous(), right=False)  # midpoints < amax
+    tie = midpoints6[below.clamp(max=midpoints6.numel() - 1)] == amax
+    code = below + 1                                        # below the first midpoint: code 1 = 2**-9
+    code = torch.where(tie & (code % 2 == 1), code + 1, code)
+    return code.to(torch.uint8)
+
+
+def _e2m1_magnitude_codes(magnitude: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """|x| and the e4m3 scale (float64, broadcast) -> magnitude codes 0..7 of round(|x| / scale)
+    to {0, .5, 1, 1.5, 2, 3, 4, 6}, ties to the even code, saturating at 6. Each boundary is
+    compared as |x| against scale x midpoint, exact in float64."""
+    code = torch.zeros(magnitude.shape, dtype=torch.int64, device=magnitude.device)
+    for k in range(len(E2M1_MAGNITUDES) - 1):
+        bound = scale * ((E2M1_MAGNITUDES[k] + E2M1_MAGNITUDES[k + 1]) / 2)
+        # a tie goes to the even code of (k, k + 1)
+        passed = magnitude > bound if k % 2 == 0 else magnitude >= bound
+        code += passed.to(torch.int64)
+    return code
+
+
+def _e2m1_table(device: torch.device) -> torch.Tensor:
+    """fp32 [16]: the value of each e2m1 nibble (bit 3 the sign)."""
+    magnitudes = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=device)
+    return torch.cat([magnitudes, -magnitudes])
+
+
+# ---------------------------------------------------------------------------
+# token-contiguous formats: one row of bytes per token
+# ---------------------------------------------------------------------------
+def _encode_v32_rows(values: torch.Tensor, rope_source: torch.Tensor) -> torch.Tensor:
+    """fp32 [..., 576] (RoPE dims taken from rope_source, rounded to bf16) -> uint8 [..., 656]."""
+    lead = values.shape[:-1]
     codes, scales = _quantize_tiles(values[..., :V32_NOPE_DIMS], V32_TILE)
-    packed = torch.empty(*lead, V32_BYTES_PER_TOKEN, dtype=torch.uint8, device=kv.device)
+    packed = torch.empty(*lead, V32_BYTES_PER_TOKEN, dtype=torch.uint8, device=values.device)
     packed[..., :V32_SCALE_OFFSET] = codes
     packed[..., V32_SCALE_OFFSET:V32_ROPE_OFFSET] = scales.contiguous().view(torch.uint8)
-    packed[..., V32_ROPE_OFFSET:] = _bf16_bytes(kv[..., V32_NOPE_DIMS:])
+    packed[..., V32_ROPE_OFFSET:] = _bf16_bytes(rope_source)
     return packed
+
+
+def _decode_v32_latent(raw: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., >= 528] (V32 or V32_NO_ROPE) -> fp32 [..., 512]: e4m3 codes times fp32 scales."""
+    lead = raw.shape[:-1]
+    codes = _e4m3_codes_to_float(raw[..., :V32_SCALE_OFFSET]).reshape(*lead, V32_NUM_TILES, V32_TILE)
+    scales = raw[..., V32_SCALE_OFFSET:V32_ROPE_OFFSET].contiguous().view(torch.float32)
+    return (codes * scales.unsqueeze(-1)).reshape(*lead, V32_NOPE_DIMS)
 
 
 def _decode_v32_rows(raw: torch.Tensor) -> torch.Tensor:
     """uint8 [..., 656] -> fp32 [..., 576]."""
-    lead = raw.shape[:-1]
-    codes = _e4m3_codes_to_float(raw[..., :V32_SCALE_OFFSET]).reshape(*lead, V32_NUM_TILES, V32_TILE)
-    scales = raw[..., V32_SCALE_OFFSET:V32_ROPE_OFFSET].contiguous().view(torch.float32)
-    nope = (codes * scales.unsqueeze(-1)).reshape(*lead, V32_NOPE_DIMS)
     rope = _bf16_from_bytes(raw[..., V32_ROPE_OFFSET:])
-    return torch.cat([nope, rope], dim=-1)
+    return torch.cat([_decode_v32_latent(raw), rope], dim=-1)
 
 
-def dequantize_kv_v32(packed: torch.Tensor) -> torch.Tensor:
-    """uint8/int8/float8_e4m3fn [..., 656] (V3.2 layout) -> fp32 [..., 576]."""
-    packed = _require_tensor("packed", packed)
-    raw = _as_bytes("packed", packed)
-    _require_last_dim("packed", raw, V32_BYTES_PER_TOKEN, "V3.2 FP8 format, bytes per token")
-    return _decode_v32_rows(raw)
+def _encode_v32_no_rope_rows(values: torch.Tensor) -> torch.Tensor:
+    """fp32 [..., 512] -> uint8 [..., 528]: the first 528 bytes of V32."""
+    codes, scales = _quantize_tiles(values, V32_TILE)
+    return torch.cat([codes, scales.contiguous().view(torch.uint8)], dim=-1)
+
+
+def _encode_v41_rows(values: torch.Tensor) -> torch.Tensor:
+    """fp32 [..., 512] -> uint8 [..., 528]: 512 e4m3 codes, 16 ue8m0 scales."""
+    codes, scales = _quantize_tiles(values, V41_TILE)
+    return torch.cat([codes, _float_to_ue8m0(scales)], dim=-1)
+
+
+def _decode_v41_rows(raw: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 528] -> fp32 [..., 512]."""
+    lead = raw.shape[:-1]
+    codes = _e4m3_codes_to_float(raw[..., :V41_SCALE_OFFSET]).reshape(*lead, V41_NUM_TILES, V41_TILE)
+    scales = _ue8m0_to_float(raw[..., V41_SCALE_OFFSET:V41_BYTES_PER_TOKEN])
+    return (codes * scales.unsqueeze(-1)).reshape(*lead, V41_D_QK)
+
+
+def _encode_fp4_rows(values: torch.Tensor) -> torch.Tensor:
+    """fp32 [..., 512] -> uint8 [..., 288]: 256 bytes of e2m1 pairs, 32 e4m3 scales."""
+    lead = values.shape[:-1]
+    groups = values.to(torch.float64).reshape(*lead, FP4_NUM_TILES, FP4_TILE)
+    bad = ~torch.isfinite(groups).all(dim=-1)
+    magnitude = torch.where(torch.isfinite(groups), groups.abs(), torch.zeros_like(groups))
+    scale_codes = _fp4_scale_codes(magnitude.amax(dim=-1))
+    scale_codes = torch.where(bad, torch.full_like(scale_codes, E4M3_NAN_CODE), scale_codes)
+    scale = scale_codes.view(torch.float8_e4m3fn).to(torch.float64)
+    codes = _e2m1_magnitude_codes(magnitude, torch.where(bad, 1.0, scale).unsqueeze(-1))
+    codes = torch.where(bad.unsqueeze(-1), torch.zeros_like(codes), codes)  # the NaN scale decides
+    nibbles = codes | torch.where(torch.signbit(groups), E2M1_SIGN_BIT, 0)
+    nibbles = nibbles.reshape(*lead, FP4_SCALE_OFFSET, 2)
+    data = (nibbles[..., 0] | (nibbles[..., 1] << 4)).to(torch.uint8)  # even element: low nibble
+    return torch.cat([data, scale_codes], dim=-1)
+
+
+def _decode_fp4_rows(raw: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 288] -> fp32 [..., 512]."""
+    lead = raw.shape[:-1]
+    data = raw[..., :FP4_SCALE_OFFSET].to(torch.int64)
+    nibbles = torch.stack([data & 0xF, data >> 4], dim=-1).reshape(*lead, FP4_NUM_TILES, FP4_TILE)
+    values = _e2m1_table(raw.device)[nibbles]
+    scales = _e4m3_codes_to_float(raw[..., FP4_SCALE_OFFSET:FP4_BYTES_PER_TOKEN])
+    return (values * scales.unsqueeze(-1)).reshape(*lead, FP4_D_QK)
+
+
+def _encode_rows(values: torch.Tensor, source: torch.Tensor, name: str) -> torch.Tensor:
+    """fp32 tokens [..., d_qk] -> bytes [..., bpt] of a token-contiguous format (source: the
+    caller's tensor, whose RoPE dims V32 stores as bf16)."""
+    if name == "V32":
+        return _encode_v32_rows(values, source[..., V32_NOPE_DIMS:])
+    if name == "V32_NO_ROPE":
+        return _encode_v32_no_rope_rows(values)
+    if name == "V41":
+        return _encode_v41_rows(values)
+    return _encode_fp4_rows(values)
+
+
+def _decode_rows(raw: torch.Tensor, name: str) -> torch.Tensor:
+    """Bytes [..., bpt] of a token-contiguous format -> fp32 [..., d_qk]."""
+    if name == "V32":
+        return _decode_v32_rows(raw)
+    if name == "V32_NO_ROPE":
+        return _decode_v32_latent(raw)
+    if name == "V41":
+        return _decode_v41_rows(raw)
+    return _decode_fp4_rows(raw)
 
 
 # ---------------------------------------------------------------------------
-# MODEL1 format
+# V4 (MODEL1): page-structured
 # ---------------------------------------------------------------------------
 def _encode_model1_tokens(values: torch.Tensor, rope_source: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """fp32 [..., 512] -> (token data uint8 [..., 576], scale bytes uint8 [..., 8])."""
@@ -241,28 +437,13 @@ def _decode_model1_tokens(data: torch.Tensor, scale_bytes: torch.Tensor) -> torc
     return torch.cat([nope, rope], dim=-1)
 
 
-def _check_paged_4d(name: str, t: torch.Tensor, last: int, what: str) -> None:
-    if t.dim() != 4 or t.shape[2] != 1 or t.shape[3] != last:
-        raise ValueError(
-            f"{name} must have shape [num_blocks, page_size, 1, {last}] ({what}), got shape {tuple(t.shape)}"
-        )
-
-
 def _model1_block_bytes(raw: torch.Tensor) -> torch.Tensor:
     """uint8 [num_blocks, page_size, 1, 584] -> [num_blocks, page_size * 584], block bytes in logical order
     (a view whenever each block is contiguous, whatever the block stride)."""
     return raw.reshape(raw.shape[0], raw.shape[1] * MODEL1_BYTES_PER_TOKEN)
 
 
-def quantize_kv_model1(kv: torch.Tensor) -> torch.Tensor:
-    """bf16/fp32 [num_blocks, page_size, 1, 512] -> uint8 [num_blocks, page_size, 1, 584] (MODEL1 layout).
-
-    The result is contiguous; the [.., 584] shape is a view of page_size * 584 bytes per
-    block laid out as described in the module docstring.
-    """
-    kv = _require_tensor("kv", kv)
-    _require_dtype("kv", kv, _INPUT_DTYPES)
-    _check_paged_4d("kv", kv, MODEL1_D_QK, "MODEL1 format: 448 latent + 64 RoPE dims")
+def _quantize_model1(kv: torch.Tensor) -> torch.Tensor:
     num_blocks, page_size = kv.shape[0], kv.shape[1]
     tokens = kv[:, :, 0, :]
     data, scale_bytes = _encode_model1_tokens(tokens.to(torch.float32), tokens[..., MODEL1_NOPE_DIMS:])
@@ -273,11 +454,7 @@ def quantize_kv_model1(kv: torch.Tensor) -> torch.Tensor:
     return blocks.view(num_blocks, page_size, 1, MODEL1_BYTES_PER_TOKEN)
 
 
-def dequantize_kv_model1(packed: torch.Tensor) -> torch.Tensor:
-    """uint8/int8/float8_e4m3fn [num_blocks, page_size, 1, 584] (MODEL1) -> fp32 [num_blocks, page_size, 1, 512]."""
-    packed = _require_tensor("packed", packed)
-    raw = _as_bytes("packed", packed)
-    _check_paged_4d("packed", raw, MODEL1_BYTES_PER_TOKEN, "MODEL1 FP8 format, bytes per token")
+def _dequantize_model1(raw: torch.Tensor) -> torch.Tensor:
     num_blocks, page_size = raw.shape[0], raw.shape[1]
     blocks = _model1_block_bytes(raw)
     split = page_size * MODEL1_TOKEN_DATA_BYTES
@@ -286,37 +463,67 @@ def dequantize_kv_model1(packed: torch.Tensor) -> torch.Tensor:
     return _decode_model1_tokens(data, scale_bytes).unsqueeze(2)
 
 
+def _model1_tokens(raw: torch.Tensor, block: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    page_size = raw.shape[1]
+    blocks = _model1_block_bytes(raw)
+    data_cols = offset.unsqueeze(1) * MODEL1_TOKEN_DATA_BYTES + torch.arange(
+        MODEL1_TOKEN_DATA_BYTES, device=raw.device
+    )
+    scale_cols = (
+        page_size * MODEL1_TOKEN_DATA_BYTES
+        + offset.unsqueeze(1) * MODEL1_SCALE_BYTES
+        + torch.arange(MODEL1_SCALE_BYTES, device=raw.device)
+    )
+    rows = block.unsqueeze(1)
+    return _decode_model1_tokens(blocks[rows, data_cols], blocks[rows, scale_cols])
+
+
 # ---------------------------------------------------------------------------
-# format-agnostic access used by the sparse decode reference
+# the format-generic API
 # ---------------------------------------------------------------------------
-def _check_kv_cache(k_cache: torch.Tensor, d_qk: int) -> torch.Tensor:
+def quantize_kv(kv: torch.Tensor, kv_format: str) -> torch.Tensor:
+    """bf16/fp32 [num_blocks, page_size, 1, d_qk] -> uint8 [num_blocks, page_size, 1, bytes_per_token]
+    in the layout of ``kv_format`` (one of FORMAT_NAMES; d_qk 576 for V32, 512 otherwise).
+
+    Returns a new contiguous tensor on kv's device. Dims stored as bf16 (V32's and
+    V4's RoPE dims) are rounded to bf16 (nearest even) when kv is fp32.
+    """
+    fmt = resolve_format(kv_format)
+    kv = _require_tensor("kv", kv)
+    _require_dtype("kv", kv, _INPUT_DTYPES)
+    _check_paged_4d("kv", kv, fmt.d_qk, f"{fmt.name} format: d_qk {fmt.d_qk}")
+    if fmt.page_structured:
+        return _quantize_model1(kv)
+    return _encode_rows(kv.to(torch.float32), kv, fmt.name)
+
+
+def _check_cache(k_cache: torch.Tensor, fmt: KvFormat) -> torch.Tensor:
     k_cache = _require_tensor("k_cache", k_cache)
-    bpt = bytes_per_token(d_qk)
     raw = _as_bytes("k_cache", k_cache)
-    fmt = "V3.2" if d_qk == V32_D_QK else "MODEL1"
-    _check_paged_4d("k_cache", raw, bpt, f"{fmt} FP8 format for d_qk {d_qk}")
+    _check_paged_4d("k_cache", raw, fmt.bytes_per_token, f"{fmt.name} format, bytes per token")
     return raw
 
 
-def dequantize_kv_cache(k_cache: torch.Tensor, d_qk: int) -> torch.Tensor:
-    """Quantised cache [num_blocks, page_size, 1, bytes] -> fp32 [num_blocks, page_size, 1, d_qk].
+def dequantize_kv(k_cache: torch.Tensor, kv_format: str) -> torch.Tensor:
+    """uint8/int8/float8_e4m3fn [num_blocks, page_size, 1, bytes_per_token] in ``kv_format``
+    -> fp32 [num_blocks, page_size, 1, d_qk]."""
+    fmt = resolve_format(kv_format)
+    raw = _check_cache(k_cache, fmt)
+    if fmt.page_structured:
+        return _dequantize_model1(raw)
+    return _decode_rows(raw, fmt.name)
 
-    The format follows d_qk: 576 -> V3.2 (656 bytes), 512 -> MODEL1 (584 bytes).
-    """
-    raw = _check_kv_cache(k_cache, d_qk)
-    if d_qk == V32_D_QK:
-        return _decode_v32_rows(raw)
-    return dequantize_kv_model1(raw)
 
-
-def dequantize_kv_tokens(k_cache: torch.Tensor, d_qk: int, token_indices: torch.Tensor) -> torch.Tensor:
+def dequantize_kv_tokens(k_cache: torch.Tensor, kv_format: Union[str, int], token_indices: torch.Tensor) -> torch.Tensor:
     """Dequantise only the tokens ``token_indices`` (physical, block * page_size + offset) -> fp32 [n, d_qk].
 
-    token_indices: integer tensor [n] on k_cache's device, every value in
-    [0, num_blocks * page_size) (ValueError otherwise). Touches no other token, so
-    NaN in unreferenced slots never leaks in.
+    kv_format: a format name; an int is q's head dim under the older rule (576 -> V32,
+    512 -> V4). token_indices: integer tensor [n] on k_cache's device, every value in
+    [0, num_blocks * page_size) (ValueError otherwise). Touches no other token, so NaN
+    in unreferenced slots never leaks in.
     """
-    raw = _check_kv_cache(k_cache, d_qk)
+    fmt = resolve_format(kv_format)
+    raw = _check_cache(k_cache, fmt)
     token_indices = _require_tensor("token_indices", token_indices)
     if token_indices.dim() != 1 or token_indices.dtype.is_floating_point or token_indices.dtype == torch.bool:
         raise ValueError(
@@ -332,21 +539,58 @@ def dequantize_kv_tokens(k_cache: torch.Tensor, d_qk: int, token_indices: torch.
                 f"{page_size} tokens, got values in [{lo}, {hi}]"
             )
     block, offset = idx // page_size, idx % page_size
-    if d_qk == V32_D_QK:
-        return _decode_v32_rows(raw[block, offset, 0, :])
-    blocks = _model1_block_bytes(raw)
-    data_cols = offset.unsqueeze(1) * MODEL1_TOKEN_DATA_BYTES + torch.arange(
-        MODEL1_TOKEN_DATA_BYTES, device=raw.device
-    )
-    scale_cols = (
-        page_size * MODEL1_TOKEN_DATA_BYTES
-        + offset.unsqueeze(1) * MODEL1_SCALE_BYTES
-        + torch.arange(MODEL1_SCALE_BYTES, device=raw.device)
-    )
-    rows = block.unsqueeze(1)
-    return _decode_model1_tokens(blocks[rows, data_cols], blocks[rows, scale_cols])
+    if fmt.page_structured:
+        return _model1_tokens(raw, block, offset)
+    return _decode_rows(raw[block, offset, 0, :], fmt.name)
 
 
+def dequantize_kv_cache(k_cache: torch.Tensor, d_qk: Union[int, str]) -> torch.Tensor:
+    """Older form of dequantize_kv: the format follows d_qk (576 -> V32, 512 -> V4), or is named."""
+    return dequantize_kv(k_cache, resolve_format(d_qk, "d_qk").name)
+
+
+# ---------------------------------------------------------------------------
+# the older per-format names (kept for existing callers)
+# ---------------------------------------------------------------------------
+def quantize_kv_v32(kv: torch.Tensor) -> torch.Tensor:
+    """bf16/fp32 [..., 576] -> uint8 [..., 656] in the V32 layout (any leading dims).
+
+    Returns a new contiguous tensor on kv's device. RoPE dims are rounded to bf16
+    (round to nearest even) when kv is fp32.
+    """
+    kv = _require_tensor("kv", kv)
+    _require_dtype("kv", kv, _INPUT_DTYPES)
+    _require_last_dim("kv", kv, V32_D_QK, "V32 format: 512 latent + 64 RoPE dims")
+    return _encode_v32_rows(kv.to(torch.float32), kv[..., V32_NOPE_DIMS:])
+
+
+def dequantize_kv_v32(packed: torch.Tensor) -> torch.Tensor:
+    """uint8/int8/float8_e4m3fn [..., 656] (V32 layout, any leading dims) -> fp32 [..., 576]."""
+    packed = _require_tensor("packed", packed)
+    raw = _as_bytes("packed", packed)
+    _require_last_dim("packed", raw, V32_BYTES_PER_TOKEN, "V32 format, bytes per token")
+    return _decode_v32_rows(raw)
+
+
+def quantize_kv_model1(kv: torch.Tensor) -> torch.Tensor:
+    """bf16/fp32 [num_blocks, page_size, 1, 512] -> uint8 [num_blocks, page_size, 1, 584] (V4 layout)."""
+    kv = _require_tensor("kv", kv)
+    _require_dtype("kv", kv, _INPUT_DTYPES)
+    _check_paged_4d("kv", kv, MODEL1_D_QK, "V4 format: 448 latent + 64 RoPE dims")
+    return _quantize_model1(kv)
+
+
+def dequantize_kv_model1(packed: torch.Tensor) -> torch.Tensor:
+    """uint8/int8/float8_e4m3fn [num_blocks, page_size, 1, 584] (V4) -> fp32 [num_blocks, page_size, 1, 512]."""
+    packed = _require_tensor("packed", packed)
+    raw = _as_bytes("packed", packed)
+    _check_paged_4d("packed", raw, MODEL1_BYTES_PER_TOKEN, "V4 format, bytes per token")
+    return _dequantize_model1(raw)
+
+
+# ---------------------------------------------------------------------------
+# addressing
+# ---------------------------------------------------------------------------
 def positions_to_physical_indices(
     positions: torch.Tensor, block_table: torch.Tensor, page_size: int
 ) -> torch.Tensor:

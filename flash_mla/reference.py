@@ -182,7 +182,7 @@ def dense_decode(
 # sparse decode (FP8 cache)
 # ---------------------------------------------------------------------------
 def _gather_sparse_tokens(
-    k_cache: torch.Tensor, indices: torch.Tensor, length: Optional[int], d_qk: int
+    k_cache: torch.Tensor, kv_format: str, indices: torch.Tensor, length: Optional[int], d_qk: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One batch's pool: indices [s_q, topk] -> (tokens fp32 [s_q, topk, d_qk] with zero rows where
     invalid, valid bool [s_q, topk])."""
@@ -194,7 +194,7 @@ def _gather_sparse_tokens(
     tokens = torch.zeros(s_q, topk, d_qk, dtype=torch.float32, device=indices.device)
     wanted = indices[valid]
     if wanted.numel() > 0:
-        tokens[valid] = quant.dequantize_kv_tokens(k_cache, d_qk, wanted)
+        tokens[valid] = quant.dequantize_kv_tokens(k_cache, kv_format, wanted)
     return tokens, valid
 
 
@@ -209,33 +209,39 @@ def sparse_decode(
     extra_k_cache: Optional[torch.Tensor] = None,
     extra_indices: Optional[torch.Tensor] = None,
     extra_topk_length: Optional[torch.Tensor] = None,
+    kv_format: Optional[str] = None,
+    extra_kv_format: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Sparse MLA decode on an FP8 cache. Returns out fp32 [b, s_q, h_q, d_v], lse fp32 [b, s_q, h_q].
+    """Sparse MLA decode on quantised caches. Returns out fp32 [b, s_q, h_q, d_v], lse fp32 [b, s_q, h_q].
 
-    q [b, s_q, h_q, d_qk]; d_qk 576 selects the V3.2 format, 512 MODEL1 (see
-    flash_mla.quant). k_cache [num_blocks, page_size, 1, bytes_per_token] of
-    uint8/int8/float8_e4m3fn. indices int32 [b, s_q, topk], block * page_size +
-    offset; a negative index or one past the cache (>= num_blocks * page_size) is
-    invalid and never read. topk_length int32 [b] or None: entries at or past
-    topk_length[i] are ignored whatever they hold (a negative length counts as 0).
-    Each counted slot is one logit:
-    a token listed twice counts twice. The extra pool (its own cache, page size and
-    indices [b, s_q, extra_topk]) joins the same softmax. V = the first d_v
-    dequantised dims. attn_sink fp32 [h_q] as in the module docstring.
-    softmax_scale None means d_qk ** -0.5.
+    q [b, s_q, h_q, d_qk]. k_cache [num_blocks, page_size, 1, bytes_per_token] of
+    uint8/int8/float8_e4m3fn in ``kv_format`` (one of flash_mla.quant.FORMAT_NAMES; None
+    = detected from the last dim, flash_mla.quant.detect_format); its d_qk is q's.
+    indices int32 [b, s_q, topk], block * page_size + offset; a negative index or one
+    past the cache (>= num_blocks * page_size) is invalid and never read. topk_length
+    int32 [b] or None: entries at or past topk_length[i] are ignored whatever they hold
+    (a negative length counts as 0). Each counted slot is one logit: a token listed
+    twice counts twice. The extra pool (its own cache, format ``extra_kv_format`` with
+    the same rule, page size and indices [b, s_q, extra_topk]) joins the same softmax.
+    V = the first d_v dequantised dims. attn_sink fp32 [h_q] as in the module
+    docstring. softmax_scale None means d_qk ** -0.5.
     """
     b, s_q, h_q, d_qk = q.shape
     scale = _scale(softmax_scale, d_qk)
-    pools = [(k_cache, indices, topk_length)]
+    pools = [(k_cache, kv_format, indices, topk_length)]
     if extra_k_cache is not None:
-        pools.append((extra_k_cache, extra_indices, extra_topk_length))
-    lengths = [None if length is None else [int(x) for x in length.tolist()] for _, _, length in pools]
+        pools.append((extra_k_cache, extra_kv_format, extra_indices, extra_topk_length))
+    pools = [(cache, quant.detect_format(int(cache.shape[-1])) if fmt is None else fmt, idx, length)
+             for cache, fmt, idx, length in pools]
+    for _, fmt, _, _ in pools:
+        assert quant.FORMATS[fmt].d_qk == d_qk, (fmt, d_qk)
+    lengths = [None if length is None else [int(x) for x in length.tolist()] for _, _, _, length in pools]
     out = torch.zeros(b, s_q, h_q, d_v, dtype=torch.float32, device=q.device)
     lse = torch.full((b, s_q, h_q), _INF, dtype=torch.float32, device=q.device)
     for i in range(b):
         parts = [
-            _gather_sparse_tokens(cache, idx[i], None if lens is None else lens[i], d_qk)
-            for (cache, idx, _), lens in zip(pools, lengths)
+            _gather_sparse_tokens(cache, fmt, idx[i], None if lens is None else lens[i], d_qk)
+            for (cache, fmt, idx, _), lens in zip(pools, lengths)
         ]
         k = torch.cat([p[0] for p in parts], dim=1)  # [s_q, n, d_qk]
         valid = torch.cat([p[1] for p in parts], dim=1)  # [s_q, n]

@@ -1,20 +1,26 @@
-"""Sparse MLA decode: ``flash_mla_with_kvcache`` with ``indices``, over an FP8 cache.
+"""Sparse MLA decode: ``flash_mla_with_kvcache`` with ``indices``, over a quantised cache.
 
 The family in one module: its validation (one function, fixed order), its
 dispatch (native kernel or the PyTorch reference, through flash_mla.dispatch), the
 ``flash_mla::sparse_decode`` custom op that torch.compile traces, and ``decode``,
 which flash_mla.with_kvcache calls for a call with indices.
 
-Contract: q bf16 [b, s_q, h_q, d_qk]; the cache format follows from d_qk (see
-flash_mla.quant): 576 -> V3.2, 656 bytes per token; 512 -> V4 (MODEL1), 584 bytes.
-k_cache uint8/int8/float8_e4m3fn [num_blocks, page_size, 1, bytes_per_token], any
-page size, tokens of a page back to back (stride(1) == bytes_per_token). indices
-int32 [b, s_q, topk], value block * page_size + offset; a negative index or one
-past the cache is invalid and never read, so index values need no check (and none
-is made: that would need a device sync). topk_length int32 [b]: only the first
-topk_length[i] indices count. attn_sink fp32 [h_q]. An optional extra pool
-(extra_k_cache, extra_indices_in_kvcache [b, s_q, extra_topk], extra_topk_length
-[b]) joins the same softmax. is_fp8_kvcache True, causal False, head_dim_v 512.
+Contract: q bf16 [b, s_q, h_q, d_qk]. k_cache uint8/int8/float8_e4m3fn
+[num_blocks, page_size, 1, bytes_per_token] in one of the five formats of
+flash_mla.quant (V32 656 B d_qk 576; V32_NO_ROPE 528 B, V4 584 B, V41 528 B,
+V41_FP4 288 B, d_qk 512), named by ``kv_format`` or, when it is None, detected from
+the last dim (656 V32, 584 V4, 528 V41, 288 V41_FP4); the format's d_qk must be q's.
+Any page size, tokens of a page back to back (stride(1) == bytes_per_token), the
+cache 16-byte aligned (8 for V4) at its start and between blocks, because the
+kernel copies 16-byte chunks (V4's 584-byte rows are only 8-aligned). A byte cache
+with indices is FP8 whatever ``is_fp8_kvcache`` says (the newer API generation
+defaults it to True; ours keeps False). indices int32 [b, s_q, topk], value
+block * page_size + offset; a negative index or one past the cache is invalid and
+never read, so index values need no check (and none is made: that would need a
+device sync). topk_length int32 [b]: only the first topk_length[i] indices count.
+attn_sink fp32 [h_q]. An optional extra pool (extra_k_cache in ``extra_kv_format``,
+same rule, any format with q's d_qk; extra_indices_in_kvcache [b, s_q, extra_topk],
+extra_topk_length [b]) joins the same softmax. causal False, head_dim_v 512.
 Returns out [b, s_q, h_q, 512] bf16 and lse fp32 [b, h_q, s_q], the transposed
 view of a contiguous [b, s_q, h_q] buffer (as upstream).
 
@@ -36,13 +42,14 @@ from .sched_meta import FlashMLASchedMeta, bind_or_check_config
 OP = "sparse_decode"
 
 HEAD_DIM_V = 512
-# d_qk -> (format name, bytes per token); the byte layouts live in flash_mla.quant.
-FORMATS = {
-    quant.V32_D_QK: ("V3.2", quant.V32_BYTES_PER_TOKEN),
-    quant.MODEL1_D_QK: ("V4", quant.MODEL1_BYTES_PER_TOKEN),
-}
 CACHE_DTYPES = (torch.uint8, torch.int8, torch.float8_e4m3fn)
+# A cache of one of these dtypes belongs to dense decode (indices None).
+DENSE_CACHE_DTYPES = (torch.bfloat16, torch.float16)
 Q_DTYPES = (torch.bfloat16,)
+# Byte alignment of a cache's start and block stride: the kernel copies 16-byte chunks;
+# V4's rows are 584 bytes, so its blocks are only 8-aligned.
+CACHE_ALIGNMENT = 16
+CACHE_ALIGNMENT_V4 = 8
 
 _OPTIONAL = ("topk_length", "attn_sink", "extra_k_cache", "extra_indices_in_kvcache",
              "extra_topk_length")
@@ -58,19 +65,65 @@ class Problem(NamedTuple):
     extra_page_size: Optional[int]
     extra_topk: Optional[int]
     softmax_scale: float
+    kv_format: str
+    extra_kv_format: Optional[str]
 
 
 # --------------------------------------------------------------------------- validation
 
-def _cache_shape(t: torch.Tensor, name: str, d_qk: int) -> None:
-    """[num_blocks, page_size, 1, bytes_per_token] with tokens of a page back to back."""
-    fmt, bpt = FORMATS[d_qk]
-    C.ndim(t, name, 4, f"[num_blocks, page_size, 1, {bpt}]")
-    if t.shape[3] != bpt:
+def _format_name(value: Any, name: str) -> None:
+    """kv_format / extra_kv_format: None or one of quant.FORMAT_NAMES."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str or None, got {type(value).__name__} {value!r}")
+    if value not in quant.FORMAT_NAMES:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, quant.FORMAT_NAMES))} or None, "
+                         f"got {value!r}")
+
+
+def _cache_dtype(t: torch.Tensor, name: str) -> None:
+    if t.dtype in DENSE_CACHE_DTYPES:
+        dense = C.dtype_name(t.dtype)
         raise ValueError(
-            f"{name} must have {bpt} bytes per token (last dim) for q's head dim {d_qk} "
-            f"({fmt} format), got shape {C.shape(t)}"
+            f"{name} must have dtype uint8 or int8 or float8_e4m3fn for sparse decode (indices given), "
+            f"got {dense} (a {dense} cache is dense decode's: indices None)"
         )
+    C.dtype(t, name, CACHE_DTYPES)
+
+
+def _cache_format(t: torch.Tensor, name: str, kv_format: Optional[str], format_arg: str) -> quant.KvFormat:
+    """The cache's format: the one named, whose size must match, or the one its last dim selects."""
+    C.ndim(t, name, 4, "[num_blocks, page_size, 1, bytes_per_token]")
+    bpt = int(t.shape[3])
+    if kv_format is None:
+        if bpt not in quant.DETECTED_FORMATS:
+            raise ValueError(
+                f"{name} must have {quant.DETECTION_RULE} bytes per token (last dim) when {format_arg} "
+                f"is None, got shape {C.shape(t)}"
+            )
+        return quant.FORMATS[quant.detect_format(bpt)]
+    fmt = quant.FORMATS[kv_format]
+    if bpt != fmt.bytes_per_token:
+        raise ValueError(
+            f"{name} must have {fmt.bytes_per_token} bytes per token (last dim) for {format_arg}="
+            f"{kv_format!r}, got shape {C.shape(t)}"
+        )
+    return fmt
+
+
+def _head_dim_matches(q: torch.Tensor, fmt: quant.KvFormat, cache: str, kv_format: Optional[str],
+                      format_arg: str) -> None:
+    if q.shape[3] == fmt.d_qk:
+        return
+    how = (f"{format_arg}={kv_format!r}" if kv_format is not None else
+           f"{format_arg}=None, which reads {cache}'s {fmt.bytes_per_token} bytes per token as {fmt.name}")
+    raise ValueError(f"q must have head dim (last dim) {fmt.d_qk} for {how}, got shape {C.shape(q)}")
+
+
+def _cache_layout(t: torch.Tensor, name: str, fmt: quant.KvFormat) -> None:
+    """[num_blocks, page_size, 1, bytes_per_token], tokens of a page back to back, aligned."""
+    bpt = fmt.bytes_per_token
     C.dim_eq(t, name, 2, 1, "kv heads (dim 2) equal to")
     if t.shape[1] < 1:
         raise ValueError(f"{name} must have page size (dim 1) >= 1, got shape {C.shape(t)}")
@@ -78,6 +131,31 @@ def _cache_shape(t: torch.Tensor, name: str, d_qk: int) -> None:
         raise ValueError(
             f"{name} must have stride(1) == {bpt} (tokens of a page back to back), "
             f"got strides {C.strides(t)} for shape {C.shape(t)}"
+        )
+    align = _alignment(fmt.name)
+    if not C.is_compiling():  # no address while tracing: _body checks it when the op runs
+        _cache_address(t, name, fmt.name)
+    if t.shape[0] > 1 and t.stride(0) % align:  # one byte per element
+        raise ValueError(
+            f"{name} must have stride(0) a multiple of {align} bytes ({_alignment_reason(fmt.name)}), "
+            f"got strides {C.strides(t)} for shape {C.shape(t)}"
+        )
+
+
+def _alignment(kv_format: str) -> int:
+    return CACHE_ALIGNMENT_V4 if quant.FORMATS[kv_format].page_structured else CACHE_ALIGNMENT
+
+
+def _alignment_reason(kv_format: str) -> str:
+    return f"the kernel copies 16-byte chunks; {kv_format} format"
+
+
+def _cache_address(t: torch.Tensor, name: str, kv_format: str) -> None:
+    align = _alignment(kv_format)
+    if t.data_ptr() % align:
+        raise ValueError(
+            f"{name} must start at a {align}-byte aligned address ({_alignment_reason(kv_format)}), "
+            f"got data_ptr() % {align} == {t.data_ptr() % align}"
         )
 
 
@@ -93,10 +171,13 @@ def _batch_indices(t: torch.Tensor, name: str, b: int, s_q: int, topk: str) -> N
 def validate(q: Any, k_cache: Any, indices: Any, topk_length: Any, head_dim_v: Any,
              softmax_scale: Any, causal: Any, is_fp8_kvcache: Any, attn_sink: Any = None,
              extra_k_cache: Any = None, extra_indices_in_kvcache: Any = None,
-             extra_topk_length: Any = None) -> Problem:
+             extra_topk_length: Any = None, kv_format: Any = None, extra_kv_format: Any = None,
+             enable_batch_invariant: Any = False) -> Problem:
     """All checks of a sparse decode call, in order: which arguments go together,
-    Python types, dtypes, devices, layout, shapes, values (Python scalars only).
-    block_table and cache_seqlens are unused by sparse decode and not checked."""
+    Python types and names, dtypes, devices, layout, shapes (with the cache formats),
+    alignment, values (Python scalars only). block_table and cache_seqlens are unused
+    by sparse decode and not checked. is_fp8_kvcache may be either bool: a byte cache
+    with indices is FP8."""
     if (extra_k_cache is None) != (extra_indices_in_kvcache is None):
         given, missing = (("extra_k_cache", "extra_indices_in_kvcache") if extra_k_cache is not None
                           else ("extra_indices_in_kvcache", "extra_k_cache"))
@@ -106,6 +187,8 @@ def validate(q: Any, k_cache: Any, indices: Any, topk_length: Any, head_dim_v: A
             "extra_topk_length must be None when extra_k_cache is None, "
             f"got {type(extra_topk_length).__name__}"
         )
+    if extra_kv_format is not None and extra_k_cache is None:
+        raise ValueError(f"extra_kv_format must be None when extra_k_cache is None, got {extra_kv_format!r}")
     found = C.tensors(
         [("q", q), ("k_cache", k_cache), ("indices", indices), ("topk_length", topk_length),
          ("attn_sink", attn_sink), ("extra_k_cache", extra_k_cache),
@@ -116,13 +199,14 @@ def validate(q: Any, k_cache: Any, indices: Any, topk_length: Any, head_dim_v: A
     C.real(softmax_scale, "softmax_scale", optional=True)
     C.boolean(is_fp8_kvcache, "is_fp8_kvcache")
     C.boolean(causal, "causal")
-    if not is_fp8_kvcache:
-        raise ValueError("is_fp8_kvcache must be True for sparse decode (indices given), got False")
+    C.boolean(enable_batch_invariant, "enable_batch_invariant")
+    _format_name(kv_format, "kv_format")
+    _format_name(extra_kv_format, "extra_kv_format")
     if causal:
         raise ValueError("causal must be False for sparse decode (indices given), got True")
 
     C.dtype(q, "q", Q_DTYPES)
-    C.dtype(k_cache, "k_cache", CACHE_DTYPES)
+    _cache_dtype(k_cache, "k_cache")
     C.dtype(indices, "indices", (torch.int32,))
     if extra_k_cache is not None:
         C.dtype(extra_k_cache, "extra_k_cache", CACHE_DTYPES)
@@ -138,78 +222,95 @@ def validate(q: Any, k_cache: Any, indices: Any, topk_length: Any, head_dim_v: A
         C.last_dim_contiguous(t, name)
 
     C.ndim(q, "q", 4, "[b, s_q, h_q, d_qk]")
-    b, s_q, h_q, d_qk = q.shape
-    if d_qk not in FORMATS:
-        raise ValueError(
-            f"q must have head dim (last dim) 576 (V3.2 cache) or 512 (V4 cache), "
-            f"got shape {C.shape(q)}"
-        )
-    _cache_shape(k_cache, "k_cache", d_qk)
+    b, s_q, h_q, _ = q.shape
+    fmt = _cache_format(k_cache, "k_cache", kv_format, "kv_format")
+    _head_dim_matches(q, fmt, "k_cache", kv_format, "kv_format")
+    _cache_layout(k_cache, "k_cache", fmt)
     _batch_indices(indices, "indices", b, s_q, "topk")
     if topk_length is not None:
         C.vector(topk_length, "topk_length", b, "b")
     if attn_sink is not None:
         C.vector(attn_sink, "attn_sink", h_q, "h_q")
-    extra_topk = extra_page_size = None
+    extra_topk = extra_page_size = extra_name = None
     if extra_k_cache is not None:
-        _cache_shape(extra_k_cache, "extra_k_cache", d_qk)
+        extra_fmt = _cache_format(extra_k_cache, "extra_k_cache", extra_kv_format, "extra_kv_format")
+        _head_dim_matches(q, extra_fmt, "extra_k_cache", extra_kv_format, "extra_kv_format")
+        _cache_layout(extra_k_cache, "extra_k_cache", extra_fmt)
         _batch_indices(extra_indices_in_kvcache, "extra_indices_in_kvcache", b, s_q, "extra_topk")
         extra_topk = int(extra_indices_in_kvcache.shape[2])
         extra_page_size = int(extra_k_cache.shape[1])
+        extra_name = extra_fmt.name
     if extra_topk_length is not None:
         C.vector(extra_topk_length, "extra_topk_length", b, "b")
 
     if head_dim_v != HEAD_DIM_V:
         raise ValueError(f"head_dim_v must be {HEAD_DIM_V}, got {head_dim_v}")
     if softmax_scale is None:
-        softmax_scale = d_qk ** -0.5
+        softmax_scale = int(q.shape[3]) ** -0.5
     C.positive_finite(softmax_scale, "softmax_scale")
     return Problem(b=int(b), s_q=int(s_q), h_q=int(h_q), page_size=int(k_cache.shape[1]),
                    topk=int(indices.shape[2]),
                    extra_page_size=extra_page_size, extra_topk=extra_topk,
-                   softmax_scale=float(softmax_scale))
+                   softmax_scale=float(softmax_scale), kv_format=fmt.name,
+                   extra_kv_format=extra_name)
 
 
 # --------------------------------------------------------------------------- dispatch
 
-def _features(q: torch.Tensor) -> dict:
+def _features(q: torch.Tensor, kv_format: str, extra_kv_format: Optional[str]) -> dict:
     """What the dispatch asks the library about (keys of build_info()["ops"][OP])."""
-    return {"dtype": "bf16", "d_qk": int(q.shape[-1])}
+    features = {"dtype": "bf16", "h_q": int(q.shape[2]), "kv_format": kv_format}
+    if extra_kv_format is not None:
+        features["extra_kv_format"] = extra_kv_format
+    return features
 
 
 def _run_native(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
-                extra_topk_length, head_dim_v, softmax_scale):
+                extra_topk_length, head_dim_v, softmax_scale, kv_format, extra_kv_format,
+                batch_invariant, tile_scheduler_metadata, num_splits):
     """The native kernel (none in this version; the dispatch never picks it)."""
     raise NotImplementedError("flash_mla has no native sparse decode kernel in this version")
 
 
 def _run_reference(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
-                   extra_topk_length, head_dim_v, softmax_scale):
+                   extra_topk_length, head_dim_v, softmax_scale, kv_format, extra_kv_format,
+                   batch_invariant, tile_scheduler_metadata, num_splits):
+    """The PyTorch reference; it computes each request on its own, so it is batch-invariant
+    either way, and it needs no schedule (the last three arguments are unused)."""
     from . import reference  # imported on the fallback path only
 
     out, lse = reference.sparse_decode(
         q=q, k_cache=k_cache, indices=indices, topk_length=topk_length,
         softmax_scale=softmax_scale, d_v=head_dim_v, attn_sink=attn_sink,
         extra_k_cache=extra_k_cache, extra_indices=extra_indices,
-        extra_topk_length=extra_topk_length)
+        extra_topk_length=extra_topk_length, kv_format=kv_format,
+        extra_kv_format=extra_kv_format)
     return out.to(q.dtype), lse.contiguous().transpose(1, 2)
 
 
 def _body(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
           topk_length: Optional[torch.Tensor], attn_sink: Optional[torch.Tensor],
           extra_k_cache: Optional[torch.Tensor], extra_indices: Optional[torch.Tensor],
-          extra_topk_length: Optional[torch.Tensor], head_dim_v: int,
-          softmax_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+          extra_topk_length: Optional[torch.Tensor], head_dim_v: int, softmax_scale: float,
+          kv_format: str, extra_kv_format: Optional[str], batch_invariant: bool,
+          tile_scheduler_metadata: Optional[torch.Tensor],
+          num_splits: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sparse decode on validated inputs: (out [b, s_q, h_q, head_dim_v] in q's dtype,
-    lse fp32 [b, h_q, s_q] as the transposed view of a contiguous [b, s_q, h_q] buffer)."""
-    backend = _dispatch.choose(OP, q.device, _features(q))
+    lse fp32 [b, h_q, s_q] as the transposed view of a contiguous [b, s_q, h_q] buffer).
+    Checks the caches' addresses, which validation cannot see while torch.compile traces."""
+    _cache_address(k_cache, "k_cache", kv_format)
+    if extra_k_cache is not None:
+        _cache_address(extra_k_cache, "extra_k_cache", extra_kv_format)
+    backend = _dispatch.choose(OP, q.device, _features(q, kv_format, extra_kv_format))
     run = _run_native if backend == _dispatch.NATIVE else _run_reference
     return run(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
-               extra_topk_length, head_dim_v, softmax_scale)
+               extra_topk_length, head_dim_v, softmax_scale, kv_format, extra_kv_format,
+               batch_invariant, tile_scheduler_metadata, num_splits)
 
 
 def _fake(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
-          extra_topk_length, head_dim_v, softmax_scale):
+          extra_topk_length, head_dim_v, softmax_scale, kv_format, extra_kv_format,
+          batch_invariant, tile_scheduler_metadata, num_splits):
     b, s_q, h_q, _ = q.shape
     return (q.new_empty((b, s_q, h_q, head_dim_v)),
             torch.empty((b, s_q, h_q), dtype=torch.float32, device=q.device).transpose(1, 2))
@@ -219,7 +320,8 @@ _op = _custom_op.define(
     OP,
     "(Tensor q, Tensor k_cache, Tensor indices, Tensor? topk_length, Tensor? attn_sink, "
     "Tensor? extra_k_cache, Tensor? extra_indices, Tensor? extra_topk_length, int head_dim_v, "
-    "float softmax_scale) -> (Tensor, Tensor)",
+    "float softmax_scale, str kv_format, str? extra_kv_format, bool batch_invariant, "
+    "Tensor? tile_scheduler_metadata, Tensor? num_splits) -> (Tensor, Tensor)",
     _body, _fake)
 
 
@@ -228,17 +330,20 @@ _op = _custom_op.define(
 def decode(q: Any, k_cache: Any, indices: Any, topk_length: Any, head_dim_v: Any,
            tile_scheduler_metadata: FlashMLASchedMeta, softmax_scale: Any, causal: Any,
            is_fp8_kvcache: Any, attn_sink: Any = None, extra_k_cache: Any = None,
-           extra_indices_in_kvcache: Any = None,
-           extra_topk_length: Any = None) -> Tuple[torch.Tensor, torch.Tensor]:
+           extra_indices_in_kvcache: Any = None, extra_topk_length: Any = None,
+           kv_format: Any = None, extra_kv_format: Any = None,
+           enable_batch_invariant: Any = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """``flash_mla_with_kvcache`` with indices (see flash_mla.with_kvcache): validate,
-    record or check the schedule holder's configuration, run."""
+    record or check the schedule holder's configuration, run. The holder records
+    is_fp8_kvcache as True: a byte cache with indices is FP8 whatever the flag says."""
     p = validate(q, k_cache, indices, topk_length, head_dim_v, softmax_scale, causal,
                  is_fp8_kvcache, attn_sink=attn_sink, extra_k_cache=extra_k_cache,
                  extra_indices_in_kvcache=extra_indices_in_kvcache,
-                 extra_topk_length=extra_topk_length)
+                 extra_topk_length=extra_topk_length, kv_format=kv_format,
+                 extra_kv_format=extra_kv_format, enable_batch_invariant=enable_batch_invariant)
     config = FlashMLASchedMeta.Config(p.b, p.s_q, p.h_q, p.page_size, 1, bool(causal),
-                                      bool(is_fp8_kvcache), p.topk, p.extra_page_size,
-                                      p.extra_topk)
+                                      True, p.topk, p.extra_page_size, p.extra_topk)
     bind_or_check_config(tile_scheduler_metadata, config)
     return _op(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
-               extra_indices_in_kvcache, extra_topk_length, int(head_dim_v), p.softmax_scale)
+               extra_indices_in_kvcache, extra_topk_length, int(head_dim_v), p.softmax_scale,
+               p.kv_format, p.extra_kv_format, bool(enable_batch_invariant), None, None)

@@ -1,6 +1,6 @@
 """The public API's names, parameter names/order/defaults and the FlashMLASchedMeta
 dataclass match upstream FlashMLA (commit 9241ae3), so keyword callers of upstream
-run unchanged."""
+run unchanged; the 2026-09 generation's trailing keywords follow in its order."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +26,8 @@ EXPECTED = {
         ("causal", False), ("is_fp8_kvcache", False), ("indices", None), ("attn_sink", None),
         ("extra_k_cache", None), ("extra_indices_in_kvcache", None), ("topk_length", None),
         ("extra_topk_length", None), ("enable_batch_invariant", False),
+        # the 2026-09 generation's serving forks: the sparse caches' byte formats
+        ("kv_format", None), ("extra_kv_format", None),
     ],
     "flash_mla_sparse_fwd": [
         ("q", E), ("kv", E), ("indices", E), ("sm_scale", E), ("d_v", 512), ("attn_sink", None),

@@ -3,7 +3,7 @@ changes one argument of a valid call and names the exception and the whole messa
 (tests/_bad_inputs.py explains the harness)."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import pytest
 import torch
@@ -36,16 +36,62 @@ def extra_args() -> Dict[str, Any]:
                 extra_topk_length=ints([4, 0]))
 
 
+def v41_args() -> Dict[str, Any]:
+    # V41 cache (528 bytes, named) with a V41_FP4 extra pool (288 bytes, named): upstream's pairing
+    return dict(q=torch.randn(2, 1, 4, 512).to(BF16), k_cache=torch.zeros(3, 2, 1, 528, dtype=U8),
+                block_table=None, cache_seqlens=None, head_dim_v=512,
+                tile_scheduler_metadata=FlashMLASchedMeta(), indices=torch.zeros(2, 1, 8, dtype=I32),
+                extra_k_cache=torch.zeros(2, 64, 1, 288, dtype=U8),
+                extra_indices_in_kvcache=torch.zeros(2, 1, 4, dtype=I32),
+                kv_format="V41", extra_kv_format="V41_FP4")
+
+
+def dense_args() -> Dict[str, Any]:
+    # dense decode (no indices): the router refuses the sparse-only format keywords
+    return dict(q=torch.randn(2, 1, 4, 576).to(BF16), k_cache=torch.zeros(1, 64, 1, 576, dtype=BF16),
+                block_table=torch.zeros(2, 1, dtype=I32), cache_seqlens=ints([3, 0]), head_dim_v=512,
+                tile_scheduler_metadata=FlashMLASchedMeta())
+
+
 def _call(**kw):
     return flash_mla.flash_mla_with_kvcache(**kw)
 
 
-ENTRIES = {"sparse": (sparse_args, _call), "extra": (extra_args, _call)}
+def _misaligned_start(shape, offset: int) -> Callable[[Dict[str, Any]], Any]:
+    """A contiguous byte cache of ``shape`` that starts ``offset`` bytes past an aligned allocation."""
+    def make(a: Dict[str, Any]) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        return torch.zeros(n + 64, dtype=U8)[offset:offset + n].view(*shape)
+    return make
+
+
+def _block_stride(shape, stride0: int) -> Callable[[Dict[str, Any]], Any]:
+    """A byte cache of ``shape`` whose blocks lie ``stride0`` bytes apart (pages contiguous)."""
+    def make(a: Dict[str, Any]) -> torch.Tensor:
+        blocks, per_block = shape[0], shape[1] * shape[2] * shape[3]
+        return torch.zeros(blocks, stride0, dtype=U8)[:, :per_block].view(*shape)
+    return make
+
+
+ENTRIES = {"sparse": (sparse_args, _call), "extra": (extra_args, _call), "v41": (v41_args, _call),
+           "dense": (dense_args, _call)}
+FORMATS_RE = r"'V32', 'V32_NO_ROPE', 'V4', 'V41', 'V41_FP4' or None"
+DETECTION_RE = (r"656 \(V32\), 584 \(V4\), 528 \(V41; V32_NO_ROPE has the same size and must be named\) "
+                r"or 288 \(V41_FP4\)")
+ALIGN_WHY = r"the kernel copies 16-byte chunks; {} format"
 
 CASES = [
     # which arguments go together
-    Case("fp8-flag-false", "sparse", "is_fp8_kvcache", const(False), ValueError,
-         r"is_fp8_kvcache must be True for sparse decode \(indices given\), got False"),
+    Case("extra-format-alone", "sparse", "extra_kv_format", const("V41_FP4"), ValueError,
+         r"extra_kv_format must be None when extra_k_cache is None, got 'V41_FP4'"),
+    Case("dense-kv-format", "dense", "kv_format", const("V32"), ValueError,
+         r"kv_format must be None for dense decode \(indices None\): dense caches have no byte format, "
+         r"got 'V32'", ROUTER),
+    Case("dense-extra-kv-format", "dense", "extra_kv_format", const("V41_FP4"), ValueError,
+         r"extra_kv_format must be None for dense decode \(indices None\): dense caches have no byte "
+         r"format, got 'V41_FP4'", ROUTER),
     Case("causal-true", "sparse", "causal", const(True), ValueError,
          r"causal must be False for sparse decode \(indices given\), got True"),
     Case("extra-cache-alone", "sparse", "extra_k_cache", const(torch.zeros(1, 64, 1, 656, dtype=U8)), ValueError,
@@ -77,11 +123,27 @@ CASES = [
     Case("fp8-flag-none", "sparse", "is_fp8_kvcache", const(None), TypeError,
          r"is_fp8_kvcache must be a bool, got NoneType None"),
     Case("causal-float", "sparse", "causal", const(0.0), TypeError, r"causal must be a bool, got float 0.0"),
+    Case("batch-invariant-int", "sparse", "enable_batch_invariant", const(2), TypeError,
+         r"enable_batch_invariant must be a bool, got int 2"),
+    Case("kv-format-int", "sparse", "kv_format", const(656), TypeError, r"kv_format must be a str or None, got int 656"),
+    Case("extra-kv-format-bytes", "v41", "extra_kv_format", const(b"V41_FP4"), TypeError,
+         r"extra_kv_format must be a str or None, got bytes b'V41_FP4'"),
+    # format names
+    Case("kv-format-unknown", "sparse", "kv_format", const("V5"), ValueError,
+         rf"kv_format must be one of {FORMATS_RE}, got 'V5'"),
+    Case("kv-format-lower-case", "v41", "kv_format", const("v41"), ValueError,
+         rf"kv_format must be one of {FORMATS_RE}, got 'v41'"),
+    Case("extra-kv-format-unknown", "v41", "extra_kv_format", const("MODEL1"), ValueError,
+         rf"extra_kv_format must be one of {FORMATS_RE}, got 'MODEL1'"),
     # dtypes
     Case("q-fp16", "sparse", "q", cast("q", FP16), TypeError, r"q must have dtype bfloat16, got float16"),
     Case("q-fp32", "sparse", "q", cast("q", FP32), TypeError, r"q must have dtype bfloat16, got float32"),
-    Case("cache-bf16", "sparse", "k_cache", const(torch.zeros(2, 64, 1, 656, dtype=BF16)), TypeError,
-         r"k_cache must have dtype uint8 or int8 or float8_e4m3fn, got bfloat16"),
+    Case("cache-bf16", "sparse", "k_cache", const(torch.zeros(2, 64, 1, 576, dtype=BF16)), ValueError,
+         r"k_cache must have dtype uint8 or int8 or float8_e4m3fn for sparse decode \(indices given\), "
+         r"got bfloat16 \(a bfloat16 cache is dense decode's: indices None\)"),
+    Case("cache-fp16-flag-false", "v41", "k_cache", const(torch.zeros(3, 2, 1, 528, dtype=FP16)), ValueError,
+         r"k_cache must have dtype uint8 or int8 or float8_e4m3fn for sparse decode \(indices given\), "
+         r"got float16 \(a float16 cache is dense decode's: indices None\)"),
     Case("cache-int32", "sparse", "k_cache", const(torch.zeros(2, 64, 1, 164, dtype=I32)), TypeError,
          r"k_cache must have dtype uint8 or int8 or float8_e4m3fn, got int32"),
     Case("indices-int64", "sparse", "indices", cast("indices", I64), TypeError, r"indices must have dtype int32, got int64"),
@@ -118,19 +180,50 @@ CASES = [
          const(torch.zeros(1, 32, 1, 600, dtype=U8)[..., :584]), ValueError,
          r"extra_k_cache must have stride\(1\) == 584 \(tokens of a page back to back\), got strides "
          r"\(19200, 600, 600, 1\) for shape \(1, 32, 1, 584\)"),
+    # alignment (the kernel copies 16-byte chunks; V4 rows are 8-aligned)
+    Case("cache-start-misaligned", "sparse", "k_cache", _misaligned_start((2, 64, 1, 656), 8), ValueError,
+         r"k_cache must start at a 16-byte aligned address \(" + ALIGN_WHY.format("V32")
+         + r"\), got data_ptr\(\) % 16 == 8"),
+    Case("cache-block-stride-misaligned", "v41", "k_cache", _block_stride((3, 2, 1, 528), 1064), ValueError,
+         r"k_cache must have stride\(0\) a multiple of 16 bytes \(" + ALIGN_WHY.format("V41")
+         + r"\), got strides \(1064, 528, 528, 1\) for shape \(3, 2, 1, 528\)"),
+    Case("v4-cache-start-misaligned", "extra", "k_cache", _misaligned_start((2, 16, 1, 584), 4), ValueError,
+         r"k_cache must start at a 8-byte aligned address \(" + ALIGN_WHY.format("V4")
+         + r"\), got data_ptr\(\) % 8 == 4"),
+    Case("v4-extra-block-stride-misaligned", "extra", "extra_k_cache", _block_stride((2, 32, 1, 584), 18692),
+         ValueError, r"extra_k_cache must have stride\(0\) a multiple of 8 bytes \(" + ALIGN_WHY.format("V4")
+         + r"\), got strides \(18692, 584, 584, 1\) for shape \(2, 32, 1, 584\)"),
+    Case("fp4-extra-start-misaligned", "v41", "extra_k_cache", _misaligned_start((2, 64, 1, 288), 1),
+         ValueError, r"extra_k_cache must start at a 16-byte aligned address \(" + ALIGN_WHY.format("V41_FP4")
+         + r"\), got data_ptr\(\) % 16 == 1"),
     # shapes
     Case("q-3d", "sparse", "q", const(torch.zeros(2, 4, 576, dtype=BF16)), ValueError,
          r"q must have shape \[b, s_q, h_q, d_qk\] \(4-D\), got shape \(2, 4, 576\)"),
     Case("q-d128", "sparse", "q", const(torch.zeros(2, 1, 4, 128, dtype=BF16)), ValueError,
-         r"q must have head dim \(last dim\) 576 \(V3.2 cache\) or 512 \(V4 cache\), got shape \(2, 1, 4, 128\)"),
+         r"q must have head dim \(last dim\) 576 for kv_format=None, which reads k_cache's 656 bytes per "
+         r"token as V32, got shape \(2, 1, 4, 128\)"),
     Case("cache-576-bytes", "sparse", "k_cache", const(torch.zeros(2, 64, 1, 576, dtype=U8)), ValueError,
-         r"k_cache must have 656 bytes per token \(last dim\) for q's head dim 576 \(V3.2 format\), "
+         rf"k_cache must have {DETECTION_RE} bytes per token \(last dim\) when kv_format is None, "
          r"got shape \(2, 64, 1, 576\)"),
     Case("q-512-with-v32-cache", "sparse", "q", const(torch.zeros(2, 1, 4, 512, dtype=BF16)), ValueError,
-         r"k_cache must have 584 bytes per token \(last dim\) for q's head dim 512 \(V4 format\), "
-         r"got shape \(2, 64, 1, 656\)"),
+         r"q must have head dim \(last dim\) 576 for kv_format=None, which reads k_cache's 656 bytes per "
+         r"token as V32, got shape \(2, 1, 4, 512\)"),
+    Case("kv-format-bytes-mismatch", "sparse", "kv_format", const("V41"), ValueError,
+         r"k_cache must have 528 bytes per token \(last dim\) for kv_format='V41', got shape \(2, 64, 1, 656\)"),
+    Case("kv-format-v4-bytes-mismatch", "v41", "kv_format", const("V4"), ValueError,
+         r"k_cache must have 584 bytes per token \(last dim\) for kv_format='V4', got shape \(3, 2, 1, 528\)"),
+    Case("q-576-with-v41", "v41", "q", const(torch.zeros(2, 1, 4, 576, dtype=BF16)), ValueError,
+         r"q must have head dim \(last dim\) 512 for kv_format='V41', got shape \(2, 1, 4, 576\)"),
+    Case("q-576-with-named-v32-no-rope", "v41", "kv_format", const("V32"), ValueError,
+         r"k_cache must have 656 bytes per token \(last dim\) for kv_format='V32', got shape \(3, 2, 1, 528\)"),
+    Case("extra-format-bytes-mismatch", "v41", "extra_kv_format", const("V41"), ValueError,
+         r"extra_k_cache must have 528 bytes per token \(last dim\) for extra_kv_format='V41', "
+         r"got shape \(2, 64, 1, 288\)"),
+    Case("extra-cache-unknown-bytes", "extra", "extra_k_cache", const(torch.zeros(1, 32, 1, 600, dtype=U8)),
+         ValueError, rf"extra_k_cache must have {DETECTION_RE} bytes per token \(last dim\) when "
+                     r"extra_kv_format is None, got shape \(1, 32, 1, 600\)"),
     Case("cache-3d", "sparse", "k_cache", const(torch.zeros(128, 1, 656, dtype=U8)), ValueError,
-         r"k_cache must have shape \[num_blocks, page_size, 1, 656\] \(4-D\), got shape \(128, 1, 656\)"),
+         r"k_cache must have shape \[num_blocks, page_size, 1, bytes_per_token\] \(4-D\), got shape \(128, 1, 656\)"),
     Case("cache-heads", "sparse", "k_cache", const(torch.zeros(2, 64, 2, 656, dtype=U8)), ValueError,
          r"k_cache must have kv heads \(dim 2\) equal to 1, got shape \(2, 64, 2, 656\)"),
     Case("cache-page-0", "sparse", "k_cache", const(torch.zeros(2, 0, 1, 656, dtype=U8)), ValueError,
@@ -148,8 +241,8 @@ CASES = [
     Case("sink-length", "extra", "attn_sink", const(torch.zeros(3)), ValueError,
          r"attn_sink must have length 4, got shape \(3,\)"),
     Case("extra-cache-v32-bytes", "extra", "extra_k_cache", const(torch.zeros(1, 32, 1, 656, dtype=U8)),
-         ValueError, r"extra_k_cache must have 584 bytes per token \(last dim\) for q's head dim 512 "
-                     r"\(V4 format\), got shape \(1, 32, 1, 656\)"),
+         ValueError, r"q must have head dim \(last dim\) 576 for extra_kv_format=None, which reads "
+                     r"extra_k_cache's 656 bytes per token as V32, got shape \(2, 1, 4, 512\)"),
     Case("extra-indices-shape", "extra", "extra_indices_in_kvcache", const(torch.zeros(2, 4, dtype=I32)),
          ValueError, r"extra_indices_in_kvcache must have shape \[b, s_q, extra_topk\] \(3-D\), got shape \(2, 4\)"),
     Case("extra-indices-batch", "extra", "extra_indices_in_kvcache", const(torch.zeros(1, 1, 4, dtype=I32)),
@@ -183,6 +276,62 @@ def test_index_values_are_not_checked():
     args["indices"] = torch.tensor([[[-5, 128, 2 ** 31 - 1, 0, -1, 7, 127, 1]]] * 2, dtype=I32)
     out, lse = ENTRIES["sparse"][1](**args)
     assert torch.isfinite(out).all()
+
+
+def _filled_v41_call() -> Dict[str, Any]:
+    """v41_args with real quantised caches and valid indices (some past topk invalid)."""
+    from flash_mla import quant
+    g = torch.Generator().manual_seed(3)
+    args = v41_args()
+    args["q"] = torch.randn(2, 1, 4, 512, generator=g).to(BF16)
+    args["k_cache"] = quant.quantize_kv(torch.randn(3, 2, 1, 512, generator=g), "V41")
+    args["extra_k_cache"] = quant.quantize_kv(torch.randn(2, 64, 1, 512, generator=g), "V41_FP4")
+    args["indices"] = torch.randint(-1, 6, (2, 1, 8), generator=g, dtype=I32)
+    args["extra_indices_in_kvcache"] = torch.randint(0, 128, (2, 1, 4), generator=g, dtype=I32)
+    return args
+
+
+def test_byte_cache_with_indices_is_fp8_whatever_the_flag_says():
+    outs = []
+    for flag in (False, True, None):
+        args = _filled_v41_call()
+        if flag is not None:
+            args["is_fp8_kvcache"] = flag
+        outs.append(_call(**args))
+    for out, lse in outs[1:]:
+        assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
+    assert torch.isfinite(outs[0][0]).all() and (outs[0][0] != 0).any()
+
+
+def test_named_and_detected_formats_agree_and_v32_no_rope_is_read_only_when_named():
+    from flash_mla import quant
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 1, 2, 512, generator=g).to(BF16)
+    indices = torch.tensor([[[0, 3, 5, -1]]], dtype=I32)
+    for name in ("V4", "V41", "V41_FP4", "V32_NO_ROPE"):
+        cache = quant.quantize_kv(torch.randn(2, 3, 1, 512, generator=g), name)
+        named = _call(q=q, k_cache=cache, block_table=None, cache_seqlens=None, head_dim_v=512,
+                      tile_scheduler_metadata=FlashMLASchedMeta(), indices=indices, kv_format=name)
+        detected = _call(q=q, k_cache=cache, block_table=None, cache_seqlens=None, head_dim_v=512,
+                         tile_scheduler_metadata=FlashMLASchedMeta(), indices=indices)
+        same = torch.equal(named[0], detected[0])
+        # 528 bytes are read as V41 unless V32_NO_ROPE is named: its fp32 scale bytes are not ue8m0
+        assert same == (name != "V32_NO_ROPE"), name
+
+
+def test_v4_blocks_need_only_8_byte_alignment():
+    from flash_mla import quant
+    g = torch.Generator().manual_seed(5)
+    cache = quant.quantize_kv(torch.randn(4, 1, 1, 512, generator=g), "V4")  # page size 1: stride(0) 584
+    assert cache.stride(0) % 16 == 8
+    shifted = torch.zeros(cache.numel() + 16, dtype=U8)[8:8 + cache.numel()].view(cache.shape)
+    shifted.copy_(cache)
+    assert shifted.data_ptr() % 16 == 8
+    q = torch.randn(1, 1, 2, 512, generator=g).to(BF16)
+    indices = torch.tensor([[[0, 3, 2]]], dtype=I32)
+    outs = [_call(q=q, k_cache=c, block_table=None, cache_seqlens=None, head_dim_v=512,
+                  tile_scheduler_metadata=FlashMLASchedMeta(), indices=indices) for c in (cache, shifted)]
+    assert torch.equal(outs[0][0], outs[1][0])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

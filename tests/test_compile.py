@@ -142,7 +142,8 @@ def test_opcheck_decode_and_sparse_prefill_ops():
                            512, 0.04, True, None, None, False))
     torch.library.opcheck(torch.ops.flash_mla.sparse_decode.default,
                           (sparse["q"], sparse["k_cache"], sparse["indices"], sparse["topk_length"],
-                           sparse["attn_sink"], None, None, None, 512, 0.04))
+                           sparse["attn_sink"], None, None, None, 512, 0.04, "V4", None, False,
+                           None, None))
     torch.library.opcheck(torch.ops.flash_mla.sparse_prefill.default,
                           (prefill["q"], prefill["kv"], prefill["indices"], 0.04, 512, None, None))
 
