@@ -161,7 +161,8 @@ def bench_shape(torch, flash_mla, timer: Timer, shape: Shape) -> Dict:
 # ---------------------------------------------------------------------------
 # host time
 # ---------------------------------------------------------------------------
-def record_call(native, name: str, call: Callable[[], Any]) -> Tuple[Optional[Callable], Optional[tuple], str]:
+def record_call(native, name: str, call: Callable[[], Any]
+                ) -> Tuple[Optional[Callable], Optional[tuple], str]:
     """(the native function ``name``, the arguments ``call`` passed it, "") by watching
     ``native.function`` (flash_mla._native's lookup, which the families call at each launch)
     during one call; (None, None, reason) when the library lacks it or the call never asked

@@ -180,11 +180,21 @@ def token_bytes(k_cache: torch.Tensor, kv_format: str, token_ids: torch.Tensor) 
 
 
 def poison_tokens(k_cache: torch.Tensor, kv_format: str, token_ids: torch.Tensor) -> None:
-    """Sets every byte of the given tokens to 0xFF (NaN in every field of every format)."""
+    """Sets every byte of the given tokens of a contiguous cache to 0xFF (NaN in every field
+    of every format), a row per token (token_bytes describes the same bytes, per byte)."""
     if token_ids.numel() == 0:
         return
-    flat = k_cache.view(-1)
-    flat[token_bytes(k_cache, kv_format, token_ids).reshape(-1)] = POISON_BYTE
+    fmt = quant.FORMATS[kv_format]
+    num_blocks, page = int(k_cache.shape[0]), int(k_cache.shape[1])
+    ids = token_ids.to(torch.int64)
+    if not fmt.page_structured:
+        k_cache.view(num_blocks * page, fmt.bytes_per_token)[ids] = POISON_BYTE
+        return
+    data, scales = quant.MODEL1_TOKEN_DATA_BYTES, quant.MODEL1_SCALE_BYTES
+    blocks = k_cache.view(num_blocks, page * fmt.bytes_per_token)
+    block, offset = ids // page, ids % page
+    blocks[:, :page * data].view(num_blocks, page, data)[block, offset] = POISON_BYTE
+    blocks[:, page * data:].view(num_blocks, page, scales)[block, offset] = POISON_BYTE
 
 
 def make_pool(spec: PoolSpec, s_q: int, gen: torch.Generator, device, *, std: float,
@@ -196,7 +206,8 @@ def make_pool(spec: PoolSpec, s_q: int, gen: torch.Generator, device, *, std: fl
         raise ValueError(f"kv_format must be one of {quant.FORMAT_NAMES}, got {spec.kv_format!r}")
     if spec.topk < 1 or spec.page_size < 1 or invalid_every < 2 or spare_blocks < 1:
         raise ValueError(f"topk and page_size must be >= 1, invalid_every >= 2 and spare_blocks "
-                         f">= 1, got {spec} invalid_every={invalid_every} spare_blocks={spare_blocks}")
+                         f">= 1, got {spec} invalid_every={invalid_every} "
+                         f"spare_blocks={spare_blocks}")
     fmt = quant.FORMATS[spec.kv_format]
     b, topk, page = len(spec.seqlens), spec.topk, spec.page_size
     table, num_blocks = block_table(spec.seqlens, page, spare_blocks, gen, device)

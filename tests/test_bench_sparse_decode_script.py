@@ -53,9 +53,11 @@ def test_format_tables_agree_with_flash_mla_quant(bench, soak):
 def test_shapes_are_the_upstream_and_serving_ones(bench):
     up = [s for s in bench.shapes(False) if s.kind == "upstream"]
     serving = [s for s in bench.shapes(False) if s.kind == "serving"]
-    assert {(s.kv_format, s.b) for s in up} == {(f, b) for f in ("V32", "V4", "V41") for b in (64, 128)}
+    assert {(s.kv_format, s.b) for s in up} == {(f, b) for f in ("V32", "V4", "V41")
+                                                 for b in (64, 128)}
     assert all(s.h_q == 128 and s.s_q == 2 for s in up)
-    assert {(s.kv_format, s.h_q) for s in serving} == {(f, h) for f in quant.FORMAT_NAMES for h in (8, 16, 32)}
+    assert {(s.kv_format, s.h_q) for s in serving} == {(f, h) for f in quant.FORMAT_NAMES
+                                                       for h in (8, 16, 32)}
     assert all(s.b == 128 and s.s_q == 1 for s in serving)
     quick = bench.shapes(True)
     assert set(quick) < set(bench.shapes(False))

@@ -58,6 +58,7 @@ OP = "sparse_decode"
 PARTS_VARIABLE = "FLASH_MLA_SPARSE_DECODE_PARTS"
 FORMATS_512 = ("V32_NO_ROPE", "V4", "V41", "V41_FP4")
 HEADS = (1, 8, 16, 32, 63, 64, 128)
+DEVICE = "cuda"
 
 
 @pytest.fixture(autouse=True)
@@ -112,7 +113,7 @@ def _check_element(p: Problem, out, lse, label: str, want=None) -> None:
 def test_vectorised_reference_matches_the_byte_level_oracle():
     main = PoolSpec("V41", (300, 0, 77), topk=100, page_size=61, topk_length=True)
     extra = PoolSpec("V41_FP4", (40, 90, 5), topk=33, page_size=2, topk_length=(33, 0, 17))
-    p = make_problem(main, 2, 5, seed=1, extra=extra, sink=True)
+    p = make_problem(main, 2, 5, device=DEVICE, seed=1, extra=extra, sink=True)
     got_out, got_lse = exact(p)
     want_out, want_lse = oracle.sparse_decode(p.q, oracle_pools(p), p.scale, D_V, p.sink)
     torch.testing.assert_close(got_out, want_out.to(got_out.device), rtol=1e-12, atol=1e-12)
@@ -180,9 +181,11 @@ def _grid_problem(c: Case, seed: int, std: float = 0.1) -> Problem:
     extra = None
     if c.extra:
         extra_s_k = (128, 1000)[seed % 2]
-        extra = PoolSpec(_extra_format(c.kv_format, seed), tuple(_seqlens(b, extra_s_k, True, seed + 1)),
-                         (64, 200)[seed % 2], (64, 3)[(seed // 2) % 2], lengths)
-    return make_problem(main, c.s_q, c.h_q, seed=seed, extra=extra, sink=c.sink, std=std)
+        extra = PoolSpec(_extra_format(c.kv_format, seed),
+                         tuple(_seqlens(b, extra_s_k, True, seed + 1)), (64, 200)[seed % 2],
+                         (64, 3)[(seed // 2) % 2], lengths)
+    return make_problem(main, c.s_q, c.h_q, device=DEVICE, seed=seed, extra=extra, sink=c.sink,
+                        std=std)
 
 
 CASES = grid_cases(os.environ.get("FLASH_MLA_FULL_GRID") == "1")
@@ -206,7 +209,7 @@ def test_every_format_and_head_count_element_rule(kv_format, h_q):
                     topk_length=True if k % 2 else None)
     extra = (PoolSpec(_extra_format(kv_format, k), (50, 0, 130, 9), topk=40, page_size=5,
                       topk_length=True if k % 2 else None) if k % 3 == 1 else None)
-    p = make_problem(main, 1 + k % 3, h_q, seed=k * 10 + len(kv_format), extra=extra,
+    p = make_problem(main, 1 + k % 3, h_q, device=DEVICE, seed=k * 10 + len(kv_format), extra=extra,
                      sink=k % 2 == 0)
     out, lse = _run_native(p)
     _check_element(p, out, lse, f"{kv_format} h{h_q}")
@@ -222,8 +225,8 @@ def test_hostile_std1_plain_rule(kv_format, h_q):
     main = PoolSpec(kv_format, (4096, 2500, 0), topk=2048, page_size=64, topk_length=True)
     extra = PoolSpec(_extra_format(kv_format, h_q), (300, 1, 700), topk=128, page_size=61,
                      topk_length=True)
-    p = make_problem(main, 2, h_q, seed=h_q + len(kv_format), extra=extra, std=1.0, sink=True,
-                     invalid_every=5)
+    p = make_problem(main, 2, h_q, device=DEVICE, seed=h_q + len(kv_format), extra=extra,
+                     std=1.0, sink=True, invalid_every=5)
     out, lse = _run_native(p, q=make_noncontiguous(p.q),
                            indices=make_noncontiguous(p.main.indices))
     _check_shapes(p, out, lse)
@@ -240,7 +243,7 @@ def test_all_invalid_and_zero_length_rows(kv_format):
     b, s_q, h_q, topk = 6, 3, 20, 45
     main = PoolSpec(kv_format, (100, 0, 80, 100, 7, 64), topk, page_size=16,
                     topk_length=(topk, topk, 0, 30, 0, 1))
-    p = make_problem(main, s_q, h_q, seed=3, sink=True)
+    p = make_problem(main, s_q, h_q, device=DEVICE, seed=3, sink=True)
     idx = p.main.indices.clone()
     for i, j in ((0, 0), (0, 2), (3, 1)):  # every index of the row an invalid candidate
         idx[i, j] = idx[1, j]                # request 1 owns no token: its rows are all invalid
@@ -258,7 +261,7 @@ def test_only_the_extra_pool_has_tokens():
     # Rows whose main list is empty but whose extra list is not attend to the extra pool.
     main = PoolSpec("V41", (0, 50, 0), topk=64, page_size=64, topk_length=(64, 0, 64))
     extra = PoolSpec("V41_FP4", (90, 0, 0), topk=32, page_size=64, topk_length=(32, 32, 0))
-    p = make_problem(main, 2, 64, seed=8, extra=extra, sink=True)
+    p = make_problem(main, 2, 64, device=DEVICE, seed=8, extra=extra, sink=True)
     out, lse = _run_native(p)
     assert torch.isfinite(lse[0]).all() and torch.isposinf(lse[1:]).all()
     _check_element(p, out, lse, "extra only")
@@ -267,9 +270,9 @@ def test_only_the_extra_pool_has_tokens():
 @gpu
 def test_sink_infinities():
     main = PoolSpec("V32", (300, 200, 0), topk=64, page_size=64, topk_length=None)
-    p = make_problem(main, 2, 32, seed=11)
+    p = make_problem(main, 2, 32, device=DEVICE, seed=11)
     base_out, base_lse = _run_native(p)
-    sink = torch.zeros(32, device="cuda")
+    sink = torch.zeros(32, device=DEVICE)
     sink[0], sink[1] = float("inf"), float("-inf")
     p.sink = sink
     out, lse = _run_native(p)
@@ -283,14 +286,14 @@ def test_sink_infinities():
 @pytest.mark.parametrize("kv_format", quant.FORMAT_NAMES)
 def test_noncontiguous_cache_byte_dtypes_and_format_detection(kv_format):
     main = PoolSpec(kv_format, (500, 20, 0, 333), topk=128, page_size=32, topk_length=True)
-    p = make_problem(main, 2, 16, seed=5 + len(kv_format), sink=True)
+    p = make_problem(main, 2, 16, device=DEVICE, seed=5 + len(kv_format), sink=True)
     want = exact(p)
     base_out, base_lse = _run_native(p)
     _check_element(p, base_out, base_lse, f"{kv_format} contiguous", want)
     # Blocks 64 bytes apart (a padded block stride, every block still one run of bytes),
     # the padding 0xFF.
     nb, page, _, bpt = p.main.k_cache.shape
-    storage = torch.full((nb, page * bpt + 64), POISON_BYTE, dtype=torch.uint8, device="cuda")
+    storage = torch.full((nb, page * bpt + 64), POISON_BYTE, dtype=torch.uint8, device=DEVICE)
     padded = storage.as_strided((nb, page, 1, bpt), (page * bpt + 64, bpt, bpt, 1))
     padded.copy_(p.main.k_cache)
     assert not padded.is_contiguous()
@@ -312,7 +315,7 @@ def _long_uneven_problem(seed: int) -> Problem:
                     topk_length=(2048, 1, 0, 700, 64, 1500))
     extra = PoolSpec("V32", (200, 0, 50, 0, 300, 1), topk=256, page_size=2,
                      topk_length=(256, 0, 50, 0, 129, 1))
-    return make_problem(main, 2, 64, seed=seed, extra=extra, sink=True)
+    return make_problem(main, 2, 64, device=DEVICE, seed=seed, extra=extra, sink=True)
 
 
 @gpu
@@ -346,10 +349,10 @@ def test_batch_invariant_is_bit_identical_across_batches():
                     topk=2048, page_size=64, topk_length=lengths)
     extra = PoolSpec("V41_FP4", (100,) * 12, topk=64, page_size=16,
                      topk_length=(64, 0, 3, 64, 10, 64, 0, 20, 64, 1, 0, 64))
-    p = make_problem(main, 2, 32, seed=55, extra=extra, sink=True)
+    p = make_problem(main, 2, 32, device=DEVICE, seed=55, extra=extra, sink=True)
 
     def subset(rows: List[int]):
-        sel = torch.tensor(rows, device="cuda")
+        sel = torch.tensor(rows, device=DEVICE)
         sub = Problem(q=p.q[sel], main=_take(p.main, sel), extra=_take(p.extra, sel),
                       sink=p.sink, scale=p.scale)
         return _run_native(sub, invariant=True), sub
@@ -382,7 +385,8 @@ def _take(pool, sel):
 def test_cuda_graph_capture_and_replay_with_new_indices_and_lengths():
     main = PoolSpec("V4", (3000, 700, 0, 2047), topk=1024, page_size=64, topk_length=True)
     extra = PoolSpec("V41_FP4", (100, 0, 300, 64), topk=128, page_size=32, topk_length=True)
-    p = make_problem(main, 2, 64, seed=31, extra=extra, sink=True, poison_past_length=False)
+    p = make_problem(main, 2, 64, device=DEVICE, seed=31, extra=extra, sink=True,
+                     poison_past_length=False)
     # Captured input buffers; replays copy new values into them.
     buffers = [p.main.indices.clone(), p.main.topk_length.clone(), p.extra.indices.clone(),
                p.extra.topk_length.clone()]
@@ -396,7 +400,7 @@ def test_cuda_graph_capture_and_replay_with_new_indices_and_lengths():
     with torch.cuda.graph(graph):
         # A fresh holder: the first call computes the schedule inside the capture.
         out, lse = run(p, meta=flash_mla.get_mla_metadata()[0])
-    gen = torch.Generator(device="cuda").manual_seed(3)
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
     for replay in range(3):
         new_main, new_extra = reshuffled(p.main, gen), reshuffled(p.extra, gen)
         for buf, new in zip(buffers, (*new_main, *new_extra)):

@@ -30,7 +30,8 @@ def _gen(seed: int = 0) -> torch.Generator:
 
 
 def test_invalid_candidates_keep_only_invalid_values():
-    assert invalid_candidates(1000) == [-2 ** 31, -123456, -1, 1000, 114514, 2147480000, 2 ** 31 - 1]
+    assert invalid_candidates(1000) == [-2 ** 31, -123456, -1, 1000, 114514, 2147480000,
+                                        2 ** 31 - 1]
     # 114514 names a token of a larger pool: it is not an invalid candidate there.
     assert 114514 not in invalid_candidates(151_552)
     assert 151_552 in invalid_candidates(151_552)
@@ -38,7 +39,8 @@ def test_invalid_candidates_keep_only_invalid_values():
 
 def test_index_rows_are_distinct_tokens_of_the_request_with_every_candidate():
     seqlens, page, topk, s_q, every = (130, 0, 7, 64), 16, 40, 3, 7
-    table = torch.tensor([[5, 0, 9, 2, 11, 3, 10, 6, 1], [0] * 9, [4] + [0] * 8, [7, 8, 12, 13] + [0] * 5])
+    table = torch.tensor([[5, 0, 9, 2, 11, 3, 10, 6, 1], [0] * 9, [4] + [0] * 8,
+                          [7, 8, 12, 13] + [0] * 5])
     num_tokens = 14 * page
     idx = index_rows(seqlens, s_q, topk, table, page, num_tokens, _gen(), every)
     assert idx.shape == (4, s_q, topk)
