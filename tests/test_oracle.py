@@ -112,6 +112,85 @@ def test_decode_fp8_tokens_matches_bytewise_and_quant(d_qk):
         oracle.decode_fp8_tokens(packed, d_qk, [0, 15])
 
 
+@pytest.mark.parametrize("fmt", ["V32", "V32_NO_ROPE", "V4", "V41", "V41_FP4"])
+def test_decode_fp8_tokens_of_every_format_matches_bytewise_and_quant(fmt):
+    g = torch.Generator().manual_seed(len(fmt))
+    blocks, page = 3, 5
+    d_qk = oracle.FORMAT_SIZES[fmt][1]
+    packed = quant.quantize_kv(torch.randn(blocks, page, 1, d_qk, generator=g) * 4, fmt)
+    ids = [0, 4, 7, 14, 9, 9]
+    many = oracle.decode_fp8_tokens(packed, fmt, ids)
+    assert many.dtype == torch.float64 and many.shape == (6, d_qk)
+    assert torch.equal(many, torch.stack([oracle.decode_fp8_token(packed, fmt, i) for i in ids]))
+    # the writers' scales make every product exact, so quant's fp32 values are the same numbers
+    assert torch.equal(many, quant.dequantize_kv(packed, fmt).reshape(blocks * page, d_qk).double()[ids])
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 15\), got \[-1, 9\]"):
+        oracle.decode_fp8_tokens(packed, fmt, [9, -1])
+    with pytest.raises(ValueError, match=r"kv_format must be one of .*got 'V5'"):
+        oracle.decode_fp8_tokens(packed, "V5", [0])
+
+
+def _decode_pool(fmt, g, blocks=2, page=3):
+    d_qk = oracle.FORMAT_SIZES[fmt][1]
+    return quant.quantize_kv(torch.randn(blocks, page, 1, d_qk, generator=g), fmt), d_qk
+
+
+def test_sparse_decode_skips_every_out_of_range_index_and_takes_old_pools():
+    g = torch.Generator().manual_seed(8)
+    cache, d_qk = _decode_pool("V4", g)  # 6 slots
+    q = torch.randn(1, 2, 3, d_qk, generator=g).to(torch.bfloat16)
+    odd = torch.tensor([[[0, -2, 6, 5, -(2 ** 31), 2 ** 31 - 1, 114514], [3, 3, -1, 6, 7, 1, 0]]], dtype=torch.int32)
+    clean = [torch.tensor([[[0, 5]]], dtype=torch.int32),  # what each row really reads
+             torch.tensor([[[3, 3, 1, 0]]], dtype=torch.int32)]
+    out, lse = oracle.sparse_decode(q, [(cache, odd, None, "V4")], 0.1, 512)
+    old_out, old_lse = oracle.sparse_decode(q, [(cache, odd, None)], 0.1, 512)  # format from d_qk 512
+    assert torch.equal(out, old_out) and torch.equal(lse, old_lse)
+    for j in range(2):
+        want, want_lse = oracle.sparse_decode(q[:, j:j + 1], [(cache, clean[j], None, "V4")], 0.1, 512)
+        assert torch.equal(out[:, j:j + 1], want) and torch.equal(lse[:, j:j + 1], want_lse)
+    with pytest.raises(ValueError, match=r"pools\[0\] has kv_format 'V32' \(d_qk 576\), but q has head dim 512"):
+        oracle.sparse_decode(q, [(cache, odd, None, "V32")], 0.1, 512)
+
+
+def test_sparse_decode_pools_of_different_formats_join_one_softmax():
+    g = torch.Generator().manual_seed(9)
+    main, d_qk = _decode_pool("V41", g)
+    extra, _ = _decode_pool("V41_FP4", g, blocks=3, page=2)
+    q = torch.randn(1, 1, 2, d_qk, generator=g).to(torch.bfloat16)
+    idx, extra_idx = torch.tensor([[[1, 4]]], dtype=torch.int32), torch.tensor([[[5, 0, 2]]], dtype=torch.int32)
+    out, lse = oracle.sparse_decode(q, [(main, idx, [1], "V41"), (extra, extra_idx, [2], "V41_FP4")], 0.2, 512)
+    keys = torch.cat([oracle.decode_fp8_tokens(main, "V41", [1]), oracle.decode_fp8_tokens(extra, "V41_FP4", [5, 0])])
+    logits = q[0, 0].double() @ keys.T * 0.2
+    check_close(out[0, 0], torch.softmax(logits, -1) @ keys[:, :512], name="out", **EXACT)
+    check_close(lse[0, 0], torch.logsumexp(logits, -1), name="lse", **EXACT)
+
+
+def test_plain_sparse_decode_is_plain_pytorch_at_the_input_precision():
+    g = torch.Generator().manual_seed(10)
+    cache, d_qk = _decode_pool("V32", g, blocks=4, page=5)
+    extra, _ = _decode_pool("V32", g, blocks=2, page=2)
+    b, s_q, h_q = 2, 2, 3
+    q = torch.randn(b, s_q, h_q, d_qk, generator=g).to(torch.bfloat16)
+    idx = torch.randint(-1, 20, (b, s_q, 7), generator=g, dtype=torch.int32)
+    idx[1, 1] = -1
+    extra_idx = torch.randint(0, 4, (b, s_q, 3), generator=g, dtype=torch.int32)
+    sink = torch.tensor([0.3, math.inf, -math.inf])
+    pools = [(cache, idx, [7, 5], "V32"), (extra, extra_idx, [3, 0], "V32")]
+    plain = oracle.plain_sparse_decode(q, pools, 0.05, 512, sink)
+    assert plain.dtype == torch.bfloat16 and plain.shape == (b, s_q, h_q, 512)
+    assert (plain[1, 1] == 0).all() and (plain[:, :, 1] == 0).all()  # empty row; +inf sink
+    # row (0, 1) by definition: fp32 scores and softmax, P in bf16, P.V in bf16, sink in fp32
+    ids = [t for t in idx[0, 1].tolist() if t >= 0]
+    keys = torch.cat([oracle.decode_fp8_tokens(cache, "V32", ids),
+                      oracle.decode_fp8_tokens(extra, "V32", extra_idx[0, 1].tolist())]).to(torch.bfloat16)
+    scores = q[0, 1].float() @ keys.float().T * 0.05
+    o = (torch.softmax(scores, -1).to(torch.bfloat16) @ keys[:, :512]).float()
+    o = o * (1 / (1 + torch.exp(sink - torch.logsumexp(scores, -1)))).unsqueeze(-1)
+    assert torch.equal(plain[0, 1], o.to(torch.bfloat16))
+    exact, _ = oracle.sparse_decode(q, pools, 0.05, 512, sink)
+    check_close(plain, exact, abs_tol=1e-2, rel_tol=2.01 / 128, cos_tol=1e-4, name="plain vs exact")
+
+
 def test_attend_ignores_nan_in_keys_no_row_sees():
     q = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
     k = torch.randn(3, 4, dtype=torch.float64)

@@ -87,17 +87,21 @@ def test_dense_decode_negative_seqlen_is_an_empty_sequence():
 # ---------------------------------------------------------------------------
 # sparse decode (FP8 cache)
 # ---------------------------------------------------------------------------
-def _fp8_pool(d_qk, num_blocks, page_size, gen, live_fraction=0.5):
-    """Quantised cache whose non-live tokens are NaN before quantisation (so their bytes are NaN),
-    and the list of live physical indices."""
+FORMATS = ["V32", "V32_NO_ROPE", "V4", "V41", "V41_FP4"]
+
+
+def _fp8_pool(fmt, num_blocks, page_size, gen, live_fraction=0.5):
+    """Quantised cache in format ``fmt`` (a name, or the older head dim 576 / 512) whose non-live
+    tokens are NaN before quantisation (so their bytes are NaN), and the live physical indices."""
+    fmt = quant.resolve_format(fmt).name
+    d_qk = quant.FORMATS[fmt].d_qk
     total = num_blocks * page_size
     kv = torch.randn(num_blocks, page_size, 1, d_qk, generator=gen).to(torch.bfloat16)
     live = torch.randperm(total, generator=gen)[: max(1, int(total * live_fraction))]
     dead = torch.ones(total, dtype=torch.bool)
     dead[live] = False
     kv.view(total, d_qk)[dead] = float("nan")
-    packed = quant.quantize_kv_v32(kv) if d_qk == 576 else quant.quantize_kv_model1(kv)
-    return packed, live
+    return quant.quantize_kv(kv, fmt), live
 
 
 def _sparse_indices(b, s_q, topk, live, gen, invalid_fraction=0.25):
@@ -106,13 +110,14 @@ def _sparse_indices(b, s_q, topk, live, gen, invalid_fraction=0.25):
     return torch.where(invalid, torch.full_like(picks, -1), picks)
 
 
-@pytest.mark.parametrize("d_qk", [576, 512])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("page_size", [1, 2, 61, 64, 69])
-def test_sparse_decode_matches_float64(d_qk, page_size):
-    gen = torch.Generator().manual_seed(100 * page_size + d_qk)
+def test_sparse_decode_matches_float64(fmt, page_size):
+    d_qk = quant.FORMATS[fmt].d_qk
+    gen = torch.Generator().manual_seed(100 * page_size + FORMATS.index(fmt))
     b, s_q, h_q, topk = 3, 2, 4, 20
     num_blocks = max(2, 90 // page_size)
-    cache, live = _fp8_pool(d_qk, num_blocks, page_size, gen)
+    cache, live = _fp8_pool(fmt, num_blocks, page_size, gen)
     indices = _sparse_indices(b, s_q, topk, live, gen)
     indices[1, 1] = -1  # an all-invalid row
     topk_length = torch.tensor([topk, 13, 0], dtype=torch.int32)  # batch 2 attends to nothing
@@ -121,22 +126,29 @@ def test_sparse_decode_matches_float64(d_qk, page_size):
     indices[2] = torch.randint(-5, 10 ** 6, (s_q, topk), generator=gen, dtype=torch.int32)
     q = make_noncontiguous(torch.randn(b, s_q, h_q, d_qk, generator=gen).to(torch.bfloat16))
     scale = d_qk ** -0.5
-    out, lse = reference.sparse_decode(q, cache, indices, topk_length, scale, d_v=512)
+    out, lse = reference.sparse_decode(q, cache, indices, topk_length, scale, d_v=512, kv_format=fmt)
     assert out.shape == (b, s_q, h_q, 512) and lse.shape == (b, s_q, h_q)
-    exp_out, exp_lse = f64.sparse_decode(q, [(cache, indices, topk_length.tolist())], scale, 512)
+    exp_out, exp_lse = f64.sparse_decode(q, [(cache, indices, topk_length.tolist(), fmt)], scale, 512)
     _finite_where_expected(out, "out")
     _close(out, exp_out, "sparse_decode.out")
     _close(lse, exp_lse, "sparse_decode.lse")
     assert (lse[1, 1] == INF).all() and (out[1, 1] == 0).all()
     assert (lse[2] == INF).all() and (out[2] == 0).all()
+    if fmt != "V32_NO_ROPE":  # the others are what their size detects
+        assert torch.equal(reference.sparse_decode(q, cache, indices, topk_length, scale, d_v=512)[0], out)
 
 
-@pytest.mark.parametrize("d_qk", [576, 512])
-def test_sparse_decode_extra_pool_and_sinks(d_qk):
-    gen = torch.Generator().manual_seed(7 + d_qk)
+# (main, extra): the older same-format pairs, upstream's V41 + V41_FP4, and mixed ones
+PAIRS = [("V32", "V32"), ("V4", "V4"), ("V41", "V41_FP4"), ("V41_FP4", "V32_NO_ROPE"), ("V4", "V41")]
+
+
+@pytest.mark.parametrize("fmt,extra_fmt", PAIRS)
+def test_sparse_decode_extra_pool_and_sinks(fmt, extra_fmt):
+    d_qk = quant.FORMATS[fmt].d_qk
+    gen = torch.Generator().manual_seed(7 + PAIRS.index((fmt, extra_fmt)))
     b, s_q, h_q, topk, extra_topk = 2, 3, 4, 16, 9
-    cache, live = _fp8_pool(d_qk, 5, 64, gen)
-    extra, extra_live = _fp8_pool(d_qk, 7, 3, gen)  # a different page size
+    cache, live = _fp8_pool(fmt, 5, 64, gen)
+    extra, extra_live = _fp8_pool(extra_fmt, 7, 3, gen)  # a different page size
     indices = _sparse_indices(b, s_q, topk, live, gen)
     extra_indices = _sparse_indices(b, s_q, extra_topk, extra_live, gen)
     indices[0, 0] = -1                    # row served by the extra pool only
@@ -147,10 +159,11 @@ def test_sparse_decode_extra_pool_and_sinks(d_qk):
     sink = torch.tensor([0.5, INF, -INF, -1.25])
     q = torch.randn(b, s_q, h_q, d_qk, generator=gen).to(torch.bfloat16)
     scale = 0.07
+    formats = dict(kv_format=fmt, extra_kv_format=extra_fmt)
     out, lse = reference.sparse_decode(q, cache, indices, None, scale, d_v=512, attn_sink=sink,
                                        extra_k_cache=extra, extra_indices=extra_indices,
-                                       extra_topk_length=extra_length)
-    pools = [(cache, indices, None), (extra, extra_indices, extra_length.tolist())]
+                                       extra_topk_length=extra_length, **formats)
+    pools = [(cache, indices, None, fmt), (extra, extra_indices, extra_length.tolist(), extra_fmt)]
     exp_out, exp_lse = f64.sparse_decode(q, pools, scale, 512, sink=sink)
     _finite_where_expected(out, "out")
     _close(out, exp_out, "sparse_decode.out")
@@ -160,7 +173,7 @@ def test_sparse_decode_extra_pool_and_sinks(d_qk):
     # sink -inf changes nothing; the returned lse never includes the sink
     plain, plain_lse = reference.sparse_decode(q, cache, indices, None, scale, d_v=512,
                                                extra_k_cache=extra, extra_indices=extra_indices,
-                                               extra_topk_length=extra_length)
+                                               extra_topk_length=extra_length, **formats)
     assert torch.equal(out[..., 2, :], plain[..., 2, :]) and torch.equal(lse, plain_lse)
     factor = torch.sigmoid(plain_lse[..., 0] - 0.5)
     assert torch.allclose(out[..., 0, :], plain[..., 0, :] * factor.unsqueeze(-1), atol=1e-6)
