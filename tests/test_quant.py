@@ -558,7 +558,7 @@ def test_fp4_round_trip_to_the_nearest_point(page_size):
 
 
 def test_fp4_ties_go_to_the_even_code():
-    scale = 1.0  # amax 6 -> scale exactly 1
+    # each group's amax is 6, so its scale is exactly 1 and x / scale is x
     ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, 6.0, -6.0]
     want = [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -0.0, -1.0, -1.0, -2.0, -2.0, -4.0, -4.0, 6.0, -6.0]
     x = torch.tensor(ties * 32).view(1, 1, 1, 512)
