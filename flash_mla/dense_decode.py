@@ -35,7 +35,7 @@ from . import _checks as C
 from . import _custom_op
 from . import _native
 from . import dispatch as _dispatch
-from .sched_meta import FlashMLASchedMeta, bind_or_check_config
+from .sched_meta import FlashMLASchedMeta, bind_or_check_config, stored_schedule
 
 OP = "dense_decode"
 
@@ -243,32 +243,15 @@ _op = _custom_op.define(
     _body, _fake)
 
 
-# The enable_batch_invariant a holder's stored schedule was made with (an attribute of the
-# instance beside upstream's fields, which stay exactly upstream's).
-_INVARIANT_ATTR = "_dense_decode_batch_invariant"
-
-
 def _stored_schedule(holder: FlashMLASchedMeta, q: torch.Tensor, k_cache: torch.Tensor,
                      cache_seqlens: torch.Tensor, batch_invariant: bool
                      ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The holder's schedule; on its first native call, computed and stored there. None
     while tracing (the op computes one per call) or on the reference backend."""
-    if holder.tile_scheduler_metadata is not None:
-        recorded = getattr(holder, _INVARIANT_ATTR, batch_invariant)
-        if recorded != batch_invariant:
-            raise ValueError(
-                f"tile_scheduler_metadata holds a schedule made with enable_batch_invariant="
-                f"{recorded} but this call has enable_batch_invariant={batch_invariant}; get a "
-                "new one from get_mla_metadata() for this call")
-        return holder.tile_scheduler_metadata, holder.num_splits
-    if C.is_compiling():
-        return None, None
-    if _dispatch.choose(OP, q.device, _features(q)) != _dispatch.NATIVE:
-        return None, None
-    holder.tile_scheduler_metadata, holder.num_splits = _native_schedule(
-        q, k_cache, cache_seqlens, batch_invariant)
-    setattr(holder, _INVARIANT_ATTR, batch_invariant)
-    return holder.tile_scheduler_metadata, holder.num_splits
+    can_store = (holder.tile_scheduler_metadata is None and not C.is_compiling()
+                 and _dispatch.choose(OP, q.device, _features(q)) == _dispatch.NATIVE)
+    return stored_schedule(holder, batch_invariant, can_store,
+                           lambda: _native_schedule(q, k_cache, cache_seqlens, batch_invariant))
 
 
 # --------------------------------------------------------------------------- entry

@@ -46,10 +46,9 @@ OPS = (
 )
 
 # Ops whose family module binds a native entry point (its _run_native calls the
-# csrc/api export). The sparse decode kernel is not written yet, so its family runs the
-# reference.
+# csrc/api export).
 _NATIVE_BOUND_OPS = frozenset({"dense_prefill_fwd", "dense_prefill_bwd", "dense_decode",
-                               "sparse_prefill"})
+                               "sparse_prefill", "sparse_decode"})
 
 
 class FlashMLAFallbackWarning(UserWarning):

@@ -13,7 +13,7 @@ This module does not import torch, so ``import flash_mla`` stays cheap.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     import torch
@@ -109,3 +109,31 @@ def bind_or_check_config(sched_meta: FlashMLASchedMeta, config: FlashMLASchedMet
                 "so get a new one from get_mla_metadata() for this call"
             )
     return False
+
+
+# The enable_batch_invariant a holder's stored schedule was made with (an attribute of the
+# instance beside upstream's fields, which stay exactly upstream's).
+_INVARIANT_ATTR = "_batch_invariant"
+
+
+def stored_schedule(holder: FlashMLASchedMeta, batch_invariant: bool, can_store: bool,
+                    compute: Callable[[], Tuple["torch.Tensor", "torch.Tensor"]]
+                    ) -> Tuple[Optional["torch.Tensor"], Optional["torch.Tensor"]]:
+    """The holder's native schedule (tile_scheduler_metadata, num_splits): the stored one,
+    or, on the first call that runs natively (``can_store``: the native backend chosen and
+    not tracing), ``compute()``'s, stored there. (None, None) otherwise (the reference needs
+    none; a traced op computes its own per call). A stored schedule made with another
+    enable_batch_invariant raises ValueError."""
+    if holder.tile_scheduler_metadata is not None:
+        recorded = getattr(holder, _INVARIANT_ATTR, batch_invariant)
+        if recorded != batch_invariant:
+            raise ValueError(
+                f"tile_scheduler_metadata holds a schedule made with enable_batch_invariant="
+                f"{recorded} but this call has enable_batch_invariant={batch_invariant}; get a "
+                "new one from get_mla_metadata() for this call")
+        return holder.tile_scheduler_metadata, holder.num_splits
+    if not can_store:
+        return None, None
+    holder.tile_scheduler_metadata, holder.num_splits = compute()
+    setattr(holder, _INVARIANT_ATTR, batch_invariant)
+    return holder.tile_scheduler_metadata, holder.num_splits

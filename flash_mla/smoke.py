@@ -57,7 +57,7 @@ REFERENCE = "reference"
 # Ops for which this version of flash_mla has a native kernel and calls it; on a GPU the
 # library was built for, each must run natively.
 NATIVE_KERNEL_OPS: Tuple[str, ...] = ("dense_prefill_fwd", "dense_prefill_bwd", "dense_decode",
-                                      "sparse_prefill")
+                                      "sparse_prefill", "sparse_decode")
 # Ops the smoke test runs, in table order.
 SMOKE_OPS: Tuple[str, ...] = ("dense_prefill_fwd", "dense_prefill_bwd", "dense_decode", "sparse_prefill",
                               "sparse_decode")
@@ -336,7 +336,8 @@ def _case_sparse_decode(device: torch.device, gen: torch.Generator, plan_: Plan)
     exact_out, exact_lse = oracle.sparse_decode(q, [(cache, indices, topk_length.tolist())], scale, d_v)
     rows = [element_row("sparse_decode", "sparse_decode", "out", device, out, exact_out),
             element_row("sparse_decode", "sparse_decode", "lse", device, lse, exact_lse.transpose(1, 2))]
-    backend_rows("sparse_decode", device, plan_.expected["sparse_decode"], {"dtype": "bf16", "d_qk": d}, rows)
+    backend_rows("sparse_decode", device, plan_.expected["sparse_decode"],
+                 {"dtype": "bf16", "h_q": h_q, "kv_format": "V32"}, rows)
     return rows
 
 

@@ -35,9 +35,10 @@ import torch
 
 from . import _checks as C
 from . import _custom_op
+from . import _native
 from . import dispatch as _dispatch
 from . import quant
-from .sched_meta import FlashMLASchedMeta, bind_or_check_config
+from .sched_meta import FlashMLASchedMeta, bind_or_check_config, stored_schedule
 
 OP = "sparse_decode"
 
@@ -265,11 +266,76 @@ def _features(q: torch.Tensor, kv_format: str, extra_kv_format: Optional[str]) -
     return features
 
 
+# Ints per schedule part (csrc/portable/decode/schedule/config.h, kMetaInts), and the tile
+# that the main pool's key list is padded to (csrc/portable/decode/sparse/config.h, kBlockN).
+_META_INTS = 8
+_TILE = 16
+
+
+def _key_lengths(b: int, device: torch.device, topk: int, topk_length: Optional[torch.Tensor],
+                 extra_topk: Optional[int], extra_topk_length: Optional[torch.Tensor]
+                 ) -> torch.Tensor:
+    """Each request's key-list length, int32 [b] on the GPU (no host sync): the main pool's
+    counted positions rounded up to a multiple of 16, plus the extra pool's. The kernel
+    derives the same list from the same tensors (docs/sparse_decode.md)."""
+    def counted(limit: int, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+        if lengths is None:
+            return torch.full((b,), limit, dtype=torch.int32, device=device)
+        return lengths.clamp(0, limit)
+
+    total = (counted(topk, topk_length) + (_TILE - 1)) // _TILE * _TILE
+    if extra_topk is not None:
+        total = total + counted(extra_topk, extra_topk_length)
+    return total.to(torch.int32).contiguous()
+
+
+def _native_schedule(q: torch.Tensor, indices: torch.Tensor, topk_length: Optional[torch.Tensor],
+                     extra_indices: Optional[torch.Tensor],
+                     extra_topk_length: Optional[torch.Tensor], batch_invariant: bool
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The split-KV schedule on q's device: the dense decode's schedule kernel over the
+    key-list lengths: (metadata int32 [parts, 8], split offsets int32 [b + 1])."""
+    b, s_q, h_q, d_qk = q.shape
+    parts = int(_native.function("sparse_decode_num_parts")(
+        q.device.index, int(b), int(s_q), int(h_q), int(d_qk), bool(batch_invariant)))
+    lengths = _key_lengths(int(b), q.device, int(indices.shape[2]), topk_length,
+                           None if extra_indices is None else int(extra_indices.shape[2]),
+                           extra_topk_length)
+    metadata = torch.empty((parts, _META_INTS), dtype=torch.int32, device=q.device)
+    split_offsets = torch.empty((int(b) + 1,), dtype=torch.int32, device=q.device)
+    _native.function("dense_decode_schedule")(lengths, metadata, split_offsets,
+                                              bool(batch_invariant))
+    return metadata, split_offsets
+
+
+def _bytes(cache: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A byte cache as uint8 (a free view), whatever 8-bit dtype the caller used."""
+    return cache if cache is None or cache.dtype == torch.uint8 else cache.view(torch.uint8)
+
+
 def _run_native(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
                 extra_topk_length, head_dim_v, softmax_scale, kv_format, extra_kv_format,
                 batch_invariant, tile_scheduler_metadata, num_splits):
-    """The native kernel (none in this version; the dispatch never picks it)."""
-    raise NotImplementedError("flash_mla has no native sparse decode kernel in this version")
+    """The native decode and combine (one tvm-ffi call on the current stream). The schedule
+    comes from the caller's FlashMLASchedMeta, or is computed here when none is given (a
+    traced call). The fp32 split partials hold at most b + parts splits (each part adds at
+    most one piece beyond one per request), or parts in batch-invariant mode; they are
+    allocated per call, so nothing waits on the host."""
+    if tile_scheduler_metadata is None or num_splits is None:
+        tile_scheduler_metadata, num_splits = _native_schedule(
+            q, indices, topk_length, extra_indices, extra_topk_length, batch_invariant)
+    b, s_q, h_q, _ = q.shape
+    parts = tile_scheduler_metadata.shape[0]
+    splits = parts if batch_invariant else b + parts
+    out = torch.empty((b, s_q, h_q, head_dim_v), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, s_q, h_q), dtype=torch.float32, device=q.device)
+    o_accum = torch.empty((splits, s_q, h_q, head_dim_v), dtype=torch.float32, device=q.device)
+    lse_accum = torch.empty((splits, s_q, h_q), dtype=torch.float32, device=q.device)
+    _native.function("sparse_decode_fwd")(
+        q, _bytes(k_cache), indices, topk_length, attn_sink, _bytes(extra_k_cache), extra_indices,
+        extra_topk_length, tile_scheduler_metadata, num_splits, o_accum, lse_accum, out, lse,
+        float(softmax_scale), str(kv_format), "" if extra_kv_format is None else str(extra_kv_format))
+    return out, lse.transpose(1, 2)
 
 
 def _run_reference(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
@@ -344,6 +410,15 @@ def decode(q: Any, k_cache: Any, indices: Any, topk_length: Any, head_dim_v: Any
     config = FlashMLASchedMeta.Config(p.b, p.s_q, p.h_q, p.page_size, 1, bool(causal),
                                       True, p.topk, p.extra_page_size, p.extra_topk)
     bind_or_check_config(tile_scheduler_metadata, config)
+    invariant = bool(enable_batch_invariant)
+    can_store = (tile_scheduler_metadata.tile_scheduler_metadata is None
+                 and not C.is_compiling()
+                 and _dispatch.choose(OP, q.device, _features(q, p.kv_format, p.extra_kv_format))
+                 == _dispatch.NATIVE)
+    metadata, num_splits = stored_schedule(
+        tile_scheduler_metadata, invariant, can_store,
+        lambda: _native_schedule(q, indices, topk_length, extra_indices_in_kvcache,
+                                 extra_topk_length, invariant))
     return _op(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
                extra_indices_in_kvcache, extra_topk_length, int(head_dim_v), p.softmax_scale,
-               p.kv_format, p.extra_kv_format, bool(enable_batch_invariant), None, None)
+               p.kv_format, p.extra_kv_format, invariant, metadata, num_splits)

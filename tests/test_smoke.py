@@ -14,10 +14,11 @@ ROWS = ["dense_prefill_fwd out", "dense_prefill_fwd lse", "dense_prefill_bwd dq"
         "dense_prefill_bwd dv", "dense_decode out", "dense_decode lse", "sparse_prefill out",
         "sparse_prefill lse", "sparse_prefill max_logits", "sparse_decode out", "sparse_decode lse"]
 MHA_OPS = ("dense_prefill_fwd", "dense_prefill_bwd")
-NATIVE_OPS = MHA_OPS + ("dense_decode", "sparse_prefill")
+NATIVE_OPS = MHA_OPS + ("dense_decode", "sparse_prefill", "sparse_decode")
 INFO_SM90 = {"version": "0.1.0", "cuda_version": "13.0", "targets": ["80", "90a"], "ptx": None,
              "ops": {"dense_prefill_fwd": {}, "dense_prefill_bwd": {}, "combine": {},
-                     "dense_decode": {}, "dense_decode_schedule": {}, "sparse_prefill": {}},
+                     "dense_decode": {}, "dense_decode_schedule": {}, "sparse_prefill": {},
+                     "sparse_decode": {}},
              "kernels": []}
 
 
@@ -57,8 +58,6 @@ def test_plan_on_a_served_gpu_expects_native_for_the_native_kernel_ops():
     assert p.library_failure is None and p.no_gpu_reason is None
     for op in NATIVE_OPS:
         assert p.expected[op].backend == "native" and "90a" in p.expected[op].why
-    assert p.expected["sparse_decode"] == smoke.Expectation("reference",
-                                                            "no native kernel in this version")
 
 
 def test_plan_family_cubin_and_ptx_count_as_runnable():
@@ -125,16 +124,13 @@ def test_planted_library_without_the_gpus_arch_fails_with_the_reason(capsys, no_
     assert smoke.main(["--device", "cpu"]) == 1
     text = capsys.readouterr().out
     assert "FAIL native library: the native library has no kernel for this GPU (sm_120" in text
-    for row in ROWS[:10]:
+    for row in ROWS:
         line = _lines(text, row)[0]
         assert line.endswith("FAIL") and " native " in line, line
         assert f"FAIL {row}: expected native" in text and "but reference ran; dispatcher: " in text
-    for row in ROWS[10:]:
-        assert "reference (no native kernel in this version)" in _lines(text, row)[0]
-        assert _lines(text, row)[0].endswith("PASS")
-    assert f"smoke: 2/{len(ROWS) + 1} passed" in text
+    assert f"smoke: 0/{len(ROWS) + 1} passed" in text
     assert ("GPU kernels expected: dense_prefill_fwd, dense_prefill_bwd, dense_decode, "
-            "sparse_prefill") in text
+            "sparse_prefill, sparse_decode") in text
 
 
 def test_planted_missing_library_fails_with_the_loaders_reason(capsys, no_gpu, monkeypatch):
