@@ -37,10 +37,11 @@
 //     (raw tile i and its mask visible; every warp finished iteration i-1, so the
 //     dequantised tile, raw stage (i+2) % 3 and its mask, the S partials, P and the
 //     rescale factors are free); issue raw tile i+2 -> commit (an empty group past the
-//     end keeps the count); every thread dequantises its chunks of raw tile i into the
-//     bf16 tile; B2 __syncthreads; S partial sums; warps 1..3 store theirs; B3
-//     __syncthreads; warp 0: add the partials, mask, softmax step; B4 __syncthreads;
-//     every warp: rescale O, O += P V.
+//     end keeps the count), with the index values loaded one iteration earlier, then load
+//     tile i+3's; warp w dequantises dims [w d/4, (w+1) d/4) of raw tile i into the bf16
+//     tile, the dims its S partial reads; __syncwarp; S partial sums; warps 1..3 store
+//     theirs; B2 __syncthreads (also: the whole bf16 tile is written); warp 0: add the
+//     partials, mask, softmax step; B3 __syncthreads; every warp: rescale O, O += P V.
 //   epilogue: wait_group 0; warp 0 writes lse (or lse_accum) and publishes each row's
 //     output scale; __syncthreads; every warp writes its columns.
 #pragma once
@@ -131,20 +132,22 @@ __device__ __forceinline__ void issue_raw_tile(const CachePool& pool, uint32_t r
   }
 }
 
-// Raw tile (shared) -> dequantised bf16 tile (shared, swizzled): kChunksPerRow chunks of 8
-// dims per token, spread over the CTA.
+// Raw tile (shared) -> dequantised bf16 tile (shared, swizzled), the part that warp `warp`
+// reads for its S partial: dims [warp d / 4, (warp + 1) d / 4) of all 16 tokens (18 or 16
+// chunks of 8 dims per token, 9 or 8 per lane). The warp's own S needs only a __syncwarp
+// after it; P V reads other warps' dims after the CTA barrier that follows the S partials.
 template <typename F, int kDimQK, int kRawRowBytes>
 __device__ __forceinline__ void dequant_tile(const unsigned char* raw_stage, unsigned char* tile,
-                                             int tid) {
+                                             int warp, int lane) {
   static_assert(F::kDimQK == kDimQK, "format and kernel agree on d_qk");
-  constexpr int kChunksPerRow = kDimQK / 8;
-  constexpr int kChunks = kBlockN * kChunksPerRow;
-  static_assert(kChunks % kThreads == 0, "dequantisation divides evenly over the CTA");
+  constexpr int kWarpChunksPerRow = kDimQK / kNumWarps / 8;
+  constexpr int kChunks = kBlockN * kWarpChunksPerRow;
+  static_assert(kChunks % 32 == 0, "dequantisation divides evenly over the warp");
 #pragma unroll 1
-  for (int j = 0; j < kChunks / kThreads; ++j) {
-    const int idx = tid + j * kThreads;
-    const int row = idx / kChunksPerRow;
-    const int dim0 = (idx % kChunksPerRow) * 8;
+  for (int j = 0; j < kChunks / 32; ++j) {
+    const int idx = lane + j * 32;
+    const int row = idx / kWarpChunksPerRow;
+    const int dim0 = (warp * kWarpChunksPerRow + idx % kWarpChunksPerRow) * 8;
     const uint4 v = F::dequant8(raw_stage + row * kRawRowBytes, dim0);
     *reinterpret_cast<uint4*>(tile + swizzled_offset<kDimQK>(row, dim0)) = v;
   }
@@ -282,18 +285,26 @@ __global__ void __launch_bounds__(kThreads, 1)
       limit = pc.extra_limit;
       return params.extra;
     };
-    // One raw tile of 16 index positions of one pool (uniform over the CTA).
-    auto issue_tile = [&](const Piece& pc, int tile) {
-      if (tile >= num_tiles) return;
+    // The index value that lane (j < 16) reads for position j of a tile: a plain load whose
+    // result is consumed one iteration later (load_index for tile i + 3 while tile i is
+    // computed), so the gather never waits for it; -1 past the tile's pool limit or the
+    // piece. The bounds check is applied at issue time, after the load has landed.
+    auto load_index = [&](const Piece& pc, int tile) -> int {
+      if (tile >= num_tiles) return -1;
       int pos0, limit;
       const CachePool& pool = tile_pool(pc, tile, pos0, limit);
       const int pos = pos0 + (lane & (kBlockN - 1));
-      int token = -1;
-      if (pos < limit) {
-        const int v = pool.indices[static_cast<int64_t>(pc.req) * pool.indices_batch_stride +
-                                   static_cast<int64_t>(query) * pool.indices_row_stride + pos];
-        if (v >= 0 && static_cast<int64_t>(v) < pool.num_tokens) token = v;
-      }
+      if (pos >= limit) return -1;
+      return pool.indices[static_cast<int64_t>(pc.req) * pool.indices_batch_stride +
+                          static_cast<int64_t>(query) * pool.indices_row_stride + pos];
+    };
+    // One raw tile of 16 index positions of one pool (uniform over the CTA); `value` is
+    // this lane's load_index of the tile.
+    auto issue_tile = [&](const Piece& pc, int tile, int value) {
+      if (tile >= num_tiles) return;
+      int pos0, limit;
+      const CachePool& pool = tile_pool(pc, tile, pos0, limit);
+      const int token = value >= 0 && static_cast<int64_t>(value) < pool.num_tokens ? value : -1;
       if (warp == 0) {
         const uint32_t mask = __ballot_sync(0xffffffffu, token >= 0) & 0xffffu;
         if (lane == 0) valid_smem[tile % kRawStages] = mask;
@@ -305,10 +316,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         issue_raw_tile<F, kRawRowBytes>(pool, raw_stage(tile), data, scales, tid);
       });
     };
-    issue_tile(here, 0);
+    issue_tile(here, 0, load_index(here, 0));
     cp_async_commit();
-    issue_tile(here, 1);
+    issue_tile(here, 1, load_index(here, 1));
     cp_async_commit();
+    int next_index = load_index(here, 2);  // tile i + 2's, for iteration i
 
     float o_acc[rb::kSlabs][rb::kNTilesO][4];
     rb::zero_o(o_acc);
@@ -318,21 +330,23 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();  // B1
       {
         const Piece pc = *piece_smem;
-        issue_tile(pc, i + 2);
+        issue_tile(pc, i + 2, next_index);
         cp_async_commit();
+        next_index = load_index(pc, i + 3);
         int pos0, limit;
         const CachePool& pool = tile_pool(pc, i, pos0, limit);
         const unsigned char* raw = smem + L::kRawOffset + (i % kRawStages) * L::kRawStageBytes;
         with_format<kDimQK>(pool.format, [&](auto fmt) {
-          dequant_tile<decltype(fmt), kDimQK, kRawRowBytes>(raw, smem + L::kTileOffset, tid);
+          dequant_tile<decltype(fmt), kDimQK, kRawRowBytes>(raw, smem + L::kTileOffset, warp,
+                                                            lane);
         });
       }
-      __syncthreads();  // B2
+      __syncwarp();  // this warp's dims of the tile, which its S partial reads
 
       float s_acc[rb::kSlabs][2][4];
       rb::s_partial<Elem, kDimQK>(s_acc, q_smem, tile_smem, warp, s_coords);
       if (warp > 0) rb::store_s_partial(s_partials, s_acc, warp, lane);
-      __syncthreads();  // B3
+      __syncthreads();  // B2
 
       if (warp == 0) {
         rb::add_s_partials(s_acc, s_partials, lane);
@@ -349,7 +363,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         rb::softmax_step<Elem>(s_acc, scale_log2, row_max_smem, row_sum_smem, rescale_smem,
                                smem + L::kPOffset, lane);
       }
-      __syncthreads();  // B4
+      __syncthreads();  // B3
 
       rb::rescale_o(o_acc, rescale_smem, lane);
       uint32_t p_frag[rb::kSlabs][4];
