@@ -24,8 +24,11 @@ extra_topk_length [b]) joins the same softmax. causal False, head_dim_v 512.
 Returns out [b, s_q, h_q, 512] bf16 and lse fp32 [b, h_q, s_q], the transposed
 view of a contiguous [b, s_q, h_q] buffer (as upstream).
 
-Native binding point: ``_run_native`` beside ``_run_reference``; this version has
-no sparse decode kernel, so every call runs the reference (the dispatch says so).
+Native path: ``_run_native`` calls the library's ``sparse_decode_fwd`` (the kernel of
+csrc/portable/decode/sparse, then the split-KV combine) with the schedule that the
+dense decode's schedule kernel computes over each request's key-list length; the first
+call stores it in the FlashMLASchedMeta (docs/sparse_decode.md). ``enable_batch_invariant``
+makes a request's pieces depend on its own length only.
 """
 from __future__ import annotations
 
