@@ -47,17 +47,7 @@ namespace sched = ::flash_mla::portable::decode_schedule;
 FLASH_MLA_REGISTER_OP(dense_decode, dec::capabilities_json);
 FLASH_MLA_REGISTER_OP(dense_decode_schedule, sched::capabilities_json);
 
-int64_t forced_parts() {
-  const std::string forced = forced_variant("FLASH_MLA_DENSE_DECODE_PARTS");
-  if (forced.empty()) return 0;
-  char* end = nullptr;
-  const long long value = std::strtoll(forced.c_str(), &end, 10);
-  if (end == forced.c_str() || *end != '\0' || value < 1 || value > (1 << 20)) {
-    TVM_FFI_THROW(ValueError) << "FLASH_MLA_DENSE_DECODE_PARTS must be an integer in [1, "
-                              << (1 << 20) << "] (or unset), got '" << forced << "'";
-  }
-  return value;
-}
+int64_t forced_parts() { return forced_count("FLASH_MLA_DENSE_DECODE_PARTS", 1 << 20); }
 
 // CTA shape for (s_q, h_q, h_k) (config.h: choose_cta). FLASH_MLA_DENSE_DECODE_WARPS=4|8
 // forces one, so both are tested and timed on one GPU at any shape; it is read on every

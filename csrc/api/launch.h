@@ -2,6 +2,7 @@
 // scoped device switch, and the post-launch error check.
 #pragma once
 
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 
@@ -58,6 +59,21 @@ inline int max_smem_per_sm(int device) {
 inline std::string forced_variant(const char* variable) {
   const char* value = std::getenv(variable);
   return value == nullptr ? std::string() : std::string(value);
+}
+
+// A count forced through an environment variable for tests (FLASH_MLA_DENSE_DECODE_PARTS,
+// FLASH_MLA_SPARSE_DECODE_PARTS): 0 when unset or empty, else an integer in [1, max], or a
+// ValueError naming the variable.
+inline int64_t forced_count(const char* variable, int64_t max) {
+  const std::string forced = forced_variant(variable);
+  if (forced.empty()) return 0;
+  char* end = nullptr;
+  const long long value = std::strtoll(forced.c_str(), &end, 10);
+  if (end == forced.c_str() || *end != '\0' || value < 1 || value > max) {
+    TVM_FFI_THROW(ValueError) << variable << " must be an integer in [1, " << max
+                              << "] (or unset), got '" << forced << "'";
+  }
+  return value;
 }
 
 // Raises RuntimeError naming the kernel when its launch failed.

@@ -50,17 +50,7 @@ namespace sched = ::flash_mla::portable::decode_schedule;
 
 FLASH_MLA_REGISTER_OP(sparse_decode, sd::capabilities_json);
 
-int64_t forced_parts() {
-  const std::string forced = forced_variant("FLASH_MLA_SPARSE_DECODE_PARTS");
-  if (forced.empty()) return 0;
-  char* end = nullptr;
-  const long long value = std::strtoll(forced.c_str(), &end, 10);
-  if (end == forced.c_str() || *end != '\0' || value < 1 || value > (1 << 20)) {
-    TVM_FFI_THROW(ValueError) << "FLASH_MLA_SPARSE_DECODE_PARTS must be an integer in [1, "
-                              << (1 << 20) << "] (or unset), got '" << forced << "'";
-  }
-  return value;
-}
+int64_t forced_parts() { return forced_count("FLASH_MLA_SPARSE_DECODE_PARTS", 1 << 20); }
 
 int64_t sparse_decode_num_parts(int64_t device, int64_t batch, int64_t s_q, int64_t h_q,
                                 int64_t d_qk, bool batch_invariant) {

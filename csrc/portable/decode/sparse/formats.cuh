@@ -74,32 +74,36 @@ __device__ __forceinline__ uint4 e2m1x8_scaled(uint32_t codes, float scale) {
   return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
-// V3.2: [512 e4m3 | 4 fp32 scales, one per 128 dims | 64 bf16 RoPE dims 512..575].
-struct V32 {
-  static constexpr int kId = 0;
-  static constexpr int kDimQK = 576;
-  static constexpr int kBytesPerToken = 656;
+// What every token-contiguous format shares: its bytes are one run per token.
+template <int kId_, int kDimQK_, int kBytesPerToken_>
+struct TokenContiguous {
+  static constexpr int kId = kId_;
+  static constexpr int kDimQK = kDimQK_;
+  static constexpr int kBytesPerToken = kBytesPerToken_;
   static constexpr bool kPageStructured = false;
-  static constexpr int kDataBytes = kBytesPerToken;  // one run per token, no scale row
+  static constexpr int kDataBytes = kBytesPerToken_;  // one run per token, no scale row
   static constexpr int kScaleBytes = 0;
+};
+
+// Dims [dim0, dim0 + 8) of V3.2's quantised part: e4m3 codes at byte dim, an fp32 scale per
+// 128 dims at bytes [512, 528).
+__device__ __forceinline__ uint4 v32_latent8(const unsigned char* raw, int dim0) {
+  const float scale = *reinterpret_cast<const float*>(raw + 512 + 4 * (dim0 / 128));
+  return e4m3x8_scaled(*reinterpret_cast<const uint2*>(raw + dim0), scale);
+}
+
+// V3.2: [512 e4m3 | 4 fp32 scales, one per 128 dims | 64 bf16 RoPE dims 512..575].
+struct V32 : TokenContiguous<0, 576, 656> {
   __device__ static uint4 dequant8(const unsigned char* raw, int dim0) {
     if (dim0 >= 512) return *reinterpret_cast<const uint4*>(raw + 528 + 2 * (dim0 - 512));
-    const float scale = *reinterpret_cast<const float*>(raw + 512 + 4 * (dim0 / 128));
-    return e4m3x8_scaled(*reinterpret_cast<const uint2*>(raw + dim0), scale);
+    return v32_latent8(raw, dim0);
   }
 };
 
 // V3.2 without RoPE: the first 528 bytes of V3.2; d_qk 512, every dim quantised.
-struct V32NoRope {
-  static constexpr int kId = 1;
-  static constexpr int kDimQK = 512;
-  static constexpr int kBytesPerToken = 528;
-  static constexpr bool kPageStructured = false;
-  static constexpr int kDataBytes = kBytesPerToken;  // one run per token, no scale row
-  static constexpr int kScaleBytes = 0;
+struct V32NoRope : TokenContiguous<1, 512, 528> {
   __device__ static uint4 dequant8(const unsigned char* raw, int dim0) {
-    const float scale = *reinterpret_cast<const float*>(raw + 512 + 4 * (dim0 / 128));
-    return e4m3x8_scaled(*reinterpret_cast<const uint2*>(raw + dim0), scale);
+    return v32_latent8(raw, dim0);
   }
 };
 
@@ -121,13 +125,7 @@ struct V4 {
 };
 
 // V4.1: [512 e4m3 (RoPE dims quantised too) | 16 ue8m0 scales, one per 32 dims].
-struct V41 {
-  static constexpr int kId = 3;
-  static constexpr int kDimQK = 512;
-  static constexpr int kBytesPerToken = 528;
-  static constexpr bool kPageStructured = false;
-  static constexpr int kDataBytes = kBytesPerToken;  // one run per token, no scale row
-  static constexpr int kScaleBytes = 0;
+struct V41 : TokenContiguous<3, 512, 528> {
   __device__ static uint4 dequant8(const unsigned char* raw, int dim0) {
     const float scale = ue8m0_to_float(raw[512 + dim0 / 32]);
     return e4m3x8_scaled(*reinterpret_cast<const uint2*>(raw + dim0), scale);
@@ -136,13 +134,7 @@ struct V41 {
 
 // V4.1 FP4: [256 B of e2m1, element i in byte i / 2, even element in the low nibble |
 // 32 e4m3 scales, one per 16 dims].
-struct V41Fp4 {
-  static constexpr int kId = 4;
-  static constexpr int kDimQK = 512;
-  static constexpr int kBytesPerToken = 288;
-  static constexpr bool kPageStructured = false;
-  static constexpr int kDataBytes = kBytesPerToken;  // one run per token, no scale row
-  static constexpr int kScaleBytes = 0;
+struct V41Fp4 : TokenContiguous<4, 512, 288> {
   __device__ static uint4 dequant8(const unsigned char* raw, int dim0) {
     const float scale = e4m3_to_float(raw[256 + dim0 / 16]);
     return e2m1x8_scaled(*reinterpret_cast<const uint32_t*>(raw + dim0 / 2), scale);
