@@ -101,7 +101,7 @@ struct Layout {
   static constexpr int kRowSumOffset = kRowMaxOffset + kBlockM * 4;     // [32][4] fp32
   // Per raw stage, the bit mask of the tile's valid tokens (bit j = token j).
   static constexpr int kValidOffset = kRowSumOffset + kBlockM * 4 * 4;
-  // The current piece's record (kernel.cuh's Piece, 24 bytes).
+  // The current piece's record (kernel.cuh's Piece, 32 bytes).
   static constexpr int kPieceOffset = kValidOffset + 16;
   static constexpr int kSmemBytes = kPieceOffset + 32;
 };

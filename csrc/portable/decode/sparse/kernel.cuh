@@ -175,10 +175,12 @@ __device__ __forceinline__ void with_format(int format, Fn&& f) {
 // registers beside the O accumulators (the d_qk 576 build spilled with these live).
 struct Piece {
   int req;
+  int query, head0;                        // the CTA's query and first head
   int main_limit, main_span, extra_limit;  // the request's key list (see the file comment)
   int pos_begin;                           // first position of the piece
   int split;                               // its o_accum row; -1: write out directly
 };
+static_assert(sizeof(Piece) <= 32, "the Piece record has 32 bytes of shared memory (config.h)");
 
 template <int kDimQK>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -208,20 +210,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int g = lane / 4;
   const int t = lane % 4;
 
-  const int m_block = static_cast<int>(blockIdx.x % params.num_m_blocks);
   const int part = static_cast<int>(blockIdx.x / params.num_m_blocks);
-  const int query = m_block / params.num_head_blocks;
-  const int head0 = (m_block % params.num_head_blocks) * kBlockM;
-  const int valid_rows = min(kBlockM, params.h_q - head0);
 
   const int32_t* meta = params.metadata + static_cast<int64_t>(part) * sched::kMetaInts;
+  // The part's fields, the CTA's query and its heads are read or derived where they are
+  // used, and the tile loop reads them from the Piece record: none stays in registers
+  // beside the O accumulators (the sm_80/86/89 builds spilled with them live).
   const int begin_req = meta[sched::kBeginReq];
-  const int begin_block = meta[sched::kBeginBlock];
-  const int end_req = meta[sched::kEndReq];
-  const int end_block = meta[sched::kEndBlock];
-  const int first_split = meta[sched::kFirstSplit];
   if (begin_req < 0 || begin_req >= params.batch) return;  // empty part
-  const int last_req = min(end_req, params.batch - 1);
+  const int last_req = min(meta[sched::kEndReq], params.batch - 1);
   const bool has_extra = params.extra.cache != nullptr;
   const float scale_log2 = params.softmax_scale_log2;  // > 0 (validated)
   const Storage* q_base = static_cast<const Storage*>(params.q);
@@ -237,21 +234,28 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int extra_limit = has_extra ? pool_limit(params.extra, req) : 0;
     const int total = main_span + extra_limit;
     const int n_blocks = (total + kPositionsPerBlock - 1) / kPositionsPerBlock;
-    const int lo = req == begin_req ? begin_block : 0;
-    const int hi = min(req == end_req ? end_block : n_blocks, n_blocks);
+    const bool first = req == meta[sched::kBeginReq];
+    const bool last = req == meta[sched::kEndReq];
+    const int lo = first ? meta[sched::kBeginBlock] : 0;
+    const int hi = min(last ? meta[sched::kEndBlock] : n_blocks, n_blocks);
     // A piece the schedule counted but the current lengths left empty still writes its
     // (empty) result, so the combine never reads an unwritten split.
-    const int sched_hi = req == end_req ? end_block : n_blocks;
+    const int sched_hi = last ? meta[sched::kEndBlock] : n_blocks;
     if (lo >= sched_hi) continue;
     const int total_splits = params.num_splits_total;
     const int off_begin = min(max(params.split_offsets[req], 0), total_splits);
     const int off_end = min(max(params.split_offsets[req + 1], off_begin), total_splits);
     const bool direct = off_end - off_begin == 1;
-    const int split = req == begin_req ? first_split : off_begin;
+    const int split = first ? meta[sched::kFirstSplit] : off_begin;
     if (!direct && (split < 0 || split >= total_splits)) continue;  // stale schedule
 
     const int pos_begin = lo * kPositionsPerBlock;
-    const Piece here{req, main_limit, main_span, extra_limit, pos_begin, direct ? -1 : split};
+    const Piece here = [&] {
+      const int m_block = static_cast<int>(blockIdx.x % params.num_m_blocks);
+      const int head_block = m_block % params.num_head_blocks;
+      return Piece{req,         m_block / params.num_head_blocks, head_block * kBlockM,
+                   main_limit,  main_span, extra_limit, pos_begin, direct ? -1 : split};
+    }();
     const int pos_end = min(max(hi, lo) * kPositionsPerBlock, total);
     const int num_tiles = pos_end > pos_begin ? (pos_end - pos_begin + kBlockN - 1) / kBlockN : 0;
 
@@ -268,8 +272,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     load_tile_async<kBlockM, kDimQK, kThreads>(
         q_smem,
         q_base + static_cast<int64_t>(req) * params.q_batch_stride +
-            static_cast<int64_t>(query) * params.q_row_stride,
-        params.q_head_stride, head0, valid_rows, tid);
+            static_cast<int64_t>(here.query) * params.q_row_stride,
+        params.q_head_stride, here.head0, min(kBlockM, params.h_q - here.head0), tid);
 
     auto raw_stage = [&](int tile) -> uint32_t {
       return smem_base + L::kRawOffset + static_cast<uint32_t>(tile % kRawStages) * L::kRawStageBytes;
@@ -296,7 +300,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int pos = pos0 + (lane & (kBlockN - 1));
       if (pos >= limit) return -1;
       return pool.indices[static_cast<int64_t>(pc.req) * pool.indices_batch_stride +
-                          static_cast<int64_t>(query) * pool.indices_row_stride + pos];
+                          static_cast<int64_t>(pc.query) * pool.indices_row_stride + pos];
     };
     // One raw tile of 16 index positions of one pool (uniform over the CTA); `value` is
     // this lane's load_index of the tile.
@@ -365,7 +369,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       __syncthreads();  // B3
 
-      rb::rescale_o(o_acc, rescale_smem, lane);
+      // Once the row maxima settle most tiles leave every factor at exactly 1: the warp skips
+      // the 128 multiplications then (multiplying by 1 would change no bit).
+      {
+        const int g0 = lane / 4;
+        const bool unchanged = rescale_smem[g0] == 1.f && rescale_smem[g0 + 8] == 1.f &&
+                               rescale_smem[g0 + 16] == 1.f && rescale_smem[g0 + 24] == 1.f;
+        if (!__all_sync(0xffffffffu, unchanged)) rb::rescale_o(o_acc, rescale_smem, lane);
+      }
       uint32_t p_frag[rb::kSlabs][4];
       rb::load_p(p_frag, smem_base + L::kPOffset, lane);
       rb::pv<Elem, kDimQK>(o_acc, p_frag, tile_smem, warp, v_row, v_col);
@@ -376,6 +387,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // ---- epilogue ----
     const Piece pc = *piece_smem;
     const bool direct_out = pc.split < 0;
+    const int query = pc.query, head0 = pc.head0;
+    const int valid_rows = min(kBlockM, params.h_q - head0);
     if (warp == 0) {
 #pragma unroll
       for (int s = 0; s < rb::kSlabs; ++s) {
