@@ -258,6 +258,23 @@ __device__ __forceinline__ void rescale_o(OAcc& o_acc, const float* rescale_smem
   }
 }
 
+// rescale_o, skipped by a warp whose rows' factors are all exactly 1 (once the row maxima
+// settle, most tiles change none; multiplying by 1 would change no bit). Warp-uniform.
+// Used by the sparse decode, where it measured faster; the dense decode and the sparse
+// prefill measured 2-4% slower with it on an H100 (the skipped multiplications had been
+// hidden under the P V loads), so they keep rescale_o.
+__device__ __forceinline__ void rescale_o_if_changed(OAcc& o_acc, const float* rescale_smem,
+                                                     int lane) {
+  const int g = lane / 4;
+  bool unchanged = true;
+#pragma unroll
+  for (int s = 0; s < kSlabs; ++s) {
+    unchanged = unchanged && rescale_smem[16 * s + g] == 1.f &&
+                rescale_smem[16 * s + g + 8] == 1.f;
+  }
+  if (!__all_sync(0xffffffffu, unchanged)) rescale_o(o_acc, rescale_smem, lane);
+}
+
 using PFrag = uint32_t[kSlabs][4];
 
 // P as the A operand of O += P V, read like Q (row (lane & 15), chunk bit lane >> 4; the

@@ -369,14 +369,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       __syncthreads();  // B3
 
-      // Once the row maxima settle most tiles leave every factor at exactly 1: the warp skips
-      // the 128 multiplications then (multiplying by 1 would change no bit).
-      {
-        const int g0 = lane / 4;
-        const bool unchanged = rescale_smem[g0] == 1.f && rescale_smem[g0 + 8] == 1.f &&
-                               rescale_smem[g0 + 16] == 1.f && rescale_smem[g0 + 24] == 1.f;
-        if (!__all_sync(0xffffffffu, unchanged)) rb::rescale_o(o_acc, rescale_smem, lane);
-      }
+      rb::rescale_o_if_changed(o_acc, rescale_smem, lane);
       uint32_t p_frag[rb::kSlabs][4];
       rb::load_p(p_frag, smem_base + L::kPOffset, lane);
       rb::pv<Elem, kDimQK>(o_acc, p_frag, tile_smem, warp, v_row, v_col);
