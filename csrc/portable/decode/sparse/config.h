@@ -99,15 +99,15 @@ struct Layout {
   static constexpr int kOutScaleOffset = kRescaleOffset + kBlockM * 4;  // [32] fp32, epilogue
   static constexpr int kRowMaxOffset = kOutScaleOffset + kBlockM * 4;   // [32] fp32
   static constexpr int kRowSumOffset = kRowMaxOffset + kBlockM * 4;     // [32][4] fp32
-  // Per raw stage, the bit mask of the tile's valid tokens (bit j = token j).
+  // Per raw stage and token, 1 when the token is valid ([3][16] bytes).
   static constexpr int kValidOffset = kRowSumOffset + kBlockM * 4 * 4;
   // The current piece's record (kernel.cuh's Piece, 32 bytes).
-  static constexpr int kPieceOffset = kValidOffset + 16;
+  static constexpr int kPieceOffset = kValidOffset + kRawStages * kBlockN;
   static constexpr int kSmemBytes = kPieceOffset + 32;
 };
 
-static_assert(Layout<576>::kSmemBytes == 94896, "sparse decode budget as in docs/sparse_decode.md");
-static_assert(Layout<512>::kSmemBytes == 85680, "sparse decode budget as in docs/sparse_decode.md");
+static_assert(Layout<576>::kSmemBytes == 94928, "sparse decode budget as in docs/sparse_decode.md");
+static_assert(Layout<512>::kSmemBytes == 85712, "sparse decode budget as in docs/sparse_decode.md");
 static_assert(Layout<576>::kSmemBytes <= kMaxSmemPerBlockSm120, "tile exceeds sm_120's 99 KB");
 static_assert(Layout<512>::kSmemBytes <= kMaxSmemPerBlockSm120, "tile exceeds sm_120's 99 KB");
 static_assert(format_info(0).bytes_per_token <= Layout<576>::kRawRowBytes &&

@@ -95,35 +95,35 @@ __device__ __forceinline__ void token_offsets(const CachePool& pool, int token, 
   }
 }
 
-// cp.async of one raw tile: 16 tokens, whose offsets lanes 0..15 of every warp hold
-// (-1: invalid). kRawRowBytes: the stride of raw rows in shared memory.
+// Threads per token in the gather: thread t copies chunks t % 8, t % 8 + 8, ... of token
+// t / 8 of the tile, so each thread computes one token's offsets and needs no shuffle.
+constexpr int kThreadsPerToken = kThreads / kBlockN;  // 8
+
+// cp.async of this thread's part of one raw tile: chunks `sub`, `sub` + 8, ... of the token
+// in raw row `row`, whose byte offsets are data / scales (-1: invalid; zero-filled without
+// a read). kRawRowBytes: the stride of raw rows in shared memory.
 template <typename F, int kRawRowBytes>
 __device__ __forceinline__ void issue_raw_tile(const CachePool& pool, uint32_t raw_stage,
-                                               int64_t my_data, int64_t my_scales, int tid) {
+                                               int64_t data, int64_t scales, int row, int sub) {
   constexpr int kChunkBytes = F::kPageStructured ? 8 : 16;
   // V4: 72 data chunks + 1 scale chunk per token; the others: whole 16-byte chunks.
   constexpr int kDataChunks = F::kDataBytes / kChunkBytes;
   constexpr int kChunksPerToken = kDataChunks + (F::kPageStructured ? 1 : 0);
-  constexpr int kChunks = kBlockN * kChunksPerToken;
-  constexpr int kIters = (kChunks + kThreads - 1) / kThreads;
+  constexpr int kIters = (kChunksPerToken + kThreadsPerToken - 1) / kThreadsPerToken;
   static_assert(F::kDataBytes % kChunkBytes == 0 && F::kScaleBytes <= kChunkBytes,
                 "whole chunks per token");
-  // Not unrolled: the O accumulators are live here, and unrolled copies keep every
-  // chunk's shuffled 64-bit offsets in registers at once (the build spilled).
-#pragma unroll 1
+  const bool valid = data >= 0;
+  const unsigned char* token = pool.cache + (valid ? data : 0);
+  const uint32_t dst_row = raw_stage + static_cast<uint32_t>(row * kRawRowBytes);
+#pragma unroll
   for (int j = 0; j < kIters; ++j) {
-    const int idx = tid + j * kThreads;
-    const int row = (idx / kChunksPerToken) & (kBlockN - 1);
-    const int chunk = idx % kChunksPerToken;
-    // Every lane shuffles (the last iteration may hold fewer copies than lanes).
-    const int64_t data = __shfl_sync(0xffffffffu, my_data, row);
-    const int64_t scales = F::kPageStructured ? __shfl_sync(0xffffffffu, my_scales, row) : 0;
-    if (kChunks % kThreads != 0 && idx >= kChunks) continue;
-    const bool valid = data >= 0;
+    const int chunk = sub + j * kThreadsPerToken;
+    if (kChunksPerToken % kThreadsPerToken != 0 && chunk >= kChunksPerToken) break;
+    // The scale chunk of a page-structured format lands right after the data bytes.
     const bool is_scale = F::kPageStructured && chunk == kDataChunks;
-    const int64_t src_off = is_scale ? scales : data + static_cast<int64_t>(chunk) * kChunkBytes;
-    const unsigned char* src = valid ? pool.cache + src_off : pool.cache;
-    const uint32_t dst = raw_stage + static_cast<uint32_t>(row * kRawRowBytes + chunk * kChunkBytes);
+    const unsigned char* src =
+        !valid ? pool.cache : is_scale ? pool.cache + scales : token + chunk * kChunkBytes;
+    const uint32_t dst = dst_row + static_cast<uint32_t>(chunk * kChunkBytes);
     if constexpr (kChunkBytes == 8) {
       cp_async_8_zfill(dst, src, valid);
     } else {
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* out_scale_smem = reinterpret_cast<float*>(smem + L::kOutScaleOffset);
   float* row_max_smem = reinterpret_cast<float*>(smem + L::kRowMaxOffset);
   float* row_sum_smem = reinterpret_cast<float*>(smem + L::kRowSumOffset);
-  uint32_t* valid_smem = reinterpret_cast<uint32_t*>(smem + L::kValidOffset);
+  unsigned char* valid_smem = smem + L::kValidOffset;  // [stage][token]: 1 = valid
   Piece* piece_smem = reinterpret_cast<Piece*>(smem + L::kPieceOffset);
 
   const int tid = threadIdx.x;
@@ -289,35 +289,37 @@ __global__ void __launch_bounds__(kThreads, 1)
       limit = pc.extra_limit;
       return params.extra;
     };
-    // The index value that lane (j < 16) reads for position j of a tile: a plain load whose
-    // result is consumed one iteration later (load_index for tile i + 3 while tile i is
-    // computed), so the gather never waits for it; -1 past the tile's pool limit or the
+    // The index value that this thread's token (row tid / 8 of a tile) has: a plain load
+    // whose result is consumed one iteration later (load_index for tile i + 3 while tile i
+    // is computed), so the gather never waits for it; -1 past the tile's pool limit or the
     // piece. The bounds check is applied at issue time, after the load has landed.
+    const int token_row = tid / kThreadsPerToken;
     auto load_index = [&](const Piece& pc, int tile) -> int {
       if (tile >= num_tiles) return -1;
       int pos0, limit;
       const CachePool& pool = tile_pool(pc, tile, pos0, limit);
-      const int pos = pos0 + (lane & (kBlockN - 1));
+      const int pos = pos0 + token_row;
       if (pos >= limit) return -1;
       return pool.indices[static_cast<int64_t>(pc.req) * pool.indices_batch_stride +
                           static_cast<int64_t>(pc.query) * pool.indices_row_stride + pos];
     };
     // One raw tile of 16 index positions of one pool (uniform over the CTA); `value` is
-    // this lane's load_index of the tile.
+    // this thread's load_index of the tile. The first thread of each token records whether
+    // it is valid (one byte per token and stage; warp 0 turns them into the tile's mask).
     auto issue_tile = [&](const Piece& pc, int tile, int value) {
       if (tile >= num_tiles) return;
       int pos0, limit;
       const CachePool& pool = tile_pool(pc, tile, pos0, limit);
       const int token = value >= 0 && static_cast<int64_t>(value) < pool.num_tokens ? value : -1;
-      if (warp == 0) {
-        const uint32_t mask = __ballot_sync(0xffffffffu, token >= 0) & 0xffffu;
-        if (lane == 0) valid_smem[tile % kRawStages] = mask;
+      if (tid % kThreadsPerToken == 0) {
+        valid_smem[(tile % kRawStages) * kBlockN + token_row] = token >= 0 ? 1 : 0;
       }
       with_format<kDimQK>(pool.format, [&](auto fmt) {
         using F = decltype(fmt);
         int64_t data = -1, scales = -1;
         if (token >= 0) token_offsets<F>(pool, token, data, scales);
-        issue_raw_tile<F, kRawRowBytes>(pool, raw_stage(tile), data, scales, tid);
+        issue_raw_tile<F, kRawRowBytes>(pool, raw_stage(tile), data, scales, token_row,
+                                        tid % kThreadsPerToken);
       });
     };
     issue_tile(here, 0, load_index(here, 0));
@@ -354,7 +356,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       if (warp == 0) {
         rb::add_s_partials(s_acc, s_partials, lane);
-        const uint32_t mask = valid_smem[i % kRawStages];
+        const uint32_t mask =
+            __ballot_sync(0xffffffffu, lane < kBlockN &&
+                                           valid_smem[(i % kRawStages) * kBlockN + (lane & 15)]);
 #pragma unroll
         for (int s = 0; s < rb::kSlabs; ++s)
 #pragma unroll
