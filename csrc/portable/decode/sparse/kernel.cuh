@@ -134,21 +134,24 @@ __device__ __forceinline__ void issue_raw_tile(const CachePool& pool, uint32_t r
 
 // Raw tile (shared) -> dequantised bf16 tile (shared, swizzled), the part that warp `warp`
 // reads for its S partial: dims [warp d / 4, (warp + 1) d / 4) of all 16 tokens (18 or 16
-// chunks of 8 dims per token, 9 or 8 per lane). The warp's own S needs only a __syncwarp
-// after it; P V reads other warps' dims after the CTA barrier that follows the S partials.
+// chunks of 8 dims per token). Lane l takes token l / 2 and half of the warp's chunks of
+// it (9 or 8 consecutive ones), so its row addresses are computed once. The warp's own S
+// needs only a __syncwarp after it; P V reads other warps' dims after the CTA barrier that
+// follows the S partials.
 template <typename F, int kDimQK, int kRawRowBytes>
 __device__ __forceinline__ void dequant_tile(const unsigned char* raw_stage, unsigned char* tile,
                                              int warp, int lane) {
   static_assert(F::kDimQK == kDimQK, "format and kernel agree on d_qk");
-  constexpr int kWarpChunksPerRow = kDimQK / kNumWarps / 8;
-  constexpr int kChunks = kBlockN * kWarpChunksPerRow;
-  static_assert(kChunks % 32 == 0, "dequantisation divides evenly over the warp");
+  constexpr int kWarpChunksPerRow = kDimQK / kNumWarps / 8;  // 18 or 16
+  constexpr int kLaneChunks = kWarpChunksPerRow / 2;         // 9 or 8
+  static_assert(kBlockN * 2 == 32, "two lanes per token");
+  const int row = lane >> 1;
+  const int first = warp * kWarpChunksPerRow + (lane & 1) * kLaneChunks;
+  const unsigned char* raw_row = raw_stage + row * kRawRowBytes;
 #pragma unroll 1
-  for (int j = 0; j < kChunks / 32; ++j) {
-    const int idx = lane + j * 32;
-    const int row = idx / kWarpChunksPerRow;
-    const int dim0 = (warp * kWarpChunksPerRow + idx % kWarpChunksPerRow) * 8;
-    const uint4 v = F::dequant8(raw_stage + row * kRawRowBytes, dim0);
+  for (int j = 0; j < kLaneChunks; ++j) {
+    const int dim0 = (first + j) * 8;
+    const uint4 v = F::dequant8(raw_row, dim0);
     *reinterpret_cast<uint4*>(tile + swizzled_offset<kDimQK>(row, dim0)) = v;
   }
 }
