@@ -35,6 +35,7 @@ from . import _checks as C
 from . import _custom_op
 from . import _native
 from . import dispatch as _dispatch
+from ._decode_buffers import decode_buffers
 from .sched_meta import FlashMLASchedMeta, bind_or_check_config, stored_schedule
 
 OP = "dense_decode"
@@ -181,23 +182,17 @@ def _run_native(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tenso
                 batch_invariant: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """The native decode and combine (one tvm-ffi call on the current stream). The
     schedule comes from the caller's FlashMLASchedMeta, or is computed here when none is
-    given (a traced call). The fp32 split partials hold at most b + parts splits (each
-    part adds at most one piece beyond one per request), or parts in batch-invariant mode
-    (one part per piece); they are allocated per call, so nothing waits on the host."""
+    given (a traced call). Out, lse and the fp32 split partials come from
+    flash_mla._decode_buffers (rows in (h_q, s_q) order), allocated per call."""
     if tile_scheduler_metadata is None or num_splits is None:
         tile_scheduler_metadata, num_splits = _native_schedule(q, k_cache, cache_seqlens,
                                                                batch_invariant)
-    b, s_q, h_q, _ = q.shape
-    parts = tile_scheduler_metadata.shape[0]
-    splits = parts if batch_invariant else b + parts
-    out = torch.empty((b, s_q, h_q, head_dim_v), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=q.device)
-    o_accum = torch.empty((splits, h_q, s_q, head_dim_v), dtype=torch.float32, device=q.device)
-    lse_accum = torch.empty((splits, h_q, s_q), dtype=torch.float32, device=q.device)
+    buf = decode_buffers(q, head_dim_v, tile_scheduler_metadata.shape[0], batch_invariant,
+                         heads_first=True)
     _native.function("dense_decode_fwd")(q, k_cache, block_table, cache_seqlens,
-                                  tile_scheduler_metadata, num_splits, o_accum, lse_accum, out,
-                                  lse, float(softmax_scale), bool(causal))
-    return out, lse
+                                  tile_scheduler_metadata, num_splits, buf.o_accum, buf.lse_accum,
+                                  buf.out, buf.lse, float(softmax_scale), bool(causal))
+    return buf.out, buf.lse
 
 
 def _run_reference(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,

@@ -40,6 +40,7 @@ from . import _checks as C
 from . import _custom_op
 from . import _native
 from . import dispatch as _dispatch
+from ._decode_buffers import decode_buffers
 from . import quant
 from .sched_meta import FlashMLASchedMeta, bind_or_check_config, stored_schedule
 
@@ -321,24 +322,19 @@ def _run_native(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extr
                 batch_invariant, tile_scheduler_metadata, num_splits):
     """The native decode and combine (one tvm-ffi call on the current stream). The schedule
     comes from the caller's FlashMLASchedMeta, or is computed here when none is given (a
-    traced call). The fp32 split partials hold at most b + parts splits (each part adds at
-    most one piece beyond one per request), or parts in batch-invariant mode; they are
-    allocated per call, so nothing waits on the host."""
+    traced call). Out, lse and the fp32 split partials come from
+    flash_mla._decode_buffers (rows in (s_q, h_q) order), allocated per call."""
     if tile_scheduler_metadata is None or num_splits is None:
         tile_scheduler_metadata, num_splits = _native_schedule(
             q, indices, topk_length, extra_indices, extra_topk_length, batch_invariant)
-    b, s_q, h_q, _ = q.shape
-    parts = tile_scheduler_metadata.shape[0]
-    splits = parts if batch_invariant else b + parts
-    out = torch.empty((b, s_q, h_q, head_dim_v), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, s_q, h_q), dtype=torch.float32, device=q.device)
-    o_accum = torch.empty((splits, s_q, h_q, head_dim_v), dtype=torch.float32, device=q.device)
-    lse_accum = torch.empty((splits, s_q, h_q), dtype=torch.float32, device=q.device)
+    buf = decode_buffers(q, head_dim_v, tile_scheduler_metadata.shape[0], batch_invariant,
+                         heads_first=False)
     _native.function("sparse_decode_fwd")(
         q, _bytes(k_cache), indices, topk_length, attn_sink, _bytes(extra_k_cache), extra_indices,
-        extra_topk_length, tile_scheduler_metadata, num_splits, o_accum, lse_accum, out, lse,
-        float(softmax_scale), str(kv_format), "" if extra_kv_format is None else str(extra_kv_format))
-    return out, lse.transpose(1, 2)
+        extra_topk_length, tile_scheduler_metadata, num_splits, buf.o_accum, buf.lse_accum,
+        buf.out, buf.lse, float(softmax_scale), str(kv_format),
+        "" if extra_kv_format is None else str(extra_kv_format))
+    return buf.out, buf.lse.transpose(1, 2)
 
 
 def _run_reference(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,

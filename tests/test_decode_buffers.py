@@ -1,0 +1,77 @@
+"""flash_mla._decode_buffers on the CPU: the split count rule, the two row orders, and the
+buffers each decode family's native call passes to its tvm-ffi entry (entry faked)."""
+from __future__ import annotations
+
+from typing import Any, List, Tuple
+
+import pytest
+import torch
+
+from flash_mla import _native, dense_decode, sparse_decode
+from flash_mla._decode_buffers import decode_buffers, split_count
+
+
+def test_split_count_is_b_plus_parts_or_parts_when_batch_invariant():
+    assert split_count(5, 3, batch_invariant=False) == 8
+    assert split_count(5, 3, batch_invariant=True) == 3
+
+
+@pytest.mark.parametrize("heads_first", [True, False])
+@pytest.mark.parametrize("batch_invariant", [True, False])
+def test_shapes_dtypes_and_row_order(heads_first, batch_invariant):
+    q = torch.zeros(3, 2, 7, 576, dtype=torch.float16)
+    buf = decode_buffers(q, 512, 4, batch_invariant, heads_first)
+    rows = (7, 2) if heads_first else (2, 7)
+    splits = 4 if batch_invariant else 7
+    assert buf.out.shape == (3, 2, 7, 512) and buf.out.dtype == torch.float16
+    assert buf.lse.shape == (3, *rows)
+    assert buf.o_accum.shape == (splits, *rows, 512)
+    assert buf.lse_accum.shape == (splits, *rows)
+    for t in (buf.lse, buf.o_accum, buf.lse_accum):
+        assert t.dtype == torch.float32 and t.is_contiguous()
+    assert all(t.device == q.device for t in buf)
+
+
+class _Recorder:
+    """Stands in for flash_mla._native.function: records each call's arguments."""
+
+    def __init__(self) -> None:
+        self.calls: List[Tuple[str, Tuple[Any, ...]]] = []
+
+    def function(self, name: str):
+        def call(*args):
+            self.calls.append((name, args))
+        return call
+
+
+def test_dense_decode_passes_heads_first_buffers(monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setattr(_native, "function", rec.function)
+    q = torch.zeros(2, 3, 4, 576, dtype=torch.bfloat16)
+    meta = torch.zeros(5, 8, dtype=torch.int32)
+    splits = torch.zeros(3, dtype=torch.int32)
+    out, lse = dense_decode._run_native(q, torch.zeros(1), torch.zeros(1), torch.zeros(1), 512,
+                                        0.1, False, meta, splits, batch_invariant=False)
+    (name, args), = rec.calls
+    assert name == "dense_decode_fwd"
+    o_accum, lse_accum, out_arg, lse_arg = args[6:10]
+    assert o_accum.shape == (7, 4, 3, 512) and lse_accum.shape == (7, 4, 3)
+    assert out_arg is out and lse_arg is lse and lse.shape == (2, 4, 3)
+
+
+def test_sparse_decode_passes_queries_first_buffers(monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setattr(_native, "function", rec.function)
+    q = torch.zeros(2, 3, 4, 576, dtype=torch.bfloat16)
+    meta = torch.zeros(5, 8, dtype=torch.int32)
+    splits = torch.zeros(3, dtype=torch.int32)
+    cache = torch.zeros(1, 64, 1, 656, dtype=torch.uint8)
+    out, lse = sparse_decode._run_native(q, cache, None, None, None, None, None, None, 512, 0.1,
+                                         "V32", None, True, meta, splits)
+    (name, args), = rec.calls
+    assert name == "sparse_decode_fwd"
+    o_accum, lse_accum, out_arg, lse_arg = args[10:14]
+    assert o_accum.shape == (5, 3, 4, 512) and lse_accum.shape == (5, 3, 4)
+    assert out_arg is out and lse_arg.shape == (2, 3, 4)
+    assert lse.shape == (2, 4, 3) and lse.data_ptr() == lse_arg.data_ptr()
+    assert args[14:] == (0.1, "V32", "")
