@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -523,14 +523,19 @@ def _decoded_pools(q: torch.Tensor, pools: Sequence[Pool]) -> List[Tuple[list, d
     return decoded
 
 
-def _row_keys(decoded: List[Tuple[list, dict, Optional[torch.Tensor]]], i: int, j: int) -> Optional[torch.Tensor]:
-    """float64 [n, d_qk]: the keys row (i, j) reads from every pool, in pool order; None if none."""
-    rows = []
-    for reads, position, table in decoded:
-        picks = [position[t] for t in reads[i][j]]
-        if picks:
-            rows.append(table[torch.tensor(picks, device=table.device)])
-    return torch.cat(rows, dim=0) if rows else None
+def _row_keys(q: torch.Tensor, pools: Sequence[Pool]) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    """(i, j, keys) for every query row (i, j) of q that reads at least one token, in row
+    order: keys float64 [n, d_qk], the tokens the row reads from every pool, in pool order."""
+    decoded = _decoded_pools(q, pools)
+    for i in range(q.shape[0]):
+        for j in range(q.shape[1]):
+            rows = []
+            for reads, position, table in decoded:
+                picks = [position[t] for t in reads[i][j]]
+                if picks:
+                    rows.append(table[torch.tensor(picks, device=table.device)])
+            if rows:
+                yield i, j, torch.cat(rows, dim=0)
 
 
 def sparse_decode(q: torch.Tensor, pools: Sequence[Pool], scale: float, d_v: int,
@@ -545,17 +550,12 @@ def sparse_decode(q: torch.Tensor, pools: Sequence[Pool], scale: float, d_v: int
     dev = q.device
     out = torch.zeros(b, s_q, h_q, d_v, dtype=F64, device=dev)
     lse = torch.full((b, s_q, h_q), INF, dtype=F64, device=dev)
-    decoded = _decoded_pools(q, pools)
-    for i in range(b):
-        for j in range(s_q):
-            keys = _row_keys(decoded, i, j)
-            if keys is None:
-                continue
-            visible = torch.ones(1, keys.shape[0], dtype=torch.bool, device=dev)
-            o, l, _ = attend(q[i, j].to(dev, F64).unsqueeze(1), keys, keys[:, :d_v], visible, scale)
-            l = l.squeeze(1)
-            out[i, j] = o.squeeze(1) * _sink_factor(l, sink).unsqueeze(-1)
-            lse[i, j] = l
+    for i, j, keys in _row_keys(q, pools):
+        visible = torch.ones(1, keys.shape[0], dtype=torch.bool, device=dev)
+        o, l, _ = attend(q[i, j].to(dev, F64).unsqueeze(1), keys, keys[:, :d_v], visible, scale)
+        l = l.squeeze(1)
+        out[i, j] = o.squeeze(1) * _sink_factor(l, sink).unsqueeze(-1)
+        lse[i, j] = l
     return out, lse
 
 
@@ -776,18 +776,13 @@ def plain_sparse_decode(q: torch.Tensor, pools: Sequence[Pool], scale: float, d_
     b, s_q, h_q, _ = q.shape
     dev, dtype = q.device, q.dtype
     out = torch.zeros(b, s_q, h_q, d_v, dtype=dtype, device=dev)
-    decoded = _decoded_pools(q, pools)
-    for i in range(b):
-        for j in range(s_q):
-            keys = _row_keys(decoded, i, j)
-            if keys is None:
-                continue
-            keys = keys.to(dtype)
-            scores = torch.matmul(q[i, j].float(), keys.float().T) * scale      # [h_q, n]
-            p = torch.softmax(scores, dim=-1)
-            o = torch.matmul(p.to(dtype), keys[:, :d_v]).float()
-            if sink is not None:
-                lse = torch.logsumexp(scores, dim=-1)
-                o = o * (1.0 / (1.0 + torch.exp(sink.to(dev, torch.float32) - lse))).unsqueeze(-1)
-            out[i, j] = o.to(dtype)
+    for i, j, keys in _row_keys(q, pools):
+        keys = keys.to(dtype)
+        scores = torch.matmul(q[i, j].float(), keys.float().T) * scale      # [h_q, n]
+        p = torch.softmax(scores, dim=-1)
+        o = torch.matmul(p.to(dtype), keys[:, :d_v]).float()
+        if sink is not None:
+            lse = torch.logsumexp(scores, dim=-1)
+            o = o * (1.0 / (1.0 + torch.exp(sink.to(dev, torch.float32) - lse))).unsqueeze(-1)
+        out[i, j] = o.to(dtype)
     return out
