@@ -13,39 +13,20 @@ Usage: python benchmarks/soak_dense_decode.py [--seconds 60] [--seed 0]
 """
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import sys
-import threading
 import time
 import types
+from pathlib import Path
 from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _soak_common import (Watchdog, capture, check_sentinel, progress_line,  # noqa: E402
+                          soak_parser)
 
 D_QK, D_V, PAGE = 576, 512, 64
 HEADS = [(1, 1), (3, 1), (9, 3), (16, 1), (32, 2), (63, 3), (64, 1), (64, 8), (126, 2), (128, 1)]
-
-
-class Watchdog:
-    """Exits the process (status 3) when beat() is not called for `limit` seconds."""
-
-    def __init__(self, limit: float) -> None:
-        self.limit = limit
-        self.last = time.monotonic()
-        self.what = "start"
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def beat(self, what: str) -> None:
-        self.last = time.monotonic()
-        self.what = what
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(1.0)
-            if time.monotonic() - self.last > self.limit:
-                print(f"HANG: no call completed for {self.limit:.0f} s (last: {self.what})",
-                      flush=True)
-                os._exit(3)
 
 
 def make(torch, rng: random.Random, gen, max_b: int):
@@ -82,13 +63,7 @@ def check(torch, flash_mla, q, cache, seqlens_dev, causal, out, lse, label: str)
 
 
 def main(argv: Optional[list] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--check-every", type=int, default=50)
-    ap.add_argument("--hang-seconds", type=float, default=60.0)
-    ap.add_argument("--max-b", type=int, default=64)
-    args = ap.parse_args(argv)
+    args = soak_parser(__doc__.split("\n")[0], max_b=64).parse_args(argv)
     os.environ["FLASH_MLA_BACKEND"] = "native"
     import torch
 
@@ -115,14 +90,7 @@ def main(argv: Optional[list] = None) -> int:
             q, cache, seqlens_dev, causal = problem
             use_graph = rng.random() < 0.5
             if use_graph:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    decode(*problem)
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out, lse = decode(*problem)
+                graph, (out, lse) = capture(torch, lambda: decode(*problem))
                 for _ in range(rng.randint(2, 6)):
                     new = [rng.randint(0, cache.max_len) for _ in range(q.shape[0])]
                     seqlens_dev.copy_(torch.tensor(new, dtype=torch.int32))
@@ -143,13 +111,8 @@ def main(argv: Optional[list] = None) -> int:
                 if q.shape[0] <= 16:
                     check(torch, flash_mla, q, cache, seqlens_dev, causal, out, lse,
                           f"check {checks}")
-                again = decode(*sentinel)
-                torch.cuda.synchronize()
-                for got, want, name in zip(again, sentinel_ref, ("out", "lse")):
-                    if not torch.equal(got, want):
-                        raise AssertionError(f"sentinel {name} drifted at check {checks}")
-                print(f"[{time.monotonic() - start:6.1f} s] {calls} calls ({graphs} in graphs), "
-                      f"check {checks} ok", flush=True)
+                check_sentinel(torch, decode(*sentinel), sentinel_ref, checks)
+                print(progress_line(time.monotonic() - start, calls, graphs, checks), flush=True)
     except Exception as err:  # any failure ends the soak with status 1
         print(f"FAIL after {calls} calls: {type(err).__name__}: {err}", flush=True)
         return 1

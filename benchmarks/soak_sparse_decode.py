@@ -18,7 +18,6 @@ Usage: python benchmarks/soak_sparse_decode.py [--seconds 60] [--seed 0]
 """
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import sys
@@ -28,7 +27,8 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/sparse_decode_problems
-from soak_dense_decode import Watchdog  # noqa: E402
+from _soak_common import (Watchdog, capture, check_sentinel, progress_line,  # noqa: E402
+                          soak_parser)
 
 FORMAT_NAMES = ("V32", "V32_NO_ROPE", "V4", "V41", "V41_FP4")
 D_QK = {"V32": 576, "V32_NO_ROPE": 512, "V4": 512, "V41": 512, "V41_FP4": 512}
@@ -118,13 +118,7 @@ def _check(p, out, lse, label: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--check-every", type=int, default=50)
-    ap.add_argument("--hang-seconds", type=float, default=60.0)
-    ap.add_argument("--max-b", type=int, default=32)
-    args = ap.parse_args(argv)
+    args = soak_parser(__doc__.split("\n")[0], max_b=32).parse_args(argv)
     os.environ["FLASH_MLA_BACKEND"] = "native"
     import torch
 
@@ -150,14 +144,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             p = build(case, seed=rng.randrange(1 << 30))
             formats[case.main.kv_format] = formats.get(case.main.kv_format, 0) + 1
             if case.graph:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    run(p)
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out, lse = run(p, meta=flash_mla.get_mla_metadata()[0])
+                # A fresh schedule holder per call: the warm-up's schedule is not reused.
+                graph, (out, lse) = capture(
+                    torch, lambda: run(p, meta=flash_mla.get_mla_metadata()[0]))
                 for _ in range(rng.randint(2, 6)):
                     for pool in p.pools:
                         new_idx, new_len = reshuffled(pool, gen)
@@ -178,13 +167,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             if calls // args.check_every > checks:
                 checks += 1
                 _check(p, out, lse, f"check {checks} ({case.label})")
-                again = run(sentinel)
-                torch.cuda.synchronize()
-                for got, want, name in zip(again, sentinel_ref, ("out", "lse")):
-                    if not torch.equal(got, want):
-                        raise AssertionError(f"sentinel {name} drifted at check {checks}")
-                print(f"[{time.monotonic() - start:6.1f} s] {calls} calls ({graphs} in graphs), "
-                      f"check {checks} ok: {case.label}", flush=True)
+                check_sentinel(torch, run(sentinel), sentinel_ref, checks)
+                print(progress_line(time.monotonic() - start, calls, graphs, checks, case.label),
+                      flush=True)
     except Exception as err:  # any failure ends the soak with status 1
         print(summary(False, calls, graphs, checks, time.monotonic() - start, formats,
                       f"{type(err).__name__}: {err}"), flush=True)
