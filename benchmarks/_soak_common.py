@@ -1,6 +1,6 @@
 """What the decode soaks (soak_dense_decode.py, soak_sparse_decode.py) share: the hang
-watchdog, their common command-line options, the CUDA-graph capture of one decode call, the
-sentinel's bit-for-bit check and the progress line printed at each check.
+watchdog, their common command-line options, a step of graph replays or eager calls (and the
+CUDA-graph capture it uses), the sentinel's bit-for-bit check and the progress line printed at each check.
 
 torch is passed in (as the benchmarks do) so that importing this module needs no torch.
 """
@@ -10,7 +10,7 @@ import argparse
 import os
 import threading
 import time
-from typing import Any, Callable, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Iterator, Sequence, Tuple, TypeVar
 
 T = TypeVar("T")
 
@@ -61,6 +61,28 @@ def capture(torch: Any, call: Callable[[], T]) -> Tuple[Any, T]:
     with torch.cuda.graph(graph):
         result = call()
     return graph, result
+
+
+def soak_calls(torch: Any, flash_mla: Any, rng: Any, use_graph: bool,
+               call: Callable[[Any], Tuple[Any, Any]], refill: Callable[[], None]
+               ) -> Iterator[Tuple[Any, Any, bool]]:
+    """One soak step on one problem; yields (out, lse, replayed) after each call, so the
+    caller's counts stay exact if a call fails. `call(meta)` runs the decode with schedule
+    holder `meta`. A graph step captures call on a fresh holder and replays it 2..6 times,
+    `refill()` writing new inputs into the captured buffers before each replay; an eager
+    step makes 1..4 calls sharing one holder. Synchronises at the end of the step."""
+    if use_graph:
+        graph, (out, lse) = capture(torch, lambda: call(flash_mla.get_mla_metadata()[0]))
+        for _ in range(rng.randint(2, 6)):
+            refill()
+            graph.replay()
+            yield out, lse, True
+    else:
+        meta = flash_mla.get_mla_metadata()[0]
+        for _ in range(rng.randint(1, 4)):
+            out, lse = call(meta)
+            yield out, lse, False
+    torch.cuda.synchronize()
 
 
 def check_sentinel(torch: Any, again: Sequence[Any], reference: Sequence[Any],

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _soak_common import (Watchdog, capture, check_sentinel, progress_line,  # noqa: E402
+from _soak_common import (Watchdog, check_sentinel, progress_line, soak_calls,  # noqa: E402
                           soak_parser)
 
 D_QK, D_V, PAGE = 576, 512, 64
@@ -89,21 +89,16 @@ def main(argv: Optional[list] = None) -> int:
             problem = make(torch, rng, gen, args.max_b)
             q, cache, seqlens_dev, causal = problem
             use_graph = rng.random() < 0.5
-            if use_graph:
-                graph, (out, lse) = capture(torch, lambda: decode(*problem))
-                for _ in range(rng.randint(2, 6)):
-                    new = [rng.randint(0, cache.max_len) for _ in range(q.shape[0])]
-                    seqlens_dev.copy_(torch.tensor(new, dtype=torch.int32))
-                    graph.replay()
-                    calls += 1
-                    graphs += 1
-                torch.cuda.synchronize()
-            else:
-                meta = flash_mla.get_mla_metadata()[0]
-                for _ in range(rng.randint(1, 4)):
-                    out, lse = decode(q, cache, seqlens_dev, causal, meta)
-                    calls += 1
-                torch.cuda.synchronize()
+
+            def refill() -> None:  # new lengths for the next replay
+                new = [rng.randint(0, cache.max_len) for _ in range(q.shape[0])]
+                seqlens_dev.copy_(torch.tensor(new, dtype=torch.int32))
+
+            for out, lse, replayed in soak_calls(
+                    torch, flash_mla, rng, use_graph,
+                    lambda meta: decode(q, cache, seqlens_dev, causal, meta), refill):
+                calls += 1
+                graphs += replayed
             dog.beat(f"call {calls}: b={q.shape[0]} s_q={q.shape[1]} h_q={q.shape[2]} "
                      f"h_k={cache.k_cache.shape[2]} graph={use_graph}")
             if calls // args.check_every > checks:

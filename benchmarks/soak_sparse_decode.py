@@ -27,7 +27,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/sparse_decode_problems
-from _soak_common import (Watchdog, capture, check_sentinel, progress_line,  # noqa: E402
+from _soak_common import (Watchdog, check_sentinel, progress_line, soak_calls,  # noqa: E402
                           soak_parser)
 
 FORMAT_NAMES = ("V32", "V32_NO_ROPE", "V4", "V41", "V41_FP4")
@@ -143,26 +143,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             case = random_case(rng, args.max_b)
             p = build(case, seed=rng.randrange(1 << 30))
             formats[case.main.kv_format] = formats.get(case.main.kv_format, 0) + 1
-            if case.graph:
-                # A fresh schedule holder per call: the warm-up's schedule is not reused.
-                graph, (out, lse) = capture(
-                    torch, lambda: run(p, meta=flash_mla.get_mla_metadata()[0]))
-                for _ in range(rng.randint(2, 6)):
-                    for pool in p.pools:
-                        new_idx, new_len = reshuffled(pool, gen)
-                        pool.indices.copy_(new_idx)
-                        if new_len is not None:
-                            pool.topk_length.copy_(new_len)
-                    graph.replay()
-                    calls += 1
-                    graphs += 1
-                torch.cuda.synchronize()
-            else:
-                meta = flash_mla.get_mla_metadata()[0]
-                for _ in range(rng.randint(1, 4)):
-                    out, lse = run(p, meta=meta)
-                    calls += 1
-                torch.cuda.synchronize()
+
+            def refill() -> None:  # reshuffled indices and lengths for the next replay
+                for pool in p.pools:
+                    new_idx, new_len = reshuffled(pool, gen)
+                    pool.indices.copy_(new_idx)
+                    if new_len is not None:
+                        pool.topk_length.copy_(new_len)
+
+            for out, lse, replayed in soak_calls(torch, flash_mla, rng, case.graph,
+                                                 lambda meta: run(p, meta=meta), refill):
+                calls += 1
+                graphs += replayed
             dog.beat(f"call {calls}: {case.label}")
             if calls // args.check_every > checks:
                 checks += 1

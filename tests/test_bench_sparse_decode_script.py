@@ -1,6 +1,7 @@
 """benchmarks/bench_sparse_decode.py and benchmarks/soak_sparse_decode.py on the CPU: their
 shape lists, FLOP and byte counts, index generator, row and summary lines, the plot's data,
-the raw-call recorder, random soak cases and their exits without a GPU (the GPU runs
+the raw-call recorder, random soak cases, the parts both decode soaks share
+(benchmarks/_soak_common.py) and their exits without a GPU (the GPU runs
 themselves are recorded in benchmarks/results/)."""
 from __future__ import annotations
 
@@ -232,3 +233,107 @@ def test_summary_lines(soak):
     assert "V32 10, V32_NO_ROPE 0, V4 3" in ok and "no hang, no drift" in ok
     bad = soak.summary(False, 7, 2, 0, 3.0, {}, "AssertionError: x")
     assert bad == "FAIL after 7 calls (2 graph replays), 0 checks: AssertionError: x"
+
+
+# --------------------------------------------------------------------------- shared soak parts
+
+@pytest.fixture(scope="module")
+def common():
+    return _load("_soak_common")
+
+
+def test_both_soaks_use_the_shared_pieces(common):
+    for stem in ("soak_dense_decode", "soak_sparse_decode"):
+        soak = _load(stem)
+        for name in ("Watchdog", "soak_parser", "soak_calls", "check_sentinel", "progress_line"):
+            assert getattr(soak, name).__module__ == "_soak_common", (stem, name)
+
+
+def test_parser_options_and_defaults(common):
+    args = common.soak_parser("d", max_b=64).parse_args([])
+    assert vars(args) == {"seconds": 60.0, "seed": 0, "check_every": 50, "hang_seconds": 60.0,
+                          "max_b": 64}
+    args = common.soak_parser("d", max_b=32).parse_args(
+        ["--seconds", "5", "--seed", "3", "--check-every", "7", "--hang-seconds", "9",
+         "--max-b", "4"])
+    assert vars(args) == {"seconds": 5.0, "seed": 3, "check_every": 7, "hang_seconds": 9.0,
+                          "max_b": 4}
+
+
+def test_progress_line(common):
+    assert common.progress_line(3.25, 120, 40, 2) == "[   3.2 s] 120 calls (40 in graphs), check 2 ok"
+    assert common.progress_line(12.0, 5, 0, 1, "V32 b=1") == \
+        "[  12.0 s] 5 calls (0 in graphs), check 1 ok: V32 b=1"
+
+
+def test_sentinel_check_passes_equal_and_names_the_drifted_output(common):
+    synced = []
+    fake = types.SimpleNamespace(equal=torch.equal,
+                                 cuda=types.SimpleNamespace(synchronize=lambda: synced.append(1)))
+    out, lse = torch.arange(6.0), torch.ones(3)
+    common.check_sentinel(fake, (out.clone(), lse.clone()), (out, lse), 4)
+    assert synced == [1]
+    with pytest.raises(AssertionError, match="sentinel lse drifted at check 4"):
+        common.check_sentinel(fake, (out.clone(), lse + 1e-7), (out, lse), 4)
+    with pytest.raises(AssertionError, match="sentinel out drifted at check 5"):
+        common.check_sentinel(fake, (out.flip(0), lse), (out, lse), 5)
+
+
+class _FakeCuda:
+    """What soak_calls and capture use of torch.cuda, recording the order of events."""
+
+    def __init__(self, log):
+        self.log = log
+        fake = self
+
+        class Graph:
+            def replay(self):
+                log.append("replay")
+
+        class Ctx:
+            def __init__(self, what):
+                self.what = what
+
+            def __enter__(self):
+                log.append(f"enter {self.what}")
+
+            def __exit__(self, *exc):
+                log.append(f"exit {self.what}")
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        self.CUDAGraph = Graph
+        self.Stream = Stream
+        self.current_stream = Stream
+        self.stream = lambda s: Ctx("stream")
+        self.graph = lambda g: Ctx("graph")
+        self.synchronize = lambda: fake.log.append("sync")
+
+
+@pytest.mark.parametrize("use_graph", [True, False])
+def test_soak_calls_yield_once_per_call_then_synchronise(common, use_graph):
+    log = []
+    holders = []
+    fake_torch = types.SimpleNamespace(cuda=_FakeCuda(log))
+
+    def new_holder():
+        holders.append(object())
+        return holders[-1], None
+
+    fake_flash_mla = types.SimpleNamespace(get_mla_metadata=new_holder)
+
+    def call(meta):
+        log.append(("call", holders.index(meta)))
+        return "out", "lse"
+
+    steps = list(common.soak_calls(fake_torch, fake_flash_mla, random.Random(1), use_graph, call,
+                                   lambda: log.append("refill")))
+    n = random.Random(1).randint(2, 6) if use_graph else random.Random(1).randint(1, 4)
+    assert steps == [("out", "lse", use_graph)] * n and log[-1] == "sync"
+    if use_graph:  # warm-up and capture on fresh holders, then refill before each replay
+        assert log[:-1] == (["enter stream", ("call", 0), "exit stream", "enter graph",
+                             ("call", 1), "exit graph"] + ["refill", "replay"] * n)
+    else:  # every eager call shares one holder
+        assert log[:-1] == [("call", 0)] * n
