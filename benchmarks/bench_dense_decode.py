@@ -35,7 +35,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mha import Timer, device_line, load_native, save_results  # noqa: E402
@@ -133,6 +133,52 @@ def mma_sync_peak(torch, timer: Timer, chains: int = 8) -> float:
     return total / us / 1e6
 
 
+class Baselines(NamedTuple):
+    """The device limits of one run (copy_bandwidth and mma_sync_peak)."""
+    copy_gbps: float
+    copy_best: Dict
+    copy_all: List[Dict]
+    peak_tflops: float
+
+    def line(self, torch) -> str:
+        """The printed device line: copy bandwidth (and its winner) and mma.sync peak."""
+        return (f"{device_line(torch)}: copy {self.copy_gbps:.0f} GB/s (best: "
+                f"{self.copy_best['dtype']}, {self.copy_best['bytes'] >> 20} MiB), mma.sync bf16 "
+                f"peak {self.peak_tflops:.0f} TFLOPS")
+
+    def payload(self, torch, rows: List[Dict], host: Dict) -> Dict:
+        """The JSON the decode benchmarks save: device, baselines, rows and host time."""
+        return {"device": device_line(torch), "copy_gbps": self.copy_gbps,
+                "copy_best": self.copy_best, "copy_candidates": self.copy_all,
+                "mma_sync_tflops": self.peak_tflops, "rows": rows, "host": host}
+
+
+def baselines(torch, timer: Timer) -> Baselines:
+    """Copy bandwidth, then the mma.sync peak, measured with `timer`."""
+    copy_gbps, copy_best, copy_all = copy_bandwidth(torch, timer)
+    return Baselines(copy_gbps, copy_best, copy_all, mma_sync_peak(torch, timer))
+
+
+def add_timing_options(ap: argparse.ArgumentParser) -> None:
+    """--warmup, --iters, --host-iters and --plot, which every decode benchmark takes."""
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--host-iters", type=int, default=300)
+    ap.add_argument("--plot", type=Path, help="draw the PNG of an existing JSON and exit")
+
+
+def median_us(fn: Callable[[], Any], iters: int, sync: Callable[[], None]) -> float:
+    """Median host microseconds of fn, synchronising every 64 calls to keep the queue short."""
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+        if len(samples) % 64 == 0:
+            sync()
+    return statistics.median(samples)
+
+
 # ---------------------------------------------------------------------------
 # decode
 # ---------------------------------------------------------------------------
@@ -197,17 +243,8 @@ def host_time(torch, flash_mla, native, iters: int) -> Dict[str, float]:
         fwd(q, k_cache, block_table, seqlens, meta.tile_scheduler_metadata, meta.num_splits,
             o_acc, l_acc, out, lse, D_QK ** -0.5, False)
 
-    result = {}
-    for name, fn in (("api_us", api), ("raw_tvm_ffi_us", raw)):
-        samples = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e6)
-            if len(samples) % 64 == 0:
-                torch.cuda.synchronize()  # keep the launch queue short
-        result[name] = statistics.median(samples)
-    return result
+    return {name: median_us(fn, iters, torch.cuda.synchronize)
+            for name, fn in (("api_us", api), ("raw_tvm_ffi_us", raw))}
 
 
 def plot(json_path: Path, png_path: Path) -> None:
@@ -241,10 +278,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="serving shapes and s_k 8192 only")
     ap.add_argument("--ab", action="store_true",
                     help=f"also time every shape with {CTA_VARIABLE}=4 and =8")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--host-iters", type=int, default=300)
-    ap.add_argument("--plot", type=Path, help="draw the PNG of an existing JSON and exit")
+    add_timing_options(ap)
     args = ap.parse_args(argv)
     if args.plot:
         plot(args.plot, args.plot.with_suffix(".png"))
@@ -257,12 +291,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     native = load_native(args.lib)
     timer = Timer(torch, args.warmup, args.iters)
-    copy_gbps, copy_best, copy_all = copy_bandwidth(torch, timer)
-    peak = mma_sync_peak(torch, timer)
-    for c in copy_all:
+    base = baselines(torch, timer)
+    copy_gbps, peak = base.copy_gbps, base.peak_tflops
+    for c in base.copy_all:
         print(f"copy_ {c['dtype']:>7} {c['bytes'] >> 20:>5} MiB: {c['gbps']:.0f} GB/s")
-    print(f"{device_line(torch)}: copy {copy_gbps:.0f} GB/s (best: {copy_best['dtype']}, "
-          f"{copy_best['bytes'] >> 20} MiB), mma.sync bf16 peak {peak:.0f} TFLOPS")
+    print(base.line(torch))
     shapes = SERVING + [s for s in UPSTREAM if not args.quick or s[3] == 8192]
     rows = []
     ctas = ("default", "4", "8") if args.ab else ("default",)
@@ -278,10 +311,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     host = host_time(torch, flash_mla, native, args.host_iters)
     print(f"host time per eager call: API {host['api_us']:.1f} us, raw tvm-ffi "
           f"{host['raw_tvm_ffi_us']:.1f} us")
-    payload = {"device": device_line(torch), "copy_gbps": copy_gbps, "copy_best": copy_best,
-               "copy_candidates": copy_all, "mma_sync_tflops": peak,
-               "rows": rows, "host": host}
-    save_results(args.out, "bench_dense_decode", payload, plot)
+    save_results(args.out, "bench_dense_decode", base.payload(torch, rows, host), plot)
     return 0
 
 

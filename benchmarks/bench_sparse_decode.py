@@ -28,15 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dense_decode import copy_bandwidth, mma_sync_peak  # noqa: E402
-from bench_mha import Timer, device_line, save_results  # noqa: E402
+from bench_dense_decode import add_timing_options, baselines, median_us  # noqa: E402
+from bench_mha import Timer, save_results  # noqa: E402
 
 D_V, TOPK, PAGE, REGION = 512, 2048, 64, 8192
 FORMAT_NAMES = ("V32", "V32_NO_ROPE", "V4", "V41", "V41_FP4")
@@ -194,18 +192,6 @@ def record_call(native, name: str, call: Callable[[], Any]
     return fn, seen[-1], ""
 
 
-def median_us(fn: Callable[[], Any], iters: int, sync: Callable[[], None]) -> float:
-    """Median host microseconds of fn, synchronising every 64 calls to keep the queue short."""
-    samples = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e6)
-        if len(samples) % 64 == 0:
-            sync()
-    return statistics.median(samples)
-
-
 def host_time(torch, flash_mla, iters: int) -> Dict[str, Any]:
     """Median host microseconds of one eager API call (after the first) and of the raw
     tvm-ffi call with the same arguments, on a tiny problem (b 1, s_q 1, h_q 16, topk 64, V32)."""
@@ -278,10 +264,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, help="folder for bench_sparse_decode.json and .png")
     ap.add_argument("--quick", action="store_true",
                     help="upstream b=64 for V32 and V41, serving h_q=16 for every format")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--host-iters", type=int, default=300)
-    ap.add_argument("--plot", type=Path, help="draw the PNG of an existing JSON and exit")
+    add_timing_options(ap)
     args = ap.parse_args(argv)
     if args.plot is None and args.out is None:
         ap.error("--out is required (or --plot)")
@@ -302,10 +285,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     import flash_mla
 
     timer = Timer(torch, args.warmup, args.iters)
-    copy_gbps, copy_best, copy_all = copy_bandwidth(torch, timer)
-    peak = mma_sync_peak(torch, timer)
-    print(f"{device_line(torch)}: copy {copy_gbps:.0f} GB/s (best: {copy_best['dtype']}, "
-          f"{copy_best['bytes'] >> 20} MiB), mma.sync bf16 peak {peak:.0f} TFLOPS", flush=True)
+    base = baselines(torch, timer)
+    copy_gbps, peak = base.copy_gbps, base.peak_tflops
+    print(base.line(torch), flush=True)
     print("judged by: upstream shapes TFLOPS / mma.sync peak, serving shapes GB/s / copy "
           "(marked *)")
     print(HEADER, flush=True)
@@ -317,10 +299,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.cuda.empty_cache()
     host = host_time(torch, flash_mla, args.host_iters)
     print(host_line(host), flush=True)
-    payload = {"device": device_line(torch), "copy_gbps": copy_gbps, "copy_best": copy_best,
-               "copy_candidates": copy_all, "mma_sync_tflops": peak, "rows": rows,
-               "host": host}
-    save_results(args.out, "bench_sparse_decode", payload, plot)
+    save_results(args.out, "bench_sparse_decode", base.payload(torch, rows, host), plot)
     return 0
 
 

@@ -5,6 +5,7 @@ the raw-call recorder, random soak cases, the parts both decode soaks share
 themselves are recorded in benchmarks/results/)."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import random
@@ -337,3 +338,22 @@ def test_soak_calls_yield_once_per_call_then_synchronise(common, use_graph):
                              ("call", 1), "exit graph"] + ["refill", "replay"] * n)
     else:  # every eager call shares one holder
         assert log[:-1] == [("call", 0)] * n
+
+
+def test_decode_benchmarks_share_baseline_line_payload_and_options(bench):
+    dense = sys.modules["bench_dense_decode"]
+    assert bench.baselines is dense.baselines and bench.median_us is dense.median_us
+    props = types.SimpleNamespace(name="GPU X", multi_processor_count=132)
+    fake = types.SimpleNamespace(__version__="9.9",
+                                 cuda=types.SimpleNamespace(get_device_properties=lambda i: props))
+    best = {"dtype": "int64", "bytes": 1 << 30, "us": 1.0, "gbps": 3000.4}
+    base = dense.Baselines(3000.4, best, [best], 600.6)
+    assert base.line(fake) == ("GPU X, 132 SMs, torch 9.9: copy 3000 GB/s (best: int64, 1024 MiB), "
+                               "mma.sync bf16 peak 601 TFLOPS")
+    payload = base.payload(fake, [{"us": 1.0}], {"api_us": 2.0})
+    assert list(payload) == ["device", "copy_gbps", "copy_best", "copy_candidates",
+                             "mma_sync_tflops", "rows", "host"]
+    assert payload["copy_candidates"] == [best] and payload["mma_sync_tflops"] == 600.6
+    ap = argparse.ArgumentParser()
+    dense.add_timing_options(ap)
+    assert vars(ap.parse_args([])) == {"warmup": 3, "iters": 10, "host_iters": 300, "plot": None}
