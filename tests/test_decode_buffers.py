@@ -44,14 +44,21 @@ class _Recorder:
         return call
 
 
-def test_dense_decode_passes_heads_first_buffers(monkeypatch):
-    rec = _Recorder()
-    monkeypatch.setattr(_native, "function", rec.function)
-    q = torch.zeros(2, 3, 4, 576, dtype=torch.bfloat16)
-    meta = torch.zeros(5, 8, dtype=torch.int32)
-    splits = torch.zeros(3, dtype=torch.int32)
-    out, lse = dense_decode._run_native(q, torch.zeros(1), torch.zeros(1), torch.zeros(1), 512,
-                                        0.1, False, meta, splits, batch_invariant=False)
+@pytest.fixture
+def rec(monkeypatch) -> _Recorder:
+    recorder = _Recorder()
+    monkeypatch.setattr(_native, "function", recorder.function)
+    return recorder
+
+
+# q [2, 3, 4, 576], a schedule of 5 parts and split offsets for b = 2
+Q = torch.zeros(2, 3, 4, 576, dtype=torch.bfloat16)
+META, SPLITS = torch.zeros(5, 8, dtype=torch.int32), torch.zeros(3, dtype=torch.int32)
+
+
+def test_dense_decode_passes_heads_first_buffers(rec):
+    out, lse = dense_decode._run_native(Q, torch.zeros(1), torch.zeros(1), torch.zeros(1), 512,
+                                        0.1, False, META, SPLITS, batch_invariant=False)
     (name, args), = rec.calls
     assert name == "dense_decode_fwd"
     o_accum, lse_accum, out_arg, lse_arg = args[6:10]
@@ -59,15 +66,10 @@ def test_dense_decode_passes_heads_first_buffers(monkeypatch):
     assert out_arg is out and lse_arg is lse and lse.shape == (2, 4, 3)
 
 
-def test_sparse_decode_passes_queries_first_buffers(monkeypatch):
-    rec = _Recorder()
-    monkeypatch.setattr(_native, "function", rec.function)
-    q = torch.zeros(2, 3, 4, 576, dtype=torch.bfloat16)
-    meta = torch.zeros(5, 8, dtype=torch.int32)
-    splits = torch.zeros(3, dtype=torch.int32)
+def test_sparse_decode_passes_queries_first_buffers(rec):
     cache = torch.zeros(1, 64, 1, 656, dtype=torch.uint8)
-    out, lse = sparse_decode._run_native(q, cache, None, None, None, None, None, None, 512, 0.1,
-                                         "V32", None, True, meta, splits)
+    out, lse = sparse_decode._run_native(Q, cache, None, None, None, None, None, None, 512, 0.1,
+                                         "V32", None, True, META, SPLITS)
     (name, args), = rec.calls
     assert name == "sparse_decode_fwd"
     o_accum, lse_accum, out_arg, lse_arg = args[10:14]
