@@ -12,14 +12,14 @@
 // dims [w d/4, (w+1) d/4), warp 0: online softmax in base 2, warp w: output columns
 // [128w, 128w + 128)).
 //
-// Global memory. Per tile, lane j (j < 16) of every warp reads index position j of the
-// tile; a value outside [0, num_tokens) or a position past the pool's limit is invalid,
-// and the lane's byte offset of the token becomes -1. The copying threads take their
-// token's offsets from that lane with a shuffle; an invalid token's raw row is
-// zero-filled by cp.async without a read (it dequantises to zeros) and its scores are set
-// to -inf from the tile's valid mask (warp 0 writes it when it issues the tile). A token
-// is copied in 16-byte chunks, or 8-byte ones for V4, whose page rows are only 8-byte
-// aligned (the API checks the alignment of cache base and block stride).
+// Global memory. Per tile, thread t serves token t / 8 (eight threads a token): it reads
+// that index position one iteration ahead; a value outside [0, num_tokens) or a position
+// past the pool's limit is invalid. It copies chunks t % 8, t % 8 + 8, ... of the token;
+// an invalid token's raw row is zero-filled by cp.async without a read (it dequantises to
+// zeros) and its scores are set to -inf from the tile's valid flags (the token's first
+// thread writes its flag when it issues the tile). A token is copied in 16-byte chunks, or
+// 8-byte ones for V4, whose page rows are only 8-byte aligned (the API checks the
+// alignment of cache base and block stride).
 // A piece of a request with one split writes out (bf16, rounded to nearest, with the sink
 // factor) and lse (natural log) directly; otherwise it writes its normalised fp32 partial
 // to o_accum[split] and its log2 lse to lse_accum[split] (the combine merges them and
@@ -28,22 +28,26 @@
 // Shared memory (config.h, Layout<d>; 16-bit rows XOR-swizzled in 16-byte chunks):
 //   Q block [32][d] | dequantised tile [16][d] bf16 | raw ring, tile i in stage i % 3:
 //   [16][raw row] bytes | S partials of warps 1..3 | P [32][16] bf16 | per-row rescale |
-//   per-row output scale (epilogue) | warp 0's softmax state | valid masks of the 3 stages.
+//   per-row output scale (epilogue) | warp 0's softmax state | valid flags [3][16] | the
+//   current piece's record (Piece).
 //
 // Barrier / cp.async protocol per piece (T tiles):
-//   __syncthreads (the previous piece's readers are done); warp 0 resets the softmax
-//   state; cp.async Q and raw tile 0 -> commit; raw tile 1 -> commit.
+//   __syncthreads (the previous piece's readers are done); thread 0 stores the Piece record,
+//   warp 0 resets the softmax state; cp.async Q and raw tile 0 -> commit; raw tile 1 ->
+//   commit; load tile 2's index values.
 //   iteration i: wait_group 1 (raw tile i landed, this thread's part); B1 __syncthreads
-//     (raw tile i and its mask visible; every warp finished iteration i-1, so the
-//     dequantised tile, raw stage (i+2) % 3 and its mask, the S partials, P and the
-//     rescale factors are free); issue raw tile i+2 -> commit (an empty group past the
+//     (raw tile i, its flags and the Piece record visible; every warp finished iteration
+//     i-1, so the dequantised tile, raw stage (i+2) % 3 and its flags, the S partials, P
+//     and the rescale factors are free); issue raw tile i+2 -> commit (an empty group past the
 //     end keeps the count), with the index values loaded one iteration earlier, then load
 //     tile i+3's; warp w dequantises dims [w d/4, (w+1) d/4) of raw tile i into the bf16
 //     tile, the dims its S partial reads; __syncwarp; S partial sums; warps 1..3 store
 //     theirs; B2 __syncthreads (also: the whole bf16 tile is written); warp 0: add the
-//     partials, mask, softmax step; B3 __syncthreads; every warp: rescale O, O += P V.
-//   epilogue: wait_group 0; warp 0 writes lse (or lse_accum) and publishes each row's
-//     output scale; __syncthreads; every warp writes its columns.
+//     partials, mask, softmax step; B3 __syncthreads; every warp: rescale O (skipped by a
+//     warp whose factors are all 1), O += P V.
+//   epilogue: wait_group 0; __syncthreads (the Piece record and the last softmax state
+//     visible); warp 0 writes lse (or lse_accum) and publishes each row's output scale;
+//     __syncthreads; every warp writes its columns.
 #pragma once
 
 #include <cstdint>
