@@ -357,10 +357,11 @@ void sparse_decode_fwd(TensorView q, TensorView k_cache, TensorView indices,
   const int device = q.device().device_id;
   DeviceGuard guard(device);
   p.stream = current_stream(device);
+  const bool one_slab = sd::slabs_for(p.h_q) == 1;
   if (q.size(3) == 576) {
-    sd::run_sparse_decode<576>(p);
+    one_slab ? sd::run_sparse_decode<576, 1>(p) : sd::run_sparse_decode<576, 2>(p);
   } else {
-    sd::run_sparse_decode<512>(p);
+    one_slab ? sd::run_sparse_decode<512, 1>(p) : sd::run_sparse_decode<512, 2>(p);
   }
   check_launch("sparse_decode");
   combine::run_combine<__nv_bfloat16, 4>(combine_params(p));

@@ -67,19 +67,25 @@ __device__ __forceinline__ uint32_t p_offset(int row, int chunk) {
   return static_cast<uint32_t>(row * 32 + ((chunk ^ ((row >> 2) & 1)) * 16));
 }
 
-using SAcc = float[kSlabs][2][4];
-using OAcc = float[kSlabs][kNTilesO][4];
+// Every step takes the number of m16 slabs as a template argument kS (default kSlabs = 2,
+// 32 rows); a kernel whose rows fit one slab (16 rows) instantiates them with 1.
+template <int kS> using SAccOf = float[kS][2][4];
+template <int kS> using OAccOf = float[kS][kNTilesO][4];
+using SAcc = SAccOf<kSlabs>;
+using OAcc = OAccOf<kSlabs>;
 
-__device__ __forceinline__ void zero_s(SAcc& s_acc) {
+template <int kS = kSlabs>
+__device__ __forceinline__ void zero_s(SAccOf<kS>& s_acc) {
 #pragma unroll
-  for (int s = 0; s < kSlabs; ++s)
+  for (int s = 0; s < kS; ++s)
 #pragma unroll
     for (int n = 0; n < 2; ++n) s_acc[s][n][0] = s_acc[s][n][1] = s_acc[s][n][2] = s_acc[s][n][3] = 0.f;
 }
 
-__device__ __forceinline__ void zero_o(OAcc& o_acc) {
+template <int kS = kSlabs>
+__device__ __forceinline__ void zero_o(OAccOf<kS>& o_acc) {
 #pragma unroll
-  for (int s = 0; s < kSlabs; ++s)
+  for (int s = 0; s < kS; ++s)
 #pragma unroll
     for (int n = 0; n < kNTilesO; ++n) o_acc[s][n][0] = o_acc[s][n][1] = o_acc[s][n][2] = o_acc[s][n][3] = 0.f;
 }
@@ -93,15 +99,15 @@ struct SCoords {
 };
 
 // This warp's share of S for the tile at tile_smem: s_acc = Q[:, dims] K[:, dims]^T.
-template <typename Elem, int kDimQK>
-__device__ __forceinline__ void s_partial(SAcc& s_acc, uint32_t q_smem, uint32_t tile_smem,
+template <typename Elem, int kDimQK, int kS = kSlabs>
+__device__ __forceinline__ void s_partial(SAccOf<kS>& s_acc, uint32_t q_smem, uint32_t tile_smem,
                                           int warp, const SCoords& c) {
   using D = Dims<kDimQK>;
   const int a_row = c.a_row;
   const int a_col = c.a_col;
   const int k_row = c.k_row;
   const int k_col = c.k_col;
-  zero_s(s_acc);
+  zero_s<kS>(s_acc);
   // Not unrolled: fragments are loaded per step anyway, and unrolling lets the scheduler
   // hoist loads into registers that the 128 O accumulators need (sm_100f spilled).
 #pragma unroll 1
@@ -112,7 +118,7 @@ __device__ __forceinline__ void s_partial(SAcc& s_acc, uint32_t q_smem, uint32_t
     const uint32_t b_lo[2] = {b[0], b[1]};
     const uint32_t b_hi[2] = {b[2], b[3]};
 #pragma unroll
-    for (int s = 0; s < kSlabs; ++s) {
+    for (int s = 0; s < kS; ++s) {
       uint32_t a[4];
       ldmatrix_x4(a, q_smem + swizzled_offset<kDimQK>(16 * s + a_row, col + a_col));
       mma_m16n8k16<Elem>(s_acc[s][0], a, b_lo);
@@ -121,31 +127,33 @@ __device__ __forceinline__ void s_partial(SAcc& s_acc, uint32_t q_smem, uint32_t
   }
 }
 
-template <typename Elem, int kDimQK>
-__device__ __forceinline__ void s_partial(SAcc& s_acc, uint32_t q_smem, uint32_t tile_smem,
+template <typename Elem, int kDimQK, int kS = kSlabs>
+__device__ __forceinline__ void s_partial(SAccOf<kS>& s_acc, uint32_t q_smem, uint32_t tile_smem,
                                           int warp, int lane) {
   const SCoords c{lane & 15, (lane >> 4) * 8, (lane & 7) + ((lane >> 4) & 1) * 8,
                   ((lane >> 3) & 1) * 8};
-  s_partial<Elem, kDimQK>(s_acc, q_smem, tile_smem, warp, c);
+  s_partial<Elem, kDimQK, kS>(s_acc, q_smem, tile_smem, warp, c);
 }
 
 // Warps 1..3: publish this warp's partial S (float4 per lane and fragment).
-__device__ __forceinline__ void store_s_partial(float4* s_partials, const SAcc& s_acc, int warp,
-                                                int lane) {
+template <int kS = kSlabs>
+__device__ __forceinline__ void store_s_partial(float4* s_partials, const SAccOf<kS>& s_acc,
+                                                int warp, int lane) {
 #pragma unroll
-  for (int s = 0; s < kSlabs; ++s)
+  for (int s = 0; s < kS; ++s)
 #pragma unroll
     for (int n = 0; n < 2; ++n)
-      s_partials[(((warp - 1) * kSlabs + s) * 2 + n) * 32 + lane] =
+      s_partials[(((warp - 1) * kS + s) * 2 + n) * 32 + lane] =
           make_float4(s_acc[s][n][0], s_acc[s][n][1], s_acc[s][n][2], s_acc[s][n][3]);
 }
 
 // Warp 0: fragment n of slab s += the partials of warps 1, 2, 3 (in that order).
-__device__ __forceinline__ void add_s_partial(SAcc& s_acc, const float4* s_partials, int s, int n,
-                                              int lane) {
+template <int kS = kSlabs>
+__device__ __forceinline__ void add_s_partial(SAccOf<kS>& s_acc, const float4* s_partials, int s,
+                                              int n, int lane) {
 #pragma unroll
   for (int w = 1; w < kNumWarps; ++w) {
-    const float4 v = s_partials[(((w - 1) * kSlabs + s) * 2 + n) * 32 + lane];
+    const float4 v = s_partials[(((w - 1) * kS + s) * 2 + n) * 32 + lane];
     s_acc[s][n][0] += v.x;
     s_acc[s][n][1] += v.y;
     s_acc[s][n][2] += v.z;
@@ -154,23 +162,27 @@ __device__ __forceinline__ void add_s_partial(SAcc& s_acc, const float4* s_parti
 }
 
 // Warp 0: s_acc += the partials of warps 1, 2, 3 (in that order).
-__device__ __forceinline__ void add_s_partials(SAcc& s_acc, const float4* s_partials, int lane) {
+template <int kS = kSlabs>
+__device__ __forceinline__ void add_s_partials(SAccOf<kS>& s_acc, const float4* s_partials,
+                                               int lane) {
 #pragma unroll
-  for (int s = 0; s < kSlabs; ++s)
+  for (int s = 0; s < kS; ++s)
 #pragma unroll
-    for (int n = 0; n < 2; ++n) add_s_partial(s_acc, s_partials, s, n, lane);
+    for (int n = 0; n < 2; ++n) add_s_partial<kS>(s_acc, s_partials, s, n, lane);
 }
 
 // Warp 0: this lane's rows' softmax state (running max, partial running sum).
-using RowState = float[kSlabs][2];
+template <int kS> using RowStateOf = float[kS][2];
+using RowState = RowStateOf<kSlabs>;
 
 // g = lane / 4, t = lane % 4, computed by the caller (recomputed here from `lane`, they
 // changed the dense decode kernel's sm_120 code).
-__device__ __forceinline__ void load_softmax_state(RowState& row_max, RowState& row_sum,
+template <int kS = kSlabs>
+__device__ __forceinline__ void load_softmax_state(RowStateOf<kS>& row_max, RowStateOf<kS>& row_sum,
                                                    const float* row_max_smem,
                                                    const float* row_sum_smem, int g, int t) {
 #pragma unroll
-  for (int s = 0; s < kSlabs; ++s)
+  for (int s = 0; s < kS; ++s)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = 16 * s + g + 8 * r;
@@ -186,13 +198,14 @@ __device__ __forceinline__ void load_softmax_state(RowState& row_max, RowState& 
 // would drift over long rows). A row whose every score so far is -inf keeps max -inf, sum
 // 0 and P 0. Writes P (rounded to the input dtype) at p_smem, each row's rescale factor,
 // and the new state (to shared memory and to row_max / row_sum).
-template <typename Elem>
-__device__ __forceinline__ void softmax_update(SAcc& s_acc, RowState& row_max, RowState& row_sum,
-                                               float scale_log2, float* row_max_smem,
-                                               float* row_sum_smem, float* rescale_smem,
-                                               unsigned char* p_smem, int g, int t) {
+template <typename Elem, int kS = kSlabs>
+__device__ __forceinline__ void softmax_update(SAccOf<kS>& s_acc, RowStateOf<kS>& row_max,
+                                               RowStateOf<kS>& row_sum, float scale_log2,
+                                               float* row_max_smem, float* row_sum_smem,
+                                               float* rescale_smem, unsigned char* p_smem, int g,
+                                               int t) {
 #pragma unroll
-  for (int s = 0; s < kSlabs; ++s) {
+  for (int s = 0; s < kS; ++s) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float tile_max = row_max[s][r];
@@ -228,24 +241,26 @@ __device__ __forceinline__ void softmax_update(SAcc& s_acc, RowState& row_max, R
 }
 
 // Warp 0, after masking: load the state, one softmax step (softmax_update).
-template <typename Elem>
-__device__ __forceinline__ void softmax_step(SAcc& s_acc, float scale_log2, float* row_max_smem,
-                                             float* row_sum_smem, float* rescale_smem,
-                                             unsigned char* p_smem, int lane) {
+template <typename Elem, int kS = kSlabs>
+__device__ __forceinline__ void softmax_step(SAccOf<kS>& s_acc, float scale_log2,
+                                             float* row_max_smem, float* row_sum_smem,
+                                             float* rescale_smem, unsigned char* p_smem,
+                                             int lane) {
   const int g = lane / 4;
   const int t = lane % 4;
-  float row_max[kSlabs][2], row_sum[kSlabs][2];
-  load_softmax_state(row_max, row_sum, row_max_smem, row_sum_smem, g, t);
+  float row_max[kS][2], row_sum[kS][2];
+  load_softmax_state<kS>(row_max, row_sum, row_max_smem, row_sum_smem, g, t);
   __syncwarp();  // every lane has read the old maxima before any is replaced
-  softmax_update<Elem>(s_acc, row_max, row_sum, scale_log2, row_max_smem, row_sum_smem,
-                       rescale_smem, p_smem, g, t);
+  softmax_update<Elem, kS>(s_acc, row_max, row_sum, scale_log2, row_max_smem, row_sum_smem,
+                           rescale_smem, p_smem, g, t);
 }
 
 // Every warp, after the softmax step is visible: O *= each row's rescale factor.
-__device__ __forceinline__ void rescale_o(OAcc& o_acc, const float* rescale_smem, int lane) {
+template <int kS = kSlabs>
+__device__ __forceinline__ void rescale_o(OAccOf<kS>& o_acc, const float* rescale_smem, int lane) {
   const int g = lane / 4;
 #pragma unroll
-  for (int s = 0; s < kSlabs; ++s) {
+  for (int s = 0; s < kS; ++s) {
     const float c0 = rescale_smem[16 * s + g];
     const float c1 = rescale_smem[16 * s + g + 8];
 #pragma unroll
@@ -263,34 +278,37 @@ __device__ __forceinline__ void rescale_o(OAcc& o_acc, const float* rescale_smem
 // Used by the sparse decode, where it measured faster; the dense decode and the sparse
 // prefill measured 2-4% slower with it on an H100 (the skipped multiplications had been
 // hidden under the P V loads), so they keep rescale_o.
-__device__ __forceinline__ void rescale_o_if_changed(OAcc& o_acc, const float* rescale_smem,
+template <int kS = kSlabs>
+__device__ __forceinline__ void rescale_o_if_changed(OAccOf<kS>& o_acc, const float* rescale_smem,
                                                      int lane) {
   const int g = lane / 4;
   bool unchanged = true;
 #pragma unroll
-  for (int s = 0; s < kSlabs; ++s) {
+  for (int s = 0; s < kS; ++s) {
     unchanged = unchanged && rescale_smem[16 * s + g] == 1.f &&
                 rescale_smem[16 * s + g + 8] == 1.f;
   }
-  if (!__all_sync(0xffffffffu, unchanged)) rescale_o(o_acc, rescale_smem, lane);
+  if (!__all_sync(0xffffffffu, unchanged)) rescale_o<kS>(o_acc, rescale_smem, lane);
 }
 
-using PFrag = uint32_t[kSlabs][4];
+template <int kS> using PFragOf = uint32_t[kS][4];
+using PFrag = PFragOf<kSlabs>;
 
 // P as the A operand of O += P V, read like Q (row (lane & 15), chunk bit lane >> 4; the
 // ldmatrix row order of lanes 8..15 is folded into the row as bit 3).
-__device__ __forceinline__ void load_p(PFrag& p_frag, uint32_t p_smem, int lane) {
+template <int kS = kSlabs>
+__device__ __forceinline__ void load_p(PFragOf<kS>& p_frag, uint32_t p_smem, int lane) {
 #pragma unroll
-  for (int s = 0; s < kSlabs; ++s) {
+  for (int s = 0; s < kS; ++s) {
     const int row = 16 * s + (lane & 7) + ((lane >> 3) & 1) * 8;
     ldmatrix_x4(p_frag[s], p_smem + p_offset(row, lane >> 4));
   }
 }
 
 // O += P V over this warp's 128 columns; V is the tile read transposed.
-template <typename Elem, int kDimQK>
-__device__ __forceinline__ void pv(OAcc& o_acc, const PFrag& p_frag, uint32_t tile_smem,
-                                   int warp, int v_row, int v_col) {
+template <typename Elem, int kDimQK, int kS = kSlabs>
+__device__ __forceinline__ void pv(OAccOf<kS>& o_acc, const PFragOf<kS>& p_frag,
+                                   uint32_t tile_smem, int warp, int v_row, int v_col) {
 #pragma unroll
   for (int dp = 0; dp < kNTilesO / 2; ++dp) {
     const int col = warp * kColsPerWarp + dp * 16;
@@ -299,7 +317,7 @@ __device__ __forceinline__ void pv(OAcc& o_acc, const PFrag& p_frag, uint32_t ti
     const uint32_t b_lo[2] = {b[0], b[1]};
     const uint32_t b_hi[2] = {b[2], b[3]};
 #pragma unroll
-    for (int s = 0; s < kSlabs; ++s) {
+    for (int s = 0; s < kS; ++s) {
       mma_m16n8k16<Elem>(o_acc[s][2 * dp], p_frag[s], b_lo);
       mma_m16n8k16<Elem>(o_acc[s][2 * dp + 1], p_frag[s], b_hi);
     }

@@ -66,12 +66,15 @@ inline std::string capabilities_json() {
   return json + ", \"kv_format\": " + names + ", \"extra_kv_format\": " + names + "}";
 }
 
-// CTA: 4 warps; its rows are 32 heads [32 hb, 32 hb + 32) of one query (heads past h_q
-// are zero rows, never written); its keys are one schedule piece of the request's
-// index list, 16 tokens per tile (mla_row_block.cuh's steps).
+// CTA: 4 warps; its rows are 16 x kSlabs heads of one query (heads past h_q are zero rows,
+// never written): kSlabs = 1 (16 heads) when h_q <= 16, else 2 (32 heads); its keys are one
+// schedule piece of the request's index list, 16 tokens per tile (mla_row_block.cuh's
+// steps, instantiated for the slab count). One slab halves the MMAs, the softmax rows and
+// the O registers of the tensor-parallel head counts 1..16.
 constexpr int kNumWarps = 4;
 constexpr int kThreads = kNumWarps * 32;
-constexpr int kBlockM = 32;
+constexpr int kBlockM = 32;  // rows at most (two slabs); the per-row arrays are this long
+constexpr int slabs_for(int h_q) { return h_q <= 16 ? 1 : 2; }
 constexpr int kBlockN = 16;
 constexpr int kRawStages = 3;  // cp.async ring of raw cache bytes
 // The schedule's unit is kPositionsPerBlock index positions; the main pool's list is
@@ -79,14 +82,16 @@ constexpr int kRawStages = 3;  // cp.async ring of raw cache bytes
 constexpr int kPositionsPerBlock = decode_schedule::kPageSize;
 static_assert(kPositionsPerBlock % kBlockN == 0, "a piece starts on a tile boundary");
 
-// Shared-memory byte layout for one d_qk (kernel.cuh's header comment gives the protocol).
-template <int kDimQK>
+// Shared-memory byte layout for one d_qk and slab count (kernel.cuh's header comment gives
+// the protocol). Only the Q block depends on the slabs; the small per-row pieces keep their
+// two-slab size.
+template <int kDimQK, int kSlabs>
 struct Layout {
   // Raw bytes of one token in the ring: the largest format of this d_qk, rounded up to
   // 16 bytes (cp.async destinations are 16-byte aligned): 656 for d 576; 592 for 512
   // (V4's 576 + 8 bytes are the widest).
   static constexpr int kRawRowBytes = kDimQK == 576 ? 656 : 592;
-  static constexpr int kQBytes = kBlockM * kDimQK * kElemBytes;       // 36864 | 32768, swizzled
+  static constexpr int kQBytes = 16 * kSlabs * kDimQK * kElemBytes;  // 36864 | 32768 (2 slabs)
   static constexpr int kTileBytes = kBlockN * kDimQK * kElemBytes;    // 18432 | 16384, swizzled
   static constexpr int kRawStageBytes = kBlockN * kRawRowBytes;       // 10496 | 9472
   static constexpr int kTileOffset = kQBytes;                          // dequantised tile (bf16)
@@ -106,24 +111,41 @@ struct Layout {
   static constexpr int kSmemBytes = kPieceOffset + 32;
 };
 
-static_assert(Layout<576>::kSmemBytes == 94928, "sparse decode budget as in docs/sparse_decode.md");
-static_assert(Layout<512>::kSmemBytes == 85712, "sparse decode budget as in docs/sparse_decode.md");
-static_assert(Layout<576>::kSmemBytes <= kMaxSmemPerBlockSm120, "tile exceeds sm_120's 99 KB");
-static_assert(Layout<512>::kSmemBytes <= kMaxSmemPerBlockSm120, "tile exceeds sm_120's 99 KB");
-static_assert(format_info(0).bytes_per_token <= Layout<576>::kRawRowBytes &&
-                  format_info(2).bytes_per_token <= Layout<512>::kRawRowBytes,
+static_assert(Layout<576, 2>::kSmemBytes == 94928, "sparse decode budget as in docs/sparse_decode.md");
+static_assert(Layout<512, 2>::kSmemBytes == 85712, "sparse decode budget as in docs/sparse_decode.md");
+static_assert(Layout<576, 1>::kSmemBytes == 76496, "sparse decode budget as in docs/sparse_decode.md");
+static_assert(Layout<512, 1>::kSmemBytes == 69328, "sparse decode budget as in docs/sparse_decode.md");
+static_assert(Layout<576, 2>::kSmemBytes <= kMaxSmemPerBlockSm120, "tile exceeds sm_120's 99 KB");
+static_assert(Layout<512, 2>::kSmemBytes <= kMaxSmemPerBlockSm120, "tile exceeds sm_120's 99 KB");
+static_assert(format_info(0).bytes_per_token <= Layout<576, 2>::kRawRowBytes &&
+                  format_info(2).bytes_per_token <= Layout<512, 2>::kRawRowBytes,
               "a raw row holds the widest token");
 
 constexpr int kMaxQueriesPerRequest = 1 << 16;
 
-// Head blocks per query and row blocks (CTAs per schedule part).
-inline int num_head_blocks(int h_q) { return (h_q + kBlockM - 1) / kBlockM; }
+// Head blocks per query and row blocks (CTAs per schedule part), for slabs_for(h_q).
+inline int num_head_blocks(int h_q) {
+  const int rows = 16 * slabs_for(h_q);
+  return (h_q + rows - 1) / rows;
+}
 inline int num_m_blocks(int s_q, int h_q) { return s_q * num_head_blocks(h_q); }
 
-// CTAs that fit one SM's shared memory (1 on sm_120, 2 on an H100).
-inline int ctas_per_sm(int smem_per_sm, int d_qk) {
-  const int bytes = d_qk == 576 ? Layout<576>::kSmemBytes : Layout<512>::kSmemBytes;
-  const int n = smem_per_sm / (bytes + kReservedSmemPerBlock);
+inline int smem_bytes(int d_qk, int slabs) {
+  if (d_qk == 576) return slabs == 1 ? Layout<576, 1>::kSmemBytes : Layout<576, 2>::kSmemBytes;
+  return slabs == 1 ? Layout<512, 1>::kSmemBytes : Layout<512, 2>::kSmemBytes;
+}
+
+// Resident CTAs per SM the launch bounds promise ptxas to fit by registers: with one slab
+// the O accumulators are half as many, and three CTAs of 128 threads fit an SM's 64K
+// registers at <= 168 each.
+constexpr int min_ctas_per_sm(int slabs) { return slabs == 1 ? 3 : 1; }
+
+// CTAs that fit one SM: by shared memory (1 on sm_120, 2 or 3 on an H100) and by the
+// registers the kernel may use (255 per thread: 2 CTAs for two slabs).
+inline int ctas_per_sm(int smem_per_sm, int d_qk, int slabs) {
+  int n = smem_per_sm / (smem_bytes(d_qk, slabs) + kReservedSmemPerBlock);
+  const int by_registers = slabs == 1 ? 3 : 2;
+  if (n > by_registers) n = by_registers;
   return n > 0 ? n : 1;
 }
 
@@ -136,7 +158,8 @@ inline int num_parts(int num_sms, int smem_per_sm, int batch, int s_q, int h_q, 
     return static_cast<int>(parts > 0 ? parts : 1);
   }
   const int64_t per_part = num_m_blocks(s_q, h_q);
-  const int64_t slots = static_cast<int64_t>(num_sms) * ctas_per_sm(smem_per_sm, d_qk);
+  const int64_t slots =
+      static_cast<int64_t>(num_sms) * ctas_per_sm(smem_per_sm, d_qk, slabs_for(h_q));
   const int64_t parts = slots / per_part;
   return static_cast<int>(parts > 0 ? parts : 1);
 }

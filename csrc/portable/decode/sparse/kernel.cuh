@@ -3,8 +3,8 @@
 // arithmetic: docs/sparse_decode.md; byte formats: formats.cuh.
 //
 // Work split. blockIdx.x = part * num_m_blocks + m_block, m_block = query * num_head_blocks
-// + hb: the CTA's rows are the heads [32 hb, 32 hb + 32) of query `query` (heads past h_q
-// are zero rows, never written); for every piece of its schedule part (a run of
+// + hb: the CTA's rows are the heads [R hb, R hb + R) of query `query`, R = 16 kSlabs
+// (heads past h_q are zero rows, never written); for every piece of its schedule part (a run of
 // 64-position blocks of one request's key list) it attends to the tokens the list names.
 // Request i's key list: the main pool's counted positions [0, main_limit_i), padded with
 // invalid positions to main_span_i (a multiple of 16, so no tile mixes pools), then the
@@ -25,8 +25,8 @@
 // to o_accum[split] and its log2 lse to lse_accum[split] (the combine merges them and
 // applies the sink). No atomics, fixed reduction order: bit-identical reruns.
 //
-// Shared memory (config.h, Layout<d>; 16-bit rows XOR-swizzled in 16-byte chunks):
-//   Q block [32][d] | dequantised tile [16][d] bf16 | raw ring, tile i in stage i % 3:
+// Shared memory (config.h, Layout<d, slabs>; 16-bit rows XOR-swizzled in 16-byte chunks):
+//   Q block [16 slabs][d] | dequantised tile [16][d] bf16 | raw ring, tile i in stage i % 3:
 //   [16][raw row] bytes | S partials of warps 1..3 | P [32][16] bf16 | per-row rescale |
 //   per-row output scale (epilogue) | warp 0's softmax state | valid flags [3][16] | the
 //   current piece's record (Piece).
@@ -189,10 +189,11 @@ struct Piece {
 };
 static_assert(sizeof(Piece) <= 32, "the Piece record has 32 bytes of shared memory (config.h)");
 
-template <int kDimQK>
-__global__ void __launch_bounds__(kThreads, 1)
+template <int kDimQK, int kSlabs>
+__global__ void __launch_bounds__(kThreads, min_ctas_per_sm(kSlabs))
     sparse_decode_kernel(const __grid_constant__ SparseDecodeParams params) {
-  using L = Layout<kDimQK>;
+  using L = Layout<kDimQK, kSlabs>;
+  constexpr int kRows = 16 * kSlabs;
   using Elem = BF16;
   using Storage = typename Elem::Storage;
   constexpr int kRawRowBytes = L::kRawRowBytes;
@@ -260,7 +261,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const Piece here = [&] {
       const int m_block = static_cast<int>(blockIdx.x % params.num_m_blocks);
       const int head_block = m_block % params.num_head_blocks;
-      return Piece{req,         m_block / params.num_head_blocks, head_block * kBlockM,
+      return Piece{req,         m_block / params.num_head_blocks, head_block * kRows,
                    main_limit,  main_span, extra_limit, pos_begin, direct ? -1 : split};
     }();
     const int pos_end = min(max(hi, lo) * kPositionsPerBlock, total);
@@ -276,11 +277,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 
     // Q block: heads [head0, head0 + valid_rows) of this query; the other rows are zeros.
-    load_tile_async<kBlockM, kDimQK, kThreads>(
+    load_tile_async<kRows, kDimQK, kThreads>(
         q_smem,
         q_base + static_cast<int64_t>(req) * params.q_batch_stride +
             static_cast<int64_t>(here.query) * params.q_row_stride,
-        params.q_head_stride, here.head0, min(kBlockM, params.h_q - here.head0), tid);
+        params.q_head_stride, here.head0, min(kRows, params.h_q - here.head0), tid);
 
     auto raw_stage = [&](int tile) -> uint32_t {
       return smem_base + L::kRawOffset + static_cast<uint32_t>(tile % kRawStages) * L::kRawStageBytes;
@@ -335,8 +336,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     cp_async_commit();
     int next_index = load_index(here, 2);  // tile i + 2's, for iteration i
 
-    float o_acc[rb::kSlabs][rb::kNTilesO][4];
-    rb::zero_o(o_acc);
+    float o_acc[kSlabs][rb::kNTilesO][4];
+    rb::zero_o<kSlabs>(o_acc);
 
     for (int i = 0; i < num_tiles; ++i) {
       cp_async_wait<1>();
@@ -356,18 +357,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       __syncwarp();  // this warp's dims of the tile, which its S partial reads
 
-      float s_acc[rb::kSlabs][2][4];
-      rb::s_partial<Elem, kDimQK>(s_acc, q_smem, tile_smem, warp, s_coords);
-      if (warp > 0) rb::store_s_partial(s_partials, s_acc, warp, lane);
+      float s_acc[kSlabs][2][4];
+      rb::s_partial<Elem, kDimQK, kSlabs>(s_acc, q_smem, tile_smem, warp, s_coords);
+      if (warp > 0) rb::store_s_partial<kSlabs>(s_partials, s_acc, warp, lane);
       __syncthreads();  // B2
 
       if (warp == 0) {
-        rb::add_s_partials(s_acc, s_partials, lane);
+        rb::add_s_partials<kSlabs>(s_acc, s_partials, lane);
         const uint32_t mask =
             __ballot_sync(0xffffffffu, lane < kBlockN &&
                                            valid_smem[(i % kRawStages) * kBlockN + (lane & 15)]);
 #pragma unroll
-        for (int s = 0; s < rb::kSlabs; ++s)
+        for (int s = 0; s < kSlabs; ++s)
 #pragma unroll
           for (int n = 0; n < 2; ++n)
 #pragma unroll
@@ -375,15 +376,15 @@ __global__ void __launch_bounds__(kThreads, 1)
               const int tok = n * 8 + 2 * t + (e & 1);
               if (!((mask >> tok) & 1u)) s_acc[s][n][e] = rb::kNegInf;
             }
-        rb::softmax_step<Elem>(s_acc, scale_log2, row_max_smem, row_sum_smem, rescale_smem,
+        rb::softmax_step<Elem, kSlabs>(s_acc, scale_log2, row_max_smem, row_sum_smem, rescale_smem,
                                smem + L::kPOffset, lane);
       }
       __syncthreads();  // B3
 
-      rb::rescale_o_if_changed(o_acc, rescale_smem, lane);
-      uint32_t p_frag[rb::kSlabs][4];
-      rb::load_p(p_frag, smem_base + L::kPOffset, lane);
-      rb::pv<Elem, kDimQK>(o_acc, p_frag, tile_smem, warp, v_row, v_col);
+      rb::rescale_o_if_changed<kSlabs>(o_acc, rescale_smem, lane);
+      uint32_t p_frag[kSlabs][4];
+      rb::load_p<kSlabs>(p_frag, smem_base + L::kPOffset, lane);
+      rb::pv<Elem, kDimQK, kSlabs>(o_acc, p_frag, tile_smem, warp, v_row, v_col);
     }
     cp_async_wait<0>();  // drain (the groups past the last tile are empty)
     __syncthreads();     // the piece record and the last tile's softmax state are visible
@@ -392,10 +393,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const Piece pc = *piece_smem;
     const bool direct_out = pc.split < 0;
     const int query = pc.query, head0 = pc.head0;
-    const int valid_rows = min(kBlockM, params.h_q - head0);
+    const int valid_rows = min(kRows, params.h_q - head0);
     if (warp == 0) {
 #pragma unroll
-      for (int s = 0; s < rb::kSlabs; ++s) {
+      for (int s = 0; s < kSlabs; ++s) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int row = 16 * s + g + 8 * r;
@@ -429,7 +430,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
 
 #pragma unroll
-    for (int s = 0; s < rb::kSlabs; ++s) {
+    for (int s = 0; s < kSlabs; ++s) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = 16 * s + g + 8 * r;
@@ -463,10 +464,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <int kDimQK>
+template <int kDimQK, int kSlabs>
 void run_sparse_decode(const SparseDecodeParams& params) {
-  auto kernel = sparse_decode_kernel<kDimQK>;
-  constexpr int kSmemBytes = Layout<kDimQK>::kSmemBytes;
+  auto kernel = sparse_decode_kernel<kDimQK, kSlabs>;
+  constexpr int kSmemBytes = Layout<kDimQK, kSlabs>::kSmemBytes;
   // Per launch, not cached: the attributes belong to the current device. The carveout
   // asks for the largest shared-memory split, so two CTAs share an H100 SM.
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);

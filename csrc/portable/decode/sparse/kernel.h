@@ -35,7 +35,7 @@ struct CachePool {
 // main_span_i + extra_limit_i, into pieces of 64-position blocks.
 struct SparseDecodeParams {
   int batch, s_q, h_q;
-  int num_head_blocks;       // ceil(h_q / 32)
+  int num_head_blocks;       // ceil(h_q / (16 * slabs_for(h_q)))
   int num_m_blocks;          // s_q * num_head_blocks: CTAs per schedule part
   int num_parts;             // schedule parts (metadata rows)
   int num_splits_total;      // rows of o_accum / lse_accum
@@ -61,9 +61,10 @@ struct SparseDecodeParams {
 static_assert(sizeof(CachePool) == 72, "CachePool layout changed");
 static_assert(sizeof(SparseDecodeParams) == 296, "SparseDecodeParams layout changed");
 
-// kDimQK 576 (V32) or 512 (the other formats). Launches on params.stream and never
-// synchronises; the caller reads cudaGetLastError().
-template <int kDimQK>
+// kDimQK 576 (V32) or 512 (the other formats); kSlabs = slabs_for(h_q) (config.h), which
+// also sized num_head_blocks. Launches on params.stream and never synchronises; the caller
+// reads cudaGetLastError().
+template <int kDimQK, int kSlabs>
 void run_sparse_decode(const SparseDecodeParams& params);
 
 }  // namespace flash_mla::portable::sparse_decode

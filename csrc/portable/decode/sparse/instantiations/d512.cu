@@ -1,13 +1,17 @@
 // Portable sparse MLA decode, d_qk 512: the V32_NO_ROPE, V4, V41 and V41_FP4 caches, in
-// any pairing of main and extra pool (V = the first 512 dims).
+// any pairing of main and extra pool (V = the first 512 dims), one slab (h_q <= 16) and two.
 #include "../../../../common/kernel_registry.h"
 #include "../kernel.cuh"
 
 namespace flash_mla::portable::sparse_decode {
 
-template void run_sparse_decode<512>(const SparseDecodeParams&);
-FLASH_MLA_REGISTER_KERNEL(sparse_decode_bf16_d512, "sparse_decode",
-                          "bf16 d512 dv512 V32_NO_ROPE|V4|V41|V41_FP4",
-                          Layout<512>::kSmemBytes, kThreads);
+template void run_sparse_decode<512, 1>(const SparseDecodeParams&);
+template void run_sparse_decode<512, 2>(const SparseDecodeParams&);
+FLASH_MLA_REGISTER_KERNEL(sparse_decode_bf16_d512_m16, "sparse_decode",
+                          "bf16 d512 dv512 V32_NO_ROPE|V4|V41|V41_FP4 16 rows",
+                          (Layout<512, 1>::kSmemBytes), kThreads);
+FLASH_MLA_REGISTER_KERNEL(sparse_decode_bf16_d512_m32, "sparse_decode",
+                          "bf16 d512 dv512 V32_NO_ROPE|V4|V41|V41_FP4 32 rows",
+                          (Layout<512, 2>::kSmemBytes), kThreads);
 
 }  // namespace flash_mla::portable::sparse_decode
