@@ -559,6 +559,21 @@ def sparse_decode(q: torch.Tensor, pools: Sequence[Pool], scale: float, d_v: int
     return out, lse
 
 
+def _prefill_picks(indices: torch.Tensor, s_kv: int, topk_length: Optional[Sequence[int]],
+                   dev: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sparse prefill's indices [s_q, 1, topk] -> (safe, valid), both [s_q, topk] on dev:
+    valid marks the counted positions whose index lies in [0, s_kv); safe is the index
+    there and 0 elsewhere (a row that can be gathered without bounds checks)."""
+    topk = indices.shape[2]
+    idx = indices[:, 0].to(dev).long()
+    valid = (idx >= 0) & (idx < s_kv)
+    if topk_length is not None:
+        lengths = torch.as_tensor(topk_length if not isinstance(topk_length, torch.Tensor)
+                                  else topk_length.tolist(), device=dev).long()
+        valid &= torch.arange(topk, device=dev).unsqueeze(0) < lengths.clamp(0, topk).unsqueeze(1)
+    return torch.where(valid, idx, torch.zeros_like(idx)), valid
+
+
 def sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, d_v: int,
                    sink: Optional[torch.Tensor] = None, topk_length: Optional[Sequence[int]] = None
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -570,13 +585,7 @@ def sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sca
     s_kv = kv.shape[0]
     topk = indices.shape[2]
     dev = q.device
-    idx = indices[:, 0].to(dev).long()                                   # [s_q, topk]
-    valid = (idx >= 0) & (idx < s_kv)
-    if topk_length is not None:
-        lengths = torch.as_tensor(topk_length if not isinstance(topk_length, torch.Tensor)
-                                  else topk_length.tolist(), device=dev).long()
-        valid &= torch.arange(topk, device=dev).unsqueeze(0) < lengths.clamp(0, topk).unsqueeze(1)
-    safe = torch.where(valid, idx, torch.zeros_like(idx))
+    safe, valid = _prefill_picks(indices, s_kv, topk_length, dev)
     out_rows, max_rows, lse_rows = [], [], []
     step = min(_chunk_rows(h_q, topk), _chunk_rows(kv.shape[2], topk))
     for r0 in range(0, s_q, step):
@@ -738,13 +747,7 @@ def plain_sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
     s_kv = kv.shape[0]
     topk = indices.shape[2]
     dev, dtype = q.device, q.dtype
-    idx = indices[:, 0].to(dev).long()                                   # [s_q, topk]
-    valid = (idx >= 0) & (idx < s_kv)
-    if topk_length is not None:
-        lengths = torch.as_tensor(topk_length if not isinstance(topk_length, torch.Tensor)
-                                  else topk_length.tolist(), device=dev).long()
-        valid &= torch.arange(topk, device=dev).unsqueeze(0) < lengths.clamp(0, topk).unsqueeze(1)
-    safe = torch.where(valid, idx, torch.zeros_like(idx))
+    safe, valid = _prefill_picks(indices, s_kv, topk_length, dev)
     out = torch.zeros(s_q, h_q, d_v, dtype=dtype, device=dev)
     step = min(_chunk_rows(h_q, topk), _chunk_rows(kv.shape[2], topk))
     for r0 in range(0, s_q, step):
