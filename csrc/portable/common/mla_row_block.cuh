@@ -25,27 +25,13 @@
 #include <cuda_runtime.h>
 
 #include "element.cuh"
+#include "mla_row_block_layout.h"
 #include "ldmatrix.cuh"
 #include "math.cuh"
 #include "mma.cuh"
 #include "swizzle.cuh"
 
 namespace flash_mla::portable::mla_row_block {
-
-constexpr int kNumWarps = 4;
-constexpr int kThreads = kNumWarps * 32;
-constexpr int kSlabs = 2;
-constexpr int kBlockM = 16 * kSlabs;  // rows
-constexpr int kBlockN = 16;           // tokens per KV tile
-constexpr int kHeadDimV = 512;
-constexpr int kColsPerWarp = kHeadDimV / kNumWarps;  // 128
-constexpr int kNTilesO = kColsPerWarp / 8;           // 16
-
-// Bytes of the fixed-size pieces (the Q block and KV tiles depend on kDimQK).
-constexpr int kSPartialBytes = (kNumWarps - 1) * kBlockM * kBlockN * 4;  // 6144
-constexpr int kPBytes = kBlockM * kBlockN * 2;                            // 1024
-constexpr int kRowFloatBytes = kBlockM * 4;                               // 128
-constexpr int kRowSumBytes = kBlockM * 4 * 4;                             // 512
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLn2 = 0.69314718055994530942f;

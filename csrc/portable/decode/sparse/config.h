@@ -10,6 +10,7 @@
 
 #include "../../../common/capabilities.h"
 #include "../../../common/limits.h"
+#include "../../common/mla_row_block_layout.h"
 #include "../schedule/config.h"
 
 namespace flash_mla::portable::sparse_decode {
@@ -82,11 +83,11 @@ constexpr int kRawStages = 3;  // cp.async ring of raw cache bytes
 constexpr int kPositionsPerBlock = decode_schedule::kPageSize;
 static_assert(kPositionsPerBlock % kBlockN == 0, "a piece starts on a tile boundary");
 
-// Shared-memory byte layout for one d_qk and slab count (kernel.cuh's header comment gives
-// the protocol). Only the Q block depends on the slabs; the small per-row pieces keep their
-// two-slab size.
+// The Q block, the dequantised tile and the raw ring for one d_qk and slab count (then the
+// row-block steps' pieces: Layout below). Only the Q block depends on the slabs; the small
+// per-row pieces keep their two-slab size.
 template <int kDimQK, int kSlabs>
-struct Layout {
+struct Tiles {
   // Raw bytes of one token in the ring: the largest format of this d_qk, rounded up to
   // 16 bytes (cp.async destinations are 16-byte aligned): 656 for d 576; 592 for 512
   // (V4's 576 + 8 bytes are the widest).
@@ -96,16 +97,17 @@ struct Layout {
   static constexpr int kRawStageBytes = kBlockN * kRawRowBytes;       // 10496 | 9472
   static constexpr int kTileOffset = kQBytes;                          // dequantised tile (bf16)
   static constexpr int kRawOffset = kTileOffset + kTileBytes;
-  static constexpr int kSPartialOffset = kRawOffset + kRawStages * kRawStageBytes;
-  static constexpr int kSPartialBytes = (kNumWarps - 1) * kBlockM * kBlockN * 4;  // 6144
-  static constexpr int kPOffset = kSPartialOffset + kSPartialBytes;  // P [32][16] bf16
-  static constexpr int kPBytes = kBlockM * kBlockN * kElemBytes;     // 1024
-  static constexpr int kRescaleOffset = kPOffset + kPBytes;          // [32] fp32 per tile
-  static constexpr int kOutScaleOffset = kRescaleOffset + kBlockM * 4;  // [32] fp32, epilogue
-  static constexpr int kRowMaxOffset = kOutScaleOffset + kBlockM * 4;   // [32] fp32
-  static constexpr int kRowSumOffset = kRowMaxOffset + kBlockM * 4;     // [32][4] fp32
+  static constexpr int kEnd = kRawOffset + kRawStages * kRawStageBytes;
+};
+
+// Shared-memory byte layout (kernel.cuh's header comment gives the protocol): the tiles,
+// the row-block steps' pieces (S partials, P, per-row rescale and output scale, softmax
+// state: mla_row_block_layout.h), the valid flags and the piece record.
+template <int kDimQK, int kSlabs>
+struct Layout : Tiles<kDimQK, kSlabs>, mla_row_block::Scratch<Tiles<kDimQK, kSlabs>::kEnd> {
+  using Steps = mla_row_block::Scratch<Tiles<kDimQK, kSlabs>::kEnd>;
   // Per raw stage and token, 1 when the token is valid ([3][16] bytes).
-  static constexpr int kValidOffset = kRowSumOffset + kBlockM * 4 * 4;
+  static constexpr int kValidOffset = Steps::kScratchEnd;
   // The current piece's record (kernel.cuh's Piece, 32 bytes).
   static constexpr int kPieceOffset = kValidOffset + kRawStages * kBlockN;
   static constexpr int kSmemBytes = kPieceOffset + 32;

@@ -197,8 +197,6 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(kSlabs))
   using Elem = BF16;
   using Storage = typename Elem::Storage;
   constexpr int kRawRowBytes = L::kRawRowBytes;
-  static_assert(L::kSPartialBytes == rb::kSPartialBytes && L::kPBytes == rb::kPBytes,
-                "shared layout and row-block steps agree");
 
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t smem_base = cvta_shared(smem);

@@ -9,6 +9,7 @@
 
 #include "../../../common/capabilities.h"
 #include "../../../common/limits.h"
+#include "../../common/mla_row_block_layout.h"
 
 namespace flash_mla::portable::sparse_prefill {
 
@@ -38,23 +39,24 @@ constexpr int kBlockM = 32;
 constexpr int kBlockN = 16;
 constexpr int kStages = 3;
 
-// Shared-memory byte layout for one d_qk (kernel.cuh's header comment gives the protocol).
+// The Q block and the KV stage ring (then the row-block steps' pieces: Layout below).
 template <int kDimQK>
-struct Layout {
+struct Tiles {
   static constexpr int kQBytes = kBlockM * kDimQK * kElemBytes;      // 36864 | 32768, swizzled
   static constexpr int kTileBytes = kBlockN * kDimQK * kElemBytes;   // 18432 | 16384, swizzled
   static constexpr int kStagesOffset = kQBytes;
-  static constexpr int kSPartialOffset = kStagesOffset + kStages * kTileBytes;
-  static constexpr int kSPartialBytes = (kNumWarps - 1) * kBlockM * kBlockN * 4;  // 6144
-  static constexpr int kPOffset = kSPartialOffset + kSPartialBytes;  // P [32][16] bf16
-  static constexpr int kPBytes = kBlockM * kBlockN * kElemBytes;     // 1024
-  static constexpr int kRescaleOffset = kPOffset + kPBytes;          // [32] fp32 per tile
-  static constexpr int kOutScaleOffset = kRescaleOffset + kBlockM * 4;  // [32] fp32, epilogue
-  static constexpr int kRowMaxOffset = kOutScaleOffset + kBlockM * 4;   // [32] fp32
-  static constexpr int kRowSumOffset = kRowMaxOffset + kBlockM * 4;     // [32][4] fp32
+  static constexpr int kEnd = kStagesOffset + kStages * kTileBytes;
+};
+
+// Shared-memory byte layout for one d_qk (kernel.cuh's header comment gives the protocol):
+// the tiles, the row-block steps' pieces (S partials, P, per-row rescale and output scale,
+// softmax state: mla_row_block_layout.h), then the valid masks.
+template <int kDimQK>
+struct Layout : Tiles<kDimQK>, mla_row_block::Scratch<Tiles<kDimQK>::kEnd> {
+  using Steps = mla_row_block::Scratch<Tiles<kDimQK>::kEnd>;
   // Per stage, the bit mask of the tile's tokens that are valid (index in [0, s_kv) and
   // inside topk_length): bit j = token j of the tile.
-  static constexpr int kValidOffset = kRowSumOffset + kBlockM * 4 * 4;
+  static constexpr int kValidOffset = Steps::kScratchEnd;
   static constexpr int kSmemBytes = kValidOffset + 16;
 };
 

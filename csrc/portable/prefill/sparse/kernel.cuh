@@ -66,8 +66,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   using Elem = BF16;
   using Storage = typename Elem::Storage;
   constexpr int kChunksPerRow = kDimQK / 8;
-  static_assert(L::kSPartialBytes == rb::kSPartialBytes && L::kPBytes == rb::kPBytes,
-                "shared layout and row-block steps agree");
 
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t smem_base = cvta_shared(smem);
