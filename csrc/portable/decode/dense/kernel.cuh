@@ -337,21 +337,13 @@ __global__ void __launch_bounds__(kThreads, 1)
                          static_cast<int64_t>(query) * params.out_row_stride +
                          static_cast<int64_t>(head) * params.out_head_stride +
                          warp * kColsPerWarp + 2 * t;
-#pragma unroll
-          for (int n = 0; n < kNTilesO; ++n) {
-            *reinterpret_cast<uint32_t*>(dst + n * 8) =
-                pack_float2<Elem>(o_acc[s][n][2 * r] * inv, o_acc[s][n][2 * r + 1] * inv);
-          }
+          rb::store_o_row<Elem, kSlabs>(dst, o_acc, s, r, inv);
         } else {
           float* dst = params.o_accum +
                        ((static_cast<int64_t>(split) * params.h_q + head) * params.s_q + query) *
                            kHeadDimV +
                        warp * kColsPerWarp + 2 * t;
-#pragma unroll
-          for (int n = 0; n < kNTilesO; ++n) {
-            *reinterpret_cast<float2*>(dst + n * 8) =
-                make_float2(o_acc[s][n][2 * r] * inv, o_acc[s][n][2 * r + 1] * inv);
-          }
+          rb::store_o_row_f32<kSlabs>(dst, o_acc, s, r, inv);
         }
       }
     }

@@ -441,21 +441,13 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(kSlabs))
                          static_cast<int64_t>(pc.req) * params.out_batch_stride +
                          static_cast<int64_t>(query) * params.out_row_stride +
                          static_cast<int64_t>(head) * params.out_head_stride + col0;
-#pragma unroll
-          for (int n = 0; n < rb::kNTilesO; ++n) {
-            *reinterpret_cast<uint32_t*>(dst + n * 8) =
-                pack_float2<Elem>(o_acc[s][n][2 * r] * scale, o_acc[s][n][2 * r + 1] * scale);
-          }
+          rb::store_o_row<Elem, kSlabs>(dst, o_acc, s, r, scale);
         } else {
           float* dst = params.o_accum +
                        ((static_cast<int64_t>(pc.split) * params.s_q + query) * params.h_q + head) *
                            kHeadDimV +
                        col0;
-#pragma unroll
-          for (int n = 0; n < rb::kNTilesO; ++n) {
-            *reinterpret_cast<float2*>(dst + n * 8) =
-                make_float2(o_acc[s][n][2 * r] * scale, o_acc[s][n][2 * r + 1] * scale);
-          }
+          rb::store_o_row_f32<kSlabs>(dst, o_acc, s, r, scale);
         }
       }
     }

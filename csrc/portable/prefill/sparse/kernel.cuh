@@ -230,11 +230,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                        static_cast<int64_t>(query) * params.out_row_stride +
                        static_cast<int64_t>(head0 + row) * params.out_head_stride +
                        warp * rb::kColsPerWarp + 2 * t;
-#pragma unroll
-        for (int n = 0; n < rb::kNTilesO; ++n) {
-          *reinterpret_cast<uint32_t*>(dst + n * 8) =
-              pack_float2<Elem>(o_acc[s][n][2 * r] * scale, o_acc[s][n][2 * r + 1] * scale);
-        }
+        rb::store_o_row<Elem, rb::kSlabs>(dst, o_acc, s, r, scale);
       }
     }
   }
