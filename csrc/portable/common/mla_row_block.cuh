@@ -157,6 +157,22 @@ __device__ __forceinline__ void add_s_partials(SAccOf<kS>& s_acc, const float4* 
     for (int n = 0; n < 2; ++n) add_s_partial<kS>(s_acc, s_partials, s, n, lane);
 }
 
+// Warp 0, after the partials are added: scores of the tile's invalid tokens become -inf
+// (bit j of valid_mask: token j of the 16 is valid; t = lane % 4).
+template <int kS = kSlabs>
+__device__ __forceinline__ void mask_invalid_tokens(SAccOf<kS>& s_acc, uint32_t valid_mask,
+                                                    int t) {
+#pragma unroll
+  for (int s = 0; s < kS; ++s)
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int tok = n * 8 + 2 * t + (e & 1);
+        if (!((valid_mask >> tok) & 1u)) s_acc[s][n][e] = kNegInf;
+      }
+}
+
 // Warp 0: this lane's rows' softmax state (running max, partial running sum).
 template <int kS> using RowStateOf = float[kS][2];
 using RowState = RowStateOf<kSlabs>;

@@ -365,15 +365,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(kSlabs))
         const uint32_t mask =
             __ballot_sync(0xffffffffu, lane < kBlockN &&
                                            valid_smem[(i % kRawStages) * kBlockN + (lane & 15)]);
-#pragma unroll
-        for (int s = 0; s < kSlabs; ++s)
-#pragma unroll
-          for (int n = 0; n < 2; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int tok = n * 8 + 2 * t + (e & 1);
-              if (!((mask >> tok) & 1u)) s_acc[s][n][e] = rb::kNegInf;
-            }
+        rb::mask_invalid_tokens<kSlabs>(s_acc, mask, t);
         rb::softmax_step<Elem, kSlabs>(s_acc, scale_log2, row_max_smem, row_sum_smem, rescale_smem,
                                smem + L::kPOffset, lane);
       }

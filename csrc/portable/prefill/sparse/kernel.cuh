@@ -163,15 +163,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (warp == 0) {
         rb::add_s_partials(s_acc, s_partials, lane);
         const uint32_t mask = valid_smem[i % kStages];
-#pragma unroll
-        for (int s = 0; s < rb::kSlabs; ++s)
-#pragma unroll
-          for (int n = 0; n < 2; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int tok = n * 8 + 2 * t + (e & 1);
-              if (!((mask >> tok) & 1u)) s_acc[s][n][e] = rb::kNegInf;
-            }
+        rb::mask_invalid_tokens<rb::kSlabs>(s_acc, mask, t);
         rb::softmax_step<Elem>(s_acc, scale_log2, row_max_smem, row_sum_smem, rescale_smem,
                                smem + L::kPOffset, lane);
       }
