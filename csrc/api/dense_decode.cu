@@ -37,6 +37,7 @@
 #include "../portable/decode/schedule/kernel.h"
 #include "checks.h"
 #include "launch.h"
+#include "split_buffers.h"
 
 namespace flash_mla::api {
 namespace {
@@ -146,10 +147,8 @@ DenseDecodeParams validate_dense_decode(const TensorView& q, const TensorView& k
   check_same_device(k_cache, q, "k_cache", "q");
   check_same_device(block_table, q, "block_table", "q");
   check_same_device(cache_seqlens, q, "cache_seqlens", "q");
-  check_same_device(metadata, q, "tile_scheduler_metadata", "q");
-  check_same_device(split_offsets, q, "num_splits", "q");
-  check_same_device(o_accum, q, "o_accum", "q");
-  check_same_device(lse_accum, q, "lse_accum", "q");
+  const SplitBuffers split{metadata, split_offsets, o_accum, lse_accum, "h_q, s_q"};
+  split.check_devices(q);
   check_same_device(out, q, "out", "q");
   check_same_device(lse, q, "lse", "q");
 
@@ -164,10 +163,7 @@ DenseDecodeParams validate_dense_decode(const TensorView& q, const TensorView& k
   check_dtype(out, same_as_q(out), "out", q_dtype);
   check_dtype(block_table, is_int32(block_table), "block_table", "int32");
   check_dtype(cache_seqlens, is_int32(cache_seqlens), "cache_seqlens", "int32");
-  check_dtype(metadata, is_int32(metadata), "tile_scheduler_metadata", "int32");
-  check_dtype(split_offsets, is_int32(split_offsets), "num_splits", "int32");
-  check_dtype(o_accum, is_fp32(o_accum), "o_accum", "float32");
-  check_dtype(lse_accum, is_fp32(lse_accum), "lse_accum", "float32");
+  split.check_dtypes();
   check_dtype(lse, is_fp32(lse), "lse", "float32");
 
   // --- layout ---
@@ -175,10 +171,7 @@ DenseDecodeParams validate_dense_decode(const TensorView& q, const TensorView& k
   check_ndim(k_cache, 4, "k_cache", "[num_blocks, 64, h_k, 576]");
   check_ndim(block_table, 2, "block_table", "[b, max_blocks]");
   check_ndim(cache_seqlens, 1, "cache_seqlens", "[b]");
-  check_ndim(metadata, 2, "tile_scheduler_metadata", "[num_parts, 8]");
-  check_ndim(split_offsets, 1, "num_splits", "[b + 1]");
-  check_ndim(o_accum, 4, "o_accum", "[num_splits_total, h_q, s_q, 512]");
-  check_ndim(lse_accum, 3, "lse_accum", "[num_splits_total, h_q, s_q]");
+  split.check_layout();
   check_ndim(out, 4, "out", "[b, s_q, h_q, 512]");
   check_ndim(lse, 3, "lse", "[b, h_q, s_q]");
   check_last_dim_contiguous(q, "q");
@@ -190,17 +183,12 @@ DenseDecodeParams validate_dense_decode(const TensorView& q, const TensorView& k
   check_chunk_strides(out, "out");
   check_row_stride_non_negative(block_table, "block_table");
   check_contiguous(cache_seqlens, "cache_seqlens");
-  check_contiguous(metadata, "tile_scheduler_metadata");
-  check_contiguous(split_offsets, "num_splits");
-  check_contiguous(o_accum, "o_accum");
-  check_contiguous(lse_accum, "lse_accum");
   check_contiguous(lse, "lse");
-  check_aligned(o_accum, 16, "o_accum");
 
   // --- shape ---
   const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2);
   const int64_t num_cache_blocks = k_cache.size(0), h_k = k_cache.size(2);
-  const int64_t splits = o_accum.size(0), parts = metadata.size(0);
+  const int64_t splits = split.splits(), parts = split.parts();
   check_shape(q, {b, s_q, h_q, dec::kHeadDimQK}, "q", "[b, s_q, h_q, 576]");
   check_shape(k_cache, {num_cache_blocks, dec::kPageSize, h_k, dec::kHeadDimQK}, "k_cache",
               "[num_blocks, 64, h_k, 576] (page size 64)");
@@ -214,11 +202,7 @@ DenseDecodeParams validate_dense_decode(const TensorView& q, const TensorView& k
   }
   check_shape(block_table, {b, block_table.size(1)}, "block_table", "[b, max_blocks] (b from q)");
   check_shape(cache_seqlens, {b}, "cache_seqlens", "[b] (b from q)");
-  check_shape(metadata, {parts, sched::kMetaInts}, "tile_scheduler_metadata", "[num_parts, 8]");
-  check_shape(split_offsets, {b + 1}, "num_splits", "[b + 1] (b from q)");
-  check_shape(o_accum, {splits, h_q, s_q, dec::kHeadDimV}, "o_accum",
-              "[num_splits_total, h_q, s_q, 512] (h_q, s_q from q)");
-  check_shape(lse_accum, {splits, h_q, s_q}, "lse_accum", "[num_splits_total, h_q, s_q]");
+  split.check_shapes(b, h_q, s_q, dec::kHeadDimV);
   check_shape(out, {b, s_q, h_q, dec::kHeadDimV}, "out", "[b, s_q, h_q, 512]");
   check_shape(lse, {b, h_q, s_q}, "lse", "[b, h_q, s_q]");
 
@@ -228,11 +212,7 @@ DenseDecodeParams validate_dense_decode(const TensorView& q, const TensorView& k
                               << " queries per request (dim 1), got shape " << shape_str(q);
   }
   check_positive_finite(softmax_scale, "softmax_scale");
-  if (parts < 1 || splits < 1) {
-    TVM_FFI_THROW(ValueError) << "tile_scheduler_metadata and o_accum must have at least one row, "
-                              << "got shapes " << shape_str(metadata) << " and "
-                              << shape_str(o_accum);
-  }
+  split.check_rows();
   const int m_blocks = dec::num_m_blocks(static_cast<int>(s_q), static_cast<int>(h_q),
                                          static_cast<int>(h_k));
   const int64_t ctas = parts * h_k * m_blocks;

@@ -35,18 +35,17 @@
 #include "../common/kernel_registry.h"
 #include "../params.h"
 #include "../portable/decode/combine/kernel.h"
-#include "../portable/decode/schedule/config.h"
 #include "../portable/decode/sparse/config.h"
 #include "../portable/decode/sparse/kernel.h"
 #include "checks.h"
 #include "launch.h"
+#include "split_buffers.h"
 
 namespace flash_mla::api {
 namespace {
 
 using tvm::ffi::Optional;
 namespace sd = ::flash_mla::portable::sparse_decode;
-namespace sched = ::flash_mla::portable::decode_schedule;
 
 FLASH_MLA_REGISTER_OP(sparse_decode, sd::capabilities_json);
 
@@ -182,10 +181,8 @@ sd::SparseDecodeParams validate_sparse_decode(
   if (extra_k_cache) check_same_device(*extra_k_cache, q, "extra_k_cache", "q");
   if (extra_indices) check_same_device(*extra_indices, q, "extra_indices_in_kvcache", "q");
   if (extra_topk_length) check_same_device(*extra_topk_length, q, "extra_topk_length", "q");
-  check_same_device(metadata, q, "tile_scheduler_metadata", "q");
-  check_same_device(split_offsets, q, "num_splits", "q");
-  check_same_device(o_accum, q, "o_accum", "q");
-  check_same_device(lse_accum, q, "lse_accum", "q");
+  const SplitBuffers split{metadata, split_offsets, o_accum, lse_accum, "s_q, h_q"};
+  split.check_devices(q);
   check_same_device(out, q, "out", "q");
   check_same_device(lse, q, "lse", "q");
 
@@ -203,10 +200,7 @@ sd::SparseDecodeParams validate_sparse_decode(
   if (extra_topk_length) {
     check_dtype(*extra_topk_length, is_int32(*extra_topk_length), "extra_topk_length", "int32");
   }
-  check_dtype(metadata, is_int32(metadata), "tile_scheduler_metadata", "int32");
-  check_dtype(split_offsets, is_int32(split_offsets), "num_splits", "int32");
-  check_dtype(o_accum, is_fp32(o_accum), "o_accum", "float32");
-  check_dtype(lse_accum, is_fp32(lse_accum), "lse_accum", "float32");
+  split.check_dtypes();
   check_dtype(out, is_bf16(out), "out", "bfloat16 (same as q)");
   check_dtype(lse, is_fp32(lse), "lse", "float32");
 
@@ -248,36 +242,20 @@ sd::SparseDecodeParams validate_sparse_decode(
     check_contiguous(*attn_sink, "attn_sink");
     check_shape(*attn_sink, {h_q}, "attn_sink", "[h_q] (h_q from q)");
   }
-  check_ndim(metadata, 2, "tile_scheduler_metadata", "[num_parts, 8]");
-  check_ndim(split_offsets, 1, "num_splits", "[b + 1]");
-  check_ndim(o_accum, 4, "o_accum", "[num_splits_total, s_q, h_q, 512]");
-  check_ndim(lse_accum, 3, "lse_accum", "[num_splits_total, s_q, h_q]");
+  split.check_layout();
   check_ndim(out, 4, "out", "[b, s_q, h_q, 512]");
   check_ndim(lse, 3, "lse", "[b, s_q, h_q]");
-  check_contiguous(metadata, "tile_scheduler_metadata");
-  check_contiguous(split_offsets, "num_splits");
-  check_contiguous(o_accum, "o_accum");
-  check_contiguous(lse_accum, "lse_accum");
   check_contiguous(lse, "lse");
-  check_aligned(o_accum, 16, "o_accum");
   check_last_dim_contiguous(out, "out");
   check_chunk_strides(out, "out");
-  const int64_t parts = metadata.size(0), splits = o_accum.size(0);
-  check_shape(metadata, {parts, sched::kMetaInts}, "tile_scheduler_metadata", "[num_parts, 8]");
-  check_shape(split_offsets, {b + 1}, "num_splits", "[b + 1] (b from q)");
-  check_shape(o_accum, {splits, s_q, h_q, sd::kHeadDimV}, "o_accum",
-              "[num_splits_total, s_q, h_q, 512] (s_q, h_q from q)");
-  check_shape(lse_accum, {splits, s_q, h_q}, "lse_accum", "[num_splits_total, s_q, h_q]");
+  const int64_t parts = split.parts(), splits = split.splits();
+  split.check_shapes(b, s_q, h_q, sd::kHeadDimV);
   check_shape(out, {b, s_q, h_q, sd::kHeadDimV}, "out", "[b, s_q, h_q, 512]");
   check_shape(lse, {b, s_q, h_q}, "lse", "[b, s_q, h_q]");
 
   // --- values ---
   check_positive_finite(softmax_scale, "softmax_scale");
-  if (parts < 1 || splits < 1) {
-    TVM_FFI_THROW(ValueError) << "tile_scheduler_metadata and o_accum must have at least one row, "
-                              << "got shapes " << shape_str(metadata) << " and "
-                              << shape_str(o_accum);
-  }
+  split.check_rows();
   const int m_blocks = sd::num_m_blocks(static_cast<int>(s_q), static_cast<int>(h_q));
   if (parts * m_blocks > INT32_MAX) {
     TVM_FFI_THROW(ValueError) << "tile_scheduler_metadata has " << parts << " parts, which with "

@@ -1,0 +1,78 @@
+// The split-KV buffers a decode entry takes beside its own tensors: the schedule
+// (tile_scheduler_metadata int32 [P, 8], num_splits = split offsets int32 [b + 1]) and the
+// fp32 partials (o_accum [S, d1, d2, 512], lse_accum [S, d1, d2]; (d1, d2) is (h_q, s_q)
+// for the dense decode and (s_q, h_q) for the sparse decode). Their checks, one call per
+// phase of the entry's fixed order (device, dtype, layout, shape, values), with messages
+// that name the arguments as the Python API passes them.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+
+#include "../portable/decode/schedule/config.h"
+#include "checks.h"
+
+namespace flash_mla::api {
+
+struct SplitBuffers {
+  const TensorView& metadata;
+  const TensorView& split_offsets;
+  const TensorView& o_accum;
+  const TensorView& lse_accum;
+  const char* rows;  // the partials' row dims for messages: "h_q, s_q" or "s_q, h_q"
+
+  void check_devices(const TensorView& q) const {
+    check_same_device(metadata, q, "tile_scheduler_metadata", "q");
+    check_same_device(split_offsets, q, "num_splits", "q");
+    check_same_device(o_accum, q, "o_accum", "q");
+    check_same_device(lse_accum, q, "lse_accum", "q");
+  }
+
+  void check_dtypes() const {
+    check_dtype(metadata, is_int32(metadata), "tile_scheduler_metadata", "int32");
+    check_dtype(split_offsets, is_int32(split_offsets), "num_splits", "int32");
+    check_dtype(o_accum, is_fp32(o_accum), "o_accum", "float32");
+    check_dtype(lse_accum, is_fp32(lse_accum), "lse_accum", "float32");
+  }
+
+  void check_layout() const {
+    check_ndim(metadata, 2, "tile_scheduler_metadata", "[num_parts, 8]");
+    check_ndim(split_offsets, 1, "num_splits", "[b + 1]");
+    const std::string rows_s(rows);
+    check_ndim(o_accum, 4, "o_accum", ("[num_splits_total, " + rows_s + ", 512]").c_str());
+    check_ndim(lse_accum, 3, "lse_accum", ("[num_splits_total, " + rows_s + "]").c_str());
+    check_contiguous(metadata, "tile_scheduler_metadata");
+    check_contiguous(split_offsets, "num_splits");
+    check_contiguous(o_accum, "o_accum");
+    check_contiguous(lse_accum, "lse_accum");
+    check_aligned(o_accum, 16, "o_accum");
+  }
+
+  int64_t parts() const { return metadata.size(0); }
+  int64_t splits() const { return o_accum.size(0); }
+
+  // b: requests; (d1, d2): the partials' row dims, in the order of `rows`; d_v: 512.
+  void check_shapes(int64_t b, int64_t d1, int64_t d2, int64_t d_v) const {
+    const std::string rows_s(rows);
+    check_shape(metadata, {parts(), portable::decode_schedule::kMetaInts},
+                "tile_scheduler_metadata", "[num_parts, 8]");
+    check_shape(split_offsets, {b + 1}, "num_splits", "[b + 1] (b from q)");
+    check_shape(o_accum, {splits(), d1, d2, d_v}, "o_accum",
+                ("[num_splits_total, " + rows_s + ", 512] (" + rows_s + " from q)").c_str());
+    check_shape(lse_accum, {splits(), d1, d2}, "lse_accum",
+                ("[num_splits_total, " + rows_s + "]").c_str());
+  }
+
+  void check_rows() const {
+    if (parts() < 1 || splits() < 1) {
+      TVM_FFI_THROW(ValueError) << "tile_scheduler_metadata and o_accum must have at least one "
+                                << "row, got shapes " << shape_str(metadata) << " and "
+                                << shape_str(o_accum);
+    }
+  }
+};
+
+}  // namespace flash_mla::api
