@@ -1,4 +1,5 @@
-"""Output and split-partial buffers of one native MLA decode call (dense and sparse).
+"""Schedule, output and split-partial buffers of one native MLA decode call (dense and
+sparse).
 
 Both decode families launch a decode kernel that writes fp32 split partials and a
 combine that reduces them into ``out`` / ``lse``; they size the partials by the same rule
@@ -11,6 +12,24 @@ from __future__ import annotations
 from typing import NamedTuple, Tuple
 
 import torch
+
+from . import _native
+
+# Ints per schedule part (csrc/portable/decode/schedule/config.h, kMetaInts).
+META_INTS = 8
+
+
+def run_schedule(lengths: torch.Tensor, parts: int, batch_invariant: bool
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The split-KV schedule of ``parts`` parts over each request's length (int32 [b] on the
+    GPU: cache_seqlens for the dense decode, key-list lengths for the sparse one), computed
+    by the library's schedule kernel without a host sync: (metadata int32 [parts, 8], split
+    offsets int32 [b + 1])."""
+    metadata = torch.empty((parts, META_INTS), dtype=torch.int32, device=lengths.device)
+    split_offsets = torch.empty((lengths.shape[0] + 1,), dtype=torch.int32, device=lengths.device)
+    _native.function("dense_decode_schedule")(lengths, metadata, split_offsets,
+                                              bool(batch_invariant))
+    return metadata, split_offsets
 
 
 class DecodeBuffers(NamedTuple):

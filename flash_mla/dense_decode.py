@@ -35,7 +35,7 @@ from . import _checks as C
 from . import _custom_op
 from . import _native
 from . import dispatch as _dispatch
-from ._decode_buffers import decode_buffers
+from ._decode_buffers import decode_buffers, run_schedule
 from .sched_meta import FlashMLASchedMeta, bind_or_check_config, stored_schedule
 
 OP = "dense_decode"
@@ -156,10 +156,6 @@ def _features(q: torch.Tensor) -> dict:
     return {"dtype": _DTYPE_FEATURE[q.dtype], "h_q": int(q.shape[2])}
 
 
-# Ints per schedule part (csrc/portable/decode/schedule/config.h, kMetaInts).
-_META_INTS = 8
-
-
 def _native_schedule(q: torch.Tensor, k_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                      batch_invariant: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """The split-KV schedule on q's device, computed by a GPU kernel from cache_seqlens
@@ -168,11 +164,7 @@ def _native_schedule(q: torch.Tensor, k_cache: torch.Tensor, cache_seqlens: torc
     h_k = k_cache.shape[2]
     parts = int(_native.function("dense_decode_num_parts")(
         q.device.index, int(b), int(s_q), int(h_q), int(h_k), bool(batch_invariant)))
-    metadata = torch.empty((parts, _META_INTS), dtype=torch.int32, device=q.device)
-    split_offsets = torch.empty((int(b) + 1,), dtype=torch.int32, device=q.device)
-    _native.function("dense_decode_schedule")(cache_seqlens, metadata, split_offsets,
-                                       bool(batch_invariant))
-    return metadata, split_offsets
+    return run_schedule(cache_seqlens, parts, batch_invariant)
 
 
 def _run_native(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,

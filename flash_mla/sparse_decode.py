@@ -40,7 +40,7 @@ from . import _checks as C
 from . import _custom_op
 from . import _native
 from . import dispatch as _dispatch
-from ._decode_buffers import decode_buffers
+from ._decode_buffers import decode_buffers, run_schedule
 from . import quant
 from .sched_meta import FlashMLASchedMeta, bind_or_check_config, stored_schedule
 
@@ -270,9 +270,8 @@ def _features(q: torch.Tensor, kv_format: str, extra_kv_format: Optional[str]) -
     return features
 
 
-# Ints per schedule part (csrc/portable/decode/schedule/config.h, kMetaInts), and the tile
-# that the main pool's key list is padded to (csrc/portable/decode/sparse/config.h, kBlockN).
-_META_INTS = 8
+# The tile that the main pool's key list is padded to (csrc/portable/decode/sparse/config.h,
+# kBlockN).
 _TILE = 16
 
 
@@ -305,11 +304,7 @@ def _native_schedule(q: torch.Tensor, indices: torch.Tensor, topk_length: Option
     lengths = _key_lengths(int(b), q.device, int(indices.shape[2]), topk_length,
                            None if extra_indices is None else int(extra_indices.shape[2]),
                            extra_topk_length)
-    metadata = torch.empty((parts, _META_INTS), dtype=torch.int32, device=q.device)
-    split_offsets = torch.empty((int(b) + 1,), dtype=torch.int32, device=q.device)
-    _native.function("dense_decode_schedule")(lengths, metadata, split_offsets,
-                                              bool(batch_invariant))
-    return metadata, split_offsets
+    return run_schedule(lengths, parts, batch_invariant)
 
 
 def _bytes(cache: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flash_mla import _native, dense_decode, sparse_decode
-from flash_mla._decode_buffers import decode_buffers, split_count
+from flash_mla._decode_buffers import META_INTS, decode_buffers, run_schedule, split_count
 
 
 def test_split_count_is_b_plus_parts_or_parts_when_batch_invariant():
@@ -77,3 +77,16 @@ def test_sparse_decode_passes_queries_first_buffers(rec):
     assert out_arg is out and lse_arg.shape == (2, 3, 4)
     assert lse.shape == (2, 4, 3) and lse.data_ptr() == lse_arg.data_ptr()
     assert args[14:] == (0.1, "V32", "")
+
+
+def test_run_schedule_sizes_the_schedule_from_the_lengths(rec):
+    # Both families' schedules: [parts, 8] metadata and [b + 1] offsets, on the lengths'
+    # device, filled by the library's schedule kernel from exactly those lengths.
+    lengths = torch.tensor([5, 0, 130], dtype=torch.int32)
+    metadata, offsets = run_schedule(lengths, 6, True)
+    (name, args), = rec.calls
+    assert name == "dense_decode_schedule"
+    assert args[0] is lengths and args[1] is metadata and args[2] is offsets and args[3] is True
+    assert metadata.shape == (6, META_INTS) and metadata.dtype == torch.int32
+    assert offsets.shape == (4,) and offsets.dtype == torch.int32
+
