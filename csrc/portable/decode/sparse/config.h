@@ -28,7 +28,6 @@ constexpr int kNumFormats = 5;
 // Any topk >= 1, any page size, any s_q (the grid loops over schedule parts).
 inline constexpr DType kDtypes[] = {DType::kBF16};
 inline constexpr caps::IntRange kHeadsQ{1, 128, 1};
-inline constexpr caps::IntRange kFormatIds{0, kNumFormats - 1, 1};
 
 inline const char* format_name(int id) {
   switch (id) {
@@ -142,12 +141,19 @@ inline int smem_bytes(int d_qk, int slabs) {
 // registers at <= 168 each.
 constexpr int min_ctas_per_sm(int slabs) { return slabs == 1 ? 3 : 1; }
 
-// CTAs that fit one SM: by shared memory (1 on sm_120, 2 or 3 on an H100) and by the
-// registers the kernel may use (255 per thread: 2 CTAs for two slabs).
+// CTAs of 128 threads that fit an SM's registers when each thread uses what the launch
+// bounds allow (at most 255): 3 with one slab, 2 with two.
+constexpr int kRegistersPerSm = 65536;
+constexpr int ctas_by_registers(int slabs) {
+  const int per_thread = kRegistersPerSm / (kThreads * min_ctas_per_sm(slabs));
+  return kRegistersPerSm / (kThreads * (per_thread < 255 ? per_thread : 255));
+}
+static_assert(ctas_by_registers(1) == 3 && ctas_by_registers(2) == 2, "register budget");
+
+// CTAs that fit one SM: by shared memory (1 on sm_120, 2 or 3 on an H100) and by registers.
 inline int ctas_per_sm(int smem_per_sm, int d_qk, int slabs) {
   int n = smem_per_sm / (smem_bytes(d_qk, slabs) + kReservedSmemPerBlock);
-  const int by_registers = slabs == 1 ? 3 : 2;
-  if (n > by_registers) n = by_registers;
+  if (n > ctas_by_registers(slabs)) n = ctas_by_registers(slabs);
   return n > 0 ? n : 1;
 }
 
