@@ -38,7 +38,7 @@ def layouts(pass_: str, d_qk: int) -> List[str]:
     """The forced layouts of a pass at d_qk, "default" (nothing forced) first."""
     if pass_ == "fwd":
         return ["default", "8", "4", "4x32"] if d_qk <= 128 else ["default", "8", "4x32"]
-    return ["default", "8", "4", "det"] if d_qk <= 128 else ["default", "8", "det"]
+    return ["default", "8", "4", "8x128", "det"] if d_qk <= 128 else ["default", "8", "det"]
 
 
 def time_layout(timer: Timer, variable: str, layout: str, call) -> Dict:

@@ -102,7 +102,10 @@ def _is_sm120(arch: str) -> bool:
 
 
 def _dynamic_smem_for(symbol: str, info: dict) -> tuple:
-    kernels = info.get("kernels", []) if info else []
+    # Kernels that never run on sm_120 (more shared memory than it has, launched only
+    # where the device allows) do not bound what an sm_120 cubin may use.
+    kernels = [k for k in (info.get("kernels", []) if info else [])
+               if k.get("runs_on_sm120", True)]
     matching = [k for k in kernels if k.get("op") and k["op"] in symbol]
     if matching:
         # The most specific op: "dense_decode_schedule_kernel" is the schedule's kernel,

@@ -16,7 +16,8 @@ Neither rule asks how the kernel rounds P and dS (high + low parts or once): any
 meeting the contract passes.
 
 Kernel tests run once per main-kernel CTA the library has for the head dim, forced with
-FLASH_MLA_DENSE_BWD_WARPS: 8 (sm_120's) and 4 (where two 82 KB CTAs fit an SM, d <= 128).
+FLASH_MLA_DENSE_BWD_WARPS: 8 (sm_120's), 4 (where two 4-warp CTAs fit an SM, d <= 128) and
+8x128 (where a block may use 164928 B at d = 128, d <= 128).
 d = 192 has no 4-warp CTA (the variable's 4 runs the 8-warp CTA there), and the
 deterministic dq always runs the 8-warp CTA, so neither runs twice.
 
@@ -31,6 +32,7 @@ one with keys but no queries (those keys need dk = dv = 0).
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional, Sequence, Tuple
 
 import pytest
@@ -46,7 +48,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 HEAD_DIMS = [(64, 64), (128, 128), (192, 128)]
 HEADS = {"mha": (4, 4), "mqa": (8, 1), "gqa": (8, 2)}  # (h_q, h_k)
 # Main-kernel CTAs per d_qk (FLASH_MLA_DENSE_BWD_WARPS values); no 4-warp CTA at d_qk = 192.
-CTAS = {64: ("8", "4"), 128: ("8", "4"), 192: ("8",)}
+CTAS = {64: ("8", "4", "8x128"), 128: ("8", "4", "8x128"), 192: ("8",)}
 DIMS_CTAS = [(dims, cta) for dims in HEAD_DIMS for cta in CTAS[dims[0]]]
 DIMS_CTAS_IDS = [f"d{a}_{b}-warps{cta}" for (a, b), cta in DIMS_CTAS]
 NAN_PAD_ROWS = 3
@@ -142,7 +144,7 @@ def _run_bwd(pb: Problem, *, dq: Optional[torch.Tensor] = None, dk: Optional[tor
         # A forced 4-warp CTA on a GPU whose shared memory cannot hold two of them (sm_120,
         # sm_86/89: 100 KB per SM): the library refuses, naming the variable, and never
         # runs that CTA there, so there is nothing of it to test on this GPU.
-        if "FLASH_MLA_DENSE_BWD_WARPS=4 needs a GPU" in str(err):
+        if re.search(r"FLASH_MLA_DENSE_BWD_WARPS=(4|8x128) needs a GPU", str(err)):
             pytest.skip(f"the 4-warp backward CTA does not exist on this GPU: {err}")
         raise
     return dq, dk, dv
@@ -384,5 +386,5 @@ def test_workspace_bytes_formula():
 def test_unknown_layout_variable_raises(monkeypatch):
     monkeypatch.setenv("FLASH_MLA_DENSE_BWD_WARPS", "16")
     pb = Problem([5], [5], 2, 2, 64, 64, torch.bfloat16, False, seed=7)
-    with pytest.raises(ValueError, match=r"FLASH_MLA_DENSE_BWD_WARPS must be 8 or 4.*'16'"):
+    with pytest.raises(ValueError, match=r"FLASH_MLA_DENSE_BWD_WARPS must be 8, 4 or 8x128.*'16'"):
         _run_bwd(pb)

@@ -4,7 +4,7 @@
 //   {"version": "0.1.0", "cuda_version": "13.0", "targets": ["80", "90a", "120f"],
 //    "ptx": "120", "compiler": "gcc 12.2", "tensormap_alignment": 128,
 //    "kernels": [{"op": "combine", "variant": "bf16 d_v<=512",
-//                 "dynamic_smem_bytes": 0, "threads": 128}, ...],
+//                 "dynamic_smem_bytes": 0, "threads": 128, "runs_on_sm120": true}, ...],
 //    "ops": {"combine": {"dtype": ["bf16", "fp16"], ...}, ...}}
 // FLASH_MLA_VERSION, FLASH_MLA_TARGETS (targets joined by '_') and FLASH_MLA_PTX
 // are pp-numbers set by the build (flash_mla_build/build.py) and stringified here,
@@ -97,7 +97,8 @@ std::string build_info() {
     json += (i ? ", " : "");
     json += "{\"op\": " + json_string(k.op) + ", \"variant\": " + json_string(k.variant) +
             ", \"dynamic_smem_bytes\": " + std::to_string(k.dynamic_smem_bytes) +
-            ", \"threads\": " + std::to_string(k.threads_per_block) + "}";
+            ", \"threads\": " + std::to_string(k.threads_per_block) +
+            ", \"runs_on_sm120\": " + (k.runs_on_sm120 ? "true" : "false") + "}";
   }
   json += "], \"ops\": {";
   for (int i = 0; i < op_count(); ++i) {

@@ -220,14 +220,26 @@ void dispatch_head_dims(const DensePrefillBwdParams& p, bwd::BwdLayout layout) {
 }
 
 // Main-kernel CTA for `device` and the problem (config.h: choose_layout). The environment
-// variable FLASH_MLA_DENSE_BWD_WARPS=8|4 forces one, so both are tested on one GPU
-// (the 8-warp CTA, sm_120's, is validated on Hopper that way; 4 applies to
-// d_qk <= 128 only, d_qk = 192 always runs 8 warps); read on every call.
+// variable FLASH_MLA_DENSE_BWD_WARPS=8|4|8x128 forces one (8 warps x 64 keys, 4 warps x
+// 64 keys, 8 warps x 128 keys), so all are tested on one GPU (the 8-warp CTA, sm_120's at
+// d = 128, is validated on Hopper that way; 4 and 8x128 apply to d_qk <= 128 only,
+// d_qk = 192 always runs 8 warps x 64 keys); read on every call.
 bwd::BwdLayout layout_for(int device, int d_qk) {
   const int smem_per_sm = max_smem_per_sm(device);
+  const int smem_per_block = max_smem_per_block(device);
   const std::string forced = forced_variant("FLASH_MLA_DENSE_BWD_WARPS");
   if (!forced.empty()) {
     if (forced == "8") return bwd::BwdLayout::kWarps8;
+    if (forced == "8x128") {
+      const int needed = bwd::smem_per_block_128keys(d_qk);
+      if (smem_per_block < needed) {
+        TVM_FFI_THROW(ValueError)
+            << "FLASH_MLA_DENSE_BWD_WARPS=8x128 needs a GPU whose blocks may use " << needed
+            << " bytes of shared memory at d_qk " << d_qk << ", this one allows "
+            << smem_per_block;
+      }
+      return bwd::BwdLayout::kKeys128;
+    }
     if (forced == "4") {
       const int needed = bwd::min_smem_per_sm_4warps(d_qk);
       if (smem_per_sm < needed) {
@@ -238,10 +250,10 @@ bwd::BwdLayout layout_for(int device, int d_qk) {
       }
       return bwd::BwdLayout::kWarps4;
     }
-    TVM_FFI_THROW(ValueError) << "FLASH_MLA_DENSE_BWD_WARPS must be 8 or 4 (or unset), got '"
-                              << forced << "'";
+    TVM_FFI_THROW(ValueError)
+        << "FLASH_MLA_DENSE_BWD_WARPS must be 8, 4 or 8x128 (or unset), got '" << forced << "'";
   }
-  return bwd::choose_layout(smem_per_sm, d_qk);
+  return bwd::choose_layout(smem_per_sm, smem_per_block, d_qk);
 }
 
 // The backward into preallocated dq / dk / dv; deterministic: see the file comment.
@@ -353,6 +365,22 @@ FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main4_fp16_d64, "dense_prefill_bwd",
 FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main4_fp16_d128, "dense_prefill_bwd",
                           "main 4-warp fp16 d_qk128 d_v128",
                           (bwd_cfg::Config4<128, 128>::kSmemBytes), bwd_cfg::k4Threads);
+// The 128-key main kernels (d_qk <= 128; Config128): d = 128 needs more than 99 KB and
+// runs only where a block may opt in to it (layout_for).
+FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main128_bf16_d64, "dense_prefill_bwd",
+                          "main 128-key bf16 d_qk64 d_v64",
+                          (bwd_cfg::Config128<64, 64>::kSmemBytes), bwd_cfg::k128Threads);
+FLASH_MLA_REGISTER_LARGE_SMEM_KERNEL(dense_prefill_bwd_main128_bf16_d128, "dense_prefill_bwd",
+                                     "main 128-key bf16 d_qk128 d_v128",
+                                     (bwd_cfg::Config128<128, 128>::kSmemBytes),
+                                     bwd_cfg::k128Threads);
+FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main128_fp16_d64, "dense_prefill_bwd",
+                          "main 128-key fp16 d_qk64 d_v64",
+                          (bwd_cfg::Config128<64, 64>::kSmemBytes), bwd_cfg::k128Threads);
+FLASH_MLA_REGISTER_LARGE_SMEM_KERNEL(dense_prefill_bwd_main128_fp16_d128, "dense_prefill_bwd",
+                                     "main 128-key fp16 d_qk128 d_v128",
+                                     (bwd_cfg::Config128<128, 128>::kSmemBytes),
+                                     bwd_cfg::k128Threads);
 FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_preprocess, "dense_prefill_bwd",
                           "preprocess delta (all dtypes, head dims)", 0,
                           bwd_cfg::kPreprocessThreads);

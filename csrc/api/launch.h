@@ -53,6 +53,16 @@ inline int max_smem_per_sm(int device) {
   return bytes;
 }
 
+// Shared memory one block of `device` may opt in to, in bytes (picks CTAs larger than
+// sm_120's 99 KB only where they fit).
+inline int max_smem_per_block(int device) {
+  int bytes = 0;
+  DeviceGuard::check(
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+      "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  return bytes;
+}
+
 // The value of an environment variable that forces a kernel variant for tests and
 // A/B runs (FLASH_MLA_DENSE_FWD_WARPS, FLASH_MLA_DENSE_BWD_WARPS); "" when unset or
 // empty. Read on every call: no process-wide state.

@@ -22,6 +22,9 @@ struct KernelRecord {
   const char* variant;        // human-readable variant, e.g. "bf16 d128 causal"
   int64_t dynamic_smem_bytes; // what the launch passes as dynamic shared memory
   int threads_per_block;
+  // False for a kernel that needs more shared memory than sm_120 has and is launched
+  // only where the device allows it (its sm_120 build, if any, is never launched).
+  bool runs_on_sm120 = true;
 };
 
 // What one API op supports, as JSON mapping a feature name to the list of
@@ -51,6 +54,15 @@ const OpCapability& op_at(int index);
                 "kernel " #id " needs more shared memory than sm_120 allows (101376 B)"); \
   static const int flash_mla_kernel_record_##id =                                         \
       ::flash_mla::register_kernel(::flash_mla::KernelRecord{op, variant, smem_bytes, threads})
+
+// A kernel launched only on GPUs whose blocks may opt in to smem_bytes (more than
+// sm_120's 99 KB, at most the 227 KB of H100/H200 and B200); build_info marks it so
+// the wheel check does not hold sm_120 cubins to its size.
+#define FLASH_MLA_REGISTER_LARGE_SMEM_KERNEL(id, op, variant, smem_bytes, threads)        \
+  static_assert((smem_bytes) <= ::flash_mla::kMaxSmemPerBlockLarge,                      \
+                "kernel " #id " needs more shared memory than any GPU allows (232448 B)"); \
+  static const int flash_mla_kernel_record_##id = ::flash_mla::register_kernel(           \
+      ::flash_mla::KernelRecord{op, variant, smem_bytes, threads, false})
 
 // The op name is an identifier, so the registry id and the reported name cannot differ:
 //   FLASH_MLA_REGISTER_OP(dense_prefill_fwd, portable::dense_fwd::capabilities_json);

@@ -9,6 +9,11 @@ namespace flash_mla {
 // Hopper's 227 KB cannot reach an RTX 50xx build.
 constexpr int kMaxSmemPerBlockSm120 = 101376;
 
+// Largest shared memory one block may opt in to on H100/H200 and B200 (227 KB). Only
+// kernels that the dispatch sends to GPUs reporting at least their size (the
+// backward's 128-key CTA) are held to this instead of kMaxSmemPerBlockSm120.
+constexpr int kMaxSmemPerBlockLarge = 232448;
+
 // Shared memory per SM on sm_120/121 (100 KB; the same on sm_86/89), and what the
 // hardware reserves per resident block.
 constexpr int kSmemPerSmSm120 = 102400;

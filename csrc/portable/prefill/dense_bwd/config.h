@@ -188,6 +188,71 @@ static_assert(Config4<64, 64>::kSmemBytes == (kCompensatedDS ? 49664 : 41472), "
 static_assert(Config4<64, 64>::kTwoFitSm120 && !Config4<128, 128>::kTwoFitSm120,
               "two 4-warp CTAs fit a 100 KB SM at d = 64 only");
 
+// ---------------------------------------------------------------------------
+// The 128-key CTA (kernel_128keys.cuh): 8 warps own 128 keys, so each warp's tiles
+// are 32 x 32 (S^T, dP^T, dQ) and 32 x d/2 (dV, dK), FA2's tiling: every K / Q / V / dO
+// fragment read from shared memory feeds two m16 slabs, against one in the 16-row
+// tiles of the other CTAs, and one Q / dO load and one set of dQ reductions serve twice
+// the keys. P^T and dS^T both go through shared memory, and the query block is
+// double-buffered. d = 128 needs 164928 B, more than the 99 KB of sm_120 (and sm_86/89):
+// this CTA runs only where a block may opt in to that much (H100/H200, B200, A100) and
+// its build for those targets is a trap at d = 128.
+// ---------------------------------------------------------------------------
+constexpr int kBlockN128 = 128;
+constexpr int k128Warps = 8;
+constexpr int k128Threads = k128Warps * 32;
+
+template <int kDQK, int kDV>
+struct Config128 {
+  static_assert(caps::contains(kHeadDims, caps::HeadDims{kDQK, kDV}) && kDQK <= 128,
+                "the 128-key backward serves the listed head dims with d_qk <= 128");
+  // Shared-memory byte layout (XOR-swizzled 16-bit tiles, as Config):
+  //   kOffK, kOffV   K [128, d_qk], V [128, d_v]: resident; dK / dV staging at the end
+  //   kOffP, kOffDS  P^T, dS^T [128, kBlockM], rounded to the input dtype
+  //   kStages stages of one query block, kStageBytes apart, from kOffStage:
+  //     Q [kBlockM, d_qk], dO [kBlockM, d_v], lse and delta fp32 [kBlockM] each.
+  //     Step i reads stage i % 2 while step i + 1's copies land in the other, issued
+  //     right after step i's first barrier, so they overlap the whole step.
+  static constexpr int kStages = 2;
+  static constexpr int kKBytes = kBlockN128 * kDQK * kElemBytes;
+  static constexpr int kVBytes = kBlockN128 * kDV * kElemBytes;
+  static constexpr int kQBytes = kBlockM * kDQK * kElemBytes;
+  static constexpr int kDOBytes = kBlockM * kDV * kElemBytes;
+  static constexpr int kPBytes = kBlockN128 * kBlockM * kElemBytes;
+  static constexpr int kOffK = 0;
+  static constexpr int kOffV = kOffK + kKBytes;
+  static constexpr int kOffP = kOffV + kVBytes;
+  static constexpr int kOffDS = kOffP + kPBytes;
+  static constexpr int kOffStage = kOffDS + kPBytes;
+  // Offsets within a stage.
+  static constexpr int kOffQ = 0;
+  static constexpr int kOffDO = kOffQ + kQBytes;
+  static constexpr int kOffLse = kOffDO + kDOBytes;
+  static constexpr int kOffDelta = kOffLse + kBlockM * 4;
+  static constexpr int kStageBytes = kOffDelta + kBlockM * 4;
+  // CTA-uniform values of the step loop (kernel_128keys.cuh's StepScalars), kept out
+  // of registers.
+  static constexpr int kOffScalars = kOffStage + kStages * kStageBytes;
+  static constexpr int kScalarBytes = 64;
+  static constexpr int kSmemBytes = kOffScalars + kScalarBytes;
+  static_assert(kSmemBytes <= kMaxSmemPerBlockLarge, "128-key backward tile exceeds 227 KB");
+  static_assert(kOffP % 128 == 0 && kOffDS % 128 == 0 && kOffStage % 128 == 0 &&
+                    kStageBytes % 128 == 0 && kOffDO % 128 == 0 && kOffLse % 16 == 0,
+                "tiles must start on 128-byte boundaries for the swizzle");
+  // Warp w: keys 32 (w % 4) .. +32 (two m16 slabs) for S^T, dP^T, dV and dK, with
+  // queries 32 (w / 4) .. +32 (S^T, dP^T) and head dims (w / 4) d / 2 .. +d / 2 (dV, dK);
+  // for dQ queries 32 (w % 2) .. +32 and head dims (w / 2) d_qk / 4 .. +d_qk / 4.
+  static constexpr int kSCols = kBlockM / 2;
+  static constexpr int kDVCols = kDV / 2;
+  static constexpr int kDKCols = kDQK / 2;
+  static constexpr int kDQCols = kDQK / 4;
+  static_assert(kSCols % 16 == 0 && kDVCols % 16 == 0 && kDKCols % 16 == 0 && kDQCols % 16 == 0,
+                "B fragments are loaded two n8 tiles at a time");
+};
+
+static_assert(Config128<128, 128>::kSmemBytes == 164928, "d=128 budget");
+static_assert(Config128<64, 64>::kSmemBytes == 99392, "d=64 budget");
+
 // CTA layouts (FLASH_MLA_DENSE_BWD_WARPS=8|4 forces one; csrc/api): the 4-warp CTA
 // where two fit an SM and d <= 128 (2 x (82432 + 1024) B at d = 128: H100/H200, A100,
 // B200; 2 x (49664 + 1024) B at d = 64: also sm_120/121 and sm_86/89 with 100 KB); the
@@ -195,7 +260,7 @@ static_assert(Config4<64, 64>::kTwoFitSm120 && !Config4<128, 128>::kTwoFitSm120,
 // H100 at both head dims, causal or not (the causal GQA case thanks to KeyBlock's
 // longest-first order); the measurements are in docs/mha_bwd.md, and
 // benchmarks/bench_layouts.py repeats them on the local GPU.
-enum class BwdLayout : int { kWarps8 = 8, kWarps4 = 4 };
+enum class BwdLayout : int { kWarps8 = 8, kWarps4 = 4, kKeys128 = 128 };
 
 // Bytes of shared memory per SM that two 4-warp CTAs need at d_qk (0 where d_qk has no
 // 4-warp CTA). The 4-warp kernel is only ever launched where they fit.
@@ -205,8 +270,16 @@ inline int min_smem_per_sm_4warps(int d_qk) {
   return 0;
 }
 
-inline BwdLayout choose_layout(int smem_per_sm, int d_qk) {
+// Shared memory one block of the 128-key CTA asks for at d_qk (0 where d_qk has none).
+inline int smem_per_block_128keys(int d_qk) {
+  if (d_qk == 64) return Config128<64, 64>::kSmemBytes;
+  if (d_qk == 128) return Config128<128, 128>::kSmemBytes;
+  return 0;
+}
+
+inline BwdLayout choose_layout(int smem_per_sm, int smem_per_block, int d_qk) {
   if (d_qk > 128) return BwdLayout::kWarps8;
+  if (d_qk == 128 && smem_per_block >= smem_per_block_128keys(d_qk)) return BwdLayout::kKeys128;
   return smem_per_sm >= min_smem_per_sm_4warps(d_qk) ? BwdLayout::kWarps4 : BwdLayout::kWarps8;
 }
 
@@ -226,7 +299,9 @@ constexpr int kLongestFirstWaves = 8;
 
 // Grid: x = key blocks of the longest kv sequence, y = kv heads, z = sequences.
 constexpr int kMaxGridYZ = 65535;
-inline int num_n_blocks(int max_seqlen_k) { return (max_seqlen_k + kBlockN - 1) / kBlockN; }
+inline int num_n_blocks(int max_seqlen_k, int keys_per_cta = kBlockN) {
+  return (max_seqlen_k + keys_per_cta - 1) / keys_per_cta;
+}
 
 // ---------------------------------------------------------------------------
 // Workspace (constexpr so device code calls them too): three pieces, each starting

@@ -134,7 +134,8 @@ struct SwizzledAddr {
   }
 };
 
-// acc[j] += A (16 x kK) * B (kK x 8 for each n8 tile j).
+// acc[s][j] += A_s (16 x kK) * B (kK x 8 for each n8 tile j), for kSlabs m16 slabs of A
+// (rows a_row0 + 16 s ..) that share every B fragment.
 //   kATrans = false: A stored [m][k] (row-major) at rows a_row0..;
 //            true:   A stored [k][m], columns a_row0.. are A's rows.
 //   kBTrans = false: B stored [n][k] at rows n0..;  true: B stored [k][n], columns n0...
@@ -142,10 +143,10 @@ struct SwizzledAddr {
 // kTwoA: acc += (A + A2) * B with A2 at a2_tile (same layout as A), sharing
 // the B fragments (compensated dS: hi and lo parts).
 template <typename Elem, int kK, int kNTiles, int kARowElems, int kBRowElems, bool kATrans,
-          bool kBTrans, bool kTwoA = false>
-__device__ __forceinline__ void warp_gemm(float (&acc)[kNTiles][4], uint32_t a_tile, int a_row0,
-                                          uint32_t b_tile, int n0, int lane,
-                                          uint32_t a2_tile = 0) {
+          bool kBTrans, int kSlabs, bool kTwoA = false>
+__device__ __forceinline__ void warp_gemm_slabs(float (&acc)[kSlabs][kNTiles][4],
+                                                uint32_t a_tile, int a_row0, uint32_t b_tile,
+                                                int n0, int lane, uint32_t a2_tile = 0) {
   static_assert(kNTiles % 2 == 0, "B fragments come two n8 tiles per ldmatrix.x4");
   static_assert(kK % 16 == 0, "k steps of 16");
   // (r1, c1): matrices ordered (rows 0-7, chunk 0), (rows 8-15, chunk 0), (rows
@@ -177,16 +178,20 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[kNTiles][4], uint32_t a_t
                                    : static_cast<uint32_t>((k0 >> 3) << 4);
 #pragma unroll
     for (int kk = 0; kk < 64; kk += 16) {
-      uint32_t a[4];
-      uint32_t a2[4];
-      if constexpr (kATrans) {
-        const uint32_t addr = a_addr.at(kk, 0) + a_off;
-        ldmatrix_x4_trans(a, addr);
-        if constexpr (kTwoA) ldmatrix_x4_trans(a2, addr - a_tile + a2_tile);
-      } else {
-        const uint32_t addr = a_addr.at(0, kk >> 3) + a_off;
-        ldmatrix_x4(a, addr);
-        if constexpr (kTwoA) ldmatrix_x4(a2, addr - a_tile + a2_tile);
+      uint32_t a[kSlabs][4];
+      uint32_t a2[kSlabs][4];
+#pragma unroll
+      for (int sl = 0; sl < kSlabs; ++sl) {
+        // Slab sl: 16 more rows of A (kATrans: 2 more 16-byte chunks of its columns).
+        if constexpr (kATrans) {
+          const uint32_t addr = a_addr.at(kk, 2 * sl) + a_off;
+          ldmatrix_x4_trans(a[sl], addr);
+          if constexpr (kTwoA) ldmatrix_x4_trans(a2[sl], addr - a_tile + a2_tile);
+        } else {
+          const uint32_t addr = a_addr.at(16 * sl, kk >> 3) + a_off;
+          ldmatrix_x4(a[sl], addr);
+          if constexpr (kTwoA) ldmatrix_x4(a2[sl], addr - a_tile + a2_tile);
+        }
       }
 #pragma unroll
       for (int j = 0; j < kNTiles; j += 2) {
@@ -198,15 +203,28 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[kNTiles][4], uint32_t a_t
         }
         const uint32_t b_lo[2] = {b[0], b[1]};
         const uint32_t b_hi[2] = {b[2], b[3]};
-        mma_m16n8k16<Elem>(acc[j], a, b_lo);
-        mma_m16n8k16<Elem>(acc[j + 1], a, b_hi);
-        if constexpr (kTwoA) {
-          mma_m16n8k16<Elem>(acc[j], a2, b_lo);
-          mma_m16n8k16<Elem>(acc[j + 1], a2, b_hi);
+#pragma unroll
+        for (int sl = 0; sl < kSlabs; ++sl) {
+          mma_m16n8k16<Elem>(acc[sl][j], a[sl], b_lo);
+          mma_m16n8k16<Elem>(acc[sl][j + 1], a[sl], b_hi);
+          if constexpr (kTwoA) {
+            mma_m16n8k16<Elem>(acc[sl][j], a2[sl], b_lo);
+            mma_m16n8k16<Elem>(acc[sl][j + 1], a2[sl], b_hi);
+          }
         }
       }
     }
   }
+}
+
+// One m16 slab of A: warp_gemm_slabs with kSlabs = 1.
+template <typename Elem, int kK, int kNTiles, int kARowElems, int kBRowElems, bool kATrans,
+          bool kBTrans, bool kTwoA = false>
+__device__ __forceinline__ void warp_gemm(float (&acc)[kNTiles][4], uint32_t a_tile, int a_row0,
+                                          uint32_t b_tile, int n0, int lane,
+                                          uint32_t a2_tile = 0) {
+  warp_gemm_slabs<Elem, kK, kNTiles, kARowElems, kBRowElems, kATrans, kBTrans, 1, kTwoA>(
+      reinterpret_cast<float(&)[1][kNTiles][4]>(acc), a_tile, a_row0, b_tile, n0, lane, a2_tile);
 }
 
 // Stores accumulator fragments (16 rows from row0, kNTiles n8 tiles from col0),
@@ -290,26 +308,27 @@ __device__ __forceinline__ void load_query_block(const DensePrefillBwdParams& p,
 // set the end of the launch. With many CTAs (h 128/128) or without the mask, the
 // default order's L2 locality matters more, hence the rule (measurements in
 // docs/mha_bwd.md, launch order).
+// kKeys: the CTA's key-block size (kBlockN, or Config128's 128 keys).
 struct KeyBlock {
   int kv_head, seq;
   int q_begin, s_q, k_begin, s_k, n0, n_valid;
-  template <typename Mask>
+  template <typename Mask, int kKeys = kBlockN>
   __device__ __forceinline__ static KeyBlock make(const DensePrefillBwdParams& p) {
     KeyBlock kb;
     const int n_block = coords<Mask>(p, blockIdx.x, kb.kv_head, kb.seq);
-    kb.init(p, n_block);
+    kb.init<kKeys>(p, n_block);
     return kb;
   }
   // The same block again, for the epilogue: recomputed from the block index through
   // an opaque copy (two cached loads of cu_seqlens_k), so the compiler does not keep
   // the first one's values live through the step loop, where every register is
   // taken (kept live, they spill on sm_80).
-  template <typename Mask>
+  template <typename Mask, int kKeys = kBlockN>
   __device__ __forceinline__ static KeyBlock again(const DensePrefillBwdParams& p) {
     KeyBlock kb;
     const int x = opaque(static_cast<int>(blockIdx.x));
     const int n_block = coords<Mask>(p, x, kb.kv_head, kb.seq);
-    kb.init(p, n_block);
+    kb.init<kKeys>(p, n_block);
     return kb;
   }
   // (key block, kv head, sequence) of CTA (x, blockIdx.y, blockIdx.z); see above.
@@ -333,13 +352,14 @@ struct KeyBlock {
     seq = blockIdx.z;
     return x;
   }
+  template <int kKeys>
   __device__ __forceinline__ void init(const DensePrefillBwdParams& p, int n_block) {
     q_begin = min(max(p.cu_seqlens_q[seq], 0), p.total_q);
     s_q = max(min(p.cu_seqlens_q[seq + 1], p.total_q) - q_begin, 0);
     k_begin = min(max(p.cu_seqlens_k[seq], 0), p.total_k);
     s_k = max(min(p.cu_seqlens_k[seq + 1], p.total_k) - k_begin, 0);
-    n0 = n_block * kBlockN;
-    n_valid = min(kBlockN, s_k - n0);
+    n0 = n_block * kKeys;
+    n_valid = min(kKeys, s_k - n0);
   }
   __device__ __forceinline__ bool empty() const { return n0 >= s_k; }
 };
@@ -394,45 +414,64 @@ __device__ __forceinline__ void zero_acc(float (&acc)[kNTiles][4]) {
 
 // Issues the cp.async copies of the block's K and V tiles (rows past the
 // sequence become zeros); kCtaThreads threads share them.
-template <int kDQK, int kDV, int kCtaThreads, typename Storage>
+template <int kDQK, int kDV, int kCtaThreads, typename Storage, int kKeys = kBlockN>
 __device__ __forceinline__ void load_key_block(const DensePrefillBwdParams& p, uint32_t sK,
                                                uint32_t sV, const KeyBlock& kb, int kv_head,
                                                int tid) {
   const int64_t row = kb.k_begin + kb.n0;
-  load_tile_async<kBlockN, kDQK, kCtaThreads>(
+  load_tile_async<kKeys, kDQK, kCtaThreads>(
       sK, static_cast<const Storage*>(p.k) + row * p.k_row_stride + kv_head * p.k_head_stride,
       p.k_row_stride, 0, kb.n_valid, tid);
-  load_tile_async<kBlockN, kDV, kCtaThreads>(
+  load_tile_async<kKeys, kDV, kCtaThreads>(
       sV, static_cast<const Storage*>(p.v) + row * p.v_row_stride + kv_head * p.v_head_stride,
       p.v_row_stride, 0, kb.n_valid, tid);
 }
 
-// Epilogue of both main kernels: waits for every copy, stages the warp's dK (times
-// softmax_scale) and dV accumulators (16 key rows from key_row0, columns from
-// dk_col0 / dv_col0) in the input dtype in the K and V tiles, and writes the
-// block's valid key rows with 16-byte stores. Keys no query sees get zeros. kb: the
-// block (KeyBlock::again, recomputed for the epilogue).
+// Epilogue of the main kernels: waits for every copy, stages the warp's dK (times
+// softmax_scale) and dV accumulators (kSlabs m16 slabs of key rows from key_row0,
+// columns from dk_col0 / dv_col0) in the input dtype in the K and V tiles, and writes
+// the block's valid key rows (kKeys of them at most) with 16-byte stores. Keys no
+// query sees get zeros. kb: the block (KeyBlock::again, recomputed for the epilogue).
+template <typename Elem, int kDQK, int kDV, int kCtaThreads, int kKeys, int kSlabs,
+          int kDKTiles, int kDVTiles>
+__device__ __forceinline__ void write_dk_dv_slabs(const DensePrefillBwdParams& p,
+                                                  uint8_t* smem_k, uint8_t* smem_v,
+                                                  const float (&acc_dk)[kSlabs][kDKTiles][4],
+                                                  const float (&acc_dv)[kSlabs][kDVTiles][4],
+                                                  int key_row0, int dk_col0, int dv_col0,
+                                                  const KeyBlock& kb, int tid, int lane) {
+  const int kv_head = kb.kv_head;
+  using Storage = typename Elem::Storage;
+  cp_async_wait<0>();  // K/V copies are still in flight when there were no steps
+  __syncthreads();     // every warp is done reading K (dQ) before it is overwritten
+#pragma unroll
+  for (int sl = 0; sl < kSlabs; ++sl) {
+    store_acc_to_smem<Elem, kDKTiles, kDQK>(smem_k, acc_dk[sl], key_row0 + 16 * sl, dk_col0,
+                                            p.softmax_scale, lane);
+    store_acc_to_smem<Elem, kDVTiles, kDV>(smem_v, acc_dv[sl], key_row0 + 16 * sl, dv_col0, 1.f,
+                                           lane);
+  }
+  __syncthreads();
+  const int64_t row = kb.k_begin + kb.n0;
+  store_tile<kKeys, kDQK, kCtaThreads>(
+      static_cast<Storage*>(p.dk) + row * p.dk_row_stride + kv_head * p.dk_head_stride,
+      p.dk_row_stride, kb.n_valid, smem_k, tid);
+  store_tile<kKeys, kDV, kCtaThreads>(
+      static_cast<Storage*>(p.dv) + row * p.dv_row_stride + kv_head * p.dv_head_stride,
+      p.dv_row_stride, kb.n_valid, smem_v, tid);
+}
+
+// One slab of kBlockN-key rows per warp (the 8-warp and 4-warp CTAs).
 template <typename Elem, int kDQK, int kDV, int kCtaThreads, int kDKTiles, int kDVTiles>
 __device__ __forceinline__ void write_dk_dv(const DensePrefillBwdParams& p, uint8_t* smem_k,
                                             uint8_t* smem_v, const float (&acc_dk)[kDKTiles][4],
                                             const float (&acc_dv)[kDVTiles][4], int key_row0,
                                             int dk_col0, int dv_col0, const KeyBlock& kb,
                                             int tid, int lane) {
-  const int kv_head = kb.kv_head;
-  using Storage = typename Elem::Storage;
-  cp_async_wait<0>();  // K/V copies are still in flight when there were no steps
-  __syncthreads();     // every warp is done reading K (dQ) before it is overwritten
-  store_acc_to_smem<Elem, kDKTiles, kDQK>(smem_k, acc_dk, key_row0, dk_col0, p.softmax_scale,
-                                          lane);
-  store_acc_to_smem<Elem, kDVTiles, kDV>(smem_v, acc_dv, key_row0, dv_col0, 1.f, lane);
-  __syncthreads();
-  const int64_t row = kb.k_begin + kb.n0;
-  store_tile<kBlockN, kDQK, kCtaThreads>(
-      static_cast<Storage*>(p.dk) + row * p.dk_row_stride + kv_head * p.dk_head_stride,
-      p.dk_row_stride, kb.n_valid, smem_k, tid);
-  store_tile<kBlockN, kDV, kCtaThreads>(
-      static_cast<Storage*>(p.dv) + row * p.dv_row_stride + kv_head * p.dv_head_stride,
-      p.dv_row_stride, kb.n_valid, smem_v, tid);
+  write_dk_dv_slabs<Elem, kDQK, kDV, kCtaThreads, kBlockN, 1>(
+      p, smem_k, smem_v, reinterpret_cast<const float(&)[1][kDKTiles][4]>(acc_dk),
+      reinterpret_cast<const float(&)[1][kDVTiles][4]>(acc_dv), key_row0, dk_col0, dv_col0, kb,
+      tid, lane);
 }
 
 // In place: s (S^T = K Q^T, raw scores) becomes P^T = exp2(s * scale_log2 - lse2),
@@ -440,12 +479,12 @@ __device__ __forceinline__ void write_dk_dv(const DensePrefillBwdParams& p, uint
 // accumulators of the step (query block m0, key block n0). Hidden elements get P = 0
 // (not exp2 of -inf - lse); rows with lse = +inf (no visible key, or past the
 // sequence) get P = 0, never exp2(s - inf), which is NaN when s overflowed to +inf.
-template <typename Mask, int kSTiles>
+template <typename Mask, int kSTiles, int kKeys = kBlockN>
 __device__ __forceinline__ void softmax_p(float (&s)[kSTiles][4], int key_row0, int s_col0,
                                           int m0, int n0, int s_q, int s_k, const float* s_lse,
                                           float scale_log2, int lane) {
   const int g = lane >> 2, t4 = lane & 3;
-  const bool check_mask = Mask::needs_mask(m0, n0, s_q, s_k);
+  const bool check_mask = Mask::template needs_mask<kKeys>(m0, n0, s_q, s_k);
   // Element (j, e) is key key0 + (e / 2) * 8 and query q0 + 8 j + e % 2.
   const TileLimits lim = TileLimits::make(n0 + key_row0 + g, m0 + s_col0 + t4 * 2, s_q, s_k);
 #pragma unroll
@@ -638,6 +677,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 }  // namespace flash_mla::portable::dense_bwd
 
 #include "kernel_4warp.cuh"
+#include "kernel_128keys.cuh"
 
 namespace flash_mla::portable::dense_bwd {
 
@@ -646,9 +686,10 @@ namespace flash_mla::portable::dense_bwd {
 // memory; set on every launch (cheap, and correct for whichever device is current:
 // no process-wide "done" flag).
 template <typename Kernel>
-void launch_main(Kernel kernel, int threads, int smem_bytes, const DensePrefillBwdParams& p) {
+void launch_main(Kernel kernel, int threads, int smem_bytes, const DensePrefillBwdParams& p,
+                 int keys_per_cta = kBlockN) {
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-  const dim3 grid(num_n_blocks(p.max_seqlen_k), p.h_k, p.batch);
+  const dim3 grid(num_n_blocks(p.max_seqlen_k, keys_per_cta), p.h_k, p.batch);
   kernel<<<grid, threads, smem_bytes, p.stream>>>(p);
 }
 
@@ -658,6 +699,11 @@ void launch_main_for(const DensePrefillBwdParams& p, BwdLayout layout) {
     if (layout == BwdLayout::kWarps4) {
       launch_main(dense_bwd_main4_kernel<Elem, kDQK, kDV, Mask>, k4Threads,
                   Config4<kDQK, kDV>::kSmemBytes, p);
+      return;
+    }
+    if (layout == BwdLayout::kKeys128) {
+      launch_main(dense_bwd_main128_kernel<Elem, kDQK, kDV, Mask>, k128Threads,
+                  Config128<kDQK, kDV>::kSmemBytes, p, kBlockN128);
       return;
     }
   }

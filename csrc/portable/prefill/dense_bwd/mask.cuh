@@ -1,5 +1,6 @@
 // Masking policies of the backward, from the point of view of one key block
-// [n0, n0 + kBlockN) of a sequence with s_q queries and s_k keys.
+// [n0, n0 + kKeys) of a sequence with s_q queries and s_k keys (kKeys: the CTA's
+// key block, kBlockN or Config128's 128).
 // Causal is bottom-right aligned: query r sees keys [0, s_k - s_q + r].
 //   first_m_block(): the first query block with any row that sees the key block
 //                    (earlier blocks are skipped, not masked);
@@ -39,8 +40,9 @@ struct NoMask {
   __device__ __forceinline__ static int first_m_block(int /*n0*/, int /*s_q*/, int /*s_k*/) {
     return 0;
   }
+  template <int kKeys = kBlockN>
   __device__ __forceinline__ static bool needs_mask(int /*m0*/, int n0, int /*s_q*/, int s_k) {
-    return n0 + kBlockN > s_k;
+    return n0 + kKeys > s_k;
   }
 };
 
@@ -51,9 +53,10 @@ struct CausalMask {
     const int first_row = n0 - (s_k - s_q);
     return first_row <= 0 ? 0 : first_row / kBlockM;
   }
+  template <int kKeys = kBlockN>
   __device__ __forceinline__ static bool needs_mask(int m0, int n0, int s_q, int s_k) {
     // Fully visible iff the block's first row sees the block's last key.
-    return n0 + kBlockN > s_k || n0 + kBlockN - 1 > s_k - s_q + m0;
+    return n0 + kKeys > s_k || n0 + kKeys - 1 > s_k - s_q + m0;
   }
 };
 
