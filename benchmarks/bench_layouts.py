@@ -3,10 +3,12 @@ turn, with the default choice timed beside them, so one run shows whether the
 dispatch picks the fastest layout here (run it on an RTX 50xx to check sm_120's).
 
 Layouts (docs/mha_fwd.md, docs/mha_bwd.md): forward 8 warps (sm_120's at d >= 128),
-4 warps (d <= 128), 4x32; backward 8 warps, 4 warps (d <= 128), and "det", the
-deterministic backward (flash_attn_varlen_func(deterministic=True): the 8-warp CTA
-adding dq in key-block order). A layout the GPU cannot run (the 4-warp backward where
-two CTAs do not fit an SM) is n/a with the library's reason.
+4 warps (d <= 128), 4x32; backward 8 warps, 4 warps (d <= 128), 8x128 (8 warps over
+128 keys, d <= 128) and "det", the deterministic backward
+(flash_attn_varlen_func(deterministic=True): the 8-warp CTA adding dq in key-block
+order). A layout the GPU cannot run (the 4-warp backward where two CTAs do not fit an
+SM, the 8x128 one where a block cannot have 164864 B at d = 128) is n/a with the
+library's reason.
 
 Shapes: b = 2, bf16, seqlen 4096 and 8192 (--quick: 4096), (h_q, h_k) in
 {(128, 128), (32, 4)}, causal and not, for each --dims head dim (d_v = 128 at

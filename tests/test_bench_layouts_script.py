@@ -29,7 +29,7 @@ def test_layouts_per_pass_and_head_dim():
     bl = _load()
     assert bl.layouts("fwd", 64) == ["default", "8", "4", "4x32"]
     assert bl.layouts("fwd", 192) == ["default", "8", "4x32"]  # no 4-warp forward at d = 192
-    assert bl.layouts("bwd", 128) == ["default", "8", "4", "det"]
+    assert bl.layouts("bwd", 128) == ["default", "8", "4", "8x128", "det"]
     assert bl.layouts("bwd", 192) == ["default", "8", "det"]  # 8 warps only at d = 192
 
 

@@ -215,6 +215,21 @@ def test_build_info_failure_in_the_child_is_a_warning(tmp_path, monkeypatch, cap
     assert "could not read build_info" in err and "cannot load" in err
 
 
+def test_kernels_that_never_run_on_sm120_do_not_bound_its_cubins():
+    # The backward's 128-key CTA at d = 128 (164864 B) is launched only where a block may
+    # use that much; build_info marks it, and an sm_120 cubin of the op keeps its own bound.
+    name = "_ZN9flash_mla8portable9dense_bwd24dense_bwd_main128_kernelEv"
+    info = {"kernels": [
+        {"op": "dense_bwd", "variant": "8-warp", "dynamic_smem_bytes": 98816, "threads": 256},
+        {"op": "dense_bwd", "variant": "128-key d128", "dynamic_smem_bytes": 164864,
+         "threads": 256, "runs_on_sm120": False}]}
+    assert W._dynamic_smem_for(name, info) == (98816, "op dense_bwd")
+    report = W.verify(W.parse_resource_usage(_synthetic(name)), info)
+    assert report.ok, report.problems
+    info["kernels"][1]["runs_on_sm120"] = True
+    assert not W.verify(W.parse_resource_usage(_synthetic(name)), info).ok
+
+
 def test_kernel_joins_the_most_specific_op():
     # The schedule kernel's symbol names both "dense_decode" and "dense_decode_schedule":
     # it must get the schedule's 0 B of dynamic shared memory, not the decode's 100352.

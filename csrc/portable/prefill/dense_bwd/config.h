@@ -212,7 +212,8 @@ struct Config128 {
   //   kStages stages of one query block, kStageBytes apart, from kOffStage:
   //     Q [kBlockM, d_qk], dO [kBlockM, d_v], lse and delta fp32 [kBlockM] each.
   //     Step i reads stage i % 2 while step i + 1's copies land in the other, issued
-  //     right after step i's first barrier, so they overlap the whole step.
+  //     after step i's P^T / dS^T barrier, so they overlap dV, dK and dQ and the third
+  //     barrier per step (the one that freed a single stage) is gone.
   static constexpr int kStages = 2;
   static constexpr int kKBytes = kBlockN128 * kDQK * kElemBytes;
   static constexpr int kVBytes = kBlockN128 * kDV * kElemBytes;
@@ -230,12 +231,9 @@ struct Config128 {
   static constexpr int kOffLse = kOffDO + kDOBytes;
   static constexpr int kOffDelta = kOffLse + kBlockM * 4;
   static constexpr int kStageBytes = kOffDelta + kBlockM * 4;
-  // CTA-uniform values of the step loop (kernel_128keys.cuh's StepScalars), kept out
-  // of registers.
-  static constexpr int kOffScalars = kOffStage + kStages * kStageBytes;
-  static constexpr int kScalarBytes = 64;
-  static constexpr int kSmemBytes = kOffScalars + kScalarBytes;
+  static constexpr int kSmemBytes = kOffStage + kStages * kStageBytes;
   static_assert(kSmemBytes <= kMaxSmemPerBlockLarge, "128-key backward tile exceeds 227 KB");
+  static_assert(kStages == 2, "kernel_128keys.cuh alternates two stages");
   static_assert(kOffP % 128 == 0 && kOffDS % 128 == 0 && kOffStage % 128 == 0 &&
                     kStageBytes % 128 == 0 && kOffDO % 128 == 0 && kOffLse % 16 == 0,
                 "tiles must start on 128-byte boundaries for the swizzle");
@@ -250,8 +248,10 @@ struct Config128 {
                 "B fragments are loaded two n8 tiles at a time");
 };
 
-static_assert(Config128<128, 128>::kSmemBytes == 164928, "d=128 budget");
-static_assert(Config128<64, 64>::kSmemBytes == 99392, "d=64 budget");
+static_assert(Config128<128, 128>::kSmemBytes == 164864, "d=128 budget");
+static_assert(Config128<64, 64>::kSmemBytes == 99328, "d=64 budget (fits sm_120's 99 KB)");
+
+
 
 // CTA layouts (FLASH_MLA_DENSE_BWD_WARPS=8|4 forces one; csrc/api): the 4-warp CTA
 // where two fit an SM and d <= 128 (2 x (82432 + 1024) B at d = 128: H100/H200, A100,

@@ -15,35 +15,29 @@
 //   dV += P^T dO, dK += dS^T Q   keys 32 kr .. +32 x head dims kc d / 2 .. +d / 2
 //               (1.5 loads per 4 MMAs)
 //   dq_accum += dS K   queries 32 (w % 2) .. +32 x head dims (w / 2) d / 4 .. +d / 4
-// and the Q / dO loads and dQ reductions per key are halved. The price: 164928 B of
-// shared memory at d = 128 (one CTA of 8 warps per H100 SM; 99392 B at d = 64), so
-// sm_120 cannot run it at d = 128.
+// and the Q / dO loads and dQ reductions per key are halved. The price: 164864 B of
+// shared memory at d = 128 (one CTA of 8 warps per H100 SM; 99328 B at d = 64), so
+// sm_120 (and sm_86/89) cannot run it at d = 128.
 //
-// Shared memory: Config128 (K, V resident; P^T, dS^T; two stages of Q, dO, lse, delta;
-// StepScalars). Step i reads stage i % 2.
+// Shared memory: Config128 (K, V resident; P^T, dS^T; two stages of Q, dO, lse,
+// delta). Step i reads stage i % 2.
 //
 // Barrier protocol per step:
 //   B1  wait for this step's cp.async group, __syncthreads: its Q, dO, lse, delta
 //       visible; every warp has finished the previous step (its dV, dK and dQ), so
-//       P^T, dS^T and the other stage may be overwritten -> issue the next step's
-//       loads into the other stage; they overlap this whole step.
+//       P^T, dS^T and the other stage may be overwritten.
 //       S^T -> P^T (registers, then shared memory); dP^T -> dS^T likewise.
-//   B2  __syncthreads: P^T and dS^T visible.
+//   B2  __syncthreads: P^T and dS^T visible -> issue the next step's loads into the
+//       other stage; they overlap the rest of the step.
 //       dV += P^T dO, dK += dS^T Q, then dq_accum += dS K (reads dS^T and K) and its
 //       REDs. The next B1 orders all of these before P^T / dS^T are rewritten.
+// Issuing the loads right after B1 instead (overlapping the whole step) measured about
+// 5% slower on the H100, and a single stage (a third barrier after dK, then the
+// loads, overlapping only dQ) about 2.5% slower (docs/mha_bwd.md).
 // Epilogue: as the other CTAs (dK / dV staged in the K / V tiles, 16-byte stores).
 #pragma once
 
 namespace flash_mla::portable::dense_bwd {
-
-// The step loop's CTA-uniform values, in shared memory (Config128::kOffScalars):
-// thread 0 writes them before the loop and every step reads what it needs after its
-// first barrier. Held in registers through the loop, beside the 128 dK / dV
-// accumulator registers per thread, some of them spilled.
-struct StepScalars {
-  StepPlan plan;
-  int q_begin, s_q, s_k, n0;
-};
 
 template <typename Elem, int kDQK, int kDV, typename Mask>
 __global__ void __launch_bounds__(k128Threads, 1)
@@ -73,18 +67,23 @@ __global__ void __launch_bounds__(k128Threads, 1)
   const int g = lane >> 2;
   const int t4 = lane & 3;
 
-  // Shared-memory addresses and pointers are rederived where used (from an opaque
-  // copy of the base inside the step loop): held through the loop, they spilled.
-  load_key_block<kDQK, kDV, k128Threads, Storage, kBlockN128>(
-      p, cvta_shared(smem + Cfg::kOffK), cvta_shared(smem + Cfg::kOffV), kb, kv_head, tid);
+  const uint32_t sK = cvta_shared(smem + Cfg::kOffK);
+  const uint32_t sV = cvta_shared(smem + Cfg::kOffV);
+  const uint32_t sP = cvta_shared(smem + Cfg::kOffP);
+  const uint32_t sDS = cvta_shared(smem + Cfg::kOffDS);
+  float* dq_accum = reinterpret_cast<float*>(static_cast<char*>(p.workspace) +
+                                             dq_accum_offset(p.total_q, p.h_q));
+
+  load_key_block<kDQK, kDV, k128Threads, Storage, kBlockN128>(p, sK, sV, kb, kv_head, tid);
 
   const StepPlan plan = StepPlan::make<Mask>(p, kb, kv_head);
   const int num_steps = plan.count;
-  static_assert(sizeof(StepScalars) <= Cfg::kScalarBytes, "StepScalars must fit kScalarBytes");
-  if (tid == 0) {
-    *reinterpret_cast<StepScalars*>(smem + Cfg::kOffScalars) = {plan, q_begin, s_q, s_k, n0};
-  }
 
+  const int key_row0 = (warp & 3) * 32;  // S^T, dP^T, dV, dK rows (two slabs)
+  const int kc = warp >> 2;
+  const int s_col0 = kc * Cfg::kSCols;   // S^T / dP^T queries
+  const int q_row0 = (warp & 1) * 32;    // dQ rows (two slabs)
+  const int dq_col0 = (warp >> 1) * Cfg::kDQCols;
 
   constexpr int kSTiles = Cfg::kSCols / 8;
   constexpr int kDVTiles = Cfg::kDVCols / 8;
@@ -98,46 +97,31 @@ __global__ void __launch_bounds__(k128Threads, 1)
     zero_acc(acc_dv[sl]);
   }
 
-  // Issues step `step`'s Q / dO copies and lse / delta stores into its stage.
-  auto load_step = [&](const StepScalars& sc, int step, int thread) {
-    uint8_t* stage = smem + Cfg::kOffStage + (step & 1) * Cfg::kStageBytes;
+  // Step `step`'s stage (Q, dO, lse, delta).
+  auto stage_of = [&](int step) { return smem + Cfg::kOffStage + (step & 1) * Cfg::kStageBytes; };
+  auto load_step = [&](int step, int thread) {
+    uint8_t* stage = stage_of(step);
     load_query_block<kDQK, kDV, k128Threads, Storage>(
         p, cvta_shared(stage + Cfg::kOffQ), cvta_shared(stage + Cfg::kOffDO),
         reinterpret_cast<float*>(stage + Cfg::kOffLse),
-        reinterpret_cast<float*>(stage + Cfg::kOffDelta), sc.plan.head(step), sc.plan.m0(step),
-        sc.s_q, sc.q_begin, thread);
+        reinterpret_cast<float*>(stage + Cfg::kOffDelta), plan.head(step), plan.m0(step), s_q,
+        q_begin, thread);
   };
-  if (num_steps > 0) load_step(StepScalars{plan, q_begin, s_q, s_k, n0}, 0, tid);
+  if (num_steps > 0) load_step(0, tid);
   cp_async_commit();  // K, V and step 0 in one group
 
   for (int step = 0; step < num_steps; ++step) {
+    const int h = plan.head(step);
+    const int m0 = plan.m0(step);
     const int lane_s = opaque(lane);
-    // The warp's tiles, recomputed per step from an opaque copy of the warp index (a
-    // few integer ops) rather than held through the loop beside 128 accumulator
-    // registers, where they spilled.
-    const int warp_s = opaque(warp);
-    const int key_row0 = (warp_s & 3) * 32;  // S^T, dP^T, dV, dK rows (two slabs)
-    const int kc = warp_s >> 2;
-    const int s_col0 = kc * Cfg::kSCols;     // S^T / dP^T queries
-    const int q_row0 = (warp_s & 1) * 32;    // dQ rows (two slabs)
-    const int dq_col0 = (warp_s >> 1) * Cfg::kDQCols;
-    const uint32_t base = static_cast<uint32_t>(opaque(static_cast<int>(cvta_shared(smem))));
-    const uint32_t sK = base + Cfg::kOffK, sV = base + Cfg::kOffV;
-    const uint32_t sP = base + Cfg::kOffP, sDS = base + Cfg::kOffDS;
-    const int stage_off = Cfg::kOffStage + (step & 1) * Cfg::kStageBytes;
-    const uint32_t sQ = base + stage_off + Cfg::kOffQ, sDO = base + stage_off + Cfg::kOffDO;
-    float* s_lse = reinterpret_cast<float*>(smem + opaque(stage_off + Cfg::kOffLse));
-    float* s_delta = reinterpret_cast<float*>(smem + opaque(stage_off + Cfg::kOffDelta));
+    uint8_t* stage = stage_of(step);
+    const uint32_t sQ = cvta_shared(stage + Cfg::kOffQ);
+    const uint32_t sDO = cvta_shared(stage + Cfg::kOffDO);
+    const float* s_lse = reinterpret_cast<const float*>(stage + Cfg::kOffLse);
+    const float* s_delta = reinterpret_cast<const float*>(stage + Cfg::kOffDelta);
 
     cp_async_wait<0>();
-    __syncthreads();  // B1 (also: StepScalars visible at step 0)
-
-    const StepScalars& sc =
-        *reinterpret_cast<const StepScalars*>(smem + opaque(Cfg::kOffScalars));
-    // Step + 1's stage was last read in step - 1, which every warp has finished.
-    if (step + 1 < num_steps) load_step(sc, step + 1, opaque(tid));
-    cp_async_commit();
-    const int m0 = sc.plan.m0(step);
+    __syncthreads();  // B1
 
     float s[2][kSTiles][4];
     zero_acc(s[0]);
@@ -146,8 +130,11 @@ __global__ void __launch_bounds__(k128Threads, 1)
                                                                        s_col0, lane_s);
 #pragma unroll
     for (int sl = 0; sl < 2; ++sl) {
-      softmax_p<Mask, kSTiles, kBlockN128>(s[sl], key_row0 + 16 * sl, s_col0, m0, sc.n0, sc.s_q,
-                                           sc.s_k, s_lse, p.softmax_scale_log2, lane);
+      // Opaque copies: the mask's loop-invariant sums (n0 + 128 and the like) are
+      // recomputed per step instead of held in registers through the loop (spills).
+      softmax_p<Mask, kSTiles, kBlockN128>(s[sl], key_row0 + 16 * sl, s_col0, m0, opaque(n0),
+                                           opaque(s_q), opaque(s_k), s_lse,
+                                           p.softmax_scale_log2, lane);
       store_acc_to_smem<Elem, kSTiles, kBlockM>(smem + Cfg::kOffP, s[sl], key_row0 + 16 * sl,
                                                 s_col0, 1.f, lane_s);
     }
@@ -163,6 +150,9 @@ __global__ void __launch_bounds__(k128Threads, 1)
                                                 s_col0, 1.f, lane_s);
     }
     __syncthreads();  // B2
+    // The other stage was last read in step - 1, which every warp finished before B1.
+    if (step + 1 < num_steps) load_step(step + 1, opaque(tid));
+    cp_async_commit();
 
     // dV += P^T dO and dK += dS^T Q (contraction over the kBlockM queries).
     warp_gemm_slabs<Elem, kBlockM, kDVTiles, kBlockM, kDV, false, true, 2>(
@@ -172,9 +162,6 @@ __global__ void __launch_bounds__(k128Threads, 1)
 
     // dq_accum += dS K (contraction over the 128 keys): A = dS read transposed from
     // dS^T, B = K read transposed.
-    float* dq_accum = reinterpret_cast<float*>(static_cast<char*>(p.workspace) +
-                                               dq_accum_offset(p.total_q, p.h_q));
-    const int h = sc.plan.head(step);
     float dq[2][kDQTiles][4];
     zero_acc(dq[0]);
     zero_acc(dq[1]);
@@ -185,8 +172,8 @@ __global__ void __launch_bounds__(k128Threads, 1)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int qr = m0 + q_row0 + sl * 16 + g + half * 8;
-        if (qr < sc.s_q) {
-          float* dst = dq_accum + (static_cast<int64_t>(sc.q_begin + qr) * p.h_q + h) * kDQK +
+        if (qr < s_q) {
+          float* dst = dq_accum + (static_cast<int64_t>(q_begin + qr) * p.h_q + h) * kDQK +
                        dq_col0 + t4 * 2;
 #pragma unroll
           for (int j = 0; j < kDQTiles; ++j) {
@@ -197,10 +184,11 @@ __global__ void __launch_bounds__(k128Threads, 1)
     }
   }
 
+  // opaque(tid): the epilogue's store addresses must not be shared with the K / V
+  // loads' (the same rows and chunks), which kept them live through the loop (spills).
   write_dk_dv_slabs<Elem, kDQK, kDV, k128Threads, kBlockN128, 2>(
-      p, smem + Cfg::kOffK, smem + Cfg::kOffV, acc_dk, acc_dv, (warp & 3) * 32,
-      (warp >> 2) * Cfg::kDKCols, (warp >> 2) * Cfg::kDVCols,
-      KeyBlock::again<Mask, kBlockN128>(p), opaque(tid), lane);
+      p, smem + Cfg::kOffK, smem + Cfg::kOffV, acc_dk, acc_dv, key_row0, kc * Cfg::kDKCols,
+      kc * Cfg::kDVCols, KeyBlock::again<Mask, kBlockN128>(p), opaque(tid), lane);
 }
 
 }  // namespace flash_mla::portable::dense_bwd
