@@ -194,7 +194,7 @@ static_assert(Config4<64, 64>::kTwoFitSm120 && !Config4<128, 128>::kTwoFitSm120,
 // fragment read from shared memory feeds two m16 slabs, against one in the 16-row
 // tiles of the other CTAs, and one Q / dO load and one set of dQ reductions serve twice
 // the keys. P^T and dS^T both go through shared memory, and the query block is
-// double-buffered. d = 128 needs 164928 B, more than the 99 KB of sm_120 (and sm_86/89):
+// double-buffered. d = 128 needs 164864 B, more than the 99 KB of sm_120 (and sm_86/89):
 // this CTA runs only where a block may opt in to that much (H100/H200, B200, A100) and
 // its build for those targets is a trap at d = 128.
 // ---------------------------------------------------------------------------
@@ -251,15 +251,14 @@ struct Config128 {
 static_assert(Config128<128, 128>::kSmemBytes == 164864, "d=128 budget");
 static_assert(Config128<64, 64>::kSmemBytes == 99328, "d=64 budget (fits sm_120's 99 KB)");
 
-
-
-// CTA layouts (FLASH_MLA_DENSE_BWD_WARPS=8|4 forces one; csrc/api): the 4-warp CTA
-// where two fit an SM and d <= 128 (2 x (82432 + 1024) B at d = 128: H100/H200, A100,
-// B200; 2 x (49664 + 1024) B at d = 64: also sm_120/121 and sm_86/89 with 100 KB); the
-// 8-warp CTA otherwise. Two 4-warp CTAs per SM were faster than one 8-warp CTA on the
-// H100 at both head dims, causal or not (the causal GQA case thanks to KeyBlock's
-// longest-first order); the measurements are in docs/mha_bwd.md, and
-// benchmarks/bench_layouts.py repeats them on the local GPU.
+// CTA layouts (FLASH_MLA_DENSE_BWD_WARPS=8|4|8x128 forces one; csrc/api): at d = 128 the
+// 128-key CTA where one block may have its 164864 B (H100/H200, B200, A100: 1.25x the
+// 4-warp CTA's speed on the H100); else the 4-warp CTA where two fit an SM and
+// d <= 128 (2 x (74240 + 1024) B at d = 128; 2 x (41472 + 1024) B at d = 64: also
+// sm_120/121 and sm_86/89 with 100 KB); the 8-warp CTA otherwise. Two 4-warp CTAs per SM
+// were faster than one 8-warp CTA on the H100 at both head dims, causal or not (the
+// causal GQA case thanks to KeyBlock's longest-first order); the measurements are in
+// docs/mha_bwd.md, and benchmarks/bench_layouts.py repeats them on the local GPU.
 enum class BwdLayout : int { kWarps8 = 8, kWarps4 = 4, kKeys128 = 128 };
 
 // Bytes of shared memory per SM that two 4-warp CTAs need at d_qk (0 where d_qk has no

@@ -4,10 +4,12 @@
 // Four launches on one stream (run_dense_prefill_bwd below):
 //   1. preprocess (preprocess.cuh): delta = rowsum(dO * O) into the workspace,
 //      dq_accum zeroed;
-//   2. main kernel (this file): one CTA per (key block of kBlockN keys, kv head,
-//      sequence); it loops over every query head of the kv head's GQA group and
-//      over every query block that sees its keys (causal: fully masked blocks are
-//      skipped), recomputing P from Q, K and lse:
+//   2. main kernel (this file's 8-warp CTA; kernel_4warp.cuh and kernel_128keys.cuh
+//      hold the other two, config.h choose_layout picks one): one CTA per (key block
+//      of kBlockN keys, 128 for the 128-key CTA, kv head, sequence); it loops over
+//      every query head of the kv head's GQA group and over every query block that
+//      sees its keys (causal: fully masked blocks are skipped), recomputing P from Q,
+//      K and lse:
 //        S^T  = K Q^T                  P^T = exp2(S^T * scale_log2 - lse * log2 e)
 //        dP^T = V dO^T                 dS^T = P^T * (dP^T - delta)
 //        dV  += P^T dO                 dK  += dS^T Q

@@ -43,7 +43,8 @@ template <typename Elem, int kDQK, int kDV, typename Mask>
 __global__ void __launch_bounds__(k128Threads, 1)
     dense_bwd_main128_kernel(const DensePrefillBwdParams p) {
   using Cfg = Config128<kDQK, kDV>;
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 890 || __CUDA_ARCH__ >= 1200)
+#if defined(__CUDA_ARCH__) && \
+    (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 890 || __CUDA_ARCH__ >= 1200)
   // sm_86, sm_89, sm_120 / sm_121: 99 KB per block. Where this CTA needs more (d = 128)
   // it is never launched there (choose_layout and the entry's override check read the
   // device's opt-in limit); a launch would be a bug: trap, and the code below is not
