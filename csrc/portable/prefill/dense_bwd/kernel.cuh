@@ -481,7 +481,9 @@ __device__ __forceinline__ void write_dk_dv(const DensePrefillBwdParams& p, uint
 // accumulators of the step (query block m0, key block n0). Hidden elements get P = 0
 // (not exp2 of -inf - lse); rows with lse = +inf (no visible key, or past the
 // sequence) get P = 0, never exp2(s - inf), which is NaN when s overflowed to +inf.
-template <typename Mask, int kSTiles, int kKeys = kBlockN>
+// kMaskTest = false: the caller knows the tile needs no mask (Mask::needs_mask is
+// false), and the per-element test is not emitted.
+template <typename Mask, int kSTiles, int kKeys = kBlockN, bool kMaskTest = true>
 __device__ __forceinline__ void softmax_p(float (&s)[kSTiles][4], int key_row0, int s_col0,
                                           int m0, int n0, int s_q, int s_k, const float* s_lse,
                                           float scale_log2, int lane) {
@@ -497,8 +499,10 @@ __device__ __forceinline__ void softmax_p(float (&s)[kSTiles][4], int key_row0, 
       const float lse2 = s_lse[qr];
       float pv = exp2_approx(fmaf(s[j][e], scale_log2, -lse2));
       if (lse2 == INFINITY) pv = 0.f;
-      const bool vis = lim.visible<Mask::kCausal>((e >> 1) * 8, j * 8 + (e & 1));
-      if (check_mask && !vis) pv = 0.f;
+      if constexpr (kMaskTest) {
+        const bool vis = lim.visible<Mask::kCausal>((e >> 1) * 8, j * 8 + (e & 1));
+        if (check_mask && !vis) pv = 0.f;
+      }
       s[j][e] = pv;
     }
   }

@@ -129,13 +129,26 @@ __global__ void __launch_bounds__(k128Threads, 1)
     zero_acc(s[1]);
     warp_gemm_slabs<Elem, kDQK, kSTiles, kDQK, kDQK, false, false, 2>(s, sK, key_row0, sQ,
                                                                        s_col0, lane_s);
+    // Opaque copies: the mask's loop-invariant sums (n0 + 128 and the like) are
+    // recomputed per step instead of held in registers through the loop (spills).
+    const int n0_s = opaque(n0), s_q_s = opaque(s_q), s_k_s = opaque(s_k);
+    // Most steps need no mask; they skip the per-element test (CTA-uniform branch).
+    if (Mask::template needs_mask<kBlockN128>(m0, n0_s, s_q_s, s_k_s)) {
+#pragma unroll
+      for (int sl = 0; sl < 2; ++sl) {
+        softmax_p<Mask, kSTiles, kBlockN128>(s[sl], key_row0 + 16 * sl, s_col0, m0, n0_s, s_q_s,
+                                             s_k_s, s_lse, p.softmax_scale_log2, lane);
+      }
+    } else {
+#pragma unroll
+      for (int sl = 0; sl < 2; ++sl) {
+        softmax_p<Mask, kSTiles, kBlockN128, false>(s[sl], key_row0 + 16 * sl, s_col0, m0, n0_s,
+                                                    s_q_s, s_k_s, s_lse, p.softmax_scale_log2,
+                                                    lane);
+      }
+    }
 #pragma unroll
     for (int sl = 0; sl < 2; ++sl) {
-      // Opaque copies: the mask's loop-invariant sums (n0 + 128 and the like) are
-      // recomputed per step instead of held in registers through the loop (spills).
-      softmax_p<Mask, kSTiles, kBlockN128>(s[sl], key_row0 + 16 * sl, s_col0, m0, opaque(n0),
-                                           opaque(s_q), opaque(s_k), s_lse,
-                                           p.softmax_scale_log2, lane);
       store_acc_to_smem<Elem, kSTiles, kBlockM>(smem + Cfg::kOffP, s[sl], key_row0 + 16 * sl,
                                                 s_col0, 1.f, lane_s);
     }
