@@ -101,11 +101,31 @@ def _is_sm120(arch: str) -> bool:
     return re.match(r"^sm_12\d", arch) is not None
 
 
+def _own_records(symbol: str, kernels: Sequence[dict]) -> list:
+    """The records whose symbol pieces (build_info "symbol", space-separated) all occur in
+    the mangled kernel name: the kernel's own record, when its registration names it."""
+    own = []
+    for k in kernels:
+        pieces = str(k.get("symbol") or "").split()
+        if pieces and all(p in symbol for p in pieces):
+            own.append(k)
+    return own
+
+
 def _dynamic_smem_for(symbol: str, info: dict) -> tuple:
+    """(dynamic shared memory, how it was found) for an sm_120 cubin of `symbol`."""
+    everything = info.get("kernels", []) if info else []
+    own = _own_records(symbol, everything)
+    if own:
+        if not any(k.get("runs_on_sm120", True) for k in own):
+            # Built for sm_120 as a trap, never launched there (the dispatch checks the
+            # device's shared memory): nothing to hold its cubin to.
+            return 0, f"never launched on sm_120 ({own[0].get('variant', '')})"
+        best = max(int(k.get("dynamic_smem_bytes", 0)) for k in own)
+        return best, f"record {own[0].get('variant', '')}"
     # Kernels that never run on sm_120 (more shared memory than it has, launched only
     # where the device allows) do not bound what an sm_120 cubin may use.
-    kernels = [k for k in (info.get("kernels", []) if info else [])
-               if k.get("runs_on_sm120", True)]
+    kernels = [k for k in everything if k.get("runs_on_sm120", True)]
     matching = [k for k in kernels if k.get("op") and k["op"] in symbol]
     if matching:
         # The most specific op: "dense_decode_schedule_kernel" is the schedule's kernel,

@@ -218,7 +218,7 @@ def test_build_info_failure_in_the_child_is_a_warning(tmp_path, monkeypatch, cap
 def test_kernels_that_never_run_on_sm120_do_not_bound_its_cubins():
     # The backward's 128-key CTA at d = 128 (164864 B) is launched only where a block may
     # use that much; build_info marks it, and an sm_120 cubin of the op keeps its own bound.
-    name = "_ZN9flash_mla8portable9dense_bwd24dense_bwd_main128_kernelEv"
+    name = "_ZN9flash_mla8portable9dense_bwd24dense_bwd_main_kernelEv"
     info = {"kernels": [
         {"op": "dense_bwd", "variant": "8-warp", "dynamic_smem_bytes": 98816, "threads": 256},
         {"op": "dense_bwd", "variant": "128-key d128", "dynamic_smem_bytes": 164864,
@@ -228,6 +228,44 @@ def test_kernels_that_never_run_on_sm120_do_not_bound_its_cubins():
     assert report.ok, report.problems
     info["kernels"][1]["runs_on_sm120"] = True
     assert not W.verify(W.parse_resource_usage(_synthetic(name)), info).ok
+
+
+BWD_INFO = {"kernels": [
+    {"op": "dense_prefill_bwd", "variant": "main bf16 d_qk128 d_v128", "dynamic_smem_bytes": 82432,
+     "threads": 256, "symbol": "21dense_bwd_main_kernelI 4BF16ELi128ELi128E"},
+    {"op": "dense_prefill_bwd", "variant": "main 128-key bf16 d_qk64 d_v64",
+     "dynamic_smem_bytes": 99328, "threads": 256,
+     "symbol": "24dense_bwd_main128_kernelI 4BF16ELi64ELi64E"},
+    {"op": "dense_prefill_bwd", "variant": "main 128-key bf16 d_qk128 d_v128",
+     "dynamic_smem_bytes": 164864, "threads": 256, "runs_on_sm120": False,
+     "symbol": "24dense_bwd_main128_kernelI 4BF16ELi128ELi128E"},
+    {"op": "dense_prefill_bwd", "variant": "convert dq", "dynamic_smem_bytes": 0,
+     "threads": 256, "symbol": "27dense_bwd_convert_dq_kernelI"}]}
+BWD = "_ZN9flash_mla8portable9dense_bwd"
+
+
+def test_kernels_join_their_own_record_by_symbol_pieces():
+    # The dense_bwd symbols do not contain the op name "dense_prefill_bwd": without the
+    # pieces every one of them was held to the library's largest record.
+    main = BWD + "21dense_bwd_main_kernelINS0_4BF16ELi128ELi128ENS1_6NoMaskEEEvNS_5ParamsE"
+    main128 = BWD + "24dense_bwd_main128_kernelINS0_4BF16ELi64ELi64ENS1_6NoMaskEEEvNS_5ParamsE"
+    convert = BWD + "27dense_bwd_convert_dq_kernelINS0_4BF16ELi128EEEvNS_5ParamsE"
+    assert W._dynamic_smem_for(main, BWD_INFO) == (82432, "record main bf16 d_qk128 d_v128")
+    assert W._dynamic_smem_for(main128, BWD_INFO) == (
+        99328, "record main 128-key bf16 d_qk64 d_v64")
+    assert W._dynamic_smem_for(convert, BWD_INFO) == (0, "record convert dq")
+    # The 8-warp kernel at d = 64 has no record here: the op-name join, then the library's
+    # largest sm_120 record (the 164864 B one never bounds an sm_120 cubin).
+    other = BWD + "21dense_bwd_main_kernelINS0_4BF16ELi64ELi64ENS1_6NoMaskEEEvNS_5ParamsE"
+    assert W._dynamic_smem_for(other, BWD_INFO) == (99328, "library maximum")
+
+
+def test_trap_cubin_of_a_large_smem_kernel_is_not_held_to_its_size():
+    trap = BWD + "24dense_bwd_main128_kernelINS0_4BF16ELi128ELi128ENS1_6NoMaskEEEvNS_5ParamsE"
+    dyn, how = W._dynamic_smem_for(trap, BWD_INFO)
+    assert (dyn, how) == (0, "never launched on sm_120 (main 128-key bf16 d_qk128 d_v128)")
+    report = W.verify(W.parse_resource_usage(_synthetic(trap)), BWD_INFO)
+    assert report.ok, report.problems
 
 
 def test_kernel_joins_the_most_specific_op():

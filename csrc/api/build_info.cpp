@@ -4,7 +4,8 @@
 //   {"version": "0.1.0", "cuda_version": "13.0", "targets": ["80", "90a", "120f"],
 //    "ptx": "120", "compiler": "gcc 12.2", "tensormap_alignment": 128,
 //    "kernels": [{"op": "combine", "variant": "bf16 d_v<=512",
-//                 "dynamic_smem_bytes": 0, "threads": 128, "runs_on_sm120": true}, ...],
+//                 "dynamic_smem_bytes": 0, "threads": 128, "runs_on_sm120": true,
+//                 "symbol": ""}, ...],
 //    "ops": {"combine": {"dtype": ["bf16", "fp16"], ...}, ...}}
 // FLASH_MLA_VERSION, FLASH_MLA_TARGETS (targets joined by '_') and FLASH_MLA_PTX
 // are pp-numbers set by the build (flash_mla_build/build.py) and stringified here,
@@ -98,7 +99,8 @@ std::string build_info() {
     json += "{\"op\": " + json_string(k.op) + ", \"variant\": " + json_string(k.variant) +
             ", \"dynamic_smem_bytes\": " + std::to_string(k.dynamic_smem_bytes) +
             ", \"threads\": " + std::to_string(k.threads_per_block) +
-            ", \"runs_on_sm120\": " + (k.runs_on_sm120 ? "true" : "false") + "}";
+            ", \"runs_on_sm120\": " + (k.runs_on_sm120 ? "true" : "false") +
+            ", \"symbol\": " + json_string(k.symbol ? k.symbol : "") + "}";
   }
   json += "], \"ops\": {";
   for (int i = 0; i < op_count(); ++i) {

@@ -332,59 +332,63 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(dense_prefill_bwd_workspace_bytes,
 
 namespace {
 namespace bwd_cfg = ::flash_mla::portable::dense_bwd;
-// Main kernels (causal and non-causal share the shared-memory size); the
-// preprocess and dQ convert kernels use no dynamic shared memory.
-FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main_bf16_d64, "dense_prefill_bwd",
-                          "main bf16 d_qk64 d_v64", (bwd_cfg::Config<64, 64>::kSmemBytes),
-                          bwd_cfg::kThreads);
-FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main_bf16_d128, "dense_prefill_bwd",
-                          "main bf16 d_qk128 d_v128", (bwd_cfg::Config<128, 128>::kSmemBytes),
-                          bwd_cfg::kThreads);
-FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main_bf16_d192, "dense_prefill_bwd",
-                          "main bf16 d_qk192 d_v128", (bwd_cfg::Config<192, 128>::kSmemBytes),
-                          bwd_cfg::kThreads);
-FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main_fp16_d64, "dense_prefill_bwd",
-                          "main fp16 d_qk64 d_v64", (bwd_cfg::Config<64, 64>::kSmemBytes),
-                          bwd_cfg::kThreads);
-FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main_fp16_d128, "dense_prefill_bwd",
-                          "main fp16 d_qk128 d_v128", (bwd_cfg::Config<128, 128>::kSmemBytes),
-                          bwd_cfg::kThreads);
-FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main_fp16_d192, "dense_prefill_bwd",
-                          "main fp16 d_qk192 d_v128", (bwd_cfg::Config<192, 128>::kSmemBytes),
-                          bwd_cfg::kThreads);
+// Main kernels (causal and non-causal share the shared-memory size). The symbol pieces
+// are the kernel template's length-prefixed name and its element type and head dims
+// (KernelRecord::symbol). The preprocess, outside-rows and dQ convert kernels use no
+// dynamic shared memory.
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_prefill_bwd_main_bf16_d64, "dense_prefill_bwd",
+    "main bf16 d_qk64 d_v64", (bwd_cfg::Config<64, 64>::kSmemBytes), bwd_cfg::kThreads,
+    "21dense_bwd_main_kernelI 4BF16ELi64ELi64E");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_prefill_bwd_main_bf16_d128, "dense_prefill_bwd",
+    "main bf16 d_qk128 d_v128", (bwd_cfg::Config<128, 128>::kSmemBytes), bwd_cfg::kThreads,
+    "21dense_bwd_main_kernelI 4BF16ELi128ELi128E");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_prefill_bwd_main_bf16_d192, "dense_prefill_bwd",
+    "main bf16 d_qk192 d_v128", (bwd_cfg::Config<192, 128>::kSmemBytes), bwd_cfg::kThreads,
+    "21dense_bwd_main_kernelI 4BF16ELi192ELi128E");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_prefill_bwd_main_fp16_d64, "dense_prefill_bwd",
+    "main fp16 d_qk64 d_v64", (bwd_cfg::Config<64, 64>::kSmemBytes), bwd_cfg::kThreads,
+    "21dense_bwd_main_kernelI 4FP16ELi64ELi64E");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_prefill_bwd_main_fp16_d128, "dense_prefill_bwd",
+    "main fp16 d_qk128 d_v128", (bwd_cfg::Config<128, 128>::kSmemBytes), bwd_cfg::kThreads,
+    "21dense_bwd_main_kernelI 4FP16ELi128ELi128E");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_prefill_bwd_main_fp16_d192, "dense_prefill_bwd",
+    "main fp16 d_qk192 d_v128", (bwd_cfg::Config<192, 128>::kSmemBytes), bwd_cfg::kThreads,
+    "21dense_bwd_main_kernelI 4FP16ELi192ELi128E");
 // The 4-warp main kernels (d_qk <= 128; Config4).
-FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main4_bf16_d64, "dense_prefill_bwd",
-                          "main 4-warp bf16 d_qk64 d_v64", (bwd_cfg::Config4<64, 64>::kSmemBytes),
-                          bwd_cfg::k4Threads);
-FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main4_bf16_d128, "dense_prefill_bwd",
-                          "main 4-warp bf16 d_qk128 d_v128",
-                          (bwd_cfg::Config4<128, 128>::kSmemBytes), bwd_cfg::k4Threads);
-FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main4_fp16_d64, "dense_prefill_bwd",
-                          "main 4-warp fp16 d_qk64 d_v64", (bwd_cfg::Config4<64, 64>::kSmemBytes),
-                          bwd_cfg::k4Threads);
-FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main4_fp16_d128, "dense_prefill_bwd",
-                          "main 4-warp fp16 d_qk128 d_v128",
-                          (bwd_cfg::Config4<128, 128>::kSmemBytes), bwd_cfg::k4Threads);
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_prefill_bwd_main4_bf16_d64, "dense_prefill_bwd",
+    "main 4-warp bf16 d_qk64 d_v64", (bwd_cfg::Config4<64, 64>::kSmemBytes), bwd_cfg::k4Threads,
+    "22dense_bwd_main4_kernelI 4BF16ELi64ELi64E");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_prefill_bwd_main4_bf16_d128, "dense_prefill_bwd",
+    "main 4-warp bf16 d_qk128 d_v128", (bwd_cfg::Config4<128, 128>::kSmemBytes), bwd_cfg::k4Threads,
+    "22dense_bwd_main4_kernelI 4BF16ELi128ELi128E");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_prefill_bwd_main4_fp16_d64, "dense_prefill_bwd",
+    "main 4-warp fp16 d_qk64 d_v64", (bwd_cfg::Config4<64, 64>::kSmemBytes), bwd_cfg::k4Threads,
+    "22dense_bwd_main4_kernelI 4FP16ELi64ELi64E");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_prefill_bwd_main4_fp16_d128, "dense_prefill_bwd",
+    "main 4-warp fp16 d_qk128 d_v128", (bwd_cfg::Config4<128, 128>::kSmemBytes), bwd_cfg::k4Threads,
+    "22dense_bwd_main4_kernelI 4FP16ELi128ELi128E");
 // The 128-key main kernels (d_qk <= 128; Config128): d = 128 needs more than 99 KB and
 // runs only where a block may opt in to it (layout_for).
-FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main128_bf16_d64, "dense_prefill_bwd",
-                          "main 128-key bf16 d_qk64 d_v64",
-                          (bwd_cfg::Config128<64, 64>::kSmemBytes), bwd_cfg::k128Threads);
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_prefill_bwd_main128_bf16_d64, "dense_prefill_bwd",
+    "main 128-key bf16 d_qk64 d_v64", (bwd_cfg::Config128<64, 64>::kSmemBytes),
+    bwd_cfg::k128Threads, "24dense_bwd_main128_kernelI 4BF16ELi64ELi64E");
 FLASH_MLA_REGISTER_LARGE_SMEM_KERNEL(dense_prefill_bwd_main128_bf16_d128, "dense_prefill_bwd",
-                                     "main 128-key bf16 d_qk128 d_v128",
-                                     (bwd_cfg::Config128<128, 128>::kSmemBytes),
-                                     bwd_cfg::k128Threads);
-FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_main128_fp16_d64, "dense_prefill_bwd",
-                          "main 128-key fp16 d_qk64 d_v64",
-                          (bwd_cfg::Config128<64, 64>::kSmemBytes), bwd_cfg::k128Threads);
+    "main 128-key bf16 d_qk128 d_v128", (bwd_cfg::Config128<128, 128>::kSmemBytes),
+    bwd_cfg::k128Threads, "24dense_bwd_main128_kernelI 4BF16ELi128ELi128E");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_prefill_bwd_main128_fp16_d64, "dense_prefill_bwd",
+    "main 128-key fp16 d_qk64 d_v64", (bwd_cfg::Config128<64, 64>::kSmemBytes),
+    bwd_cfg::k128Threads, "24dense_bwd_main128_kernelI 4FP16ELi64ELi64E");
 FLASH_MLA_REGISTER_LARGE_SMEM_KERNEL(dense_prefill_bwd_main128_fp16_d128, "dense_prefill_bwd",
-                                     "main 128-key fp16 d_qk128 d_v128",
-                                     (bwd_cfg::Config128<128, 128>::kSmemBytes),
-                                     bwd_cfg::k128Threads);
-FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_preprocess, "dense_prefill_bwd",
-                          "preprocess delta (all dtypes, head dims)", 0,
-                          bwd_cfg::kPreprocessThreads);
-FLASH_MLA_REGISTER_KERNEL(dense_prefill_bwd_convert_dq, "dense_prefill_bwd",
-                          "convert dq (all dtypes, head dims)", 0, bwd_cfg::kConvertThreads);
+    "main 128-key fp16 d_qk128 d_v128", (bwd_cfg::Config128<128, 128>::kSmemBytes),
+    bwd_cfg::k128Threads, "24dense_bwd_main128_kernelI 4FP16ELi128ELi128E");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_prefill_bwd_preprocess, "dense_prefill_bwd",
+    "preprocess delta (all dtypes, head dims)", 0, bwd_cfg::kPreprocessThreads,
+    "27dense_bwd_preprocess_kernelI");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_prefill_bwd_outside_rows, "dense_prefill_bwd",
+    "zero dk, dv outside every sequence (all dtypes, head dims)", 0, bwd_cfg::kConvertThreads,
+    "34dense_bwd_zero_outside_rows_kernelI");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_prefill_bwd_convert_dq, "dense_prefill_bwd",
+    "convert dq (all dtypes, head dims)", 0, bwd_cfg::kConvertThreads,
+    "27dense_bwd_convert_dq_kernelI");
 FLASH_MLA_REGISTER_OP(dense_prefill_bwd, bwd_cfg::capabilities_json);
 }  // namespace

@@ -35,27 +35,29 @@ namespace {
 namespace fwd = ::flash_mla::portable::dense_fwd;
 
 // Kernels compiled into the library, with the dynamic shared memory they launch
-// with (each record stands for the causal and the non-causal instance).
+// with (each record stands for the causal and the non-causal instance) and the pieces
+// of their mangled symbol (KernelRecord::symbol: template, element type, head dims and,
+// for the 8- and 4-warp CTAs, the warp count).
 template <int kDQK, int kDV, int kWarps>
 constexpr int kFwdSmem = fwd::Config<kDQK, kDV, kWarps>::kSmemBytes;
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d64_w8, "dense_prefill_fwd", "bf16 d64 dv64 8 warps, causal|full", (kFwdSmem<64, 64, 8>), 256);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d64_w8, "dense_prefill_fwd", "fp16 d64 dv64 8 warps, causal|full", (kFwdSmem<64, 64, 8>), 256);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d128_w8, "dense_prefill_fwd", "bf16 d128 dv128 8 warps, causal|full", (kFwdSmem<128, 128, 8>), 256);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d128_w8, "dense_prefill_fwd", "fp16 d128 dv128 8 warps, causal|full", (kFwdSmem<128, 128, 8>), 256);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d192_w8, "dense_prefill_fwd", "bf16 d192 dv128 8 warps, causal|full", (kFwdSmem<192, 128, 8>), 256);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d192_w8, "dense_prefill_fwd", "fp16 d192 dv128 8 warps, causal|full", (kFwdSmem<192, 128, 8>), 256);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d64_w4, "dense_prefill_fwd", "bf16 d64 dv64 4 warps, causal|full", (kFwdSmem<64, 64, 4>), 128);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d64_w4, "dense_prefill_fwd", "fp16 d64 dv64 4 warps, causal|full", (kFwdSmem<64, 64, 4>), 128);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d128_w4, "dense_prefill_fwd", "bf16 d128 dv128 4 warps, causal|full", (kFwdSmem<128, 128, 4>), 128);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d128_w4, "dense_prefill_fwd", "fp16 d128 dv128 4 warps, causal|full", (kFwdSmem<128, 128, 4>), 128);
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_fwd_bf16_d64_w8, "dense_prefill_fwd", "bf16 d64 dv64 8 warps, causal|full", (kFwdSmem<64, 64, 8>), 256, "24dense_prefill_fwd_kernelI 4BF16ELi64ELi64E ELi8EEEv");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_fwd_fp16_d64_w8, "dense_prefill_fwd", "fp16 d64 dv64 8 warps, causal|full", (kFwdSmem<64, 64, 8>), 256, "24dense_prefill_fwd_kernelI 4FP16ELi64ELi64E ELi8EEEv");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_fwd_bf16_d128_w8, "dense_prefill_fwd", "bf16 d128 dv128 8 warps, causal|full", (kFwdSmem<128, 128, 8>), 256, "24dense_prefill_fwd_kernelI 4BF16ELi128ELi128E ELi8EEEv");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_fwd_fp16_d128_w8, "dense_prefill_fwd", "fp16 d128 dv128 8 warps, causal|full", (kFwdSmem<128, 128, 8>), 256, "24dense_prefill_fwd_kernelI 4FP16ELi128ELi128E ELi8EEEv");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_fwd_bf16_d192_w8, "dense_prefill_fwd", "bf16 d192 dv128 8 warps, causal|full", (kFwdSmem<192, 128, 8>), 256, "24dense_prefill_fwd_kernelI 4BF16ELi192ELi128E ELi8EEEv");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_fwd_fp16_d192_w8, "dense_prefill_fwd", "fp16 d192 dv128 8 warps, causal|full", (kFwdSmem<192, 128, 8>), 256, "24dense_prefill_fwd_kernelI 4FP16ELi192ELi128E ELi8EEEv");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_fwd_bf16_d64_w4, "dense_prefill_fwd", "bf16 d64 dv64 4 warps, causal|full", (kFwdSmem<64, 64, 4>), 128, "24dense_prefill_fwd_kernelI 4BF16ELi64ELi64E ELi4EEEv");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_fwd_fp16_d64_w4, "dense_prefill_fwd", "fp16 d64 dv64 4 warps, causal|full", (kFwdSmem<64, 64, 4>), 128, "24dense_prefill_fwd_kernelI 4FP16ELi64ELi64E ELi4EEEv");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_fwd_bf16_d128_w4, "dense_prefill_fwd", "bf16 d128 dv128 4 warps, causal|full", (kFwdSmem<128, 128, 4>), 128, "24dense_prefill_fwd_kernelI 4BF16ELi128ELi128E ELi4EEEv");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_fwd_fp16_d128_w4, "dense_prefill_fwd", "fp16 d128 dv128 4 warps, causal|full", (kFwdSmem<128, 128, 4>), 128, "24dense_prefill_fwd_kernelI 4FP16ELi128ELi128E ELi4EEEv");
 template <int kDQK, int kDV>
 constexpr int kFwdSmem4x32 = fwd::WideConfig<kDQK, kDV>::kSmemBytes;
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d64_w4x32, "dense_prefill_fwd", "bf16 d64 dv64 4 warps x 32 rows, causal|full", (kFwdSmem4x32<64, 64>), 128);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d64_w4x32, "dense_prefill_fwd", "fp16 d64 dv64 4 warps x 32 rows, causal|full", (kFwdSmem4x32<64, 64>), 128);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d128_w4x32, "dense_prefill_fwd", "bf16 d128 dv128 4 warps x 32 rows, causal|full", (kFwdSmem4x32<128, 128>), 128);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d128_w4x32, "dense_prefill_fwd", "fp16 d128 dv128 4 warps x 32 rows, causal|full", (kFwdSmem4x32<128, 128>), 128);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_bf16_d192_w4x32, "dense_prefill_fwd", "bf16 d192 dv128 4 warps x 32 rows, causal|full", (kFwdSmem4x32<192, 128>), 128);
-FLASH_MLA_REGISTER_KERNEL(dense_fwd_fp16_d192_w4x32, "dense_prefill_fwd", "fp16 d192 dv128 4 warps x 32 rows, causal|full", (kFwdSmem4x32<192, 128>), 128);
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_fwd_bf16_d64_w4x32, "dense_prefill_fwd", "bf16 d64 dv64 4 warps x 32 rows, causal|full", (kFwdSmem4x32<64, 64>), 128, "29dense_prefill_fwd_4x32_kernelI 4BF16ELi64ELi64E");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_fwd_fp16_d64_w4x32, "dense_prefill_fwd", "fp16 d64 dv64 4 warps x 32 rows, causal|full", (kFwdSmem4x32<64, 64>), 128, "29dense_prefill_fwd_4x32_kernelI 4FP16ELi64ELi64E");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_fwd_bf16_d128_w4x32, "dense_prefill_fwd", "bf16 d128 dv128 4 warps x 32 rows, causal|full", (kFwdSmem4x32<128, 128>), 128, "29dense_prefill_fwd_4x32_kernelI 4BF16ELi128ELi128E");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_fwd_fp16_d128_w4x32, "dense_prefill_fwd", "fp16 d128 dv128 4 warps x 32 rows, causal|full", (kFwdSmem4x32<128, 128>), 128, "29dense_prefill_fwd_4x32_kernelI 4FP16ELi128ELi128E");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_fwd_bf16_d192_w4x32, "dense_prefill_fwd", "bf16 d192 dv128 4 warps x 32 rows, causal|full", (kFwdSmem4x32<192, 128>), 128, "29dense_prefill_fwd_4x32_kernelI 4BF16ELi192ELi128E");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_fwd_fp16_d192_w4x32, "dense_prefill_fwd", "fp16 d192 dv128 4 warps x 32 rows, causal|full", (kFwdSmem4x32<192, 128>), 128, "29dense_prefill_fwd_4x32_kernelI 4FP16ELi192ELi128E");
 
 FLASH_MLA_REGISTER_OP(dense_prefill_fwd, fwd::capabilities_json);
 

@@ -25,6 +25,11 @@ struct KernelRecord {
   // False for a kernel that needs more shared memory than sm_120 has and is launched
   // only where the device allows it (its sm_120 build, if any, is never launched).
   bool runs_on_sm120 = true;
+  // Space-separated pieces of the kernel's mangled symbol, all of which occur in it and
+  // in no other kernel's, e.g. "24dense_bwd_main128_kernelI 4BF16ELi64ELi64E" (the
+  // length-prefixed name keeps dense_bwd_main_kernel from matching main128): the wheel
+  // check joins a cubin to its own record through them. "" joins by op name.
+  const char* symbol = "";
 };
 
 // What one API op supports, as JSON mapping a feature name to the list of
@@ -55,14 +60,21 @@ const OpCapability& op_at(int index);
   static const int flash_mla_kernel_record_##id =                                         \
       ::flash_mla::register_kernel(::flash_mla::KernelRecord{op, variant, smem_bytes, threads})
 
+// The same, with the pieces of the kernel's mangled symbol (KernelRecord::symbol).
+#define FLASH_MLA_REGISTER_KERNEL_SYMBOL(id, op, variant, smem_bytes, threads, symbol)     \
+  static_assert((smem_bytes) <= ::flash_mla::kMaxSmemPerBlockSm120,                       \
+                "kernel " #id " needs more shared memory than sm_120 allows (101376 B)"); \
+  static const int flash_mla_kernel_record_##id = ::flash_mla::register_kernel(           \
+      ::flash_mla::KernelRecord{op, variant, smem_bytes, threads, true, symbol})
+
 // A kernel launched only on GPUs whose blocks may opt in to smem_bytes (more than
 // sm_120's 99 KB, at most the 227 KB of H100/H200 and B200); build_info marks it so
 // the wheel check does not hold sm_120 cubins to its size.
-#define FLASH_MLA_REGISTER_LARGE_SMEM_KERNEL(id, op, variant, smem_bytes, threads)        \
-  static_assert((smem_bytes) <= ::flash_mla::kMaxSmemPerBlockLarge,                      \
-                "kernel " #id " needs more shared memory than any GPU allows (232448 B)"); \
-  static const int flash_mla_kernel_record_##id = ::flash_mla::register_kernel(           \
-      ::flash_mla::KernelRecord{op, variant, smem_bytes, threads, false})
+#define FLASH_MLA_REGISTER_LARGE_SMEM_KERNEL(id, op, variant, smem_bytes, threads, symbol) \
+  static_assert((smem_bytes) <= ::flash_mla::kMaxSmemPerBlockLarge,                       \
+                "kernel " #id " needs more shared memory than any GPU allows (232448 B)");  \
+  static const int flash_mla_kernel_record_##id = ::flash_mla::register_kernel(            \
+      ::flash_mla::KernelRecord{op, variant, smem_bytes, threads, false, symbol})
 
 // The op name is an identifier, so the registry id and the reported name cannot differ:
 //   FLASH_MLA_REGISTER_OP(dense_prefill_fwd, portable::dense_fwd::capabilities_json);

@@ -7,11 +7,13 @@ namespace flash_mla::portable::sparse_decode {
 
 template void run_sparse_decode<512, 1>(const SparseDecodeParams&);
 template void run_sparse_decode<512, 2>(const SparseDecodeParams&);
-FLASH_MLA_REGISTER_KERNEL(sparse_decode_bf16_d512_m16, "sparse_decode",
-                          "bf16 d512 dv512 V32_NO_ROPE|V4|V41|V41_FP4 16 rows",
-                          (Layout<512, 1>::kSmemBytes), kThreads);
-FLASH_MLA_REGISTER_KERNEL(sparse_decode_bf16_d512_m32, "sparse_decode",
-                          "bf16 d512 dv512 V32_NO_ROPE|V4|V41|V41_FP4 32 rows",
-                          (Layout<512, 2>::kSmemBytes), kThreads);
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(sparse_decode_bf16_d512_m16, "sparse_decode",
+                                 "bf16 d512 dv512 V32_NO_ROPE|V4|V41|V41_FP4 16 rows",
+                                 (Layout<512, 1>::kSmemBytes), kThreads,
+                                 "20sparse_decode_kernelILi512ELi1E");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(sparse_decode_bf16_d512_m32, "sparse_decode",
+                                 "bf16 d512 dv512 V32_NO_ROPE|V4|V41|V41_FP4 32 rows",
+                                 (Layout<512, 2>::kSmemBytes), kThreads,
+                                 "20sparse_decode_kernelILi512ELi2E");
 
 }  // namespace flash_mla::portable::sparse_decode

@@ -7,9 +7,13 @@ namespace flash_mla::portable::sparse_decode {
 
 template void run_sparse_decode<576, 1>(const SparseDecodeParams&);
 template void run_sparse_decode<576, 2>(const SparseDecodeParams&);
-FLASH_MLA_REGISTER_KERNEL(sparse_decode_bf16_d576_m16, "sparse_decode",
-                          "bf16 d576 dv512 V32 16 rows", (Layout<576, 1>::kSmemBytes), kThreads);
-FLASH_MLA_REGISTER_KERNEL(sparse_decode_bf16_d576_m32, "sparse_decode",
-                          "bf16 d576 dv512 V32 32 rows", (Layout<576, 2>::kSmemBytes), kThreads);
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(sparse_decode_bf16_d576_m16, "sparse_decode",
+                                 "bf16 d576 dv512 V32 16 rows",
+                                 (Layout<576, 1>::kSmemBytes), kThreads,
+                                 "20sparse_decode_kernelILi576ELi1E");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(sparse_decode_bf16_d576_m32, "sparse_decode",
+                                 "bf16 d576 dv512 V32 32 rows",
+                                 (Layout<576, 2>::kSmemBytes), kThreads,
+                                 "20sparse_decode_kernelILi576ELi2E");
 
 }  // namespace flash_mla::portable::sparse_decode

@@ -5,7 +5,8 @@
 namespace flash_mla::portable::sparse_prefill {
 
 template void run_sparse_prefill<512>(const SparsePrefillParams&);
-FLASH_MLA_REGISTER_KERNEL(sparse_prefill_bf16_d512, "sparse_prefill", "bf16 d512 dv512",
-                          Layout<512>::kSmemBytes, kThreads);
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(sparse_prefill_bf16_d512, "sparse_prefill",
+                                 "bf16 d512 dv512", Layout<512>::kSmemBytes, kThreads,
+                                 "21sparse_prefill_kernelILi512E");
 
 }  // namespace flash_mla::portable::sparse_prefill

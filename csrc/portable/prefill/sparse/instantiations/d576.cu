@@ -5,7 +5,8 @@
 namespace flash_mla::portable::sparse_prefill {
 
 template void run_sparse_prefill<576>(const SparsePrefillParams&);
-FLASH_MLA_REGISTER_KERNEL(sparse_prefill_bf16_d576, "sparse_prefill", "bf16 d576 dv512",
-                          Layout<576>::kSmemBytes, kThreads);
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(sparse_prefill_bf16_d576, "sparse_prefill",
+                                 "bf16 d576 dv512", Layout<576>::kSmemBytes, kThreads,
+                                 "21sparse_prefill_kernelILi576E");
 
 }  // namespace flash_mla::portable::sparse_prefill
