@@ -108,13 +108,15 @@ def test_api_files_register_ops_from_tables():
 
 
 def test_kernel_records_name_a_registered_op():
-    """Every FLASH_MLA_REGISTER_KERNEL under csrc/ names its op by the same name an API
-    file registers with FLASH_MLA_REGISTER_OP (one name per op)."""
+    """Every FLASH_MLA_REGISTER_KERNEL (and its _SYMBOL and LARGE_SMEM forms) under csrc/
+    names its op by the same name an API file registers with FLASH_MLA_REGISTER_OP (one
+    name per op)."""
     ops, kernel_ops = set(), {}
     for path in sorted((ROOT / "csrc").rglob("*.cu")):
         text = path.read_text(encoding="utf-8")
         ops.update(re.findall(r"FLASH_MLA_REGISTER_OP\(\s*(\w+)\s*,", text))
-        for op in re.findall(r"FLASH_MLA_REGISTER_KERNEL\(\s*\w+\s*,\s*\"(\w+)\"", text):
+        for op in re.findall(r"FLASH_MLA_REGISTER_(?:LARGE_SMEM_)?KERNEL(?:_SYMBOL)?\(\s*\w+\s*,"
+                             r"\s*\"(\w+)\"", text):
             kernel_ops.setdefault(op, path.relative_to(ROOT).as_posix())
     assert kernel_ops, "no kernel records found"
     assert {"combine", "dense_prefill_fwd", "dense_prefill_bwd"} <= set(kernel_ops)
