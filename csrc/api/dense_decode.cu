@@ -80,11 +80,8 @@ int64_t dense_decode_num_parts(int64_t device, int64_t batch, int64_t s_q, int64
   }
   const int64_t forced = forced_parts();
   if (forced > 0) return forced;
-  int num_sms = 0;
-  DeviceGuard::check(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount,
-                                            static_cast<int>(device)),
-                     "cudaDeviceGetAttribute(MultiProcessorCount)");
-  return dec::num_parts(num_sms, max_smem_per_sm(static_cast<int>(device)),
+  const int dev = static_cast<int>(device);
+  return dec::num_parts(num_sms(dev), max_smem_per_sm(dev),
                         static_cast<int>(batch), static_cast<int>(s_q), static_cast<int>(h_q),
                         static_cast<int>(h_k), false, cta_for(s_q, h_q, h_k));
 }
@@ -260,25 +257,7 @@ DenseDecodeParams validate_dense_decode(const TensorView& q, const TensorView& k
 
 // The combine over the decode's partials: (s_q, h_q) swapped, see the file comment.
 CombineParams combine_params(const DenseDecodeParams& p) {
-  CombineParams c{};
-  c.batch = p.batch;
-  c.s_q = p.h_q;
-  c.h_q = p.s_q;
-  c.d_v = dec::kHeadDimV;
-  c.num_splits_total = p.num_splits_total;
-  c.out_dtype = p.dtype;
-  c.skip_single_split = true;
-  c.o_accum = p.o_accum;
-  c.lse_accum = p.lse_accum;
-  c.split_offsets = p.split_offsets;
-  c.attn_sink = nullptr;
-  c.out = p.out;
-  c.out_batch_stride = p.out_batch_stride;
-  c.out_row_stride = p.out_head_stride;
-  c.out_head_stride = p.out_row_stride;
-  c.lse = p.lse;
-  c.stream = p.stream;
-  return c;
+  return combine_over_partials(p, /*heads_first=*/true, dec::kHeadDimV, p.dtype, nullptr);
 }
 
 void dense_decode_fwd(TensorView q, TensorView k_cache, TensorView block_table,

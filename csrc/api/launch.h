@@ -44,23 +44,30 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
+// One integer attribute of `device`; a failed query raises with `what` in the message.
+inline int device_attribute(int device, cudaDeviceAttr attribute, const char* what) {
+  int value = 0;
+  DeviceGuard::check(cudaDeviceGetAttribute(&value, attribute, device), what);
+  return value;
+}
+
+// Streaming multiprocessors of `device` (sizes the decode schedules' parts).
+inline int num_sms(int device) {
+  return device_attribute(device, cudaDevAttrMultiProcessorCount,
+                          "cudaDeviceGetAttribute(MultiProcessorCount)");
+}
+
 // Shared memory per SM of `device` in bytes (picks a CTA layout that fits twice).
 inline int max_smem_per_sm(int device) {
-  int bytes = 0;
-  DeviceGuard::check(
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
-      "cudaDeviceGetAttribute(MaxSharedMemoryPerMultiprocessor)");
-  return bytes;
+  return device_attribute(device, cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+                          "cudaDeviceGetAttribute(MaxSharedMemoryPerMultiprocessor)");
 }
 
 // Shared memory one block of `device` may opt in to, in bytes (picks CTAs larger than
 // sm_120's 99 KB only where they fit).
 inline int max_smem_per_block(int device) {
-  int bytes = 0;
-  DeviceGuard::check(
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-      "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
-  return bytes;
+  return device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                          "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
 }
 
 // The value of an environment variable that forces a kernel variant for tests and

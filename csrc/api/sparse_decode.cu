@@ -66,11 +66,8 @@ int64_t sparse_decode_num_parts(int64_t device, int64_t batch, int64_t s_q, int6
   }
   const int64_t forced = forced_parts();
   if (forced > 0) return forced;
-  int num_sms = 0;
-  DeviceGuard::check(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount,
-                                            static_cast<int>(device)),
-                     "cudaDeviceGetAttribute(MultiProcessorCount)");
-  return sd::num_parts(num_sms, max_smem_per_sm(static_cast<int>(device)),
+  const int dev = static_cast<int>(device);
+  return sd::num_parts(num_sms(dev), max_smem_per_sm(dev),
                        static_cast<int>(batch), static_cast<int>(s_q), static_cast<int>(h_q),
                        static_cast<int>(d_qk), false);
 }
@@ -291,25 +288,8 @@ sd::SparseDecodeParams validate_sparse_decode(
 // The combine over the decode's partials, in its natural (s_q, h_q) orientation; it
 // applies the sink to the requests it merges (the kernel applied it to direct ones).
 CombineParams combine_params(const sd::SparseDecodeParams& p) {
-  CombineParams c{};
-  c.batch = p.batch;
-  c.s_q = p.s_q;
-  c.h_q = p.h_q;
-  c.d_v = sd::kHeadDimV;
-  c.num_splits_total = p.num_splits_total;
-  c.out_dtype = DType::kBF16;
-  c.skip_single_split = true;
-  c.o_accum = p.o_accum;
-  c.lse_accum = p.lse_accum;
-  c.split_offsets = p.split_offsets;
-  c.attn_sink = p.attn_sink;
-  c.out = p.out;
-  c.out_batch_stride = p.out_batch_stride;
-  c.out_row_stride = p.out_row_stride;
-  c.out_head_stride = p.out_head_stride;
-  c.lse = p.lse;
-  c.stream = p.stream;
-  return c;
+  return combine_over_partials(p, /*heads_first=*/false, sd::kHeadDimV, DType::kBF16,
+                               p.attn_sink);
 }
 
 const TensorView* optional_view(const Optional<TensorView>& t, TensorView& storage) {

@@ -12,10 +12,39 @@
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
 
+#include "../params.h"
 #include "../portable/decode/schedule/config.h"
 #include "checks.h"
 
 namespace flash_mla::api {
+
+// The combine over a decode's fp32 partials into its out / lse (both decode params carry
+// the same field names). heads_first: the partials' row dims are (h_q, s_q), as the dense
+// decode writes them, so the combine sees (s_q, h_q) swapped, out's strides with them.
+// A request with one split was written directly by the decode (skip_single_split).
+template <typename DecodeParams>
+CombineParams combine_over_partials(const DecodeParams& p, bool heads_first, int d_v,
+                                    DType out_dtype, const float* attn_sink) {
+  CombineParams c{};
+  c.batch = p.batch;
+  c.s_q = heads_first ? p.h_q : p.s_q;
+  c.h_q = heads_first ? p.s_q : p.h_q;
+  c.d_v = d_v;
+  c.num_splits_total = p.num_splits_total;
+  c.out_dtype = out_dtype;
+  c.skip_single_split = true;
+  c.o_accum = p.o_accum;
+  c.lse_accum = p.lse_accum;
+  c.split_offsets = p.split_offsets;
+  c.attn_sink = attn_sink;
+  c.out = p.out;
+  c.out_batch_stride = p.out_batch_stride;
+  c.out_row_stride = heads_first ? p.out_head_stride : p.out_row_stride;
+  c.out_head_stride = heads_first ? p.out_row_stride : p.out_head_stride;
+  c.lse = p.lse;
+  c.stream = p.stream;
+  return c;
+}
 
 struct SplitBuffers {
   const TensorView& metadata;

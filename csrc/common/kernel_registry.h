@@ -54,13 +54,11 @@ const OpCapability& op_at(int index);
 
 }  // namespace flash_mla
 
-#define FLASH_MLA_REGISTER_KERNEL(id, op, variant, smem_bytes, threads)                  \
-  static_assert((smem_bytes) <= ::flash_mla::kMaxSmemPerBlockSm120,                       \
-                "kernel " #id " needs more shared memory than sm_120 allows (101376 B)"); \
-  static const int flash_mla_kernel_record_##id =                                         \
-      ::flash_mla::register_kernel(::flash_mla::KernelRecord{op, variant, smem_bytes, threads})
+// FLASH_MLA_REGISTER_KERNEL_SYMBOL names pieces of the kernel's mangled symbol
+// (KernelRecord::symbol); FLASH_MLA_REGISTER_KERNEL leaves them empty (joined by op name).
+#define FLASH_MLA_REGISTER_KERNEL(id, op, variant, smem_bytes, threads) \
+  FLASH_MLA_REGISTER_KERNEL_SYMBOL(id, op, variant, smem_bytes, threads, "")
 
-// The same, with the pieces of the kernel's mangled symbol (KernelRecord::symbol).
 #define FLASH_MLA_REGISTER_KERNEL_SYMBOL(id, op, variant, smem_bytes, threads, symbol)     \
   static_assert((smem_bytes) <= ::flash_mla::kMaxSmemPerBlockSm120,                       \
                 "kernel " #id " needs more shared memory than sm_120 allows (101376 B)"); \
