@@ -19,8 +19,8 @@ one eager flash_mla_with_kvcache call after the first on a tiny problem, next to
 tvm-ffi dense_decode_fwd call, both without synchronisation (median of --host-iters).
 
 CTA shapes: by default each shape runs the CTA the library picks; --ab also times every
-shape with FLASH_MLA_DENSE_DECODE_WARPS=4 and =8 (both CTAs serve every shape), rows
-marked by "cta", to check the pick.
+shape with FLASH_MLA_DENSE_DECODE_WARPS=4, =8 and =4x16 (every CTA serves every shape),
+rows marked by "cta", to check the pick.
 
 Usage: python benchmarks/bench_dense_decode.py --out DIR [--lib PATH] [--quick] [--ab]
        python benchmarks/bench_dense_decode.py --plot DIR/bench_dense_decode.json
@@ -196,7 +196,7 @@ CTA_VARIABLE = "FLASH_MLA_DENSE_DECODE_WARPS"
 
 def bench_shape(torch, flash_mla, timer: Timer, b: int, s_q: int, h_q: int, s_k: int,
                 cta: str = "default") -> Dict:
-    """Time one shape; cta "4" or "8" forces that CTA (through CTA_VARIABLE, restored
+    """Time one shape; cta "4", "8" or "4x16" forces that CTA (through CTA_VARIABLE, restored
     afterwards), "default" leaves the library's choice."""
     q, k_cache, block_table, seqlens = make_problem(torch, b, s_q, h_q, s_k)
     meta = flash_mla.get_mla_metadata()[0]
@@ -277,7 +277,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--lib", action="append", default=[])
     ap.add_argument("--quick", action="store_true", help="serving shapes and s_k 8192 only")
     ap.add_argument("--ab", action="store_true",
-                    help=f"also time every shape with {CTA_VARIABLE}=4 and =8")
+                    help=f"also time every shape with {CTA_VARIABLE}=4, =8 and =4x16")
     add_timing_options(ap)
     args = ap.parse_args(argv)
     if args.plot:
@@ -298,7 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(base.line(torch))
     shapes = SERVING + [s for s in UPSTREAM if not args.quick or s[3] == 8192]
     rows = []
-    ctas = ("default", "4", "8") if args.ab else ("default",)
+    ctas = ("default", "4", "8", "4x16") if args.ab else ("default",)
     print(f"{'b':>4} {'s_q':>3} {'h_q':>4} {'s_k':>6} {'cta':>7} {'us':>9} {'GB/s':>7} {'/copy':>6} "
           f"{'TFLOPS':>7} {'/mma':>6} parts")
     for b, s_q, h_q, s_k in shapes:

@@ -138,7 +138,7 @@ struct DenseDecodeScheduleParams {
 
 struct DenseDecodeParams {
   int batch, s_q, h_q, h_k;  // h_q % h_k == 0
-  int num_m_blocks;          // row blocks per kv head: ceil(s_q * h_q / h_k / 32)
+  int num_m_blocks;          // row blocks per kv head: ceil(s_q * h_q / h_k / block rows)
   int num_parts;             // schedule parts (metadata rows)
   int num_splits_total;      // rows of o_accum / lse_accum
   int num_cache_blocks;      // k_cache.shape[0]; a page id outside [0, this) is never read

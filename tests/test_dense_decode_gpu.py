@@ -174,6 +174,42 @@ def test_hostile_plain_rule(seqlens, s_q, h_q, h_k, causal, dtype):
     check_plain_rule(lse, exact_lse, None, "dense_decode", "lse")
 
 
+# Every CTA (FLASH_MLA_DENSE_DECODE_WARPS: the 4-warp 32-row CTA, the wide 8-warp one, the
+# narrow 16-row one) serves every shape; the default picks by rows per kv head (config.h
+# choose_cta), so the grid above runs each CTA only where it is picked.
+CTAS = ["4", "8", "4x16"]
+
+
+@gpu
+@pytest.mark.parametrize("cta", CTAS)
+@pytest.mark.parametrize("seqlens,s_q,h_q,h_k,causal,dtype", [
+    ([700, 0, 33, 1], 1, 8, 1, True, torch.bfloat16),      # 8 rows
+    ([1500, 64, 0], 1, 32, 2, False, torch.float16),       # 16 rows, GQA
+    ([999, 2, 300], 2, 24, 1, True, torch.bfloat16),       # 48 rows: a partial last block
+    ([2100, 129], 2, 128, 1, True, torch.float16),         # 256 rows
+])
+def test_every_cta_shape(monkeypatch, cta, seqlens, s_q, h_q, h_k, causal, dtype):
+    monkeypatch.setenv("FLASH_MLA_DENSE_DECODE_WARPS", cta)
+    monkeypatch.setenv("FLASH_MLA_DENSE_DECODE_PARTS", "9")  # split and direct requests
+    q, cache = _problem(seqlens, s_q, h_q, h_k, dtype, seed=len(seqlens) * 31 + h_q)
+    out, lse = _decode(q, cache, causal)
+    _check_element_rule(q, cache, causal, out, lse, f"cta={cta}")
+    q, cache = _problem(seqlens, s_q, h_q, h_k, dtype, seed=h_q, std=1.0)
+    out, lse = _decode(q, cache, causal)
+    exact_out, exact_lse = _exact(q, cache, causal)
+    check_plain_rule(out, exact_out, _plain(q, cache, causal), "dense_decode", "out",
+                     name=f"out cta={cta}")
+    check_plain_rule(lse, exact_lse, None, "dense_decode", "lse", name=f"lse cta={cta}")
+
+
+@gpu
+def test_unknown_cta_override_raises(monkeypatch):
+    monkeypatch.setenv("FLASH_MLA_DENSE_DECODE_WARPS", "16")
+    q, cache = _problem([64], 1, 16, 1, torch.bfloat16, seed=2)
+    with pytest.raises(ValueError, match=r"FLASH_MLA_DENSE_DECODE_WARPS must be 4, 8 or 4x16.*'16'"):
+        _decode(q, cache, causal=False)
+
+
 @gpu
 def test_noncontiguous_q_and_cache():
     seqlens = [130, 5, 0, 700]

@@ -4,7 +4,7 @@
 //       schedule parts P for this problem on cuda:<device> (the first call sizes the
 //       schedule and partial buffers with it); FLASH_MLA_DENSE_DECODE_PARTS=n forces P
 //       (tests: results must not depend on the number of SMs); ignored when invariant.
-//       FLASH_MLA_DENSE_DECODE_WARPS=4|8 forces the CTA shape (cta_for below).
+//       FLASH_MLA_DENSE_DECODE_WARPS=4|8|4x16 forces the CTA shape (cta_for below).
 //   dense_decode_schedule(cache_seqlens, metadata, split_offsets, batch_invariant) -> None
 //       metadata int32 [P, 8] and split_offsets int32 [b + 1] from cache_seqlens, on the
 //       GPU (no host synchronisation; capturable in a CUDA graph).
@@ -50,16 +50,18 @@ FLASH_MLA_REGISTER_OP(dense_decode_schedule, sched::capabilities_json);
 
 int64_t forced_parts() { return forced_count("FLASH_MLA_DENSE_DECODE_PARTS", 1 << 20); }
 
-// CTA shape for (s_q, h_q, h_k) (config.h: choose_cta). FLASH_MLA_DENSE_DECODE_WARPS=4|8
-// forces one, so both are tested and timed on one GPU at any shape; it is read on every
-// call (the schedule's part count and the launch), no process-wide state.
+// CTA shape for (s_q, h_q, h_k) (config.h: choose_cta). FLASH_MLA_DENSE_DECODE_WARPS=4|8|4x16
+// forces one (the 4-warp 32-row CTA, the wide CTA, the narrow 16-row CTA), so each is
+// tested and timed on one GPU at any shape; it is read on every call (the schedule's part
+// count and the launch), no process-wide state.
 dec::CtaShape cta_for(int64_t s_q, int64_t h_q, int64_t h_k) {
   const std::string forced = forced_variant("FLASH_MLA_DENSE_DECODE_WARPS");
   if (!forced.empty()) {
     if (forced == "4") return dec::CtaShape::kWarps4;
     if (forced == "8") return dec::CtaShape::kWarps8;
-    TVM_FFI_THROW(ValueError) << "FLASH_MLA_DENSE_DECODE_WARPS must be 4 or 8 (or unset), got '"
-                              << forced << "'";
+    if (forced == "4x16") return dec::CtaShape::kWarps4Rows16;
+    TVM_FFI_THROW(ValueError) << "FLASH_MLA_DENSE_DECODE_WARPS must be 4, 8 or 4x16 (or unset), "
+                              << "got '" << forced << "'";
   }
   return dec::choose_cta(static_cast<int>(s_q), static_cast<int>(h_q), static_cast<int>(h_k));
 }
@@ -138,7 +140,8 @@ DenseDecodeParams validate_dense_decode(const TensorView& q, const TensorView& k
                                         const TensorView& split_offsets,
                                         const TensorView& o_accum, const TensorView& lse_accum,
                                         const TensorView& out, const TensorView& lse,
-                                        double softmax_scale, bool causal) {
+                                        double softmax_scale, bool causal,
+                                        dec::CtaShape* cta) {
   // --- device ---
   check_cuda(q, "q");
   check_same_device(k_cache, q, "k_cache", "q");
@@ -210,8 +213,9 @@ DenseDecodeParams validate_dense_decode(const TensorView& q, const TensorView& k
   }
   check_positive_finite(softmax_scale, "softmax_scale");
   split.check_rows();
+  *cta = cta_for(s_q, h_q, h_k);  // once per call: the block size and the launch agree
   const int m_blocks = dec::num_m_blocks(static_cast<int>(s_q), static_cast<int>(h_q),
-                                         static_cast<int>(h_k));
+                                         static_cast<int>(h_k), *cta);
   const int64_t ctas = parts * h_k * m_blocks;
   if (ctas > INT32_MAX) {
     TVM_FFI_THROW(ValueError) << "tile_scheduler_metadata has " << parts << " parts, which with "
@@ -264,14 +268,14 @@ void dense_decode_fwd(TensorView q, TensorView k_cache, TensorView block_table,
                       TensorView cache_seqlens, TensorView metadata, TensorView split_offsets,
                       TensorView o_accum, TensorView lse_accum, TensorView out, TensorView lse,
                       double softmax_scale, bool causal) {
+  dec::CtaShape cta = dec::CtaShape::kWarps4;
   DenseDecodeParams p =
       validate_dense_decode(q, k_cache, block_table, cache_seqlens, metadata, split_offsets,
-                            o_accum, lse_accum, out, lse, softmax_scale, causal);
+                            o_accum, lse_accum, out, lse, softmax_scale, causal, &cta);
   if (p.batch == 0) return;
   const int device = q.device().device_id;
   DeviceGuard guard(device);
   p.stream = current_stream(device);
-  const dec::CtaShape cta = cta_for(p.s_q, p.h_q, p.h_k);
   if (p.dtype == DType::kBF16) {
     dec::run_dense_decode<DType::kBF16>(p, cta);
   } else {

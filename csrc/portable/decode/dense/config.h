@@ -65,64 +65,86 @@ constexpr int kSmemBytes = kRowSumOffset + kBlockM * 4 * 4;
 static_assert(kSmemBytes == 100352, "decode budget as documented in docs/dense_decode.md");
 static_assert(kSmemBytes <= kMaxSmemPerBlockSm120, "dense decode tile exceeds sm_120's 99 KB");
 
-// Wide CTA for many rows per kv head (kernel_wide.cuh): the same 32-row block, 8 warps.
-// Warp w = 2 kg + s: S partial of slab s over dims [144 kg, 144 kg + 144) with its Q
-// fragments in registers (9 k-steps x 4 = 36), then, after one exchange of the four
-// partials of its slab, the slab's softmax (the four warps of a slab compute it
-// identically) and O for slab s x columns [128 kg, 128 kg + 128) (64 fp32), P staying
-// in registers. The next tile's S partial is computed before this tile's softmax (the
-// partials are double-buffered), so one barrier per tile suffices and its MMAs overlap
-// the softmax. Q does not live in shared memory (staged through the ring's last two
-// stages at the start of a piece), so the ring has 4 stages. Arithmetic:
+// Q-in-registers CTAs (kernel_wide.cuh), one template over the slab count: 4 warps per
+// slab, a block of 16 x kSlabs rows. Warp w = kSlabs kg + s: S partial of slab s over dims
+// [144 kg, 144 kg + 144) with its Q fragments in registers (9 k-steps x 4 = 36), then,
+// after one exchange of the four partials of its slab, the slab's softmax (the four warps
+// of a slab compute it identically) and O for slab s x columns [128 kg, 128 kg + 128) (64
+// fp32), P staying in registers. The next tile's S partial is computed before this tile's
+// softmax (the partials are double-buffered), so one barrier per tile suffices and its
+// MMAs overlap the softmax. Q does not live in shared memory (staged through the ring's
+// stages 2.. at the start of a piece), so the ring has 4 stages. Arithmetic:
 // docs/dense_decode.md.
-// Off by default: measured on an H100 (docs/dense_decode.md, 2026-12-06) it was slower
-// than the 4-warp kernel on every benchmark shape (0.35 vs 0.41 of copy bandwidth at
-// h_q = 64; 0.19 vs 0.24 of the mma.sync peak at h_q = 128, s_q = 2). It stays built and
-// tested (FLASH_MLA_DENSE_DECODE_WARPS=8 forces it) as the base for the next attempt.
-constexpr bool kWideEnabled = false;  // false: every shape takes the 4-warp kernel
-constexpr int kWideNumWarps = 8;
-constexpr int kWideThreads = kWideNumWarps * 32;
-constexpr int kWideKGroups = kWideNumWarps / kSlabs;                  // 4
-constexpr int kWideKStepsPerWarp = kHeadDimQK / 16 / kWideKGroups;    // 9
-constexpr int kWideColsPerWarp = kHeadDimV / kWideKGroups;            // 128
-constexpr int kWideNTilesO = kWideColsPerWarp / 8;                    // 16
-constexpr int kWideStages = 4;
-static_assert(kHeadDimQK % (16 * kWideKGroups) == 0, "whole k-steps per warp");
-// Q [32][576] staged in stages 2..3 while tiles 0 and 1 land in stages 0 and 1.
-constexpr int kWideQStageOffset = 2 * kTileBytes;
-static_assert(kWideStages == 4 && 2 * kTileBytes == kQBytes, "Q is staged in stages 2..3");
-constexpr int kWideSPartialOffset = kWideStages * kTileBytes;         // [2][warp][n-tile][lane] float4
-constexpr int kWideSPartialBytes = 2 * kWideNumWarps * 2 * 32 * 16;   // 16384
-constexpr int kWideSmemBytes = kWideSPartialOffset + kWideSPartialBytes;
-static_assert(kWideSmemBytes == 90112, "wide decode budget as documented in docs/dense_decode.md");
-static_assert(kWideSmemBytes <= kMaxSmemPerBlockSm120, "wide dense decode tile exceeds sm_120's 99 KB");
+//   kSlabs = 2, the "wide" CTA (8 warps, 32 rows): measured on an H100 (2026-12-06) it was
+//     slower than the 4-warp kernel on every benchmark shape (0.35 vs 0.41 of copy
+//     bandwidth at h_q = 64; 0.19 vs 0.24 of the mma.sync peak at h_q = 128, s_q = 2): its
+//     256 threads fill an SM's registers, so one CTA per SM. Off by default; it stays built
+//     and tested (FLASH_MLA_DENSE_DECODE_WARPS=8 forces it).
+//   kSlabs = 1, the "narrow" CTA (4 warps, 16 rows): two fit an H100 SM, and a 16-row block
+//     costs half the MMAs of the 4-warp kernel's 32-row one (choose_cta below).
+template <int kSlabsT>
+struct QRegCta {
+  static constexpr int kSlabs = kSlabsT;
+  static constexpr int kNumWarps = 4 * kSlabs;
+  static constexpr int kThreads = kNumWarps * 32;
+  static constexpr int kBlockM = 16 * kSlabs;
+  static constexpr int kKGroups = 4;
+  static constexpr int kKStepsPerWarp = kHeadDimQK / 16 / kKGroups;  // 9
+  static constexpr int kColsPerWarp = kHeadDimV / kKGroups;          // 128
+  static constexpr int kNTilesO = kColsPerWarp / 8;                  // 16
+  static constexpr int kStages = 4;
+  // Q [16 kSlabs][576] staged from stage 2 on while tiles 0 and 1 land in stages 0 and 1.
+  static constexpr int kQStageOffset = 2 * kTileBytes;
+  static constexpr int kSPartialOffset = kStages * kTileBytes;       // [2][warp][n-tile][lane] float4
+  static constexpr int kSPartialBytes = 2 * kNumWarps * 2 * 32 * 16;
+  static constexpr int kSmemBytes = kSPartialOffset + kSPartialBytes;
+  static_assert(kHeadDimQK % (16 * kKGroups) == 0, "whole k-steps per warp");
+  static_assert(kBlockM * kHeadDimQK * kElemBytes <= (kStages - 2) * kTileBytes,
+                "Q is staged in the stages past tiles 0 and 1");
+  static_assert(kSmemBytes <= kMaxSmemPerBlockSm120, "Q-in-registers decode tile exceeds sm_120's 99 KB");
+};
+using WideCta = QRegCta<2>;
+using NarrowCta = QRegCta<1>;
+static_assert(WideCta::kSmemBytes == 90112, "wide decode budget as documented in docs/dense_decode.md");
+static_assert(NarrowCta::kSmemBytes == 81920, "narrow decode budget as documented in docs/dense_decode.md");
+constexpr bool kWideEnabled = false;  // false: over 16 rows every shape takes the 4-warp kernel
 
-// The one place that picks the CTA shape: with kWideEnabled, more than one 32-row block
-// per kv head (h_q / h_k x s_q > 32) would take the wide CTA; one block or fewer stays on
-// the 4-warp kernel. Either serves every shape (the
-// host may force one: FLASH_MLA_DENSE_DECODE_WARPS in csrc/api/dense_decode.cu).
-enum class CtaShape { kWarps4, kWarps8 };
+// The one place that picks the CTA shape: up to 16 rows per kv head (h_q / h_k x s_q <= 16)
+// the narrow CTA; with kWideEnabled, more than one 32-row block per kv head would take the
+// wide CTA; the rest the 4-warp kernel. Every CTA serves every shape (the host may force
+// one: FLASH_MLA_DENSE_DECODE_WARPS in csrc/api/dense_decode.cu).
+enum class CtaShape { kWarps4, kWarps8, kWarps4Rows16 };
+
+inline int64_t rows_per_kv_head(int s_q, int h_q, int h_k) {
+  return static_cast<int64_t>(s_q) * (h_q / h_k);
+}
 
 inline CtaShape choose_cta(int s_q, int h_q, int h_k) {
-  const int64_t rows = static_cast<int64_t>(s_q) * (h_q / h_k);
+  const int64_t rows = rows_per_kv_head(s_q, h_q, h_k);
+  if (rows <= NarrowCta::kBlockM) return CtaShape::kWarps4Rows16;
   return kWideEnabled && rows > kBlockM ? CtaShape::kWarps8 : CtaShape::kWarps4;
 }
 
-// Row blocks per kv head for s_q queries of h_q / h_k heads each.
-inline int num_m_blocks(int s_q, int h_q, int h_k) {
-  const int64_t rows = static_cast<int64_t>(s_q) * (h_q / h_k);
-  return static_cast<int>((rows + kBlockM - 1) / kBlockM);
+inline int block_rows(CtaShape cta) {
+  return cta == CtaShape::kWarps4Rows16 ? NarrowCta::kBlockM : kBlockM;
 }
 
-// CTAs of this kernel that fit one SM's shared memory (1 on sm_120, 2 on an H100).
-inline int ctas_per_sm(int smem_per_sm) {
-  const int n = smem_per_sm / (kSmemBytes + kReservedSmemPerBlock);
+// Row blocks per kv head for s_q queries of h_q / h_k heads each, in the CTA's block size.
+inline int num_m_blocks(int s_q, int h_q, int h_k, CtaShape cta) {
+  const int m = block_rows(cta);
+  return static_cast<int>((rows_per_kv_head(s_q, h_q, h_k) + m - 1) / m);
+}
+
+// CTAs that fit one SM (1 on sm_120 for each, 2 of the 4-warp or the narrow CTA on an
+// H100). The wide CTA's 256 threads use more than 128 registers each (ptxas: 188..246 by
+// target), so one fills an SM's 64K registers whatever its shared memory allows; the
+// narrow CTA's 128 threads stay under 256 registers, so its shared memory decides.
+inline int ctas_per_sm(int smem_per_sm, CtaShape cta) {
+  if (cta == CtaShape::kWarps8) return 1;
+  const int bytes = cta == CtaShape::kWarps4Rows16 ? NarrowCta::kSmemBytes : kSmemBytes;
+  const int n = smem_per_sm / (bytes + kReservedSmemPerBlock);
   return n > 0 ? n : 1;
 }
-
-// The wide CTA's 256 threads use more than 128 registers each (ptxas: 188..246 by
-// target), so one CTA fills an SM's 64K registers whatever its shared memory allows.
-constexpr int kWideCtasPerSm = 1;
 
 // Schedule parts: enough CTAs (parts x h_k x row blocks) to fill every SM once, or, in
 // batch-invariant mode, one part per (request, piece).
@@ -132,9 +154,8 @@ inline int num_parts(int num_sms, int smem_per_sm, int batch, int s_q, int h_q, 
     const int64_t parts = static_cast<int64_t>(batch) * decode_schedule::kInvariantMaxPieces;
     return static_cast<int>(parts > 0 ? parts : 1);
   }
-  const int64_t per_part = static_cast<int64_t>(h_k) * num_m_blocks(s_q, h_q, h_k);
-  const int per_sm = cta == CtaShape::kWarps8 ? kWideCtasPerSm : ctas_per_sm(smem_per_sm);
-  const int64_t slots = static_cast<int64_t>(num_sms) * per_sm;
+  const int64_t per_part = static_cast<int64_t>(h_k) * num_m_blocks(s_q, h_q, h_k, cta);
+  const int64_t slots = static_cast<int64_t>(num_sms) * ctas_per_sm(smem_per_sm, cta);
   const int64_t parts = slots / per_part;
   return static_cast<int>(parts > 0 ? parts : 1);
 }

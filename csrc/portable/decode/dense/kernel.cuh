@@ -1,7 +1,8 @@
 // Portable dense MLA decode: mma.sync m16n8k16 + ldmatrix + cp.async only, so the same
 // source runs on sm_80 .. sm_90 and sm_120/121. Design and arithmetic: docs/dense_decode.md.
-// This 4-warp CTA serves up to 32 rows per kv head; more rows take the 8-warp CTA of
-// kernel_wide.cuh (config.h choose_cta decides; run_dense_decode below dispatches). Its
+// This 4-warp CTA serves blocks of 32 rows per kv head; kernel_wide.cuh's CTAs hold Q in
+// registers (the narrow one for up to 16 rows; config.h choose_cta decides;
+// run_dense_decode below dispatches). Its
 // per-tile steps are csrc/portable/common/mla_row_block.cuh's (shared with sparse prefill).
 //
 // Work split. blockIdx.x = (part * h_k + kv_head) * num_m_blocks + m_block. The CTA serves
@@ -366,11 +367,12 @@ void launch_dense_decode(const DenseDecodeParams& params) {
 template <DType kDType>
 void run_dense_decode(const DenseDecodeParams& params, CtaShape cta) {
   using Elem = typename std::conditional<kDType == DType::kBF16, BF16, FP16>::type;
-  if (cta == CtaShape::kWarps8) {
+  if (cta == CtaShape::kWarps8 || cta == CtaShape::kWarps4Rows16) {
+    const bool narrow = cta == CtaShape::kWarps4Rows16;
     if (params.is_causal) {
-      wide::launch<Elem, true>(params);
+      narrow ? wide::launch<Elem, true, 1>(params) : wide::launch<Elem, true, 2>(params);
     } else {
-      wide::launch<Elem, false>(params);
+      narrow ? wide::launch<Elem, false, 1>(params) : wide::launch<Elem, false, 2>(params);
     }
     return;
   }

@@ -1,9 +1,11 @@
-// Portable dense MLA decode, wide CTA (8 warps) for many rows per kv head: mma.sync
-// m16n8k16 + ldmatrix + cp.async only, like kernel.cuh, whose work split (blockIdx.x =
-// (part * h_k + kv_head) * num_m_blocks + m_block, 32 rows per block), global-memory rules
-// and output contract it shares. Design and arithmetic: docs/dense_decode.md.
+// Portable dense MLA decode, the CTAs that hold Q in registers: 4 warps per m16 slab of
+// query rows, one template over the slab count (config.h QRegCta): the wide CTA (2 slabs,
+// 8 warps, 32 rows) and the narrow one (1 slab, 4 warps, 16 rows). mma.sync m16n8k16 +
+// ldmatrix + cp.async only, like kernel.cuh, whose work split (blockIdx.x = (part * h_k +
+// kv_head) * num_m_blocks + m_block, in blocks of 16 x kSlabs rows), global-memory rules and
+// output contract they share. Design and arithmetic: docs/dense_decode.md.
 //
-// Warps. Warp w = 2 kg + s (kg = 0..3, s = 0..1) holds the Q fragments of slab s (rows
+// Warps. Warp w = kSlabs kg + s (kg = 0..3, s < kSlabs) holds the Q fragments of slab s (rows
 // 16s .. 16s + 15 of the block) for dims [144 kg, 144 kg + 144) in registers and computes
 // that slab's S partial over those dims (16 rows x 16 tokens). The four partials of a slab
 // meet in shared memory; every warp of the slab adds them in the fixed order kg = 0, 1, 2,
@@ -14,8 +16,8 @@
 //
 // Shared memory (config.h has the offsets; 16-bit rows XOR-swizzled in 16-byte chunks):
 //   [0, 4 * 18432)      KV stage ring, tile i in stage i % 4: [16 tokens][576]; at the start
-//                       of a piece stages 2..3 stage the Q block [32][576]
-//   [73728, +16384)     S partials, double-buffered (tile i in buffer i % 2):
+//                       of a piece stages 2.. stage the Q block [16 kSlabs][576]
+//   [73728, +8192 kSlabs) S partials, double-buffered (tile i in buffer i % 2):
 //                       [buffer][warp][n-tile][lane] float4
 //
 // Barrier / cp.async protocol per piece (T tiles of 16 tokens):
@@ -57,27 +59,39 @@ namespace sched = ::flash_mla::portable::decode_schedule;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLn2 = 0.69314718055994530942f;
 constexpr int kChunksPerRow = kHeadDimQK / 8;                // 72 16-byte chunks per row
-constexpr int kQChunks = kBlockM * kChunksPerRow;            // 2304
 constexpr int kTileChunks = kBlockN * kChunksPerRow;         // 1152
-constexpr int kQChunksPerThread = kQChunks / kWideThreads;   // 9
-constexpr int kTileChunksPerThread = (kTileChunks + kWideThreads - 1) / kWideThreads;  // 5
-static_assert(kQChunks % kWideThreads == 0, "whole Q chunks per thread");
 
-template <typename Elem, bool kIsCausal>
-__global__ void __launch_bounds__(kWideThreads, 1)
+// Two narrow CTAs share an SM where shared memory allows (H100: 2 x 81920 B); the bound
+// only asks ptxas to keep 128 threads under 256 registers, which 64K registers allow.
+template <int kSlabs>
+constexpr int min_ctas_per_sm() { return kSlabs == 1 ? 2 : 1; }
+
+template <typename Elem, bool kIsCausal, int kSlabs>
+__global__ void __launch_bounds__(QRegCta<kSlabs>::kThreads, min_ctas_per_sm<kSlabs>())
     dense_decode_wide_kernel(const __grid_constant__ DenseDecodeParams params) {
+  using Cta = QRegCta<kSlabs>;
+  constexpr int kNumWarps = Cta::kNumWarps;
+  constexpr int kThreads = Cta::kThreads;
+  constexpr int kBlockM = Cta::kBlockM;
+  constexpr int kKStepsPerWarp = Cta::kKStepsPerWarp;
+  constexpr int kNTilesO = Cta::kNTilesO;
+  constexpr int kStages = Cta::kStages;
+  constexpr int kQChunks = kBlockM * kChunksPerRow;
+  constexpr int kQChunksPerThread = kQChunks / kThreads;  // 9
+  constexpr int kTileChunksPerThread = (kTileChunks + kThreads - 1) / kThreads;  // 9 or 5
+  static_assert(kQChunks % kThreads == 0, "whole Q chunks per thread");
   using Storage = typename Elem::Storage;
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t smem_base = cvta_shared(smem);
-  float4* s_partial = reinterpret_cast<float4*>(smem + kWideSPartialOffset);
+  float4* s_partial = reinterpret_cast<float4*>(smem + Cta::kSPartialOffset);
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
   const int g = lane / 4;
   const int t = lane % 4;
-  const int slab = warp & 1;
-  const int kg = warp >> 1;
+  const int slab = warp % kSlabs;
+  const int kg = warp / kSlabs;
 
   const int m_block = static_cast<int>(blockIdx.x % params.num_m_blocks);
   const int rest = static_cast<int>(blockIdx.x / params.num_m_blocks);
@@ -112,8 +126,8 @@ __global__ void __launch_bounds__(kWideThreads, 1)
   const int k_col = ((lane >> 3) & 1) * 8;
   const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8;
   const int v_col = (lane >> 4) * 8;
-  const int dim0 = kg * kWideKStepsPerWarp * 16;  // first S dim of this warp
-  const int col0 = kg * kWideColsPerWarp;         // first output column of this warp
+  const int dim0 = kg * kKStepsPerWarp * 16;  // first S dim of this warp
+  const int col0 = kg * Cta::kColsPerWarp;     // first output column of this warp
   // This lane's accumulator rows within the block: 16 slab + g and 16 slab + g + 8.
   const int row_lo = 16 * slab + g;
 
@@ -155,9 +169,9 @@ __global__ void __launch_bounds__(kWideThreads, 1)
     __syncthreads();  // every warp is done with the previous piece's shared memory
 
     auto stage_addr = [&](int tile) -> uint32_t {
-      return smem_base + static_cast<uint32_t>(tile % kWideStages) * kTileBytes;
+      return smem_base + static_cast<uint32_t>(tile % kStages) * kTileBytes;
     };
-    // One 16-token tile: one page (a tile never straddles two), 4.5 chunks per thread.
+    // One 16-token tile: one page (a tile never straddles two), 9 or 4.5 chunks per thread.
     auto issue_tile = [&](int tile) {
       const int tok0 = tok_begin + tile * kBlockN;
       if (tile >= num_tiles) return;
@@ -169,8 +183,8 @@ __global__ void __launch_bounds__(kWideThreads, 1)
       const uint32_t dst = stage_addr(tile);
 #pragma unroll
       for (int j = 0; j < kTileChunksPerThread; ++j) {
-        const int idx = tid + j * kWideThreads;
-        if (idx < kTileChunks) {
+        const int idx = tid + j * kThreads;
+        if (kTileChunks % kThreads == 0 || idx < kTileChunks) {
           const int row = idx / kChunksPerRow;
           const int col = (idx % kChunksPerRow) * 8;
           const int tok = tok0 + row;
@@ -183,13 +197,13 @@ __global__ void __launch_bounds__(kWideThreads, 1)
       }
     };
 
-    // ---- Q block: 32 rows x 72 chunks staged in stages 2..3 while tiles 0 and 1 land in
-    // stages 0 and 1, then into registers ----
+    // ---- Q block: 16 kSlabs rows x 72 chunks staged from stage 2 on while tiles 0 and 1
+    // land in stages 0 and 1, then into registers ----
     {
       const Storage* q_req = q_base + static_cast<int64_t>(req) * params.q_batch_stride;
 #pragma unroll 3
       for (int j = 0; j < kQChunksPerThread; ++j) {
-        const int idx = tid + j * kWideThreads;
+        const int idx = tid + j * kThreads;
         const int row = idx / kChunksPerRow;
         const int col = (idx % kChunksPerRow) * 8;
         const bool valid = row < valid_rows;
@@ -200,8 +214,8 @@ __global__ void __launch_bounds__(kWideThreads, 1)
           src = q_req + static_cast<int64_t>(r / group) * params.q_row_stride +
                 static_cast<int64_t>(head) * params.q_head_stride + col;
         }
-        cp_async_16_zfill(smem_base + kWideQStageOffset + swizzled_offset<kHeadDimQK>(row, col), src,
-                          valid);
+        cp_async_16_zfill(smem_base + Cta::kQStageOffset + swizzled_offset<kHeadDimQK>(row, col),
+                          src, valid);
       }
       cp_async_commit();
     }
@@ -211,13 +225,13 @@ __global__ void __launch_bounds__(kWideThreads, 1)
     cp_async_commit();
     cp_async_wait<2>();  // the Q group (tiles 0 and 1 may still be in flight)
     __syncthreads();     // the Q block is visible
-    uint32_t q_frag[kWideKStepsPerWarp][4];
+    uint32_t q_frag[kKStepsPerWarp][4];
 #pragma unroll
-    for (int kk = 0; kk < kWideKStepsPerWarp; ++kk) {
-      ldmatrix_x4(q_frag[kk], smem_base + kWideQStageOffset +
+    for (int kk = 0; kk < kKStepsPerWarp; ++kk) {
+      ldmatrix_x4(q_frag[kk], smem_base + Cta::kQStageOffset +
                                   swizzled_offset<kHeadDimQK>(a_row, dim0 + kk * 16 + a_col));
     }
-    __syncthreads();  // every warp holds its Q fragments: stages 2..3 are free
+    __syncthreads();  // every warp holds its Q fragments: the stages past tile 1 are free
     issue_tile(2);
     cp_async_commit();
 
@@ -228,7 +242,7 @@ __global__ void __launch_bounds__(kWideThreads, 1)
 #pragma unroll
       for (int n = 0; n < 2; ++n) s_acc[n][0] = s_acc[n][1] = s_acc[n][2] = s_acc[n][3] = 0.f;
 #pragma unroll
-      for (int kk = 0; kk < kWideKStepsPerWarp; ++kk) {
+      for (int kk = 0; kk < kKStepsPerWarp; ++kk) {
         uint32_t b[4];
         ldmatrix_x4(b, tile_smem + swizzled_offset<kHeadDimQK>(k_row, dim0 + kk * 16 + k_col));
         const uint32_t b_lo[2] = {b[0], b[1]};
@@ -238,14 +252,14 @@ __global__ void __launch_bounds__(kWideThreads, 1)
       }
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
-        s_partial[((buf * kWideNumWarps + warp) * 2 + n) * 32 + lane] =
+        s_partial[((buf * kNumWarps + warp) * 2 + n) * 32 + lane] =
             make_float4(s_acc[n][0], s_acc[n][1], s_acc[n][2], s_acc[n][3]);
       }
     };
 
-    float o_acc[kWideNTilesO][4];
+    float o_acc[kNTilesO][4];
 #pragma unroll
-    for (int n = 0; n < kWideNTilesO; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0.f;
+    for (int n = 0; n < kNTilesO; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0.f;
     // Online softmax state of this lane's two rows: running max (raw score units, the same
     // in the four lanes of a quad) and this lane's part of the running sum.
     float row_max[2] = {kNegInf, kNegInf};
@@ -262,7 +276,7 @@ __global__ void __launch_bounds__(kWideThreads, 1)
       // Groups committed: tiles 0 .. i+2; tiles 0 .. i+1 must be done.
       cp_async_wait<1>();
       __syncthreads();  // B: tile i+1 and the partials of tile i visible; iteration i-1 done
-      issue_tile(i + kWideStages - 1);  // into stage (i - 1) % 4, read last in iteration i-1
+      issue_tile(i + kStages - 1);  // into stage (i - 1) % 4, read last in iteration i-1
       cp_async_commit();
 
       // ---- the slab's S of tile i: partials of warps kg = 0..3 in that order (every
@@ -272,12 +286,12 @@ __global__ void __launch_bounds__(kWideThreads, 1)
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
         float4 v = kg == 0 ? make_float4(s_own[n][0], s_own[n][1], s_own[n][2], s_own[n][3])
-                           : s_partial[(((i & 1) * kWideNumWarps + slab) * 2 + n) * 32 + lane];
+                           : s_partial[(((i & 1) * kNumWarps + slab) * 2 + n) * 32 + lane];
 #pragma unroll
-        for (int k = 1; k < kWideKGroups; ++k) {
+        for (int k = 1; k < Cta::kKGroups; ++k) {
           const float4 p =
               kg == k ? make_float4(s_own[n][0], s_own[n][1], s_own[n][2], s_own[n][3])
-                      : s_partial[(((i & 1) * kWideNumWarps + k * 2 + slab) * 2 + n) * 32 + lane];
+                      : s_partial[(((i & 1) * kNumWarps + k * kSlabs + slab) * 2 + n) * 32 + lane];
           v.x += p.x;
           v.y += p.y;
           v.z += p.z;
@@ -333,7 +347,7 @@ __global__ void __launch_bounds__(kWideThreads, 1)
 
       // ---- O = O * rescale + P V over this warp's 128 columns ----
 #pragma unroll
-      for (int n = 0; n < kWideNTilesO; ++n) {
+      for (int n = 0; n < kNTilesO; ++n) {
         o_acc[n][0] *= correction[0];
         o_acc[n][1] *= correction[0];
         o_acc[n][2] *= correction[1];
@@ -341,7 +355,7 @@ __global__ void __launch_bounds__(kWideThreads, 1)
       }
       const uint32_t tile_smem = stage_addr(i);
 #pragma unroll
-      for (int dp = 0; dp < kWideNTilesO / 2; ++dp) {
+      for (int dp = 0; dp < kNTilesO / 2; ++dp) {
         uint32_t b[4];
         ldmatrix_x4_trans(b, tile_smem + swizzled_offset<kHeadDimQK>(v_row, col0 + dp * 16 + v_col));
         const uint32_t b_lo[2] = {b[0], b[1]};
@@ -379,7 +393,7 @@ __global__ void __launch_bounds__(kWideThreads, 1)
                        static_cast<int64_t>(query) * params.out_row_stride +
                        static_cast<int64_t>(head) * params.out_head_stride + col0 + 2 * t;
 #pragma unroll
-        for (int n = 0; n < kWideNTilesO; ++n) {
+        for (int n = 0; n < kNTilesO; ++n) {
           *reinterpret_cast<uint32_t*>(dst + n * 8) =
               pack_float2<Elem>(o_acc[n][2 * r] * inv, o_acc[n][2 * r + 1] * inv);
         }
@@ -389,7 +403,7 @@ __global__ void __launch_bounds__(kWideThreads, 1)
                          kHeadDimV +
                      col0 + 2 * t;
 #pragma unroll
-        for (int n = 0; n < kWideNTilesO; ++n) {
+        for (int n = 0; n < kNTilesO; ++n) {
           *reinterpret_cast<float2*>(dst + n * 8) =
               make_float2(o_acc[n][2 * r] * inv, o_acc[n][2 * r + 1] * inv);
         }
@@ -398,16 +412,17 @@ __global__ void __launch_bounds__(kWideThreads, 1)
   }
 }
 
-template <typename Elem, bool kIsCausal>
+template <typename Elem, bool kIsCausal, int kSlabs>
 void launch(const DenseDecodeParams& params) {
-  auto kernel = dense_decode_wide_kernel<Elem, kIsCausal>;
+  using Cta = QRegCta<kSlabs>;
+  auto kernel = dense_decode_wide_kernel<Elem, kIsCausal, kSlabs>;
   // Per launch, not cached: the attributes belong to the current device.
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWideSmemBytes);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cta::kSmemBytes);
   cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                        cudaSharedmemCarveoutMaxShared);
   const int64_t ctas =
       static_cast<int64_t>(params.num_parts) * params.h_k * params.num_m_blocks;
-  kernel<<<static_cast<unsigned>(ctas), kWideThreads, kWideSmemBytes, params.stream>>>(params);
+  kernel<<<static_cast<unsigned>(ctas), Cta::kThreads, Cta::kSmemBytes, params.stream>>>(params);
 }
 
 }  // namespace wide

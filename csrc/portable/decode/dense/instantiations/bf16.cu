@@ -9,7 +9,12 @@ FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_decode_bf16, "dense_decode",
                                  "bf16 d576 dv512, causal|full", kSmemBytes, kThreads,
                                  "19dense_decode_kernelI 4BF16E");
 FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_decode_wide_bf16, "dense_decode",
-                                 "bf16 d576 dv512 wide (over 32 rows per kv head), causal|full",
-                                 kWideSmemBytes, kWideThreads, "24dense_decode_wide_kernelI 4BF16E");
+                                 "bf16 d576 dv512 wide (8 warps, 32 rows, Q in registers), causal|full",
+                                 WideCta::kSmemBytes, WideCta::kThreads,
+                                 "24dense_decode_wide_kernelI 4BF16E ELi2EEEv");
+FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_decode_narrow_bf16, "dense_decode",
+                                 "bf16 d576 dv512 narrow (4 warps, 16 rows, Q in registers), causal|full",
+                                 NarrowCta::kSmemBytes, NarrowCta::kThreads,
+                                 "24dense_decode_wide_kernelI 4BF16E ELi1EEEv");
 
 }  // namespace flash_mla::portable::dense_decode
