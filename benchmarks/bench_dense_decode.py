@@ -20,9 +20,9 @@ tvm-ffi dense_decode_fwd call, both without synchronisation (median of --host-it
 
 CTA shapes: by default each shape runs the CTA the library picks; --ab also times every
 shape with FLASH_MLA_DENSE_DECODE_WARPS=4, =8 and =4x16 (every CTA serves every shape),
-rows marked by "cta", to check the pick.
+rows marked by "cta", to check the pick; --ctas names the values to time instead.
 
-Usage: python benchmarks/bench_dense_decode.py --out DIR [--lib PATH] [--quick] [--ab]
+Usage: python benchmarks/bench_dense_decode.py --out DIR [--lib PATH] [--quick] [--ab | --ctas LIST]
        python benchmarks/bench_dense_decode.py --plot DIR/bench_dense_decode.json
 """
 from __future__ import annotations
@@ -278,6 +278,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="serving shapes and s_k 8192 only")
     ap.add_argument("--ab", action="store_true",
                     help=f"also time every shape with {CTA_VARIABLE}=4, =8 and =4x16")
+    ap.add_argument("--ctas", default=None,
+                    help="comma-separated CTA values to time per shape instead (e.g. default,4,4x16)")
     add_timing_options(ap)
     args = ap.parse_args(argv)
     if args.plot:
@@ -299,6 +301,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     shapes = SERVING + [s for s in UPSTREAM if not args.quick or s[3] == 8192]
     rows = []
     ctas = ("default", "4", "8", "4x16") if args.ab else ("default",)
+    if args.ctas:
+        ctas = tuple(c for c in args.ctas.split(",") if c)
     print(f"{'b':>4} {'s_q':>3} {'h_q':>4} {'s_k':>6} {'cta':>7} {'us':>9} {'GB/s':>7} {'/copy':>6} "
           f"{'TFLOPS':>7} {'/mma':>6} parts")
     for b, s_q, h_q, s_k in shapes:
