@@ -28,6 +28,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import quant
+from . import _exp
 
 __all__ = [
     "dense_decode",
@@ -94,15 +95,15 @@ def _attention(
         return out, torch.full(lead, _INF, device=q.device), torch.full(lead, -_INF, device=q.device)
     max_logits = logits.amax(dim=-1)
     empty = max_logits == -_INF
-    lse = torch.logsumexp(logits, dim=-1)
+    lse = _exp.logsumexp(logits, dim=-1)
     # An empty row has lse -inf; subtracting +inf instead makes every probability exp(-inf) = 0.
     lse = torch.where(empty, torch.full_like(lse, _INF), lse)
     if p_dtype is None:
-        probs = torch.exp(logits - lse.unsqueeze(-1))
+        probs = _exp.exp(logits - lse.unsqueeze(-1))
         out = torch.matmul(probs, v)
         return out, lse, max_logits
     shift = torch.where(empty, torch.full_like(max_logits, _INF), max_logits).unsqueeze(-1)
-    unnormalised = torch.exp(logits - shift)
+    unnormalised = _exp.exp(logits - shift)
     row_sum = unnormalised.sum(dim=-1, keepdim=True)
     out = torch.matmul(_round_to(unnormalised, p_dtype), v) / torch.where(row_sum > 0, row_sum, 1.0)
     return out, lse, max_logits
@@ -113,7 +114,7 @@ def _apply_sink(out: torch.Tensor, lse: torch.Tensor, sink: Optional[torch.Tenso
     if sink is None:
         return out
     # exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink): exact limits for sink = +-inf.
-    factor = torch.sigmoid(lse - sink.to(torch.float32))
+    factor = _exp.sigmoid(lse - sink.to(torch.float32))
     scaled = out * factor.unsqueeze(-1)
     empty = (lse == _INF).unsqueeze(-1)
     return torch.where(empty, torch.zeros_like(scaled), scaled)
@@ -418,7 +419,7 @@ def mha_prefill_bwd(
             keep = ls.unsqueeze(-1) != _INF
             if causal:
                 keep = keep & _causal_mask(torch.arange(r0, r1, device=q.device), s_q, s_k)
-            probs = torch.where(keep, torch.exp(logits - ls.unsqueeze(-1)), torch.zeros_like(logits))
+            probs = torch.where(keep, _exp.exp(logits - ls.unsqueeze(-1)), torch.zeros_like(logits))
             delta = (dos * os_).sum(dim=-1, keepdim=True)                # [h_k, g, c, 1]
             dprobs = torch.matmul(dos, vs.transpose(-1, -2))             # [h_k, g, c, s_k]
             dlogits = probs * (dprobs - delta)
@@ -475,7 +476,7 @@ def combine(
         any_used = used.any(dim=0)
         peak = torch.where(used, part_lse, torch.full_like(part_lse, -_INF)).amax(dim=0)
         peak = torch.where(any_used, peak, torch.zeros_like(peak))
-        weights = torch.where(used, torch.exp2(part_lse - peak), torch.zeros_like(part_lse))
+        weights = torch.where(used, _exp.exp2(part_lse - peak), torch.zeros_like(part_lse))
         parts = torch.where(used.unsqueeze(-1), o_accum[lo:hi], torch.zeros_like(o_accum[lo:hi]))
         total = weights.sum(dim=0)
         merged = (weights.unsqueeze(-1) * parts).sum(dim=0) / torch.where(any_used, total, torch.ones_like(total)).unsqueeze(-1)

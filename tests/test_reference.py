@@ -483,3 +483,20 @@ def test_combine_of_split_attention_equals_whole():
 def test_combine_asserts_its_shape_assumptions():
     with pytest.raises(AssertionError, match=r"lse_accum must be \[num_splits_total, s_q, h_q\] = \(2, 1, 3\), got \(2, 3, 1\)"):
         reference.combine(torch.zeros(2, 1, 3, 8), torch.zeros(2, 3, 1), torch.tensor([0, 2], dtype=torch.int32))
+
+def test_cpu_exp_helpers_are_correctly_rounded_fp32():
+    """The reference's exp, exp2, sigmoid and logsumexp on CPU (flash_mla/_exp.py) agree
+    with float64 math rounded to fp32 once, -inf rows included."""
+    from flash_mla import _exp
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 37, generator=gen) * 8
+    x[0] = -math.inf
+    x[1, ::3] = -math.inf
+    xd = x.double()
+    assert torch.equal(_exp.exp(x), torch.exp(xd).float())
+    assert torch.equal(_exp.exp2(x), torch.exp2(xd).float())
+    assert torch.equal(_exp.sigmoid(x), torch.sigmoid(xd).float())
+    lse = _exp.logsumexp(x, dim=-1)
+    assert lse.dtype == torch.float32 and torch.isneginf(lse[0])
+    assert torch.equal(lse, torch.logsumexp(xd, dim=-1).float())
