@@ -1,8 +1,10 @@
-"""Locating the external test tools that scripts/test.sh installs (requirements/test.txt)."""
+"""Locating the external test tools that scripts/test.sh installs (requirements/test.txt),
+and running a host C++ program against csrc/ (run_host_program)."""
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -27,3 +29,20 @@ def require_tool(name: str, min_python: Optional[Tuple[int, int]] = None) -> str
     if os.environ.get("CI") and installable:
         pytest.fail(message)
     pytest.skip(message)
+
+
+def run_host_program(source: str, work_dir: Path, name: str) -> str:
+    """Compile ``source`` (C++17, -Wall -Werror, csrc/ on the include path) with the host
+    C++ compiler in ``work_dir``, run it and return its stdout: how the tests check plain
+    C++ headers (CTA choices, capabilities) without a GPU. No compiler on PATH: a skip."""
+    cxx = next((p for p in map(shutil.which, ("c++", "g++", "clang++")) if p), None)
+    if cxx is None:
+        pytest.skip("no host C++ compiler (c++, g++ or clang++) on PATH")
+    root = Path(__file__).resolve().parents[1]
+    src = work_dir / f"{name}.cpp"
+    src.write_text(source)
+    exe = work_dir / (f"{name}.exe" if os.name == "nt" else name)
+    built = subprocess.run([cxx, "-std=c++17", "-Wall", "-Werror", f"-I{root / 'csrc'}", str(src),
+                            "-o", str(exe)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    return subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout

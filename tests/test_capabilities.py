@@ -8,13 +8,12 @@ the loader's contract) and the lists the API's error messages print.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests._tools import run_host_program
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,28 +50,9 @@ int main() {
 MHA = {"dtype": ["bf16", "fp16"], "head_dims": [[64, 64], [128, 128], [192, 128]]}
 
 
-def _compiler() -> str | None:
-    for name in ("c++", "g++", "clang++"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
 @pytest.fixture(scope="module")
 def program_output(tmp_path_factory) -> list:
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("no host C++ compiler (c++, g++ or clang++) on PATH")
-    tmp = tmp_path_factory.mktemp("caps")
-    src = tmp / "caps.cpp"
-    src.write_text(PROGRAM)
-    exe = tmp / ("caps.exe" if os.name == "nt" else "caps")
-    built = subprocess.run([cxx, "-std=c++17", "-Wall", "-Werror", f"-I{ROOT / 'csrc'}",
-                            str(src), "-o", str(exe)], capture_output=True, text=True)
-    assert built.returncode == 0, built.stderr[-3000:]
-    return subprocess.run([str(exe)], check=True, capture_output=True,
-                          text=True).stdout.splitlines()
+    return run_host_program(PROGRAM, tmp_path_factory.mktemp("caps"), "caps").splitlines()
 
 
 def test_ops_json_shape(program_output):

@@ -8,14 +8,7 @@ fit an A100 or H100 SM where only one 4-warp CTA fits an A100's; sm_120 runs one
 """
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests._tools import run_host_program
 
 PROGRAM = r"""
 #include <cstdio>
@@ -60,22 +53,6 @@ EXPECTED = [
 ]
 
 
-def _compiler() -> str | None:
-    for name in ("c++", "g++", "clang++"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
 def test_dense_decode_cta_choice(tmp_path):
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("no host C++ compiler (c++, g++ or clang++) on PATH")
-    src = tmp_path / "cta.cpp"
-    src.write_text(PROGRAM)
-    exe = tmp_path / ("cta.exe" if os.name == "nt" else "cta")
-    subprocess.run([cxx, "-std=c++17", "-Wall", "-Werror", f"-I{ROOT / 'csrc'}", str(src), "-o",
-                    str(exe)], check=True, capture_output=True, text=True)
-    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    out = run_host_program(PROGRAM, tmp_path, "cta")
     assert out.splitlines() == EXPECTED

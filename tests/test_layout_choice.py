@@ -10,14 +10,7 @@ A100, H100/H200, B200.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests._tools import run_host_program
 
 PROGRAM = r"""
 #include <cstdio>
@@ -49,24 +42,8 @@ EXPECTED = {
 }
 
 
-def _compiler() -> str | None:
-    for name in ("c++", "g++", "clang++"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
 def test_layout_per_gpu(tmp_path):
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("no host C++ compiler (c++, g++ or clang++) on PATH")
-    src = tmp_path / "layout.cpp"
-    src.write_text(PROGRAM)
-    exe = tmp_path / ("layout.exe" if os.name == "nt" else "layout")
-    subprocess.run([cxx, "-std=c++17", "-Wall", "-Werror", f"-I{ROOT / 'csrc'}", str(src), "-o",
-                    str(exe)], check=True, capture_output=True, text=True)
-    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    out = run_host_program(PROGRAM, tmp_path, "layout")
     got = {}
     for line in out.splitlines():
         smem, d, fwd, bwd = (int(x) for x in line.split())
