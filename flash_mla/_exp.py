@@ -29,7 +29,7 @@ def sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 
 def logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """log(sum(exp(x))) over dim from the row maximum; a row of -inf gives -inf."""
+    """log(sum(exp(x))) over dim (torch.logsumexp, in float64 on CPU); a row of -inf gives -inf."""
     if not _wide(x):
         return torch.logsumexp(x, dim=dim)
     return torch.logsumexp(x.double(), dim=dim).to(x.dtype)
