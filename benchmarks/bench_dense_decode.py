@@ -243,8 +243,15 @@ def host_time(torch, flash_mla, native, iters: int) -> Dict[str, float]:
         fwd(q, k_cache, block_table, seqlens, meta.tile_scheduler_metadata, meta.num_splits,
             o_acc, l_acc, out, lse, D_QK ** -0.5, False)
 
+    def allocations() -> None:  # what the API allocates per call beside the raw call
+        torch.empty(out.shape, dtype=out.dtype, device="cuda")
+        torch.empty(lse.shape, dtype=torch.float32, device="cuda")
+        torch.empty(o_acc.shape, dtype=torch.float32, device="cuda")
+        torch.empty(l_acc.shape, dtype=torch.float32, device="cuda")
+
     return {name: median_us(fn, iters, torch.cuda.synchronize)
-            for name, fn in (("api_us", api), ("raw_tvm_ffi_us", raw))}
+            for name, fn in (("api_us", api), ("raw_tvm_ffi_us", raw),
+                             ("allocations_us", allocations))}
 
 
 def plot(json_path: Path, png_path: Path) -> None:
@@ -314,7 +321,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"{row['tflops'] / peak:>6.3f} {row['parts']}")
     host = host_time(torch, flash_mla, native, args.host_iters)
     print(f"host time per eager call: API {host['api_us']:.1f} us, raw tvm-ffi "
-          f"{host['raw_tvm_ffi_us']:.1f} us")
+          f"{host['raw_tvm_ffi_us']:.1f} us (the API's four output and partial allocations: "
+          f"{host['allocations_us']:.1f} us)")
     save_results(args.out, "bench_dense_decode", base.payload(torch, rows, host), plot)
     return 0
 

@@ -36,10 +36,13 @@ def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
     return " or ".join(dtype_name(d) for d in dtypes)
 
 
+# Looked up once: decode's repeat path asks on every call (flash_mla._repeat_call).
+_compiler_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+
+
 def is_compiling() -> bool:
     """True while torch.compile traces the calling code (tensors are fake then)."""
-    compiler = getattr(torch, "compiler", None)
-    check = getattr(compiler, "is_compiling", None)
+    check = _compiler_is_compiling
     return bool(check()) if check is not None else False
 
 

@@ -33,7 +33,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from . import _arch
 
-__all__ = ["unavailable_reason", "function", "build_info", "library_path", "load_error"]
+__all__ = ["unavailable_reason", "function", "build_info", "library_path", "load_error",
+           "env_allocator_available", "array_item"]
 
 _LIB_NAMES = ("flash_mla_native.dll",) if sys.platform.startswith("win") else (
     "libflash_mla_native.so", "flash_mla_native.so")
@@ -177,6 +178,31 @@ def function(name: str) -> Callable:
             raise RuntimeError(f"native function {name!r} is not exported by "
                                f"{state['path']}") from None
     return fn
+
+
+def env_allocator_available(tensor: Any) -> bool:
+    """Whether entries that allocate their own outputs (``*_alloc``, csrc/api/env_alloc.h)
+    can run for a caller passing ``tensor``: the library exports the question and the
+    caller's framework installs its DLPack tensor allocator (torch does, through
+    ``__dlpack_c_exchange_api__``). False when the library predates the entry."""
+    try:
+        ask = function("env_allocator_available")
+    except RuntimeError:
+        return False
+    return bool(ask(tensor))
+
+
+def array_item() -> Callable:
+    """tvm-ffi's public ``ffi.ArrayGetItem`` global function: item i of an array an entry
+    returned (a torch tensor, for the ``*_alloc`` entries' outputs). Unpacking the array in
+    Python costs several microseconds more (measured in docs/dense_decode.md)."""
+    state = _load()
+    item = state.get("array_item")
+    if item is None:
+        import tvm_ffi
+
+        item = state["array_item"] = tvm_ffi.get_global_func("ffi.ArrayGetItem")
+    return item
 
 
 def _device_capability(device: Any) -> Tuple[Optional[int], Optional[Tuple[int, int]], str]:

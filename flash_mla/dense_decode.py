@@ -35,7 +35,8 @@ from . import _checks as C
 from . import _custom_op
 from . import _native
 from . import dispatch as _dispatch
-from ._decode_buffers import decode_buffers, run_schedule
+from ._decode_buffers import decode_buffers, run_schedule, split_count
+from ._repeat_call import RECORD_ATTR, backend_env, layout_key
 from .sched_meta import FlashMLASchedMeta, bind_or_check_config, stored_schedule
 
 OP = "dense_decode"
@@ -174,11 +175,19 @@ def _run_native(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tenso
                 batch_invariant: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """The native decode and combine (one tvm-ffi call on the current stream). The
     schedule comes from the caller's FlashMLASchedMeta, or is computed here when none is
-    given (a traced call). Out, lse and the fp32 split partials come from
-    flash_mla._decode_buffers (rows in (h_q, s_q) order), allocated per call."""
+    given (a traced call). Out, lse and the fp32 split partials are allocated per call:
+    by the library through torch's allocator where the caller installs it
+    (dense_decode_fwd_alloc, the cheaper way), else here by flash_mla._decode_buffers
+    (rows in (h_q, s_q) order)."""
     if tile_scheduler_metadata is None or num_splits is None:
         tile_scheduler_metadata, num_splits = _native_schedule(q, k_cache, cache_seqlens,
                                                                batch_invariant)
+    if _native.env_allocator_available(q):
+        result = _native.function("dense_decode_fwd_alloc")(
+            q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+            float(softmax_scale), bool(causal), bool(batch_invariant))
+        item = _native.array_item()
+        return item(result, 0), item(result, 1)
     buf = decode_buffers(q, head_dim_v, tile_scheduler_metadata.shape[0], batch_invariant,
                          heads_first=True)
     _native.function("dense_decode_fwd")(q, k_cache, block_table, cache_seqlens,
@@ -241,6 +250,90 @@ def _stored_schedule(holder: FlashMLASchedMeta, q: torch.Tensor, k_cache: torch.
                            lambda: _native_schedule(q, k_cache, cache_seqlens, batch_invariant))
 
 
+# --------------------------------------------------------------------------- repeat calls
+
+class _Repeat:
+    """The record of a holder's first native call (flash_mla._repeat_call): a later call
+    with the same tensor layouts and scalar arguments runs the native decode with the
+    stored schedule, skipping validation, dispatch and the holder's checks."""
+
+    __slots__ = ("key", "scale_arg", "causal", "invariant", "backend", "choice", "metadata",
+                 "num_splits", "scale", "fwd", "item", "out_shape", "lse_shape",
+                 "o_accum_shape", "lse_accum_shape", "dtype", "device")
+
+    def __init__(self, q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
+                 cache_seqlens: torch.Tensor, softmax_scale: Optional[float], p: Problem,
+                 causal: bool, invariant: bool, metadata: torch.Tensor,
+                 num_splits: torch.Tensor) -> None:
+        self.key = layout_key(q, k_cache, block_table, cache_seqlens)
+        self.scale_arg = softmax_scale
+        self.causal = causal
+        self.invariant = invariant
+        self.backend = backend_env()
+        self.choice = (_dispatch.NATIVE, str(q.device))
+        self.metadata = metadata
+        self.num_splits = num_splits
+        self.scale = p.softmax_scale
+        # The library allocates out, lse and the partials where torch's allocator is
+        # installed for the call (item unpacks its result); else they are allocated here.
+        self.item = _native.array_item() if _native.env_allocator_available(q) else None
+        self.fwd = _native.function("dense_decode_fwd" if self.item is None
+                                    else "dense_decode_fwd_alloc")
+        splits = split_count(p.b, int(metadata.shape[0]), invariant)
+        self.out_shape = (p.b, p.s_q, p.h_q, HEAD_DIM_V)
+        self.lse_shape = (p.b, p.h_q, p.s_q)
+        self.o_accum_shape = (splits, p.h_q, p.s_q, HEAD_DIM_V)
+        self.lse_accum_shape = (splits, p.h_q, p.s_q)
+        self.dtype = q.dtype
+        self.device = q.device
+
+    @staticmethod
+    def recordable(q: Any, k_cache: Any, block_table: Any, cache_seqlens: Any,
+                   softmax_scale: Any) -> bool:
+        """Whether a validated native call can be repeated this way: plain tensors (no
+        subclass, no fake), a float or None scale (other real types take the full path),
+        not tracing. Native calls have CUDA tensors, whose values validation never reads,
+        so a repeat skips no value check."""
+        return (layout_key(q, k_cache, block_table, cache_seqlens) is not None
+                and (softmax_scale is None or type(softmax_scale) is float)
+                and not C.is_compiling())
+
+    def __call__(self, q: Any, k_cache: Any, block_table: Any, cache_seqlens: Any,
+                 head_dim_v: Any, softmax_scale: Any, causal: Any, is_fp8_kvcache: Any,
+                 enable_batch_invariant: Any) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The decode of a call that repeats the recorded one, or None (then the caller
+        takes the full path). Positional, in flash_mla_with_kvcache's order: this is the
+        per-layer hot path, where each keyword costs time."""
+        if (causal is not self.causal or enable_batch_invariant is not self.invariant
+                or is_fp8_kvcache is not False
+                or type(head_dim_v) is not int or head_dim_v != HEAD_DIM_V
+                or (softmax_scale is not self.scale_arg
+                    and (type(softmax_scale) is not float or softmax_scale != self.scale_arg))
+                or layout_key(q, k_cache, block_table, cache_seqlens) != self.key
+                or backend_env() != self.backend or C.is_compiling()):
+            return None
+        if self.item is not None:
+            result = self.fwd(q, k_cache, block_table, cache_seqlens, self.metadata,
+                              self.num_splits, self.scale, self.causal, self.invariant)
+            out, lse = self.item(result, 0), self.item(result, 1)
+        else:
+            out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+            lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
+            o_accum = torch.empty(self.o_accum_shape, dtype=torch.float32, device=self.device)
+            lse_accum = torch.empty(self.lse_accum_shape, dtype=torch.float32,
+                                    device=self.device)
+            self.fwd(q, k_cache, block_table, cache_seqlens, self.metadata, self.num_splits,
+                     o_accum, lse_accum, out, lse, self.scale, self.causal)
+        _dispatch.record_choice(OP, self.choice)
+        return out, lse
+
+
+def repeat_record(holder: Any) -> Optional[_Repeat]:
+    """The holder's dense-decode record, or None (no native call yet, or another family's)."""
+    record = getattr(holder, RECORD_ATTR, None)
+    return record if type(record) is _Repeat else None
+
+
 # --------------------------------------------------------------------------- entry
 
 def decode(q: Any, k_cache: Any, block_table: Any, cache_seqlens: Any, head_dim_v: Any,
@@ -249,14 +342,22 @@ def decode(q: Any, k_cache: Any, block_table: Any, cache_seqlens: Any, head_dim_
            **sparse_only: Optional[Any]) -> Tuple[torch.Tensor, torch.Tensor]:
     """``flash_mla_with_kvcache`` without indices (see flash_mla.with_kvcache):
     validate, record or check the schedule holder's configuration, run. The first
-    native call stores the split-KV schedule in the holder; later calls reuse it."""
+    native call stores the split-KV schedule in the holder, and a record that lets
+    later calls with the same layouts skip this Python (_Repeat)."""
     p = validate(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
                  is_fp8_kvcache, **sparse_only)
     C.boolean(enable_batch_invariant, "enable_batch_invariant")
     config = FlashMLASchedMeta.Config(p.b, p.s_q, p.h_q, p.page_size, p.h_k, bool(causal),
                                       False, None, None, None)
     bind_or_check_config(tile_scheduler_metadata, config)
+    invariant = bool(enable_batch_invariant)
     metadata, num_splits = _stored_schedule(tile_scheduler_metadata, q, k_cache, cache_seqlens,
-                                            bool(enable_batch_invariant))
-    return _op(q, k_cache, block_table, cache_seqlens, int(head_dim_v), p.softmax_scale,
-               bool(causal), metadata, num_splits, bool(enable_batch_invariant))
+                                            invariant)
+    result = _op(q, k_cache, block_table, cache_seqlens, int(head_dim_v), p.softmax_scale,
+                 bool(causal), metadata, num_splits, invariant)
+    if (metadata is not None and _dispatch.last_backend(OP) == _dispatch.NATIVE
+            and _Repeat.recordable(q, k_cache, block_table, cache_seqlens, softmax_scale)):
+        setattr(tile_scheduler_metadata, RECORD_ATTR,
+                _Repeat(q, k_cache, block_table, cache_seqlens, softmax_scale, p, bool(causal),
+                        invariant, metadata, num_splits))
+    return result

@@ -148,6 +148,12 @@ def choose(op: str, device: Any, features: Optional[dict] = None) -> str:
     return REFERENCE
 
 
+def record_choice(op: str, choice: Tuple[str, str]) -> None:
+    """Note (backend, device) as ``op``'s latest choice for a call that repeats one
+    ``choose`` already answered (flash_mla._repeat_call), so last_backend stays true."""
+    _last[op] = choice
+
+
 def last_backend(op: str) -> Optional[str]:
     """Backend of the most recent ``choose(op, ...)`` in this process, or None."""
     entry = _last.get(op)

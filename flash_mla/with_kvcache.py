@@ -88,6 +88,18 @@ def flash_mla_with_kvcache(
     [b, s_q, h_q] buffer (as upstream); for dense decode it is contiguous. A row
     with nothing to attend to gives out 0 and lse +inf.
     """
+    if indices is None:
+        # A call that repeats the holder's first native one (flash_mla._repeat_call); the
+        # sparse-only arguments must all be None for it, as validation would require.
+        record = dense_decode.repeat_record(tile_scheduler_metadata)
+        if (record is not None and num_splits is None and attn_sink is None
+                and extra_k_cache is None and extra_indices_in_kvcache is None
+                and topk_length is None and extra_topk_length is None and kv_format is None
+                and extra_kv_format is None):
+            result = record(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
+                            causal, is_fp8_kvcache, enable_batch_invariant)
+            if result is not None:
+                return result
     check_sched_meta_type(tile_scheduler_metadata)
     if num_splits is not None:
         raise ValueError(

@@ -33,14 +33,21 @@ def test_shapes_dtypes_and_row_order(heads_first, batch_invariant):
 
 
 class _Recorder:
-    """Stands in for flash_mla._native.function: records each call's arguments."""
+    """Stands in for flash_mla._native.function: records each call's arguments; answers
+    env_allocator_available with ``allocates`` (unrecorded) and returns ``returns``."""
 
     def __init__(self) -> None:
         self.calls: List[Tuple[str, Tuple[Any, ...]]] = []
+        self.allocates = False
+        self.returns: Any = None
 
     def function(self, name: str):
+        if name == "env_allocator_available":
+            return lambda tensor: self.allocates
+
         def call(*args):
             self.calls.append((name, args))
+            return self.returns
         return call
 
 
@@ -64,6 +71,21 @@ def test_dense_decode_passes_heads_first_buffers(rec):
     o_accum, lse_accum, out_arg, lse_arg = args[6:10]
     assert o_accum.shape == (7, 4, 3, 512) and lse_accum.shape == (7, 4, 3)
     assert out_arg is out and lse_arg is lse and lse.shape == (2, 4, 3)
+
+
+def test_dense_decode_lets_the_library_allocate_where_it_can(rec, monkeypatch):
+    # With torch's allocator installed for the call, one entry allocates and returns
+    # (out, lse); the Python side only unpacks them.
+    rec.allocates = True
+    rec.returns = ("out", "lse")
+    monkeypatch.setattr(_native, "array_item", lambda: (lambda result, i: result[i]))
+    k, table, lengths = torch.zeros(1), torch.zeros(1), torch.zeros(1)
+    out, lse = dense_decode._run_native(Q, k, table, lengths, 512, 0.1, True, META, SPLITS,
+                                        batch_invariant=True)
+    (name, args), = rec.calls
+    assert name == "dense_decode_fwd_alloc"
+    assert args[:6] == (Q, k, table, lengths, META, SPLITS) and args[6:] == (0.1, True, True)
+    assert (out, lse) == ("out", "lse")
 
 
 def test_sparse_decode_passes_queries_first_buffers(rec):

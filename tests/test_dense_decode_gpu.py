@@ -20,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import flash_mla  # noqa: E402
-from flash_mla import oracle  # noqa: E402
+from flash_mla import dense_decode, oracle  # noqa: E402
 from flash_mla.testing import (  # noqa: E402
     TOLERANCES,
     check_op_close,
@@ -294,6 +294,25 @@ def test_schedule_kernel_matches_python_model(monkeypatch):
         # an empty part's fields beyond begin_req do not matter; compare the runs
         assert pieces_of(got, seqlens, want_offsets) == pieces_of(want_parts, seqlens, want_offsets)
         assert [g[0] == b for g in got] == [w[0] == b for w in want_parts]
+
+
+# --------------------------------------------------------------------------- repeat calls
+
+@gpu
+def test_repeat_calls_match_fresh_holders_bit_for_bit():
+    """A holder's later calls take the repeat path (flash_mla._repeat_call): new q, another
+    cache of the same layout (the next layer) and new lengths give exactly what a fresh
+    holder's validated call gives with the same schedule."""
+    seqlens = [300, 0, 1500, 64]
+    q, cache = _problem(seqlens, 2, 16, 1, torch.bfloat16, seed=41)
+    q2, cache2 = _problem(seqlens, 2, 16, 1, torch.bfloat16, seed=42)
+    meta = flash_mla.get_mla_metadata()[0]
+    _decode(q, cache, True, meta=meta)
+    assert dense_decode.repeat_record(meta) is not None
+    out, lse = _decode(q2, cache2, True, meta=meta)
+    fresh_out, fresh_lse = _decode(q2, cache2, True)
+    assert torch.equal(out, fresh_out) and torch.equal(lse, fresh_lse)
+    _check_element_rule(q2, cache2, True, out, lse, "repeat")
 
 
 # --------------------------------------------------------------------------- CUDA graphs

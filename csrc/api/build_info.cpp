@@ -10,14 +10,20 @@
 // FLASH_MLA_VERSION, FLASH_MLA_TARGETS (targets joined by '_') and FLASH_MLA_PTX
 // are pp-numbers set by the build (flash_mla_build/build.py) and stringified here,
 // which needs no quoting on any shell.
+//
+// Also env_allocator_available(any tensor) -> bool: whether the caller's framework
+// installed its DLPack tensor allocator for the call (env_alloc.h), which the entries
+// that allocate their own outputs need. Python asks once per process.
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
 #include <string>
 
+#include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/function.h>
 
 #include "../common/kernel_registry.h"
+#include "env_alloc.h"
 
 #define FLASH_MLA_STR_(x) #x
 #define FLASH_MLA_STR(x) FLASH_MLA_STR_(x)
@@ -112,8 +118,15 @@ std::string build_info() {
   return json;
 }
 
+// `any`: a tensor of the caller's framework; passing it is what installs the allocator.
+bool env_allocator_available(tvm::ffi::TensorView any) {
+  static_cast<void>(any);
+  return env_allocator_set();
+}
+
 }  // namespace
 
 }  // namespace flash_mla::api
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(build_info, flash_mla::api::build_info);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(env_allocator_available, flash_mla::api::env_allocator_available);

@@ -11,6 +11,10 @@
 //   dense_decode_fwd(q, k_cache, block_table, cache_seqlens, metadata, split_offsets,
 //                    o_accum, lse_accum, out, lse, softmax_scale, causal) -> None
 //       the decode kernel, then the split-KV combine, on the caller's stream.
+//   dense_decode_fwd_alloc(q, k_cache, block_table, cache_seqlens, metadata, split_offsets,
+//                          softmax_scale, causal, batch_invariant) -> (out, lse)
+//       the same, with out, lse and the partials (S = P, or b + P unless batch_invariant)
+//       allocated through the caller's allocator (env_alloc.h); the per-call path of Python.
 // Layouts: DenseDecodeParams in csrc/params.h; design: docs/dense_decode.md. o_accum
 // fp32 [S, h_q, s_q, 512] and lse_accum fp32 [S, h_q, s_q] are head-major, so the combine,
 // called with its (s_q, h_q) roles swapped, writes lse as a contiguous [b, h_q, s_q].
@@ -25,6 +29,7 @@
 #include <string>
 
 #include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/container/tuple.h>
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/function.h>
 
@@ -36,6 +41,7 @@
 #include "../portable/decode/schedule/config.h"
 #include "../portable/decode/schedule/kernel.h"
 #include "checks.h"
+#include "env_alloc.h"
 #include "launch.h"
 #include "split_buffers.h"
 
@@ -291,9 +297,31 @@ void dense_decode_fwd(TensorView q, TensorView k_cache, TensorView block_table,
   check_launch("combine (dense decode)");
 }
 
+tvm::ffi::Tuple<Tensor, Tensor> dense_decode_fwd_alloc(
+    TensorView q, TensorView k_cache, TensorView block_table, TensorView cache_seqlens,
+    TensorView metadata, TensorView split_offsets, double softmax_scale, bool causal,
+    bool batch_invariant) {
+  require_env_allocator("dense_decode_fwd_alloc");
+  // The sizes come from q and the schedule, so those two are checked far enough to read
+  // them; dense_decode_fwd then validates every tensor, the allocated ones included.
+  check_cuda(q, "q");
+  check_ndim(q, 4, "q", "[b, s_q, h_q, 576]");
+  check_ndim(metadata, 2, "tile_scheduler_metadata", "[num_parts, 8]");
+  const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2);
+  const int64_t parts = metadata.size(0);
+  const int64_t splits = batch_invariant ? parts : b + parts;
+  Tensor out = env_empty({b, s_q, h_q, dec::kHeadDimV}, q.dtype(), q.device());
+  Tensor lse = env_empty({b, h_q, s_q}, kFloat32, q.device());
+  const EnvPartials partials(splits, h_q, s_q, dec::kHeadDimV, q.device());
+  dense_decode_fwd(q, k_cache, block_table, cache_seqlens, metadata, split_offsets,
+                   partials.o_accum(), partials.lse_accum(), out, lse, softmax_scale, causal);
+  return tvm::ffi::Tuple<Tensor, Tensor>(out, lse);
+}
+
 }  // namespace
 }  // namespace flash_mla::api
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(dense_decode_num_parts, flash_mla::api::dense_decode_num_parts);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(dense_decode_schedule, flash_mla::api::dense_decode_schedule);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(dense_decode_fwd, flash_mla::api::dense_decode_fwd);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(dense_decode_fwd_alloc, flash_mla::api::dense_decode_fwd_alloc);

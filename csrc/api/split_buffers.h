@@ -15,6 +15,7 @@
 #include "../params.h"
 #include "../portable/decode/schedule/config.h"
 #include "checks.h"
+#include "env_alloc.h"
 
 namespace flash_mla::api {
 
@@ -102,6 +103,46 @@ struct SplitBuffers {
                                 << shape_str(o_accum);
     }
   }
+};
+
+// The fp32 partials of an allocating decode entry: o_accum [S, d1, d2, d_v] and lse_accum
+// [S, d1, d2], contiguous, as two views of ONE allocation from the caller's allocator (each
+// allocation costs about 1.4 us of host time; docs/dense_decode.md). o_accum comes first, so
+// it keeps the allocation's alignment; lse_accum follows at a multiple of d_v floats.
+class EnvPartials {
+ public:
+  EnvPartials(int64_t splits, int64_t d1, int64_t d2, int64_t d_v, DLDevice device)
+      : scratch_(env_empty({splits * d1 * d2 * (d_v + 1)}, kFloat32, device)),
+        o_shape_{splits, d1, d2, d_v},
+        o_strides_{d1 * d2 * d_v, d2 * d_v, d_v, 1},
+        l_shape_{splits, d1, d2},
+        l_strides_{d1 * d2, d2, 1} {
+    float* base = static_cast<float*>(scratch_.data_ptr());
+    o_ = view(base, o_shape_, o_strides_, 4);
+    l_ = view(base + splits * d1 * d2 * d_v, l_shape_, l_strides_, 3);
+  }
+  EnvPartials(const EnvPartials&) = delete;
+  EnvPartials& operator=(const EnvPartials&) = delete;
+
+  TensorView o_accum() const { return TensorView(&o_); }
+  TensorView lse_accum() const { return TensorView(&l_); }
+
+ private:
+  DLTensor view(float* data, int64_t* shape, int64_t* strides, int ndim) const {
+    DLTensor t{};
+    t.data = data;
+    t.device = scratch_.device();
+    t.ndim = ndim;
+    t.dtype = kFloat32;
+    t.shape = shape;
+    t.strides = strides;
+    t.byte_offset = 0;
+    return t;
+  }
+
+  Tensor scratch_;  // owns the memory until the entry returns (stream-ordered reuse after)
+  int64_t o_shape_[4], o_strides_[4], l_shape_[3], l_strides_[3];
+  DLTensor o_{}, l_{};
 };
 
 }  // namespace flash_mla::api

@@ -61,6 +61,7 @@
 #include "../../common/math.cuh"
 #include "../../common/mla_row_block.cuh"
 #include "../../common/mma.cuh"
+#include "../../common/smem_opt_in.cuh"
 #include "../../common/swizzle.cuh"
 #include "../schedule/config.h"
 #include "config.h"
@@ -353,12 +354,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename Elem, bool kIsCausal>
 void launch_dense_decode(const DenseDecodeParams& params) {
-  auto kernel = dense_decode_kernel<Elem, kIsCausal>;
-  // Per launch, not cached: the attributes belong to the current device. The carveout
-  // asks for the largest shared-memory split, so two CTAs share an H100 SM.
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                       cudaSharedmemCarveoutMaxShared);
+  constexpr auto kernel = dense_decode_kernel<Elem, kIsCausal>;
+  // The carveout asks for the largest shared-memory split, so two CTAs share an H100 SM.
+  opt_in_smem<kernel, kSmemBytes, /*kMaxCarveout=*/true>();
   const int64_t ctas =
       static_cast<int64_t>(params.num_parts) * params.h_k * params.num_m_blocks;
   kernel<<<static_cast<unsigned>(ctas), kThreads, kSmemBytes, params.stream>>>(params);

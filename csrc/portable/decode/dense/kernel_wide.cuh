@@ -46,6 +46,7 @@
 #include "../../common/ldmatrix.cuh"
 #include "../../common/math.cuh"
 #include "../../common/mma.cuh"
+#include "../../common/smem_opt_in.cuh"
 #include "../../common/swizzle.cuh"
 #include "../schedule/config.h"
 #include "config.h"
@@ -415,11 +416,8 @@ __global__ void __launch_bounds__(QRegCta<kSlabs>::kThreads, min_ctas_per_sm<kSl
 template <typename Elem, bool kIsCausal, int kSlabs>
 void launch(const DenseDecodeParams& params) {
   using Cta = QRegCta<kSlabs>;
-  auto kernel = dense_decode_wide_kernel<Elem, kIsCausal, kSlabs>;
-  // Per launch, not cached: the attributes belong to the current device.
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cta::kSmemBytes);
-  cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                       cudaSharedmemCarveoutMaxShared);
+  constexpr auto kernel = dense_decode_wide_kernel<Elem, kIsCausal, kSlabs>;
+  opt_in_smem<kernel, Cta::kSmemBytes, /*kMaxCarveout=*/true>();
   const int64_t ctas =
       static_cast<int64_t>(params.num_parts) * params.h_k * params.num_m_blocks;
   kernel<<<static_cast<unsigned>(ctas), Cta::kThreads, Cta::kSmemBytes, params.stream>>>(params);

@@ -58,6 +58,7 @@
 #include "../../common/element.cuh"
 #include "../../common/math.cuh"
 #include "../../common/mla_row_block.cuh"
+#include "../../common/smem_opt_in.cuh"
 #include "../../common/swizzle.cuh"
 #include "../../common/tile_copy.cuh"
 #include "../schedule/config.h"
@@ -448,13 +449,10 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(kSlabs))
 
 template <int kDimQK, int kSlabs>
 void run_sparse_decode(const SparseDecodeParams& params) {
-  auto kernel = sparse_decode_kernel<kDimQK, kSlabs>;
+  constexpr auto kernel = sparse_decode_kernel<kDimQK, kSlabs>;
   constexpr int kSmemBytes = Layout<kDimQK, kSlabs>::kSmemBytes;
-  // Per launch, not cached: the attributes belong to the current device. The carveout
-  // asks for the largest shared-memory split, so two CTAs share an H100 SM.
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                       cudaSharedmemCarveoutMaxShared);
+  // The carveout asks for the largest shared-memory split, so two CTAs share an H100 SM.
+  opt_in_smem<kernel, kSmemBytes, /*kMaxCarveout=*/true>();
   const int64_t ctas = static_cast<int64_t>(params.num_parts) * params.num_m_blocks;
   kernel<<<static_cast<unsigned>(ctas), kThreads, kSmemBytes, params.stream>>>(params);
 }

@@ -1,0 +1,46 @@
+"""The repeat-call path of ``flash_mla_with_kvcache``: what lets a decode call that
+repeats the holder's first one skip the Python work that cannot change its outcome.
+
+A serving engine calls decode once per layer per step with one FlashMLASchedMeta
+holder: the same shapes, strides, dtypes, device and scalar arguments every time,
+only the data differs. The first call that runs natively is validated in full; the
+family then stores a record in the holder (``RECORD_ATTR``) with that call's
+layout key (``layout_key``), its scalar arguments and what it resolved (schedule,
+buffer shapes, the native function). A later call whose key and scalars compare
+equal, under the same ``FLASH_MLA_BACKEND`` value and outside torch.compile
+tracing, goes straight to the native entry, which checks every tensor again in
+C++. Anything that differs takes the full path, so every error a full call raises,
+the same call raises on a repeat, with the same message. The measurement behind it
+is in docs/dense_decode.md ("Host time of an eager call").
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Tuple
+
+import torch
+
+from .dispatch import ENV_VAR
+
+# The holder attribute where a family stores the record of its first native call.
+RECORD_ATTR = "_repeat_record"
+
+_Tensor = torch.Tensor
+
+
+def layout_key(*tensors: Any) -> Optional[Tuple[Any, ...]]:
+    """(shape, strides, dtype, device) of each tensor, flattened, or None when one of
+    them is not exactly a torch.Tensor (subclasses and fakes always take the full
+    path). Data pointers are not part of it: no check reads them."""
+    key = []
+    for t in tensors:
+        if type(t) is not _Tensor:
+            return None
+        key += (t.shape, t.stride(), t.dtype, t.device)
+    return tuple(key)
+
+
+def backend_env() -> Optional[str]:
+    """The raw FLASH_MLA_BACKEND value a record was made under (read per call: a
+    changed value must reach the dispatch again)."""
+    return os.environ.get(ENV_VAR)

@@ -1,0 +1,228 @@
+"""The repeat-call path of dense decode (flash_mla._repeat_call) on the CPU, with the
+native entries faked and the dispatch forced to native: the first call is validated and
+records; a call with the same layouts and scalars skips validation and passes the stored
+schedule; any difference takes the full path, which raises exactly what a fresh holder's
+call raises."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Tuple
+
+import pytest
+import torch
+
+import flash_mla
+from flash_mla import _native, _repeat_call, dense_decode
+from flash_mla import dispatch as _dispatch
+
+B, S_Q, H_Q, D_QK, D_V, PAGE = 2, 1, 16, 576, 512, 64
+PARTS = 3
+
+
+class _FakeNative:
+    """Stands in for the library: a fixed part count, a zero schedule, a decode that
+    writes zeros and records its arguments; with ``allocates``, the allocating entry
+    (returns zero out and lse of the shapes it was asked for) instead of the one that
+    takes buffers."""
+
+    def __init__(self, allocates: bool) -> None:
+        self.fwd_calls: List[Tuple[Any, ...]] = []
+        self.allocates = allocates
+
+    def function(self, name: str) -> Callable:
+        if name == "env_allocator_available":
+            return lambda tensor: self.allocates
+        if name == "dense_decode_fwd_alloc":
+            assert self.allocates, "the allocating entry was called without the allocator"
+
+            def fwd_alloc(q, k_cache, block_table, cache_seqlens, metadata, splits, scale,
+                          causal, invariant):
+                self.fwd_calls.append((q, k_cache, block_table, cache_seqlens, metadata,
+                                       splits, scale, causal, invariant))
+                b, s_q, h_q, _ = q.shape
+                return (torch.zeros(b, s_q, h_q, D_V, dtype=q.dtype),
+                        torch.zeros(b, h_q, s_q))
+            return fwd_alloc
+        if name == "dense_decode_num_parts":
+            return lambda *args: PARTS
+        if name == "dense_decode_schedule":
+            def schedule(lengths, metadata, split_offsets, invariant):
+                metadata.zero_()
+                split_offsets.zero_()
+            return schedule
+        if name == "dense_decode_fwd":
+            assert not self.allocates, "buffers were allocated in Python with the allocator"
+
+            def fwd(*args):
+                self.fwd_calls.append(args)
+                args[8].zero_()
+                args[9].zero_()
+            return fwd
+        raise AssertionError(f"unexpected native function {name}")
+
+
+@pytest.fixture(params=[False, True], ids=["python-buffers", "library-allocates"])
+def native(monkeypatch, request) -> _FakeNative:
+    fake = _FakeNative(allocates=request.param)
+    monkeypatch.setattr(_native, "function", fake.function)
+    monkeypatch.setattr(_native, "array_item", lambda: (lambda result, i: result[i]))
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+
+    def choose(op: str, device: Any, features: Any = None) -> str:
+        if _dispatch.backend_setting() == _dispatch.REFERENCE:
+            _dispatch.record_choice(op, (_dispatch.REFERENCE, str(device)))
+            return _dispatch.REFERENCE
+        _dispatch.record_choice(op, (_dispatch.NATIVE, str(device)))
+        return _dispatch.NATIVE
+
+    monkeypatch.setattr(_dispatch, "choose", choose)
+    return fake
+
+
+@pytest.fixture
+def validations(monkeypatch) -> List[int]:
+    """Counts calls of dense_decode.validate (the full path)."""
+    count = [0]
+    original = dense_decode.validate
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dense_decode, "validate", counting)
+    return count
+
+
+def _inputs(dtype=torch.bfloat16) -> Dict[str, Any]:
+    return dict(q=torch.zeros(B, S_Q, H_Q, D_QK, dtype=dtype),
+                k_cache=torch.zeros(4, PAGE, 1, D_QK, dtype=dtype),
+                block_table=torch.zeros(B, 2, dtype=torch.int32),
+                cache_seqlens=torch.full((B,), 70, dtype=torch.int32))
+
+
+def _call(meta, args: Dict[str, Any], **kwargs: Any):
+    return flash_mla.flash_mla_with_kvcache(args["q"], args["k_cache"], args["block_table"],
+                                            args["cache_seqlens"], D_V, meta, **kwargs)
+
+
+def test_repeat_skips_validation_and_reuses_the_schedule(native, validations):
+    args = _inputs()
+    meta = flash_mla.get_mla_metadata()[0]
+    first = _call(meta, args, causal=True)
+    assert validations[0] == 1 and dense_decode.repeat_record(meta) is not None
+    # new data, same layouts: the repeat path
+    args2 = {k: v.clone() for k, v in args.items()}
+    second = _call(meta, args2, causal=True)
+    assert validations[0] == 1, "the repeat call ran the full validation"
+    assert len(native.fwd_calls) == 2
+    call = native.fwd_calls[1]
+    assert call[0] is args2["q"] and call[3] is args2["cache_seqlens"]
+    assert call[4] is meta.tile_scheduler_metadata and call[5] is meta.num_splits
+    scalars = call[6:] if native.allocates else call[10:]
+    assert scalars[0] == pytest.approx(D_QK ** -0.5) and scalars[1] is True
+    if native.allocates:
+        assert scalars[2] is False  # enable_batch_invariant sizes the partials
+    else:  # buffers sized as the full path's
+        for full, repeat in zip(native.fwd_calls[0][6:10], call[6:10]):
+            assert (full.shape, full.dtype) == (repeat.shape, repeat.dtype)
+    # fresh outputs with the documented shapes
+    assert second[0] is not first[0] and second[1] is not first[1]
+    assert second[0].shape == (B, S_Q, H_Q, D_V) and second[0].dtype == torch.bfloat16
+    assert second[1].shape == (B, H_Q, S_Q) and second[1].dtype == torch.float32
+    assert _dispatch.last_backend("dense_decode") == _dispatch.NATIVE
+
+
+def _noncontiguous_q(args):
+    wide = torch.zeros(B, S_Q, H_Q, 2 * D_QK, dtype=args["q"].dtype)
+    return dict(args, q=wide[..., ::2])
+
+
+def _wider_table(args):
+    return dict(args, block_table=torch.zeros(B, 3, dtype=torch.int32))
+
+
+def _fp16(args):
+    return _inputs(torch.float16)
+
+
+def _q_only_fp16(args):
+    return dict(args, q=args["q"].half())
+
+
+def _parameter_q(args):
+    return dict(args, q=torch.nn.Parameter(args["q"], requires_grad=False))
+
+
+# (what changes, how the inputs change, the call's keywords, whether the full path accepts it)
+_CHANGES = [
+    ("softmax_scale", None, dict(softmax_scale=0.5), True),
+    ("softmax_scale as int", None, dict(softmax_scale=1), True),
+    ("causal as int", None, dict(causal=1), True),
+    ("wider block_table", _wider_table, {}, True),
+    ("q as a Parameter", _parameter_q, {}, True),
+    ("negative softmax_scale", None, dict(softmax_scale=-1.0), False),
+    ("non-contiguous q", _noncontiguous_q, {}, False),
+    ("q fp16, cache bf16", _q_only_fp16, {}, False),
+    ("is_fp8_kvcache", None, dict(is_fp8_kvcache=True), False),
+    ("attn_sink", None, dict(attn_sink=torch.zeros(H_Q)), False),
+    ("kv_format", None, dict(kv_format="V32"), False),
+    ("num_splits", None, dict(num_splits=torch.zeros(1)), False),
+]
+
+
+@pytest.mark.parametrize("what,change,kwargs,accepted", _CHANGES, ids=[c[0] for c in _CHANGES])
+def test_any_difference_takes_the_full_path(native, validations, what, change, kwargs,
+                                            accepted):
+    args = _inputs()
+    meta = flash_mla.get_mla_metadata()[0]
+    _call(meta, args, causal=True)
+    changed = change(args) if change is not None else args
+    call_kwargs = dict(dict(causal=True), **kwargs)
+    if accepted:
+        _call(meta, changed, **call_kwargs)
+        assert validations[0] == 2, f"{what}: the repeat path took a call that differs"
+        return
+    # the same exception, with the same message, as a fresh holder's call
+    with pytest.raises((TypeError, ValueError)) as fresh:
+        _call(flash_mla.get_mla_metadata()[0], changed, **call_kwargs)
+    with pytest.raises(type(fresh.value)) as repeated:
+        _call(meta, changed, **call_kwargs)
+    assert str(repeated.value) == str(fresh.value)
+
+
+def test_a_config_change_still_raises(native):
+    args = _inputs()
+    meta = flash_mla.get_mla_metadata()[0]
+    _call(meta, args, causal=True)
+    with pytest.raises(ValueError, match="causal"):
+        _call(meta, args, causal=False)
+    with pytest.raises(ValueError, match="enable_batch_invariant"):
+        _call(meta, args, causal=True, enable_batch_invariant=True)
+
+
+def test_backend_change_reaches_the_dispatch(native, validations, monkeypatch):
+    args = _inputs()
+    meta = flash_mla.get_mla_metadata()[0]
+    _call(meta, args)
+    monkeypatch.setenv(_dispatch.ENV_VAR, "reference")
+    _call(meta, args)
+    assert validations[0] == 2
+    assert _dispatch.last_backend("dense_decode") == _dispatch.REFERENCE
+    assert len(native.fwd_calls) == 1
+
+
+def test_no_record_on_the_reference_or_for_other_scale_types(native, monkeypatch):
+    args = _inputs()
+    meta = flash_mla.get_mla_metadata()[0]
+    _call(meta, args, softmax_scale=1)  # an int scale: valid, but not repeatable
+    assert dense_decode.repeat_record(meta) is None
+    monkeypatch.setenv(_dispatch.ENV_VAR, "reference")
+    meta = flash_mla.get_mla_metadata()[0]
+    _call(meta, args)
+    assert dense_decode.repeat_record(meta) is None
+
+
+def test_layout_key_refuses_non_tensors():
+    t = torch.zeros(2, 3)
+    assert _repeat_call.layout_key(t, t) == (t.shape, t.stride(), t.dtype, t.device) * 2
+    assert _repeat_call.layout_key(t, None) is None
+    assert _repeat_call.layout_key(torch.nn.Parameter(t)) is None
