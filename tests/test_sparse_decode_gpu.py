@@ -66,6 +66,7 @@ def _native_backend(monkeypatch):
     """Every call must run the native kernel (a fallback raises)."""
     monkeypatch.setenv("FLASH_MLA_BACKEND", "native")
     monkeypatch.delenv(PARTS_VARIABLE, raising=False)
+    monkeypatch.delenv("FLASH_MLA_SPARSE_DECODE_CTA", raising=False)
 
 
 def _extra_format(main_format: str, k: int) -> str:
@@ -213,6 +214,35 @@ def test_every_format_and_head_count_element_rule(kv_format, h_q):
                      sink=k % 2 == 0)
     out, lse = _run_native(p)
     _check_element(p, out, lse, f"{kv_format} h{h_q}")
+
+
+CTA_VARIABLE = "FLASH_MLA_SPARSE_DECODE_CTA"
+
+
+@gpu
+@pytest.mark.parametrize("cta", ("narrow", "rowblock"))
+@pytest.mark.parametrize("kv_format", quant.FORMAT_NAMES)
+@pytest.mark.parametrize("h_q", (1, 16, 20, 64))
+def test_every_cta(monkeypatch, cta, kv_format, h_q):
+    """Both CTAs at any head count (the library picks the narrow one up to 16 heads): an
+    extra pool, lengths, a sink, queries > 1 and rows of invalid indices."""
+    monkeypatch.setenv(CTA_VARIABLE, cta)
+    main = PoolSpec(kv_format, (700, 33, 0), topk=300, page_size=(64, 7)[h_q % 2],
+                    topk_length=True)
+    extra = PoolSpec(_extra_format(kv_format, h_q), (90, 5, 200), topk=70, page_size=16,
+                     topk_length=True)
+    p = make_problem(main, 2, h_q, device=DEVICE, seed=h_q + 7 * len(kv_format), extra=extra,
+                     sink=True, invalid_every=3)
+    out, lse = _run_native(p)
+    _check_element(p, out, lse, f"{cta} {kv_format} h{h_q}")
+
+
+@gpu
+def test_unknown_cta_override_raises(monkeypatch):
+    monkeypatch.setenv(CTA_VARIABLE, "wide")
+    p = make_problem(PoolSpec("V32", (64,), topk=64, page_size=64), 1, 16, device=DEVICE, seed=1)
+    with pytest.raises(ValueError, match=CTA_VARIABLE):
+        run(p)
 
 
 # --------------------------------------------------------------------------- hostile inputs

@@ -4,7 +4,7 @@
 //   sparse_decode_num_parts(device, batch, s_q, h_q, d_qk, batch_invariant) -> int
 //       schedule parts P for this problem on cuda:<device>; FLASH_MLA_SPARSE_DECODE_PARTS=n
 //       forces P (tests: results must not depend on the number of SMs); ignored when
-//       invariant. The schedule itself is the dense decode's kernel (dense_decode_schedule),
+//       invariant. FLASH_MLA_SPARSE_DECODE_CTA=narrow|rowblock forces the CTA (cta_for). The schedule itself is the dense decode's kernel (dense_decode_schedule),
 //       run over each request's key-list length (flash_mla/sparse_decode.py computes it on
 //       the GPU: main limit rounded up to 16, plus the extra limit).
 //   sparse_decode_fwd(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
@@ -51,6 +51,20 @@ FLASH_MLA_REGISTER_OP(sparse_decode, sd::capabilities_json);
 
 int64_t forced_parts() { return forced_count("FLASH_MLA_SPARSE_DECODE_PARTS", 1 << 20); }
 
+// The CTA for h_q (config.h choose_cta). FLASH_MLA_SPARSE_DECODE_CTA=narrow|rowblock forces
+// one, so each is tested and timed at any head count; read on every call (the schedule's
+// part count and the launch), no process-wide state.
+sd::Cta cta_for(int64_t h_q) {
+  const std::string forced = forced_variant("FLASH_MLA_SPARSE_DECODE_CTA");
+  if (!forced.empty()) {
+    if (forced == "narrow") return sd::Cta::kNarrow;
+    if (forced == "rowblock") return sd::Cta::kRowBlock;
+    TVM_FFI_THROW(ValueError) << "FLASH_MLA_SPARSE_DECODE_CTA must be narrow or rowblock (or "
+                              << "unset), got '" << forced << "'";
+  }
+  return sd::choose_cta(static_cast<int>(h_q));
+}
+
 int64_t sparse_decode_num_parts(int64_t device, int64_t batch, int64_t s_q, int64_t h_q,
                                 int64_t d_qk, bool batch_invariant) {
   if (batch < 0 || s_q < 1 || s_q > sd::kMaxQueriesPerRequest || !sd::kHeadsQ.contains(h_q) ||
@@ -61,15 +75,17 @@ int64_t sparse_decode_num_parts(int64_t device, int64_t batch, int64_t s_q, int6
                               << batch << ", s_q=" << s_q << ", h_q=" << h_q << ", d_qk=" << d_qk;
   }
   if (batch_invariant) {
-    return sd::num_parts(0, 0, static_cast<int>(batch), static_cast<int>(s_q),
-                         static_cast<int>(h_q), static_cast<int>(d_qk), true);
+    return sd::num_parts(0, 0, 0, static_cast<int>(batch), static_cast<int>(s_q),
+                         static_cast<int>(h_q), static_cast<int>(d_qk), true, cta_for(h_q));
   }
   const int64_t forced = forced_parts();
   if (forced > 0) return forced;
   const int dev = static_cast<int>(device);
-  return sd::num_parts(num_sms(dev), max_smem_per_sm(dev),
+  const int cc_major = device_attribute(dev, cudaDevAttrComputeCapabilityMajor,
+                                        "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
+  return sd::num_parts(num_sms(dev), max_smem_per_sm(dev), cc_major,
                        static_cast<int>(batch), static_cast<int>(s_q), static_cast<int>(h_q),
-                       static_cast<int>(d_qk), false);
+                       static_cast<int>(d_qk), false, cta_for(h_q));
 }
 
 // A byte cache: uint8, int8 or float8_e4m3fn (8-bit, one lane).
@@ -159,7 +175,8 @@ sd::SparseDecodeParams validate_sparse_decode(
     const TensorView* extra_indices, const TensorView* extra_topk_length,
     const TensorView& metadata, const TensorView& split_offsets, const TensorView& o_accum,
     const TensorView& lse_accum, const TensorView& out, const TensorView& lse,
-    double softmax_scale, const std::string& kv_format, const std::string& extra_kv_format) {
+    double softmax_scale, const std::string& kv_format, const std::string& extra_kv_format,
+    sd::Cta* cta) {
   if ((extra_k_cache == nullptr) != (extra_indices == nullptr) ||
       (extra_topk_length != nullptr && extra_k_cache == nullptr) ||
       (extra_k_cache == nullptr) != extra_kv_format.empty()) {
@@ -253,7 +270,8 @@ sd::SparseDecodeParams validate_sparse_decode(
   // --- values ---
   check_positive_finite(softmax_scale, "softmax_scale");
   split.check_rows();
-  const int m_blocks = sd::num_m_blocks(static_cast<int>(s_q), static_cast<int>(h_q));
+  *cta = cta_for(h_q);  // once per call: the block size and the launch agree
+  const int m_blocks = sd::num_m_blocks(static_cast<int>(s_q), static_cast<int>(h_q), *cta);
   if (parts * m_blocks > INT32_MAX) {
     TVM_FFI_THROW(ValueError) << "tile_scheduler_metadata has " << parts << " parts, which with "
                               << m_blocks << " row blocks exceeds the grid limit of " << INT32_MAX
@@ -263,7 +281,7 @@ sd::SparseDecodeParams validate_sparse_decode(
   p.batch = narrow_to_int32(b, "q.shape[0] (b)");
   p.s_q = static_cast<int>(s_q);
   p.h_q = static_cast<int>(h_q);
-  p.num_head_blocks = sd::num_head_blocks(p.h_q);
+  p.num_head_blocks = sd::num_head_blocks(p.h_q, *cta);
   p.num_m_blocks = m_blocks;
   p.num_parts = static_cast<int>(parts);
   p.num_splits_total = narrow_to_int32(splits, "o_accum.shape[0] (num_splits_total)");
@@ -306,17 +324,20 @@ void sparse_decode_fwd(TensorView q, TensorView k_cache, TensorView indices,
                        TensorView out, TensorView lse, double softmax_scale,
                        tvm::ffi::String kv_format, tvm::ffi::String extra_kv_format) {
   TensorView s_len = q, s_sink = q, s_cache = q, s_idx = q, s_elen = q;
+  sd::Cta cta = sd::Cta::kRowBlock;
   sd::SparseDecodeParams p = validate_sparse_decode(
       q, k_cache, indices, optional_view(topk_length, s_len), optional_view(attn_sink, s_sink),
       optional_view(extra_k_cache, s_cache), optional_view(extra_indices, s_idx),
       optional_view(extra_topk_length, s_elen), metadata, split_offsets, o_accum, lse_accum, out,
-      lse, softmax_scale, std::string(kv_format), std::string(extra_kv_format));
+      lse, softmax_scale, std::string(kv_format), std::string(extra_kv_format), &cta);
   if (p.batch == 0) return;
   const int device = q.device().device_id;
   DeviceGuard guard(device);
   p.stream = current_stream(device);
   const bool one_slab = sd::slabs_for(p.h_q) == 1;
-  if (q.size(3) == 576) {
+  if (cta == sd::Cta::kNarrow) {
+    q.size(3) == 576 ? sd::run_sparse_decode_narrow<576>(p) : sd::run_sparse_decode_narrow<512>(p);
+  } else if (q.size(3) == 576) {
     one_slab ? sd::run_sparse_decode<576, 1>(p) : sd::run_sparse_decode<576, 2>(p);
   } else {
     one_slab ? sd::run_sparse_decode<512, 1>(p) : sd::run_sparse_decode<512, 2>(p);

@@ -27,6 +27,14 @@ __device__ __forceinline__ void cp_async_8_zfill(uint32_t smem_addr, const void*
                "r"(src_bytes));
 }
 
+// The 4-byte form, for int32 values whose rows have no wider alignment (the sparse decode's
+// index rows, any topk and stride); same zero-fill rule.
+__device__ __forceinline__ void cp_async_4_zfill(uint32_t smem_addr, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr), "l"(gmem),
+               "r"(src_bytes));
+}
+
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::);
 }

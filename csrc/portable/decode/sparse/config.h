@@ -122,18 +122,65 @@ static_assert(format_info(0).bytes_per_token <= Layout<576, 2>::kRawRowBytes &&
                   format_info(2).bytes_per_token <= Layout<512, 2>::kRawRowBytes,
               "a raw row holds the widest token");
 
+// The narrow CTA (kernel_narrow.cuh): 4 warps, 16 rows, Q in registers, each warp
+// dequantising only its own dims; one barrier per tile. Byte layout: two dequantised bf16
+// tiles (buffer 1 stages Q at a piece's start), a 3-stage raw ring, the double-buffered S
+// partials ([2][warp][n-tile][lane] float4), a 3-stage ring of index values (a tile's 16
+// int32, copied 5 tiles ahead of its gather), the valid flags ([4 stages][4 warps] bytes,
+// bit k of warp w's byte: token 4 w + k) and the piece record. Kept at most 76800 B, so
+// three CTAs share an H100 SM (228 KB, 1 KB reserved per block); sm_120's 100 KB SM holds
+// one either way.
+template <int kDimQK>
+struct NarrowLayout {
+  static constexpr int kRawRowBytes = Tiles<kDimQK, 1>::kRawRowBytes;
+  static constexpr int kRawStages = 3;
+  static constexpr int kIndexStages = 3;
+  static constexpr int kIndexLead = 5;   // tiles between a tile's index copy and its gather
+  static constexpr int kFlagStages = 4;  // tile i+3's flags never overwrite a mask being read
+  static constexpr int kRawStageBytes = kBlockN * kRawRowBytes;
+  static constexpr int kTileBytes = kBlockN * kDimQK * kElemBytes;  // 18432 | 16384
+  static constexpr int kTileOffset = 0;
+  static constexpr int kRawOffset = 2 * kTileBytes;
+  static constexpr int kPartialOffset = kRawOffset + kRawStages * kRawStageBytes;
+  static constexpr int kPartialBytes = 2 * kNumWarps * 2 * 32 * 16;
+  static constexpr int kIndexOffset = kPartialOffset + kPartialBytes;
+  static constexpr int kFlagOffset = kIndexOffset + kIndexStages * kBlockN * 4;
+  // The current piece's record (kernel.cuh's Piece, 32 bytes): read back by the tile loop,
+  // so it stays out of the registers beside Q and O.
+  static constexpr int kPieceOffset = kFlagOffset + kFlagStages * kNumWarps;
+  static constexpr int kSmemBytes = kPieceOffset + 32;
+};
+static_assert(NarrowLayout<576>::kSmemBytes == 76784, "narrow sparse decode budget as in docs/sparse_decode.md");
+static_assert(NarrowLayout<512>::kSmemBytes == 69616, "narrow sparse decode budget as in docs/sparse_decode.md");
+static_assert(NarrowLayout<576>::kSmemBytes <= kMaxSmemPerBlockSm120, "tile exceeds sm_120's 99 KB");
+static_assert(3 * (NarrowLayout<576>::kSmemBytes + kReservedSmemPerBlock) <= 228 * 1024,
+              "three narrow CTAs share an H100 SM");
+
+// Which CTA runs a call: the narrow one up to 16 heads (one 16-row block per query), the
+// row-block CTA of kernel.cuh (16 x slabs_for(h_q) rows) above. Either serves any h_q
+// (FLASH_MLA_SPARSE_DECODE_CTA forces one, csrc/api/sparse_decode.cu).
+enum class Cta { kRowBlock, kNarrow };
+constexpr Cta choose_cta(int h_q) { return h_q <= 16 ? Cta::kNarrow : Cta::kRowBlock; }
+constexpr int block_rows(Cta cta, int h_q) { return cta == Cta::kNarrow ? 16 : 16 * slabs_for(h_q); }
+
 constexpr int kMaxQueriesPerRequest = 1 << 16;
 
-// Head blocks per query and row blocks (CTAs per schedule part), for slabs_for(h_q).
-inline int num_head_blocks(int h_q) {
-  const int rows = 16 * slabs_for(h_q);
+// Head blocks per query and row blocks (CTAs per schedule part), for the CTA's block rows.
+inline int num_head_blocks(int h_q, Cta cta) {
+  const int rows = block_rows(cta, h_q);
   return (h_q + rows - 1) / rows;
 }
-inline int num_m_blocks(int s_q, int h_q) { return s_q * num_head_blocks(h_q); }
+inline int num_m_blocks(int s_q, int h_q, Cta cta) { return s_q * num_head_blocks(h_q, cta); }
 
 inline int smem_bytes(int d_qk, int slabs) {
   if (d_qk == 576) return slabs == 1 ? Layout<576, 1>::kSmemBytes : Layout<576, 2>::kSmemBytes;
   return slabs == 1 ? Layout<512, 1>::kSmemBytes : Layout<512, 2>::kSmemBytes;
+}
+inline int smem_bytes(int d_qk, int h_q, Cta cta) {
+  if (cta == Cta::kNarrow) {
+    return d_qk == 576 ? NarrowLayout<576>::kSmemBytes : NarrowLayout<512>::kSmemBytes;
+  }
+  return smem_bytes(d_qk, slabs_for(h_q));
 }
 
 // Resident CTAs per SM the launch bounds promise ptxas to fit by registers: with one slab
@@ -150,24 +197,32 @@ constexpr int ctas_by_registers(int slabs) {
 }
 static_assert(ctas_by_registers(1) == 3 && ctas_by_registers(2) == 2, "register budget");
 
-// CTAs that fit one SM: by shared memory (1 on sm_120, 2 or 3 on an H100) and by registers.
-inline int ctas_per_sm(int smem_per_sm, int d_qk, int slabs) {
-  int n = smem_per_sm / (smem_bytes(d_qk, slabs) + kReservedSmemPerBlock);
-  if (n > ctas_by_registers(slabs)) n = ctas_by_registers(slabs);
+// Narrow CTAs an SM's registers hold: three on sm_90, whose launch bound asks ptxas for
+// three (<= 168 registers a thread; kernel_narrow.cuh), two elsewhere (bound two).
+constexpr int kNarrowCtasPerSm90 = 3;
+constexpr int narrow_ctas_by_registers(int cc_major) { return cc_major == 9 ? kNarrowCtasPerSm90 : 2; }
+
+// CTAs that fit one SM of compute capability cc_major: by shared memory (1 on sm_120, 2 or 3
+// on an H100) and by registers.
+inline int ctas_per_sm(int smem_per_sm, int d_qk, int h_q, Cta cta, int cc_major) {
+  int n = smem_per_sm / (smem_bytes(d_qk, h_q, cta) + kReservedSmemPerBlock);
+  const int by_registers = cta == Cta::kNarrow ? narrow_ctas_by_registers(cc_major)
+                                               : ctas_by_registers(slabs_for(h_q));
+  if (n > by_registers) n = by_registers;
   return n > 0 ? n : 1;
 }
 
 // Schedule parts: enough CTAs (parts x row blocks) to fill every SM once, or, in
 // batch-invariant mode, one part per (request, piece) as the dense decode does.
-inline int num_parts(int num_sms, int smem_per_sm, int batch, int s_q, int h_q, int d_qk,
-                     bool batch_invariant) {
+inline int num_parts(int num_sms, int smem_per_sm, int cc_major, int batch, int s_q, int h_q,
+                     int d_qk, bool batch_invariant, Cta cta) {
   if (batch_invariant) {
     const int64_t parts = static_cast<int64_t>(batch) * decode_schedule::kInvariantMaxPieces;
     return static_cast<int>(parts > 0 ? parts : 1);
   }
-  const int64_t per_part = num_m_blocks(s_q, h_q);
+  const int64_t per_part = num_m_blocks(s_q, h_q, cta);
   const int64_t slots =
-      static_cast<int64_t>(num_sms) * ctas_per_sm(smem_per_sm, d_qk, slabs_for(h_q));
+      static_cast<int64_t>(num_sms) * ctas_per_sm(smem_per_sm, d_qk, h_q, cta, cc_major);
   const int64_t parts = slots / per_part;
   return static_cast<int>(parts > 0 ? parts : 1);
 }

@@ -35,7 +35,7 @@ struct CachePool {
 // main_span_i + extra_limit_i, into pieces of 64-position blocks.
 struct SparseDecodeParams {
   int batch, s_q, h_q;
-  int num_head_blocks;       // ceil(h_q / (16 * slabs_for(h_q)))
+  int num_head_blocks;       // ceil(h_q / block_rows(cta, h_q)) (config.h)
   int num_m_blocks;          // s_q * num_head_blocks: CTAs per schedule part
   int num_parts;             // schedule parts (metadata rows)
   int num_splits_total;      // rows of o_accum / lse_accum
@@ -66,5 +66,9 @@ static_assert(sizeof(SparseDecodeParams) == 296, "SparseDecodeParams layout chan
 // reads cudaGetLastError().
 template <int kDimQK, int kSlabs>
 void run_sparse_decode(const SparseDecodeParams& params);
+
+// The narrow CTA (kernel_narrow.cuh): 16 rows per CTA, num_head_blocks = ceil(h_q / 16).
+template <int kDimQK>
+void run_sparse_decode_narrow(const SparseDecodeParams& params);
 
 }  // namespace flash_mla::portable::sparse_decode
