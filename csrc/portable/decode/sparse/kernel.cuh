@@ -13,8 +13,9 @@
 // [128w, 128w + 128)).
 //
 // Global memory. Per tile, thread t serves token t / 8 (eight threads a token): it reads
-// that index position one iteration ahead; a value outside [0, num_tokens) or a position
-// past the pool's limit is invalid. It copies chunks t % 8, t % 8 + 8, ... of the token;
+// that index position from the index ring (copied there four tiles ahead); a value outside
+// [0, num_tokens) or a position past the pool's limit is invalid. It copies chunks t % 8,
+// t % 8 + 8, ... of the token;
 // an invalid token's raw row is zero-filled by cp.async without a read (it dequantises to
 // zeros) and its scores are set to -inf from the tile's valid flags (the token's first
 // thread writes its flag when it issues the tile). A token is copied in 16-byte chunks, or
@@ -29,18 +30,18 @@
 //   Q block [16 slabs][d] | dequantised tile [16][d] bf16 | raw ring, tile i in stage i % 3:
 //   [16][raw row] bytes | S partials of warps 1..3 | P [32][16] bf16 | per-row rescale |
 //   per-row output scale (epilogue) | warp 0's softmax state | valid flags [3][16] | the
-//   current piece's record (Piece).
+//   current piece's record (Piece) | index ring [3][16] int32 (tile i's values in i % 3).
 //
 // Barrier / cp.async protocol per piece (T tiles):
 //   __syncthreads (the previous piece's readers are done); thread 0 stores the Piece record,
-//   warp 0 resets the softmax state; cp.async Q and raw tile 0 -> commit; raw tile 1 ->
-//   commit; load tile 2's index values.
+//   warp 0 resets the softmax state; cp.async Q, raw tile 0 (its index values read from
+//   global memory) and the index values of tiles 2 and 3 -> commit; raw tile 1 -> commit.
 //   iteration i: wait_group 1 (raw tile i landed, this thread's part); B1 __syncthreads
-//     (raw tile i, its flags and the Piece record visible; every warp finished iteration
-//     i-1, so the dequantised tile, raw stage (i+2) % 3 and its flags, the S partials, P
-//     and the rescale factors are free); issue raw tile i+2 -> commit (an empty group past the
-//     end keeps the count), with the index values loaded one iteration earlier, then load
-//     tile i+3's; warp w dequantises dims [w d/4, (w+1) d/4) of raw tile i into the bf16
+//     (raw tile i, its flags, the Piece record and the index values of tile i+2 visible;
+//     every warp finished iteration i-1, so the dequantised tile, raw stage (i+2) % 3 and
+//     its flags, index stage (i+4) % 3, the S partials, P and the rescale factors are
+//     free); issue raw tile i+2 (index values from the ring) and the index values of tile
+//     i+4 -> commit (an empty group past the end keeps the count); warp w dequantises dims [w d/4, (w+1) d/4) of raw tile i into the bf16
 //     tile, the dims its S partial reads; __syncwarp; S partial sums; warps 1..3 store
 //     theirs; B2 __syncthreads (also: the whole bf16 tile is written); warp 0: add the
 //     partials, mask, softmax step; B3 __syncthreads; every warp: rescale O (skipped by a
@@ -296,17 +297,37 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(kSlabs))
       limit = pc.extra_limit;
       return params.extra;
     };
-    // The index value that this thread's token (row tid / 8 of a tile) has: a plain load
-    // whose result is consumed one iteration later (load_index for tile i + 3 while tile i
-    // is computed), so the gather never waits for it; -1 past the tile's pool limit or the
-    // piece. The bounds check is applied at issue time, after the load has landed.
+    // A tile's 16 index values into index stage tile % 3 (threads 0..15, one 4-byte copy
+    // each: index rows have any alignment), kIndexLead tiles ahead of its gather, so the
+    // gather never waits for a dependent load. Positions past the pool's limit are
+    // zero-filled without a read and never used.
     const int token_row = tid / kThreadsPerToken;
-    auto load_index = [&](const Piece& pc, int tile) -> int {
+    auto issue_index = [&](const Piece& pc, int tile) {
+      if (tile >= num_tiles || tid >= kBlockN) return;
+      int pos0, limit;
+      const CachePool& pool = tile_pool(pc, tile, pos0, limit);
+      const int pos = pos0 + tid;
+      const bool valid = pos < limit;
+      const int32_t* src = pool.indices + static_cast<int64_t>(pc.req) * pool.indices_batch_stride +
+                           static_cast<int64_t>(pc.query) * pool.indices_row_stride +
+                           (valid ? pos : 0);
+      cp_async_4_zfill(smem_base + L::kIndexOffset +
+                           static_cast<uint32_t>(((tile % L::kIndexStages) * kBlockN + tid) * 4),
+                       src, valid);
+    };
+    // This thread's token's (row tid / 8 of a tile) index value, -1 past the tile's pool
+    // limit or the piece: from the index ring (`ring`: the copy landed and is visible) or,
+    // in a piece's prologue, straight from global memory.
+    auto tile_index = [&](const Piece& pc, int tile, bool ring) -> int {
       if (tile >= num_tiles) return -1;
       int pos0, limit;
       const CachePool& pool = tile_pool(pc, tile, pos0, limit);
       const int pos = pos0 + token_row;
       if (pos >= limit) return -1;
+      if (ring) {
+        return reinterpret_cast<const int*>(smem + L::kIndexOffset)[(tile % L::kIndexStages) *
+                                                                        kBlockN + token_row];
+      }
       return pool.indices[static_cast<int64_t>(pc.req) * pool.indices_batch_stride +
                           static_cast<int64_t>(pc.query) * pool.indices_row_stride + pos];
     };
@@ -329,11 +350,15 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(kSlabs))
                                         tid % kThreadsPerToken);
       });
     };
-    issue_tile(here, 0, load_index(here, 0));
+    // The first group also carries the index values of tiles 2 and 3 (iteration i gathers
+    // tile i + 2 and copies the values of tile i + 4).
+    static_assert(L::kIndexLead == 4 && L::kIndexStages >= 3, "index ring as in config.h");
+    issue_tile(here, 0, tile_index(here, 0, /*ring=*/false));
+    issue_index(here, 2);
+    issue_index(here, 3);
     cp_async_commit();
-    issue_tile(here, 1, load_index(here, 1));
+    issue_tile(here, 1, tile_index(here, 1, /*ring=*/false));
     cp_async_commit();
-    int next_index = load_index(here, 2);  // tile i + 2's, for iteration i
 
     float o_acc[kSlabs][rb::kNTilesO][4];
     rb::zero_o<kSlabs>(o_acc);
@@ -343,9 +368,9 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(kSlabs))
       __syncthreads();  // B1
       {
         const Piece pc = *piece_smem;
-        issue_tile(pc, i + 2, next_index);
+        issue_tile(pc, i + 2, tile_index(pc, i + 2, /*ring=*/true));
+        issue_index(pc, i + L::kIndexLead);
         cp_async_commit();
-        next_index = load_index(pc, i + 3);
         int pos0, limit;
         const CachePool& pool = tile_pool(pc, i, pos0, limit);
         const unsigned char* raw = smem + L::kRawOffset + (i % kRawStages) * L::kRawStageBytes;
