@@ -29,14 +29,19 @@ _Tensor = torch.Tensor
 
 
 def layout_key(*tensors: Any) -> Optional[Tuple[Any, ...]]:
-    """(shape, strides, dtype, device) of each tensor, flattened, or None when one of
-    them is not exactly a torch.Tensor (subclasses and fakes always take the full
-    path). Data pointers are not part of it: no check reads them."""
+    """(shape, strides, dtype, device) of each tensor, flattened (a None argument, an
+    optional tensor left out, adds one None), or None when an argument is neither None nor
+    exactly a torch.Tensor (subclasses and fakes always take the full path). Data pointers
+    are not part of it: the checks that read one (a cache's alignment) are redone per
+    call."""
     key = []
     for t in tensors:
-        if type(t) is not _Tensor:
+        if t is None:
+            key.append(None)
+        elif type(t) is _Tensor:
+            key += (t.shape, t.stride(), t.dtype, t.device)
+        else:
             return None
-        key += (t.shape, t.stride(), t.dtype, t.device)
     return tuple(key)
 
 

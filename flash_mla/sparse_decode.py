@@ -41,6 +41,7 @@ from . import _custom_op
 from . import _native
 from . import dispatch as _dispatch
 from ._decode_buffers import decode_buffers, run_schedule
+from ._repeat_call import RECORD_ATTR, backend_env, layout_key
 from . import quant
 from .sched_meta import FlashMLASchedMeta, bind_or_check_config, stored_schedule
 
@@ -317,11 +318,21 @@ def _run_native(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extr
                 batch_invariant, tile_scheduler_metadata, num_splits):
     """The native decode and combine (one tvm-ffi call on the current stream). The schedule
     comes from the caller's FlashMLASchedMeta, or is computed here when none is given (a
-    traced call). Out, lse and the fp32 split partials come from
-    flash_mla._decode_buffers (rows in (s_q, h_q) order), allocated per call."""
+    traced call). Out, lse and the fp32 split partials are allocated per call: by the
+    library through torch's allocator where the caller installs it
+    (sparse_decode_fwd_alloc), else here by flash_mla._decode_buffers (rows in (s_q, h_q)
+    order)."""
     if tile_scheduler_metadata is None or num_splits is None:
         tile_scheduler_metadata, num_splits = _native_schedule(
             q, indices, topk_length, extra_indices, extra_topk_length, batch_invariant)
+    if _native.env_allocator_available(q):
+        result = _native.function("sparse_decode_fwd_alloc")(
+            q, _bytes(k_cache), indices, topk_length, attn_sink, _bytes(extra_k_cache),
+            extra_indices, extra_topk_length, tile_scheduler_metadata, num_splits,
+            float(softmax_scale), str(kv_format),
+            "" if extra_kv_format is None else str(extra_kv_format), bool(batch_invariant))
+        item = _native.array_item()
+        return item(result, 0), item(result, 1).transpose(1, 2)
     buf = decode_buffers(q, head_dim_v, tile_scheduler_metadata.shape[0], batch_invariant,
                          heads_first=False)
     _native.function("sparse_decode_fwd")(
@@ -385,6 +396,101 @@ _op = _custom_op.define(
     _body, _fake)
 
 
+# --------------------------------------------------------------------------- repeat calls
+
+class _Repeat:
+    """The record of a holder's first native call (flash_mla._repeat_call): a later call
+    with the same tensor layouts (None where the first had None), the same scalar
+    arguments and caches still at aligned addresses runs the native decode with the stored
+    schedule, skipping validation, dispatch and the holder's checks."""
+
+    __slots__ = ("key", "scale_arg", "kv_format_arg", "extra_kv_format_arg", "invariant",
+                 "backend", "choice", "metadata", "num_splits", "scale", "kv_format",
+                 "extra_kv_format", "align", "extra_align", "as_bytes", "extra_as_bytes",
+                 "fwd", "item")
+
+    def __init__(self, q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
+                 topk_length: Optional[torch.Tensor], attn_sink: Optional[torch.Tensor],
+                 extra_k_cache: Optional[torch.Tensor], extra_indices: Optional[torch.Tensor],
+                 extra_topk_length: Optional[torch.Tensor], softmax_scale: Optional[float],
+                 kv_format: Optional[str], extra_kv_format: Optional[str], p: Problem,
+                 invariant: bool, metadata: torch.Tensor, num_splits: torch.Tensor) -> None:
+        self.key = layout_key(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
+                              extra_indices, extra_topk_length)
+        self.scale_arg = softmax_scale
+        self.kv_format_arg = kv_format
+        self.extra_kv_format_arg = extra_kv_format
+        self.invariant = invariant
+        self.backend = backend_env()
+        self.choice = (_dispatch.NATIVE, str(q.device))
+        self.metadata = metadata
+        self.num_splits = num_splits
+        self.scale = p.softmax_scale
+        self.kv_format = p.kv_format
+        self.extra_kv_format = "" if p.extra_kv_format is None else p.extra_kv_format
+        self.align = _alignment(p.kv_format)
+        self.extra_align = None if p.extra_kv_format is None else _alignment(p.extra_kv_format)
+        self.as_bytes = k_cache.dtype != torch.uint8
+        self.extra_as_bytes = extra_k_cache is not None and extra_k_cache.dtype != torch.uint8
+        self.fwd = _native.function("sparse_decode_fwd_alloc")
+        self.item = _native.array_item()
+
+    @staticmethod
+    def recordable(q: Any, k_cache: Any, indices: Any, topk_length: Any, attn_sink: Any,
+                   extra_k_cache: Any, extra_indices: Any, extra_topk_length: Any,
+                   softmax_scale: Any, kv_format: Any, extra_kv_format: Any) -> bool:
+        """Whether a validated native call can be repeated this way: plain tensors (no
+        subclass, no fake), a float or None scale, str or None formats, not tracing, and a
+        library that allocates its outputs (its one entry is what a repeat calls)."""
+        return (layout_key(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
+                           extra_indices, extra_topk_length) is not None
+                and (softmax_scale is None or type(softmax_scale) is float)
+                and (kv_format is None or type(kv_format) is str)
+                and (extra_kv_format is None or type(extra_kv_format) is str)
+                and not C.is_compiling() and _native.env_allocator_available(q))
+
+    def __call__(self, q: Any, k_cache: Any, indices: Any, topk_length: Any, attn_sink: Any,
+                 extra_k_cache: Any, extra_indices: Any, extra_topk_length: Any,
+                 head_dim_v: Any, softmax_scale: Any, causal: Any, is_fp8_kvcache: Any,
+                 kv_format: Any, extra_kv_format: Any, enable_batch_invariant: Any
+                 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The decode of a call that repeats the recorded one, or None (then the caller
+        takes the full path). Positional, in flash_mla_with_kvcache's order of the sparse
+        arguments: this is the per-layer hot path, where each keyword costs time."""
+        if (causal is not False or enable_batch_invariant is not self.invariant
+                or not (is_fp8_kvcache is True or is_fp8_kvcache is False)
+                or type(head_dim_v) is not int or head_dim_v != HEAD_DIM_V
+                or (softmax_scale is not self.scale_arg
+                    and (type(softmax_scale) is not float or softmax_scale != self.scale_arg))
+                or (kv_format is not self.kv_format_arg
+                    and (type(kv_format) is not str or kv_format != self.kv_format_arg))
+                or (extra_kv_format is not self.extra_kv_format_arg
+                    and (type(extra_kv_format) is not str
+                         or extra_kv_format != self.extra_kv_format_arg))
+                or layout_key(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
+                              extra_indices, extra_topk_length) != self.key
+                or k_cache.data_ptr() % self.align
+                or (extra_k_cache is not None and extra_k_cache.data_ptr() % self.extra_align)
+                or backend_env() != self.backend or C.is_compiling()):
+            return None
+        if self.as_bytes:
+            k_cache = k_cache.view(torch.uint8)
+        if self.extra_as_bytes:
+            extra_k_cache = extra_k_cache.view(torch.uint8)
+        result = self.fwd(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
+                          extra_indices, extra_topk_length, self.metadata, self.num_splits,
+                          self.scale, self.kv_format, self.extra_kv_format, self.invariant)
+        item = self.item
+        _dispatch.record_choice(OP, self.choice)
+        return item(result, 0), item(result, 1).transpose(1, 2)
+
+
+def repeat_record(holder: Any) -> Optional[_Repeat]:
+    """The holder's sparse-decode record, or None (no native call yet, or another family's)."""
+    record = getattr(holder, RECORD_ATTR, None)
+    return record if type(record) is _Repeat else None
+
+
 # --------------------------------------------------------------------------- entry
 
 def decode(q: Any, k_cache: Any, indices: Any, topk_length: Any, head_dim_v: Any,
@@ -395,7 +501,9 @@ def decode(q: Any, k_cache: Any, indices: Any, topk_length: Any, head_dim_v: Any
            enable_batch_invariant: Any = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """``flash_mla_with_kvcache`` with indices (see flash_mla.with_kvcache): validate,
     record or check the schedule holder's configuration, run. The holder records
-    is_fp8_kvcache as True: a byte cache with indices is FP8 whatever the flag says."""
+    is_fp8_kvcache as True: a byte cache with indices is FP8 whatever the flag says. The
+    first native call also stores a record that lets later calls with the same layouts
+    skip this Python (_Repeat)."""
     p = validate(q, k_cache, indices, topk_length, head_dim_v, softmax_scale, causal,
                  is_fp8_kvcache, attn_sink=attn_sink, extra_k_cache=extra_k_cache,
                  extra_indices_in_kvcache=extra_indices_in_kvcache,
@@ -413,6 +521,15 @@ def decode(q: Any, k_cache: Any, indices: Any, topk_length: Any, head_dim_v: Any
         tile_scheduler_metadata, invariant, can_store,
         lambda: _native_schedule(q, indices, topk_length, extra_indices_in_kvcache,
                                  extra_topk_length, invariant))
-    return _op(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
-               extra_indices_in_kvcache, extra_topk_length, int(head_dim_v), p.softmax_scale,
-               p.kv_format, p.extra_kv_format, invariant, metadata, num_splits)
+    result = _op(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
+                 extra_indices_in_kvcache, extra_topk_length, int(head_dim_v), p.softmax_scale,
+                 p.kv_format, p.extra_kv_format, invariant, metadata, num_splits)
+    if (metadata is not None and _dispatch.last_backend(OP) == _dispatch.NATIVE
+            and _Repeat.recordable(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
+                                   extra_indices_in_kvcache, extra_topk_length, softmax_scale,
+                                   kv_format, extra_kv_format)):
+        setattr(tile_scheduler_metadata, RECORD_ATTR,
+                _Repeat(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
+                        extra_indices_in_kvcache, extra_topk_length, softmax_scale, kv_format,
+                        extra_kv_format, p, invariant, metadata, num_splits))
+    return result

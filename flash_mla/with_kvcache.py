@@ -88,9 +88,10 @@ def flash_mla_with_kvcache(
     [b, s_q, h_q] buffer (as upstream); for dense decode it is contiguous. A row
     with nothing to attend to gives out 0 and lse +inf.
     """
+    # A call that repeats the holder's first native one takes the family's repeat path
+    # (flash_mla._repeat_call); dense decode's needs the sparse-only arguments all None, as
+    # its validation would. block_table and cache_seqlens are not sparse decode's.
     if indices is None:
-        # A call that repeats the holder's first native one (flash_mla._repeat_call); the
-        # sparse-only arguments must all be None for it, as validation would require.
         record = dense_decode.repeat_record(tile_scheduler_metadata)
         if (record is not None and num_splits is None and attn_sink is None
                 and extra_k_cache is None and extra_indices_in_kvcache is None
@@ -98,6 +99,15 @@ def flash_mla_with_kvcache(
                 and extra_kv_format is None):
             result = record(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
                             causal, is_fp8_kvcache, enable_batch_invariant)
+            if result is not None:
+                return result
+    else:
+        record = sparse_decode.repeat_record(tile_scheduler_metadata)
+        if record is not None and num_splits is None:
+            result = record(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
+                            extra_indices_in_kvcache, extra_topk_length, head_dim_v,
+                            softmax_scale, causal, is_fp8_kvcache, kv_format, extra_kv_format,
+                            enable_batch_invariant)
             if result is not None:
                 return result
     check_sched_meta_type(tile_scheduler_metadata)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import flash_mla
-from flash_mla import _native, _repeat_call, dense_decode
+from flash_mla import _native, _repeat_call, dense_decode, sparse_decode
 from flash_mla import dispatch as _dispatch
 
 B, S_Q, H_Q, D_QK, D_V, PAGE = 2, 1, 16, 576, 512, 64
@@ -224,5 +224,139 @@ def test_no_record_on_the_reference_or_for_other_scale_types(native, monkeypatch
 def test_layout_key_refuses_non_tensors():
     t = torch.zeros(2, 3)
     assert _repeat_call.layout_key(t, t) == (t.shape, t.stride(), t.dtype, t.device) * 2
-    assert _repeat_call.layout_key(t, None) is None
+    assert _repeat_call.layout_key(t, None) == (t.shape, t.stride(), t.dtype, t.device, None)
+    assert _repeat_call.layout_key(t, 3) is None
     assert _repeat_call.layout_key(torch.nn.Parameter(t)) is None
+
+
+# --------------------------------------------------------------------------- sparse decode
+
+class _FakeSparseNative:
+    """The library for sparse decode: a fixed part count, a zero schedule, the allocating
+    decode entry (records its arguments, returns zero out and lse [b, s_q, h_q])."""
+
+    def __init__(self, allocates: bool) -> None:
+        self.allocates = allocates
+        self.calls: List[Tuple[str, Tuple[Any, ...]]] = []
+
+    def function(self, name: str) -> Callable:
+        if name == "env_allocator_available":
+            return lambda tensor: self.allocates
+        if name == "sparse_decode_num_parts":
+            return lambda *args: PARTS
+        if name == "dense_decode_schedule":
+            return lambda lengths, metadata, offsets, invariant: (metadata.zero_(),
+                                                                  offsets.zero_())
+
+        def entry(*args):
+            self.calls.append((name, args))
+            q = args[0]
+            b, s_q, h_q, _ = q.shape
+            if name == "sparse_decode_fwd_alloc":
+                return (torch.zeros(b, s_q, h_q, D_V, dtype=q.dtype), torch.zeros(b, s_q, h_q))
+            assert name == "sparse_decode_fwd", name
+        return entry
+
+
+@pytest.fixture(params=[False, True], ids=["python-buffers", "library-allocates"])
+def sparse_native(monkeypatch, request) -> _FakeSparseNative:
+    fake = _FakeSparseNative(allocates=request.param)
+    monkeypatch.setattr(_native, "function", fake.function)
+    monkeypatch.setattr(_native, "array_item", lambda: (lambda result, i: result[i]))
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+
+    def choose(op: str, device: Any, features: Any = None) -> str:
+        backend = (_dispatch.REFERENCE if _dispatch.backend_setting() == _dispatch.REFERENCE
+                   else _dispatch.NATIVE)
+        _dispatch.record_choice(op, (backend, str(device)))
+        return backend
+
+    monkeypatch.setattr(_dispatch, "choose", choose)
+    return fake
+
+
+@pytest.fixture
+def sparse_validations(monkeypatch) -> List[int]:
+    count = [0]
+    original = sparse_decode.validate
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sparse_decode, "validate", counting)
+    return count
+
+
+def _sparse_inputs() -> Dict[str, Any]:
+    return dict(q=torch.zeros(B, S_Q, H_Q, D_QK, dtype=torch.bfloat16),
+                k_cache=torch.zeros(3, 64, 1, 656, dtype=torch.uint8),
+                indices=torch.zeros(B, S_Q, 40, dtype=torch.int32),
+                topk_length=torch.full((B,), 30, dtype=torch.int32))
+
+
+def _sparse_call(meta, args: Dict[str, Any], **kwargs: Any):
+    return flash_mla.flash_mla_with_kvcache(args["q"], args["k_cache"], None, None, D_V, meta,
+                                            indices=args["indices"],
+                                            topk_length=args["topk_length"], **kwargs)
+
+
+def test_sparse_repeat_skips_validation(sparse_native, sparse_validations):
+    args = _sparse_inputs()
+    meta = flash_mla.get_mla_metadata()[0]
+    _sparse_call(meta, args, kv_format="V32")
+    recorded = sparse_decode.repeat_record(meta)
+    assert (recorded is not None) == sparse_native.allocates
+    out, lse = _sparse_call(meta, {k: v.clone() for k, v in args.items()}, kv_format="V32")
+    assert sparse_validations[0] == (1 if sparse_native.allocates else 2)
+    name, call = sparse_native.calls[-1]
+    if sparse_native.allocates:
+        assert name == "sparse_decode_fwd_alloc"
+        assert call[8] is meta.tile_scheduler_metadata and call[9] is meta.num_splits
+        assert call[11:] == ("V32", "", False)
+    assert out.shape == (B, S_Q, H_Q, D_V)
+    assert lse.shape == (B, H_Q, S_Q) and lse.transpose(1, 2).is_contiguous()
+    assert _dispatch.last_backend("sparse_decode") == _dispatch.NATIVE
+
+
+def _misaligned_cache(args):
+    raw = torch.zeros(3 * 64 * 656 + 16, dtype=torch.uint8)
+    return dict(args, k_cache=raw[1:1 + 3 * 64 * 656].view(3, 64, 1, 656))
+
+
+_SPARSE_CHANGES = [
+    ("kv_format detected", None, dict(kv_format=None), True),
+    ("softmax_scale", None, dict(kv_format="V32", softmax_scale=0.25), True),
+    ("is_fp8_kvcache as int", None, dict(kv_format="V32", is_fp8_kvcache=1), True),
+    ("misaligned cache", _misaligned_cache, dict(kv_format="V32"), False),
+    ("causal", None, dict(kv_format="V32", causal=True), False),
+    ("kv_format V4", None, dict(kv_format="V4"), False),
+    ("head_dim_v", None, dict(kv_format="V32", head_dim_v=256), False),
+]
+
+
+@pytest.mark.parametrize("what,change,kwargs,accepted", _SPARSE_CHANGES,
+                         ids=[c[0] for c in _SPARSE_CHANGES])
+def test_sparse_differences_take_the_full_path(sparse_native, sparse_validations, what, change,
+                                               kwargs, accepted):
+    args = _sparse_inputs()
+    meta = flash_mla.get_mla_metadata()[0]
+    _sparse_call(meta, args, kv_format="V32")
+    changed = change(args) if change is not None else args
+    call_kwargs = dict(kwargs)
+    head_dim_v = call_kwargs.pop("head_dim_v", D_V)
+
+    def call(holder):
+        return flash_mla.flash_mla_with_kvcache(
+            changed["q"], changed["k_cache"], None, None, head_dim_v, holder,
+            indices=changed["indices"], topk_length=changed["topk_length"], **call_kwargs)
+
+    if accepted:
+        call(meta)
+        assert sparse_validations[0] == 2, f"{what}: the repeat path took a call that differs"
+        return
+    with pytest.raises((TypeError, ValueError)) as fresh:
+        call(flash_mla.get_mla_metadata()[0])
+    with pytest.raises(type(fresh.value)) as repeated:
+        call(meta)
+    assert str(repeated.value) == str(fresh.value)

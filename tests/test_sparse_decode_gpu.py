@@ -238,6 +238,27 @@ def test_every_cta(monkeypatch, cta, kv_format, h_q):
 
 
 @gpu
+@pytest.mark.parametrize("kv_format", ("V32", "V41_FP4"))
+def test_repeat_calls_match_fresh_holders_bit_for_bit(kv_format):
+    """A holder's later calls take the repeat path (flash_mla._repeat_call): new q, another
+    cache of the same layout (the next layer) and new indices give exactly what a fresh
+    holder's validated call gives with the same schedule."""
+    from flash_mla import sparse_decode
+
+    main = PoolSpec(kv_format, (500, 70, 0), topk=200, page_size=64, topk_length=True)
+    extra = PoolSpec(_extra_format(kv_format, 1), (30, 0, 90), topk=40, page_size=16)
+    p = make_problem(main, 2, 16, device=DEVICE, seed=5, extra=extra, sink=True)
+    p2 = make_problem(main, 2, 16, device=DEVICE, seed=6, extra=extra, sink=True)
+    meta = flash_mla.get_mla_metadata()[0]
+    _run_native(p, meta=meta)
+    assert sparse_decode.repeat_record(meta) is not None
+    out, lse = _run_native(p2, meta=meta)
+    fresh_out, fresh_lse = _run_native(p2)
+    assert torch.equal(out, fresh_out) and torch.equal(lse, fresh_lse)
+    _check_element(p2, out, lse, f"repeat {kv_format}")
+
+
+@gpu
 def test_unknown_cta_override_raises(monkeypatch):
     monkeypatch.setenv(CTA_VARIABLE, "wide")
     p = make_problem(PoolSpec("V32", (64,), topk=64, page_size=64), 1, 16, device=DEVICE, seed=1)

@@ -13,6 +13,12 @@
 //       the decode kernel, then the split-KV combine (which applies the sink to split
 //       requests), on the caller's stream. Optional tensors may be None; kv_format names
 //       the main cache's format, extra_kv_format the extra pool's ("" without one).
+//   sparse_decode_fwd_alloc(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
+//                           extra_indices, extra_topk_length, metadata, split_offsets,
+//                           softmax_scale, kv_format, extra_kv_format, batch_invariant)
+//       -> (out, lse [b, s_q, h_q])
+//       the same, with out, lse and the partials (S = P, or b + P unless batch_invariant)
+//       from the caller's allocator (env_alloc.h); the per-call path of Python.
 // Layouts: SparseDecodeParams in csrc/portable/decode/sparse/kernel.h; o_accum fp32
 // [S, s_q, h_q, 512], lse_accum fp32 [S, s_q, h_q], lse fp32 [b, s_q, h_q] contiguous.
 // Design: docs/sparse_decode.md. Validation happens in one function, in the order device,
@@ -27,6 +33,7 @@
 #include <string>
 
 #include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/container/tuple.h>
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/optional.h>
@@ -38,6 +45,7 @@
 #include "../portable/decode/sparse/config.h"
 #include "../portable/decode/sparse/kernel.h"
 #include "checks.h"
+#include "env_alloc.h"
 #include "launch.h"
 #include "split_buffers.h"
 
@@ -347,8 +355,33 @@ void sparse_decode_fwd(TensorView q, TensorView k_cache, TensorView indices,
   check_launch("combine (sparse decode)");
 }
 
+tvm::ffi::Tuple<Tensor, Tensor> sparse_decode_fwd_alloc(
+    TensorView q, TensorView k_cache, TensorView indices, Optional<TensorView> topk_length,
+    Optional<TensorView> attn_sink, Optional<TensorView> extra_k_cache,
+    Optional<TensorView> extra_indices, Optional<TensorView> extra_topk_length,
+    TensorView metadata, TensorView split_offsets, double softmax_scale,
+    tvm::ffi::String kv_format, tvm::ffi::String extra_kv_format, bool batch_invariant) {
+  require_env_allocator("sparse_decode_fwd_alloc");
+  // The sizes come from q and the schedule, so those two are checked far enough to read
+  // them; sparse_decode_fwd then validates every tensor, the allocated ones included.
+  check_cuda(q, "q");
+  check_ndim(q, 4, "q", "[b, s_q, h_q, d_qk]");
+  check_ndim(metadata, 2, "tile_scheduler_metadata", "[num_parts, 8]");
+  const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2);
+  const int64_t parts = metadata.size(0);
+  const int64_t splits = batch_invariant ? parts : b + parts;
+  Tensor out = env_empty({b, s_q, h_q, sd::kHeadDimV}, q.dtype(), q.device());
+  Tensor lse = env_empty({b, s_q, h_q}, kFloat32, q.device());
+  const EnvPartials partials(splits, s_q, h_q, sd::kHeadDimV, q.device());
+  sparse_decode_fwd(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
+                    extra_topk_length, metadata, split_offsets, partials.o_accum(),
+                    partials.lse_accum(), out, lse, softmax_scale, kv_format, extra_kv_format);
+  return tvm::ffi::Tuple<Tensor, Tensor>(out, lse);
+}
+
 }  // namespace
 }  // namespace flash_mla::api
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sparse_decode_num_parts, flash_mla::api::sparse_decode_num_parts);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(sparse_decode_fwd, flash_mla::api::sparse_decode_fwd);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(sparse_decode_fwd_alloc, flash_mla::api::sparse_decode_fwd_alloc);
