@@ -16,7 +16,8 @@ bandwidth, compute-bound ones by TFLOPS / mma.sync peak.
 Timing: the schedule is computed by a first call; the decode + combine call is then
 captured in a CUDA graph and replayed with the L2 flushed (bench_mha.Timer). Host time:
 one eager flash_mla_with_kvcache call after the first on a tiny problem, next to the raw
-tvm-ffi dense_decode_fwd call, both without synchronisation (median of --host-iters).
+tvm-ffi dense_decode_fwd call with preallocated buffers and of dense_decode_fwd_alloc (the
+entry the API's repeat path calls), without synchronisation (median of --host-iters).
 
 CTA shapes: by default each shape runs the CTA the library picks; --ab also times every
 shape with FLASH_MLA_DENSE_DECODE_WARPS=4, =8 and =4x16 (every CTA serves every shape),
@@ -243,15 +244,24 @@ def host_time(torch, flash_mla, native, iters: int) -> Dict[str, float]:
         fwd(q, k_cache, block_table, seqlens, meta.tile_scheduler_metadata, meta.num_splits,
             o_acc, l_acc, out, lse, D_QK ** -0.5, False)
 
+    # The entry the API's repeat path calls where torch's allocator is installed: it
+    # allocates out, lse and the partials itself (docs/dense_decode.md, "Host time").
+    fwd_alloc, _ = native.get("dense_decode_fwd_alloc")
+
+    def raw_alloc() -> None:
+        fwd_alloc(q, k_cache, block_table, seqlens, meta.tile_scheduler_metadata,
+                  meta.num_splits, D_QK ** -0.5, False, False)
+
     def allocations() -> None:  # what the API allocates per call beside the raw call
         torch.empty(out.shape, dtype=out.dtype, device="cuda")
         torch.empty(lse.shape, dtype=torch.float32, device="cuda")
         torch.empty(o_acc.shape, dtype=torch.float32, device="cuda")
         torch.empty(l_acc.shape, dtype=torch.float32, device="cuda")
 
-    return {name: median_us(fn, iters, torch.cuda.synchronize)
-            for name, fn in (("api_us", api), ("raw_tvm_ffi_us", raw),
-                             ("allocations_us", allocations))}
+    timed = [("api_us", api), ("raw_tvm_ffi_us", raw), ("allocations_us", allocations)]
+    if fwd_alloc is not None:
+        timed.append(("raw_alloc_tvm_ffi_us", raw_alloc))
+    return {name: median_us(fn, iters, torch.cuda.synchronize) for name, fn in timed}
 
 
 def plot(json_path: Path, png_path: Path) -> None:
@@ -320,9 +330,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"{row['gbps']:>7.0f} {row['gbps'] / copy_gbps:>6.3f} {row['tflops']:>7.1f} "
                   f"{row['tflops'] / peak:>6.3f} {row['parts']}")
     host = host_time(torch, flash_mla, native, args.host_iters)
+    alloc = host.get("raw_alloc_tvm_ffi_us")
     print(f"host time per eager call: API {host['api_us']:.1f} us, raw tvm-ffi "
-          f"{host['raw_tvm_ffi_us']:.1f} us (the API's four output and partial allocations: "
-          f"{host['allocations_us']:.1f} us)")
+          f"dense_decode_fwd {host['raw_tvm_ffi_us']:.1f} us with preallocated buffers"
+          + (f", dense_decode_fwd_alloc {alloc:.1f} us" if alloc is not None else "")
+          + f" (four torch.empty of those buffers: {host['allocations_us']:.1f} us)")
     save_results(args.out, "bench_dense_decode", base.payload(torch, rows, host), plot)
     return 0
 
