@@ -20,6 +20,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
+from . import dispatch as _dispatch
 from .dispatch import ENV_VAR
 
 # The holder attribute where a family stores the record of its first native call.
@@ -43,6 +44,39 @@ def layout_key(*tensors: Any) -> Optional[Tuple[Any, ...]]:
         else:
             return None
     return tuple(key)
+
+
+class Record:
+    """What every family's record keeps of the holder's first native call: its layout key,
+    the scale it was given, enable_batch_invariant, the FLASH_MLA_BACKEND value, the
+    dispatch choice to report, the stored schedule and the validated scale."""
+
+    __slots__ = ("key", "scale_arg", "invariant", "backend", "choice", "metadata",
+                 "num_splits", "scale")
+
+    def __init__(self, key: Tuple[Any, ...], softmax_scale: Optional[float], invariant: bool,
+                 device: Any, scale: float, metadata: Any, num_splits: Any) -> None:
+        self.key = key
+        self.scale_arg = softmax_scale
+        self.invariant = invariant
+        self.backend = backend_env()
+        self.choice = (_dispatch.NATIVE, str(device))
+        self.metadata = metadata
+        self.num_splits = num_splits
+        self.scale = scale
+
+    def same_scale(self, softmax_scale: Any) -> bool:
+        """Whether a call's softmax_scale is the recorded one: the same object, or an equal
+        float (an int or other real type takes the full path)."""
+        return softmax_scale is self.scale_arg or (type(softmax_scale) is float
+                                                   and softmax_scale == self.scale_arg)
+
+
+def record_of(holder: Any, record_type: type) -> Any:
+    """The holder's record if it is of ``record_type`` (the family asking), else None (no
+    native call yet, or another family's record)."""
+    record = getattr(holder, RECORD_ATTR, None)
+    return record if type(record) is record_type else None
 
 
 def backend_env() -> Optional[str]:

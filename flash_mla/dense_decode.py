@@ -36,7 +36,7 @@ from . import _custom_op
 from . import _native
 from . import dispatch as _dispatch
 from ._decode_buffers import decode_buffers, run_schedule, split_count
-from ._repeat_call import RECORD_ATTR, backend_env, layout_key
+from ._repeat_call import RECORD_ATTR, Record, backend_env, layout_key, record_of
 from .sched_meta import FlashMLASchedMeta, bind_or_check_config, stored_schedule
 
 OP = "dense_decode"
@@ -252,28 +252,21 @@ def _stored_schedule(holder: FlashMLASchedMeta, q: torch.Tensor, k_cache: torch.
 
 # --------------------------------------------------------------------------- repeat calls
 
-class _Repeat:
+class _Repeat(Record):
     """The record of a holder's first native call (flash_mla._repeat_call): a later call
     with the same tensor layouts and scalar arguments runs the native decode with the
     stored schedule, skipping validation, dispatch and the holder's checks."""
 
-    __slots__ = ("key", "scale_arg", "causal", "invariant", "backend", "choice", "metadata",
-                 "num_splits", "scale", "fwd", "item", "out_shape", "lse_shape",
-                 "o_accum_shape", "lse_accum_shape", "dtype", "device")
+    __slots__ = ("causal", "fwd", "item", "out_shape", "lse_shape", "o_accum_shape",
+                 "lse_accum_shape", "dtype", "device")
 
     def __init__(self, q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
                  cache_seqlens: torch.Tensor, softmax_scale: Optional[float], p: Problem,
                  causal: bool, invariant: bool, metadata: torch.Tensor,
                  num_splits: torch.Tensor) -> None:
-        self.key = layout_key(q, k_cache, block_table, cache_seqlens)
-        self.scale_arg = softmax_scale
+        super().__init__(layout_key(q, k_cache, block_table, cache_seqlens), softmax_scale,
+                         invariant, q.device, p.softmax_scale, metadata, num_splits)
         self.causal = causal
-        self.invariant = invariant
-        self.backend = backend_env()
-        self.choice = (_dispatch.NATIVE, str(q.device))
-        self.metadata = metadata
-        self.num_splits = num_splits
-        self.scale = p.softmax_scale
         # The library allocates out, lse and the partials where torch's allocator is
         # installed for the call (item unpacks its result); else they are allocated here.
         self.item = _native.array_item() if _native.env_allocator_available(q) else None
@@ -307,8 +300,7 @@ class _Repeat:
         if (causal is not self.causal or enable_batch_invariant is not self.invariant
                 or is_fp8_kvcache is not False
                 or type(head_dim_v) is not int or head_dim_v != HEAD_DIM_V
-                or (softmax_scale is not self.scale_arg
-                    and (type(softmax_scale) is not float or softmax_scale != self.scale_arg))
+                or not self.same_scale(softmax_scale)
                 or layout_key(q, k_cache, block_table, cache_seqlens) != self.key
                 or backend_env() != self.backend or C.is_compiling()):
             return None
@@ -330,8 +322,7 @@ class _Repeat:
 
 def repeat_record(holder: Any) -> Optional[_Repeat]:
     """The holder's dense-decode record, or None (no native call yet, or another family's)."""
-    record = getattr(holder, RECORD_ATTR, None)
-    return record if type(record) is _Repeat else None
+    return record_of(holder, _Repeat)
 
 
 # --------------------------------------------------------------------------- entry

@@ -41,7 +41,7 @@ from . import _custom_op
 from . import _native
 from . import dispatch as _dispatch
 from ._decode_buffers import decode_buffers, run_schedule
-from ._repeat_call import RECORD_ATTR, backend_env, layout_key
+from ._repeat_call import RECORD_ATTR, Record, backend_env, layout_key, record_of
 from . import quant
 from .sched_meta import FlashMLASchedMeta, bind_or_check_config, stored_schedule
 
@@ -398,16 +398,14 @@ _op = _custom_op.define(
 
 # --------------------------------------------------------------------------- repeat calls
 
-class _Repeat:
+class _Repeat(Record):
     """The record of a holder's first native call (flash_mla._repeat_call): a later call
     with the same tensor layouts (None where the first had None), the same scalar
     arguments and caches still at aligned addresses runs the native decode with the stored
     schedule, skipping validation, dispatch and the holder's checks."""
 
-    __slots__ = ("key", "scale_arg", "kv_format_arg", "extra_kv_format_arg", "invariant",
-                 "backend", "choice", "metadata", "num_splits", "scale", "kv_format",
-                 "extra_kv_format", "align", "extra_align", "as_bytes", "extra_as_bytes",
-                 "fwd", "item")
+    __slots__ = ("kv_format_arg", "extra_kv_format_arg", "kv_format", "extra_kv_format",
+                 "align", "extra_align", "as_bytes", "extra_as_bytes", "fwd", "item")
 
     def __init__(self, q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
                  topk_length: Optional[torch.Tensor], attn_sink: Optional[torch.Tensor],
@@ -415,17 +413,12 @@ class _Repeat:
                  extra_topk_length: Optional[torch.Tensor], softmax_scale: Optional[float],
                  kv_format: Optional[str], extra_kv_format: Optional[str], p: Problem,
                  invariant: bool, metadata: torch.Tensor, num_splits: torch.Tensor) -> None:
-        self.key = layout_key(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
-                              extra_indices, extra_topk_length)
-        self.scale_arg = softmax_scale
+        super().__init__(layout_key(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
+                                    extra_indices, extra_topk_length),
+                         softmax_scale, invariant, q.device, p.softmax_scale, metadata,
+                         num_splits)
         self.kv_format_arg = kv_format
         self.extra_kv_format_arg = extra_kv_format
-        self.invariant = invariant
-        self.backend = backend_env()
-        self.choice = (_dispatch.NATIVE, str(q.device))
-        self.metadata = metadata
-        self.num_splits = num_splits
-        self.scale = p.softmax_scale
         self.kv_format = p.kv_format
         self.extra_kv_format = "" if p.extra_kv_format is None else p.extra_kv_format
         self.align = _alignment(p.kv_format)
@@ -460,8 +453,7 @@ class _Repeat:
         if (causal is not False or enable_batch_invariant is not self.invariant
                 or not (is_fp8_kvcache is True or is_fp8_kvcache is False)
                 or type(head_dim_v) is not int or head_dim_v != HEAD_DIM_V
-                or (softmax_scale is not self.scale_arg
-                    and (type(softmax_scale) is not float or softmax_scale != self.scale_arg))
+                or not self.same_scale(softmax_scale)
                 or (kv_format is not self.kv_format_arg
                     and (type(kv_format) is not str or kv_format != self.kv_format_arg))
                 or (extra_kv_format is not self.extra_kv_format_arg
@@ -487,8 +479,7 @@ class _Repeat:
 
 def repeat_record(holder: Any) -> Optional[_Repeat]:
     """The holder's sparse-decode record, or None (no native call yet, or another family's)."""
-    record = getattr(holder, RECORD_ATTR, None)
-    return record if type(record) is _Repeat else None
+    return record_of(holder, _Repeat)
 
 
 # --------------------------------------------------------------------------- entry

@@ -60,36 +60,45 @@ class _FakeNative:
         raise AssertionError(f"unexpected native function {name}")
 
 
-@pytest.fixture(params=[False, True], ids=["python-buffers", "library-allocates"])
-def native(monkeypatch, request) -> _FakeNative:
-    fake = _FakeNative(allocates=request.param)
+def _install(monkeypatch, fake) -> None:
+    """Puts `fake` in the library's place and makes the dispatch pick native for CPU tensors
+    (the reference only under FLASH_MLA_BACKEND=reference)."""
     monkeypatch.setattr(_native, "function", fake.function)
     monkeypatch.setattr(_native, "array_item", lambda: (lambda result, i: result[i]))
     monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
 
     def choose(op: str, device: Any, features: Any = None) -> str:
-        if _dispatch.backend_setting() == _dispatch.REFERENCE:
-            _dispatch.record_choice(op, (_dispatch.REFERENCE, str(device)))
-            return _dispatch.REFERENCE
-        _dispatch.record_choice(op, (_dispatch.NATIVE, str(device)))
-        return _dispatch.NATIVE
+        backend = (_dispatch.REFERENCE if _dispatch.backend_setting() == _dispatch.REFERENCE
+                   else _dispatch.NATIVE)
+        _dispatch.record_choice(op, (backend, str(device)))
+        return backend
 
     monkeypatch.setattr(_dispatch, "choose", choose)
+
+
+@pytest.fixture(params=[False, True], ids=["python-buffers", "library-allocates"])
+def native(monkeypatch, request) -> _FakeNative:
+    fake = _FakeNative(allocates=request.param)
+    _install(monkeypatch, fake)
     return fake
 
 
-@pytest.fixture
-def validations(monkeypatch) -> List[int]:
-    """Counts calls of dense_decode.validate (the full path)."""
+def _count_validations(monkeypatch, family) -> List[int]:
+    """Counts calls of the family's validate (the full path)."""
     count = [0]
-    original = dense_decode.validate
+    original = family.validate
 
     def counting(*args, **kwargs):
         count[0] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(dense_decode, "validate", counting)
+    monkeypatch.setattr(family, "validate", counting)
     return count
+
+
+@pytest.fixture
+def validations(monkeypatch) -> List[int]:
+    return _count_validations(monkeypatch, dense_decode)
 
 
 def _inputs(dtype=torch.bfloat16) -> Dict[str, Any]:
@@ -261,31 +270,13 @@ class _FakeSparseNative:
 @pytest.fixture(params=[False, True], ids=["python-buffers", "library-allocates"])
 def sparse_native(monkeypatch, request) -> _FakeSparseNative:
     fake = _FakeSparseNative(allocates=request.param)
-    monkeypatch.setattr(_native, "function", fake.function)
-    monkeypatch.setattr(_native, "array_item", lambda: (lambda result, i: result[i]))
-    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
-
-    def choose(op: str, device: Any, features: Any = None) -> str:
-        backend = (_dispatch.REFERENCE if _dispatch.backend_setting() == _dispatch.REFERENCE
-                   else _dispatch.NATIVE)
-        _dispatch.record_choice(op, (backend, str(device)))
-        return backend
-
-    monkeypatch.setattr(_dispatch, "choose", choose)
+    _install(monkeypatch, fake)
     return fake
 
 
 @pytest.fixture
 def sparse_validations(monkeypatch) -> List[int]:
-    count = [0]
-    original = sparse_decode.validate
-
-    def counting(*args, **kwargs):
-        count[0] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(sparse_decode, "validate", counting)
-    return count
+    return _count_validations(monkeypatch, sparse_decode)
 
 
 def _sparse_inputs() -> Dict[str, Any]:

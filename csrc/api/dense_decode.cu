@@ -302,17 +302,10 @@ tvm::ffi::Tuple<Tensor, Tensor> dense_decode_fwd_alloc(
     TensorView metadata, TensorView split_offsets, double softmax_scale, bool causal,
     bool batch_invariant) {
   require_env_allocator("dense_decode_fwd_alloc");
-  // The sizes come from q and the schedule, so those two are checked far enough to read
-  // them; dense_decode_fwd then validates every tensor, the allocated ones included.
-  check_cuda(q, "q");
-  check_ndim(q, 4, "q", "[b, s_q, h_q, 576]");
-  check_ndim(metadata, 2, "tile_scheduler_metadata", "[num_parts, 8]");
-  const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2);
-  const int64_t parts = metadata.size(0);
-  const int64_t splits = batch_invariant ? parts : b + parts;
-  Tensor out = env_empty({b, s_q, h_q, dec::kHeadDimV}, q.dtype(), q.device());
-  Tensor lse = env_empty({b, h_q, s_q}, kFloat32, q.device());
-  const EnvPartials partials(splits, h_q, s_q, dec::kHeadDimV, q.device());
+  const DecodeSizes n = decode_sizes(q, metadata, batch_invariant, "[b, s_q, h_q, 576]");
+  Tensor out = env_empty({n.b, n.s_q, n.h_q, dec::kHeadDimV}, q.dtype(), q.device());
+  Tensor lse = env_empty({n.b, n.h_q, n.s_q}, kFloat32, q.device());
+  const EnvPartials partials(n.splits, n.h_q, n.s_q, dec::kHeadDimV, q.device());
   dense_decode_fwd(q, k_cache, block_table, cache_seqlens, metadata, split_offsets,
                    partials.o_accum(), partials.lse_accum(), out, lse, softmax_scale, causal);
   return tvm::ffi::Tuple<Tensor, Tensor>(out, lse);

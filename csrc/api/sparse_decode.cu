@@ -362,17 +362,10 @@ tvm::ffi::Tuple<Tensor, Tensor> sparse_decode_fwd_alloc(
     TensorView metadata, TensorView split_offsets, double softmax_scale,
     tvm::ffi::String kv_format, tvm::ffi::String extra_kv_format, bool batch_invariant) {
   require_env_allocator("sparse_decode_fwd_alloc");
-  // The sizes come from q and the schedule, so those two are checked far enough to read
-  // them; sparse_decode_fwd then validates every tensor, the allocated ones included.
-  check_cuda(q, "q");
-  check_ndim(q, 4, "q", "[b, s_q, h_q, d_qk]");
-  check_ndim(metadata, 2, "tile_scheduler_metadata", "[num_parts, 8]");
-  const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2);
-  const int64_t parts = metadata.size(0);
-  const int64_t splits = batch_invariant ? parts : b + parts;
-  Tensor out = env_empty({b, s_q, h_q, sd::kHeadDimV}, q.dtype(), q.device());
-  Tensor lse = env_empty({b, s_q, h_q}, kFloat32, q.device());
-  const EnvPartials partials(splits, s_q, h_q, sd::kHeadDimV, q.device());
+  const DecodeSizes n = decode_sizes(q, metadata, batch_invariant, "[b, s_q, h_q, d_qk]");
+  Tensor out = env_empty({n.b, n.s_q, n.h_q, sd::kHeadDimV}, q.dtype(), q.device());
+  Tensor lse = env_empty({n.b, n.s_q, n.h_q}, kFloat32, q.device());
+  const EnvPartials partials(n.splits, n.s_q, n.h_q, sd::kHeadDimV, q.device());
   sparse_decode_fwd(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
                     extra_topk_length, metadata, split_offsets, partials.o_accum(),
                     partials.lse_accum(), out, lse, softmax_scale, kv_format, extra_kv_format);

@@ -105,6 +105,22 @@ struct SplitBuffers {
   }
 };
 
+// What an allocating decode entry sizes its outputs and partials by, read before its full
+// validation: b, s_q, h_q from q [b, s_q, h_q, d_qk] and the split count from the schedule
+// (P parts: P in batch-invariant mode, else b + P). Checks q and the schedule just far
+// enough to read them; the entry then validates every tensor, the allocated ones included.
+struct DecodeSizes {
+  int64_t b, s_q, h_q, splits;
+};
+inline DecodeSizes decode_sizes(const TensorView& q, const TensorView& metadata,
+                                bool batch_invariant, const char* q_layout) {
+  check_cuda(q, "q");
+  check_ndim(q, 4, "q", q_layout);
+  check_ndim(metadata, 2, "tile_scheduler_metadata", "[num_parts, 8]");
+  const int64_t b = q.size(0), parts = metadata.size(0);
+  return DecodeSizes{b, q.size(1), q.size(2), batch_invariant ? parts : b + parts};
+}
+
 // The fp32 partials of an allocating decode entry: o_accum [S, d1, d2, d_v] and lse_accum
 // [S, d1, d2], contiguous, as two views of ONE allocation from the caller's allocator (each
 // allocation costs about 1.4 us of host time; docs/dense_decode.md). o_accum comes first, so
