@@ -191,60 +191,6 @@ struct Piece {
 };
 static_assert(sizeof(Piece) <= 32, "the Piece record has 32 bytes of shared memory (config.h)");
 
-// The piece's row of a pool's index values (its request and query).
-__device__ __forceinline__ const int32_t* index_row(const CachePool& pool, const Piece& pc) {
-  return pool.indices + static_cast<int64_t>(pc.req) * pool.indices_batch_stride +
-         static_cast<int64_t>(pc.query) * pool.indices_row_stride;
-}
-
-// Threads 0..15 copy a tile's 16 index values (positions [pos0, pos0 + 16) of the piece's
-// row) to `dst` (16 int32 of the index ring), 4 bytes each: index rows have any alignment.
-// Positions at or past `limit` are zero-filled without a read (never used: the gather
-// checks the position first).
-__device__ __forceinline__ void copy_tile_indices(const CachePool& pool, const Piece& pc,
-                                                  int pos0, int limit, uint32_t dst, int tid) {
-  if (tid >= kBlockN) return;
-  const int pos = pos0 + tid;
-  const bool valid = pos < limit;
-  cp_async_4_zfill(dst + static_cast<uint32_t>(tid * 4), index_row(pool, pc) + (valid ? pos : 0),
-                   valid);
-}
-
-// Request `req`'s piece in schedule part `meta` for a CTA of kRows rows (blockIdx.x gives
-// its query and heads): the Piece record and its tile count, or false when the CTA skips
-// the request (nothing scheduled for it, or a stale schedule). A piece the schedule counted
-// but the current lengths left empty counts, with no tile: it still writes its (empty)
-// result, so the combine never reads an unwritten split.
-template <int kRows>
-__device__ __forceinline__ bool piece_of(const SparseDecodeParams& params, const int32_t* meta,
-                                         int req, Piece& piece, int& num_tiles) {
-  const int main_limit = pool_limit(params.main, req);
-  const int main_span = (main_limit + kBlockN - 1) / kBlockN * kBlockN;
-  const int extra_limit = params.extra.cache != nullptr ? pool_limit(params.extra, req) : 0;
-  const int total = main_span + extra_limit;
-  const int n_blocks = (total + kPositionsPerBlock - 1) / kPositionsPerBlock;
-  const bool first = req == meta[sched::kBeginReq];
-  const bool last = req == meta[sched::kEndReq];
-  const int lo = first ? meta[sched::kBeginBlock] : 0;
-  const int hi = min(last ? meta[sched::kEndBlock] : n_blocks, n_blocks);
-  const int sched_hi = last ? meta[sched::kEndBlock] : n_blocks;
-  if (lo >= sched_hi) return false;
-  const int total_splits = params.num_splits_total;
-  const int off_begin = min(max(params.split_offsets[req], 0), total_splits);
-  const int off_end = min(max(params.split_offsets[req + 1], off_begin), total_splits);
-  const bool direct = off_end - off_begin == 1;
-  const int split = first ? meta[sched::kFirstSplit] : off_begin;
-  if (!direct && (split < 0 || split >= total_splits)) return false;  // stale schedule
-  const int m_block = static_cast<int>(blockIdx.x % params.num_m_blocks);
-  piece = Piece{req,        m_block / params.num_head_blocks,
-                (m_block % params.num_head_blocks) * kRows,
-                main_limit, main_span, extra_limit, lo * kPositionsPerBlock,
-                direct ? -1 : split};
-  const int pos_end = min(max(hi, lo) * kPositionsPerBlock, total);
-  num_tiles = pos_end > piece.pos_begin ? (pos_end - piece.pos_begin + kBlockN - 1) / kBlockN : 0;
-  return true;
-}
-
 template <int kDimQK, int kSlabs>
 __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(kSlabs))
     sparse_decode_kernel(const __grid_constant__ SparseDecodeParams params) {
@@ -281,6 +227,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(kSlabs))
   const int begin_req = meta[sched::kBeginReq];
   if (begin_req < 0 || begin_req >= params.batch) return;  // empty part
   const int last_req = min(meta[sched::kEndReq], params.batch - 1);
+  const bool has_extra = params.extra.cache != nullptr;
   const float scale_log2 = params.softmax_scale_log2;  // > 0 (validated)
   const Storage* q_base = static_cast<const Storage*>(params.q);
   // Per-lane ldmatrix coordinates (mla_row_block.cuh), computed once for the whole CTA.
@@ -290,9 +237,35 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(kSlabs))
   const int v_col = (lane >> 4) * 8;
 
   for (int req = begin_req; req <= last_req; ++req) {
-    Piece here;
-    int num_tiles;
-    if (!piece_of<kRows>(params, meta, req, here, num_tiles)) continue;
+    const int main_limit = pool_limit(params.main, req);
+    const int main_span = (main_limit + kBlockN - 1) / kBlockN * kBlockN;
+    const int extra_limit = has_extra ? pool_limit(params.extra, req) : 0;
+    const int total = main_span + extra_limit;
+    const int n_blocks = (total + kPositionsPerBlock - 1) / kPositionsPerBlock;
+    const bool first = req == meta[sched::kBeginReq];
+    const bool last = req == meta[sched::kEndReq];
+    const int lo = first ? meta[sched::kBeginBlock] : 0;
+    const int hi = min(last ? meta[sched::kEndBlock] : n_blocks, n_blocks);
+    // A piece the schedule counted but the current lengths left empty still writes its
+    // (empty) result, so the combine never reads an unwritten split.
+    const int sched_hi = last ? meta[sched::kEndBlock] : n_blocks;
+    if (lo >= sched_hi) continue;
+    const int total_splits = params.num_splits_total;
+    const int off_begin = min(max(params.split_offsets[req], 0), total_splits);
+    const int off_end = min(max(params.split_offsets[req + 1], off_begin), total_splits);
+    const bool direct = off_end - off_begin == 1;
+    const int split = first ? meta[sched::kFirstSplit] : off_begin;
+    if (!direct && (split < 0 || split >= total_splits)) continue;  // stale schedule
+
+    const int pos_begin = lo * kPositionsPerBlock;
+    const Piece here = [&] {
+      const int m_block = static_cast<int>(blockIdx.x % params.num_m_blocks);
+      const int head_block = m_block % params.num_head_blocks;
+      return Piece{req,         m_block / params.num_head_blocks, head_block * kRows,
+                   main_limit,  main_span, extra_limit, pos_begin, direct ? -1 : split};
+    }();
+    const int pos_end = min(max(hi, lo) * kPositionsPerBlock, total);
+    const int num_tiles = pos_end > pos_begin ? (pos_end - pos_begin + kBlockN - 1) / kBlockN : 0;
 
     __syncthreads();  // every warp is done with the previous piece's shared memory
 
@@ -330,13 +303,17 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(kSlabs))
     // zero-filled without a read and never used.
     const int token_row = tid / kThreadsPerToken;
     auto issue_index = [&](const Piece& pc, int tile) {
-      if (tile >= num_tiles) return;
+      if (tile >= num_tiles || tid >= kBlockN) return;
       int pos0, limit;
       const CachePool& pool = tile_pool(pc, tile, pos0, limit);
-      copy_tile_indices(pool, pc, pos0, limit,
-                        smem_base + L::kIndexOffset +
-                            static_cast<uint32_t>((tile % L::kIndexStages) * kBlockN * 4),
-                        tid);
+      const int pos = pos0 + tid;
+      const bool valid = pos < limit;
+      const int32_t* src = pool.indices + static_cast<int64_t>(pc.req) * pool.indices_batch_stride +
+                           static_cast<int64_t>(pc.query) * pool.indices_row_stride +
+                           (valid ? pos : 0);
+      cp_async_4_zfill(smem_base + L::kIndexOffset +
+                           static_cast<uint32_t>(((tile % L::kIndexStages) * kBlockN + tid) * 4),
+                       src, valid);
     };
     // This thread's token's (row tid / 8 of a tile) index value, -1 past the tile's pool
     // limit or the piece: from the index ring (`ring`: the copy landed and is visible) or,
@@ -351,7 +328,8 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(kSlabs))
         return reinterpret_cast<const int*>(smem + L::kIndexOffset)[(tile % L::kIndexStages) *
                                                                         kBlockN + token_row];
       }
-      return index_row(pool, pc)[pos];
+      return pool.indices[static_cast<int64_t>(pc.req) * pool.indices_batch_stride +
+                          static_cast<int64_t>(pc.query) * pool.indices_row_stride + pos];
     };
     // One raw tile of 16 index positions of one pool (uniform over the CTA); `value` is
     // this thread's load_index of the tile. The first thread of each token records whether

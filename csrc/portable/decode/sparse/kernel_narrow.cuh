@@ -12,8 +12,7 @@
 // warp's dequantised dims, and the only exchange is the four S partials, which meet in
 // double-buffered shared memory and are added by every warp in the fixed order w = 0..3
 // (its own from registers, the bits it stored): the four copies of the softmax agree bit
-// for bit, and P stays in registers (the C fragments of S are the A fragment of P V). These
-// per-tile steps are qreg_steps.cuh's, shared with the dense decode's narrow and wide CTAs.
+// for bit, and P stays in registers (the C fragments of S are the A fragment of P V).
 //
 // Shared memory (config.h NarrowLayout; bf16 rows XOR-swizzled in 16-byte chunks):
 //   dequantised tiles, 2 buffers [16 tokens][d_qk] bf16 (tile i in buffer i % 2; at a
@@ -51,7 +50,6 @@
 #include "../../common/ldmatrix.cuh"
 #include "../../common/math.cuh"
 #include "../../common/mma.cuh"
-#include "../../common/qreg_steps.cuh"
 #include "../../common/smem_opt_in.cuh"
 #include "../../common/swizzle.cuh"
 #include "../schedule/config.h"
@@ -69,7 +67,7 @@ namespace sched = ::flash_mla::portable::decode_schedule;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLn2 = 0.69314718055994530942f;
 constexpr int kColsPerWarp = kHeadDimV / kNumWarps;  // 128
-constexpr int kNTilesO = qreg::kNTilesO;             // 16 n-tiles of 8 columns
+constexpr int kNTilesO = kColsPerWarp / 8;           // 16
 
 // First dim of k-step kk (16 dims) of warp w: its latent dims, then its RoPE dims.
 __device__ __forceinline__ int kstep_dim(int warp, int kk) {
@@ -139,6 +137,7 @@ __global__ void __launch_bounds__(kThreads, kNarrowMinCtas)
   const int begin_req = meta[sched::kBeginReq];
   if (begin_req < 0 || begin_req >= params.batch) return;  // empty part
   const int last_req = min(meta[sched::kEndReq], params.batch - 1);
+  const bool has_extra = params.extra.cache != nullptr;
   const float scale_log2 = params.softmax_scale_log2;  // > 0 (validated)
   const Storage* q_base = static_cast<const Storage*>(params.q);
 
@@ -156,9 +155,34 @@ __global__ void __launch_bounds__(kThreads, kNarrowMinCtas)
   const int token_row = tid / kThreadsPerToken;
 
   for (int req = begin_req; req <= last_req; ++req) {
-    Piece here;
-    int num_tiles;
-    if (!piece_of<kRows>(params, meta, req, here, num_tiles)) continue;
+    const int main_limit = pool_limit(params.main, req);
+    const int main_span = (main_limit + kBlockN - 1) / kBlockN * kBlockN;
+    const int extra_limit = has_extra ? pool_limit(params.extra, req) : 0;
+    const int total = main_span + extra_limit;
+    const int n_blocks = (total + kPositionsPerBlock - 1) / kPositionsPerBlock;
+    const bool first = req == meta[sched::kBeginReq];
+    const bool last = req == meta[sched::kEndReq];
+    const int lo = first ? meta[sched::kBeginBlock] : 0;
+    const int hi = min(last ? meta[sched::kEndBlock] : n_blocks, n_blocks);
+    // A piece the schedule counted but the current lengths left empty still writes its
+    // (empty) result, so the combine never reads an unwritten split.
+    const int sched_hi = last ? meta[sched::kEndBlock] : n_blocks;
+    if (lo >= sched_hi) continue;
+    const int total_splits = params.num_splits_total;
+    const int off_begin = min(max(params.split_offsets[req], 0), total_splits);
+    const int off_end = min(max(params.split_offsets[req + 1], off_begin), total_splits);
+    const bool direct = off_end - off_begin == 1;
+    const int split = first ? meta[sched::kFirstSplit] : off_begin;
+    if (!direct && (split < 0 || split >= total_splits)) continue;  // stale schedule
+
+    const int m_block = static_cast<int>(blockIdx.x % params.num_m_blocks);
+    const Piece here{req,        m_block / params.num_head_blocks,
+                     (m_block % params.num_head_blocks) * kRows,
+                     main_limit, main_span, extra_limit, lo * kPositionsPerBlock,
+                     direct ? -1 : split};
+    const int pos_end = min(max(hi, lo) * kPositionsPerBlock, total);
+    const int num_tiles =
+        pos_end > here.pos_begin ? (pos_end - here.pos_begin + kBlockN - 1) / kBlockN : 0;
 
     __syncthreads();  // every warp is done with the previous piece's shared memory
     if (tid == 0) *piece_smem = here;
@@ -187,13 +211,17 @@ __global__ void __launch_bounds__(kThreads, kNarrowMinCtas)
     // zero-filled without a read; issue_tile never uses them. The index ring is what keeps
     // the gather from waiting on a dependent load per tile (docs/sparse_decode.md).
     auto issue_index = [&](const Piece& pc, int tile) {
-      if (tile >= num_tiles) return;
+      if (tile >= num_tiles || tid >= kBlockN) return;
       int pos0, limit;
       const CachePool& pool = tile_pool(pc, tile, pos0, limit);
-      copy_tile_indices(pool, pc, pos0, limit,
-                        smem_base + L::kIndexOffset +
-                            static_cast<uint32_t>((tile % kIndexStages) * kBlockN * 4),
-                        tid);
+      const int pos = pos0 + tid;
+      const bool valid = pos < limit;
+      const int32_t* src = pool.indices + static_cast<int64_t>(pc.req) * pool.indices_batch_stride +
+                           static_cast<int64_t>(pc.query) * pool.indices_row_stride +
+                           (valid ? pos : 0);
+      cp_async_4_zfill(smem_base + L::kIndexOffset +
+                           static_cast<uint32_t>(((tile % kIndexStages) * kBlockN + tid) * 4),
+                       src, valid);
     };
     // This thread's token's index value in a tile: from the index ring (`ring`; the tile's
     // copy landed and is visible) or, in a piece's prologue, straight from global memory.
@@ -204,7 +232,8 @@ __global__ void __launch_bounds__(kThreads, kNarrowMinCtas)
       const int pos = pos0 + token_row;
       if (pos >= limit) return -1;
       if (ring) return index_smem[(tile % kIndexStages) * kBlockN + token_row];
-      return index_row(pool, pc)[pos];
+      return pool.indices[static_cast<int64_t>(pc.req) * pool.indices_batch_stride +
+                          static_cast<int64_t>(pc.query) * pool.indices_row_stride + pos];
     };
     // One raw tile into stage tile % 3 and its valid flags into flag stage tile % 4: byte w
     // holds bit k for token 4 w + k, the tokens whose first threads are warp w's lanes 8 k
@@ -257,10 +286,23 @@ __global__ void __launch_bounds__(kThreads, kNarrowMinCtas)
       const uint32_t mask = (flags & 0xFu) | ((flags >> 4) & 0xF0u) | ((flags >> 8) & 0xF00u) |
                             ((flags >> 12) & 0xF000u);
       __syncwarp();  // this warp's dims of the tile, which its S partial reads
-      qreg::s_partial<Elem, kDimQK>(s_acc, q_frag,
-                                    smem_base + L::kTileOffset + (tile & 1) * L::kTileBytes,
-                                    k_row, k_col, [&](int kk) { return kstep_dim(warp, kk); });
-      qreg::store_partial<kNumWarps>(s_partial, s_acc, tile & 1, warp, lane);
+      const uint32_t tile_smem = smem_base + L::kTileOffset + (tile & 1) * L::kTileBytes;
+#pragma unroll
+      for (int n = 0; n < 2; ++n) s_acc[n][0] = s_acc[n][1] = s_acc[n][2] = s_acc[n][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk) {
+        uint32_t b[4];
+        ldmatrix_x4(b, tile_smem + swizzled_offset<kDimQK>(k_row, kstep_dim(warp, kk) + k_col));
+        const uint32_t b_lo[2] = {b[0], b[1]};
+        const uint32_t b_hi[2] = {b[2], b[3]};
+        mma_m16n8k16<Elem>(s_acc[0], q_frag[kk], b_lo);
+        mma_m16n8k16<Elem>(s_acc[1], q_frag[kk], b_hi);
+      }
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        s_partial[(((tile & 1) * kNumWarps + warp) * 2 + n) * 32 + lane] =
+            make_float4(s_acc[n][0], s_acc[n][1], s_acc[n][2], s_acc[n][3]);
+      }
       return mask;
     };
 
@@ -296,9 +338,28 @@ __global__ void __launch_bounds__(kThreads, kNarrowMinCtas)
       issue_index(pc, i + kIndexLead);
       cp_async_commit();
 
-      // ---- tile i's S (qreg_steps.cuh: the same sums in every warp) ----
+      // ---- tile i's S: the partials of warps 0..3 in that order (the same sums in every
+      // warp); this warp's own from its registers ----
       float sc[2][4];
-      qreg::sum_partials<kNumWarps, 1>(sc, s_own, s_partial, i & 1, 0, warp, lane);
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        float4 v = warp == 0 ? make_float4(s_own[n][0], s_own[n][1], s_own[n][2], s_own[n][3])
+                             : s_partial[(((i & 1) * kNumWarps + 0) * 2 + n) * 32 + lane];
+#pragma unroll
+        for (int k = 1; k < kNumWarps; ++k) {
+          const float4 p = warp == k
+                               ? make_float4(s_own[n][0], s_own[n][1], s_own[n][2], s_own[n][3])
+                               : s_partial[(((i & 1) * kNumWarps + k) * 2 + n) * 32 + lane];
+          v.x += p.x;
+          v.y += p.y;
+          v.z += p.z;
+          v.w += p.w;
+        }
+        sc[n][0] = v.x;
+        sc[n][1] = v.y;
+        sc[n][2] = v.z;
+        sc[n][3] = v.w;
+      }
       // ---- tile i+1's dequantisation and S partial: they overlap this tile's softmax ----
       const uint32_t mask = mask_cur;
       if (i + 1 < num_tiles) mask_cur = tile_s_partial(pc, i + 1, s_own);
@@ -310,12 +371,56 @@ __global__ void __launch_bounds__(kThreads, kNarrowMinCtas)
           if (((mask >> (n * 8 + 2 * t + (e & 1))) & 1u) == 0) sc[n][e] = kNegInf;
         }
       }
+      // Online softmax in base 2 (as the dense decode's narrow CTA): maxima in raw score
+      // units, p = 2^(s c - m c) with one FFMA; __fmul_rn keeps an unchanged max's rescale
+      // at exactly 1.
       float correction[2];
-      qreg::softmax_step(sc, row_max, row_sum, correction, scale_log2);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float tile_max = row_max[r];
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          tile_max = fmaxf(tile_max, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
+        }
+        tile_max = quad_max(tile_max);
+        const float ref = tile_max == kNegInf ? 0.f : __fmul_rn(tile_max, scale_log2);
+        correction[r] = exp2_approx(__fmul_rn(row_max[r], scale_log2) - ref);
+        row_max[r] = tile_max;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          sc[n][2 * r] = exp2_approx(fmaf(sc[n][2 * r], scale_log2, -ref));
+          sc[n][2 * r + 1] = exp2_approx(fmaf(sc[n][2 * r + 1], scale_log2, -ref));
+          sum += sc[n][2 * r] + sc[n][2 * r + 1];
+        }
+        row_sum[r] = row_sum[r] * correction[r] + sum;
+      }
+      // P as the A fragment of P V (mma.cuh): a[0] row g tokens 2t.., a[1] row g+8 tokens
+      // 2t.., a[2] row g tokens 8+2t.., a[3] row g+8 tokens 8+2t.. -- n-tile 0 then 1.
+      uint32_t p_frag[4];
+      p_frag[0] = pack_float2<Elem>(sc[0][0], sc[0][1]);
+      p_frag[1] = pack_float2<Elem>(sc[0][2], sc[0][3]);
+      p_frag[2] = pack_float2<Elem>(sc[1][0], sc[1][1]);
+      p_frag[3] = pack_float2<Elem>(sc[1][2], sc[1][3]);
+
       // ---- O = O * rescale + P V over this warp's 128 columns (its own dequantised dims) ----
-      qreg::rescale_pv<Elem, kDimQK>(o_acc, sc, correction,
-                                     smem_base + L::kTileOffset + (i & 1) * L::kTileBytes, col0,
-                                     v_row, v_col);
+#pragma unroll
+      for (int n = 0; n < kNTilesO; ++n) {
+        o_acc[n][0] *= correction[0];
+        o_acc[n][1] *= correction[0];
+        o_acc[n][2] *= correction[1];
+        o_acc[n][3] *= correction[1];
+      }
+      const uint32_t tile_smem = smem_base + L::kTileOffset + (i & 1) * L::kTileBytes;
+#pragma unroll
+      for (int dp = 0; dp < kNTilesO / 2; ++dp) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, tile_smem + swizzled_offset<kDimQK>(v_row, col0 + dp * 16 + v_col));
+        const uint32_t b_lo[2] = {b[0], b[1]};
+        const uint32_t b_hi[2] = {b[2], b[3]};
+        mma_m16n8k16<Elem>(o_acc[2 * dp], p_frag, b_lo);
+        mma_m16n8k16<Elem>(o_acc[2 * dp + 1], p_frag, b_hi);
+      }
     }
     cp_async_wait<0>();  // drain (the groups past the last tile are empty)
     __syncthreads();     // the piece record is visible (also with no tile)
