@@ -13,7 +13,8 @@
 //
 // Also env_allocator_available(any tensor) -> bool: whether the caller's framework
 // installed its DLPack tensor allocator for the call (env_alloc.h), which the entries
-// that allocate their own outputs need. Python asks once per process.
+// that allocate their own outputs need. Python asks on each native call that takes the
+// full path (flash_mla/_native.py env_allocator_available).
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 

@@ -4,9 +4,10 @@
 //   sparse_decode_num_parts(device, batch, s_q, h_q, d_qk, batch_invariant) -> int
 //       schedule parts P for this problem on cuda:<device>; FLASH_MLA_SPARSE_DECODE_PARTS=n
 //       forces P (tests: results must not depend on the number of SMs); ignored when
-//       invariant. FLASH_MLA_SPARSE_DECODE_CTA=narrow|rowblock forces the CTA (cta_for). The schedule itself is the dense decode's kernel (dense_decode_schedule),
-//       run over each request's key-list length (flash_mla/sparse_decode.py computes it on
-//       the GPU: main limit rounded up to 16, plus the extra limit).
+//       invariant. FLASH_MLA_SPARSE_DECODE_CTA=narrow|rowblock forces the CTA (cta_for).
+//       The schedule itself is the dense decode's kernel (dense_decode_schedule), run over
+//       each request's key-list length (flash_mla/sparse_decode.py computes it on the GPU:
+//       main limit rounded up to 16, plus the extra limit).
 //   sparse_decode_fwd(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
 //                     extra_indices, extra_topk_length, metadata, split_offsets, o_accum,
 //                     lse_accum, out, lse, softmax_scale, kv_format, extra_kv_format) -> None
