@@ -157,6 +157,10 @@ def test_host_line_and_median(bench):
         "host time per eager call: API 41.2 us, raw tvm-ffi 9.9 us")
     line = bench.host_line({"api_us": 41.0, "raw_tvm_ffi_us": None, "raw_note": "no entry"})
     assert line.endswith("raw tvm-ffi n/a (no entry)")
+    # the entry the API reached is named (the allocating one where torch's allocator is on)
+    assert bench.host_line({"api_us": 21.0, "raw_tvm_ffi_us": 9.5,
+                            "raw_entry": "sparse_decode_fwd_alloc"}) == (
+        "host time per eager call: API 21.0 us, raw tvm-ffi (sparse_decode_fwd_alloc) 9.5 us")
     syncs = []
     assert bench.median_us(lambda: None, 130, lambda: syncs.append(1)) >= 0
     assert len(syncs) == 2
