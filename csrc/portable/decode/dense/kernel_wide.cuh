@@ -46,6 +46,7 @@
 #include "../../common/ldmatrix.cuh"
 #include "../../common/math.cuh"
 #include "../../common/mma.cuh"
+#include "../../common/qreg_steps.cuh"
 #include "../../common/smem_opt_in.cuh"
 #include "../../common/swizzle.cuh"
 #include "../schedule/config.h"
@@ -239,23 +240,9 @@ __global__ void __launch_bounds__(QRegCta<kSlabs>::kThreads, min_ctas_per_sm<kSl
     // This warp's S partial of one tile (slab rows x 16 tokens over its 9 k-steps), stored
     // to partial buffer `buf`.
     auto s_partial_to_smem = [&](int tile, int buf, float (&s_acc)[2][4]) {
-      const uint32_t tile_smem = stage_addr(tile);
-#pragma unroll
-      for (int n = 0; n < 2; ++n) s_acc[n][0] = s_acc[n][1] = s_acc[n][2] = s_acc[n][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < kKStepsPerWarp; ++kk) {
-        uint32_t b[4];
-        ldmatrix_x4(b, tile_smem + swizzled_offset<kHeadDimQK>(k_row, dim0 + kk * 16 + k_col));
-        const uint32_t b_lo[2] = {b[0], b[1]};
-        const uint32_t b_hi[2] = {b[2], b[3]};
-        mma_m16n8k16<Elem>(s_acc[0], q_frag[kk], b_lo);
-        mma_m16n8k16<Elem>(s_acc[1], q_frag[kk], b_hi);
-      }
-#pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        s_partial[((buf * kNumWarps + warp) * 2 + n) * 32 + lane] =
-            make_float4(s_acc[n][0], s_acc[n][1], s_acc[n][2], s_acc[n][3]);
-      }
+      qreg::s_partial<Elem, kHeadDimQK>(s_acc, q_frag, stage_addr(tile), k_row, k_col,
+                                        [&](int kk) { return dim0 + kk * 16; });
+      qreg::store_partial<kNumWarps>(s_partial, s_acc, buf, warp, lane);
     };
 
     float o_acc[kNTilesO][4];
@@ -315,45 +302,15 @@ __global__ void __launch_bounds__(QRegCta<kSlabs>::kThreads, min_ctas_per_sm<kSl
           if (tok >= lim[e >> 1]) sc[n][e] = kNegInf;
         }
       }
-      // Online softmax in base 2, as in kernel.cuh: maxima in raw score units, p = 2^(s c -
-      // m c) with one FFMA; __fmul_rn keeps an unchanged max's rescale at exactly 1.
       float correction[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float tile_max = row_max[r];
-#pragma unroll
-        for (int n = 0; n < 2; ++n) {
-          tile_max = fmaxf(tile_max, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
-        }
-        tile_max = quad_max(tile_max);
-        const float ref = tile_max == kNegInf ? 0.f : __fmul_rn(tile_max, scale_log2);
-        correction[r] = exp2_approx(__fmul_rn(row_max[r], scale_log2) - ref);
-        row_max[r] = tile_max;
-        float sum = 0.f;
-#pragma unroll
-        for (int n = 0; n < 2; ++n) {
-          sc[n][2 * r] = exp2_approx(fmaf(sc[n][2 * r], scale_log2, -ref));
-          sc[n][2 * r + 1] = exp2_approx(fmaf(sc[n][2 * r + 1], scale_log2, -ref));
-          sum += sc[n][2 * r] + sc[n][2 * r + 1];
-        }
-        row_sum[r] = row_sum[r] * correction[r] + sum;
-      }
+      qreg::softmax_step(sc, row_max, row_sum, correction, scale_log2);
       // P as the A fragment of P V (mma.cuh): a[0] row g tokens 2t.., a[1] row g+8 tokens
       // 2t.., a[2] row g tokens 8+2t.., a[3] row g+8 tokens 8+2t.. -- n-tile 0 then 1.
       uint32_t p_frag[4];
-      p_frag[0] = pack_float2<Elem>(sc[0][0], sc[0][1]);
-      p_frag[1] = pack_float2<Elem>(sc[0][2], sc[0][3]);
-      p_frag[2] = pack_float2<Elem>(sc[1][0], sc[1][1]);
-      p_frag[3] = pack_float2<Elem>(sc[1][2], sc[1][3]);
+      qreg::pack_p<Elem>(p_frag, sc);
 
       // ---- O = O * rescale + P V over this warp's 128 columns ----
-#pragma unroll
-      for (int n = 0; n < kNTilesO; ++n) {
-        o_acc[n][0] *= correction[0];
-        o_acc[n][1] *= correction[0];
-        o_acc[n][2] *= correction[1];
-        o_acc[n][3] *= correction[1];
-      }
+      qreg::rescale_o(o_acc, correction);
       const uint32_t tile_smem = stage_addr(i);
 #pragma unroll
       for (int dp = 0; dp < kNTilesO / 2; ++dp) {

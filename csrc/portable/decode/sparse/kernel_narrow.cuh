@@ -50,6 +50,7 @@
 #include "../../common/ldmatrix.cuh"
 #include "../../common/math.cuh"
 #include "../../common/mma.cuh"
+#include "../../common/qreg_steps.cuh"
 #include "../../common/smem_opt_in.cuh"
 #include "../../common/swizzle.cuh"
 #include "../schedule/config.h"
@@ -286,23 +287,10 @@ __global__ void __launch_bounds__(kThreads, kNarrowMinCtas)
       const uint32_t mask = (flags & 0xFu) | ((flags >> 4) & 0xF0u) | ((flags >> 8) & 0xF00u) |
                             ((flags >> 12) & 0xF000u);
       __syncwarp();  // this warp's dims of the tile, which its S partial reads
-      const uint32_t tile_smem = smem_base + L::kTileOffset + (tile & 1) * L::kTileBytes;
-#pragma unroll
-      for (int n = 0; n < 2; ++n) s_acc[n][0] = s_acc[n][1] = s_acc[n][2] = s_acc[n][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < kKSteps; ++kk) {
-        uint32_t b[4];
-        ldmatrix_x4(b, tile_smem + swizzled_offset<kDimQK>(k_row, kstep_dim(warp, kk) + k_col));
-        const uint32_t b_lo[2] = {b[0], b[1]};
-        const uint32_t b_hi[2] = {b[2], b[3]};
-        mma_m16n8k16<Elem>(s_acc[0], q_frag[kk], b_lo);
-        mma_m16n8k16<Elem>(s_acc[1], q_frag[kk], b_hi);
-      }
-#pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        s_partial[(((tile & 1) * kNumWarps + warp) * 2 + n) * 32 + lane] =
-            make_float4(s_acc[n][0], s_acc[n][1], s_acc[n][2], s_acc[n][3]);
-      }
+      qreg::s_partial<Elem, kDimQK>(s_acc, q_frag,
+                                    smem_base + L::kTileOffset + (tile & 1) * L::kTileBytes,
+                                    k_row, k_col, [&](int kk) { return kstep_dim(warp, kk); });
+      qreg::store_partial<kNumWarps>(s_partial, s_acc, tile & 1, warp, lane);
       return mask;
     };
 
@@ -371,46 +359,12 @@ __global__ void __launch_bounds__(kThreads, kNarrowMinCtas)
           if (((mask >> (n * 8 + 2 * t + (e & 1))) & 1u) == 0) sc[n][e] = kNegInf;
         }
       }
-      // Online softmax in base 2 (as the dense decode's narrow CTA): maxima in raw score
-      // units, p = 2^(s c - m c) with one FFMA; __fmul_rn keeps an unchanged max's rescale
-      // at exactly 1.
       float correction[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float tile_max = row_max[r];
-#pragma unroll
-        for (int n = 0; n < 2; ++n) {
-          tile_max = fmaxf(tile_max, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
-        }
-        tile_max = quad_max(tile_max);
-        const float ref = tile_max == kNegInf ? 0.f : __fmul_rn(tile_max, scale_log2);
-        correction[r] = exp2_approx(__fmul_rn(row_max[r], scale_log2) - ref);
-        row_max[r] = tile_max;
-        float sum = 0.f;
-#pragma unroll
-        for (int n = 0; n < 2; ++n) {
-          sc[n][2 * r] = exp2_approx(fmaf(sc[n][2 * r], scale_log2, -ref));
-          sc[n][2 * r + 1] = exp2_approx(fmaf(sc[n][2 * r + 1], scale_log2, -ref));
-          sum += sc[n][2 * r] + sc[n][2 * r + 1];
-        }
-        row_sum[r] = row_sum[r] * correction[r] + sum;
-      }
-      // P as the A fragment of P V (mma.cuh): a[0] row g tokens 2t.., a[1] row g+8 tokens
-      // 2t.., a[2] row g tokens 8+2t.., a[3] row g+8 tokens 8+2t.. -- n-tile 0 then 1.
+      qreg::softmax_step(sc, row_max, row_sum, correction, scale_log2);
       uint32_t p_frag[4];
-      p_frag[0] = pack_float2<Elem>(sc[0][0], sc[0][1]);
-      p_frag[1] = pack_float2<Elem>(sc[0][2], sc[0][3]);
-      p_frag[2] = pack_float2<Elem>(sc[1][0], sc[1][1]);
-      p_frag[3] = pack_float2<Elem>(sc[1][2], sc[1][3]);
-
+      qreg::pack_p<Elem>(p_frag, sc);
       // ---- O = O * rescale + P V over this warp's 128 columns (its own dequantised dims) ----
-#pragma unroll
-      for (int n = 0; n < kNTilesO; ++n) {
-        o_acc[n][0] *= correction[0];
-        o_acc[n][1] *= correction[0];
-        o_acc[n][2] *= correction[1];
-        o_acc[n][3] *= correction[1];
-      }
+      qreg::rescale_o(o_acc, correction);
       const uint32_t tile_smem = smem_base + L::kTileOffset + (i & 1) * L::kTileBytes;
 #pragma unroll
       for (int dp = 0; dp < kNTilesO / 2; ++dp) {
