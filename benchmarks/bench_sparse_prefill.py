@@ -7,8 +7,10 @@ d_qk 576, topk 2048, s_kv 8192 and 65536). Each query's indices are topk distinc
 rows of kv, all valid. FLOP = 2 * sum(valid topk) * h_q * (d_qk + 512).
 
 Baselines of the same run: the mma.sync m16n8k16 bf16 peak of bench_dense_decode (a
-register-only loop, PTX JIT-loaded through the driver), and the PyTorch reference
-(FLASH_MLA_BACKEND=reference, eager) on the first shape of each d_qk.
+register-only loop, PTX JIT-loaded through the driver), the PyTorch reference
+(FLASH_MLA_BACKEND=reference, eager) on the first shape of each d_qk, and, past 32 heads,
+the 32-head row-block CTA (FLASH_MLA_SPARSE_PREFILL_CTA=rowblock: the kernel the library ran
+before the wide CTA, and what sm_120 runs), printed as the default call's speedup over it.
 
 Timing: the call (output allocation included) is captured in a CUDA graph and replayed
 with the L2 flushed (bench_mha.Timer).
@@ -47,6 +49,23 @@ def make_problem(torch, h_q: int, d_qk: int, s_kv: int) -> Tuple:
     return q, kv, indices.to(torch.int32).view(S_Q, 1, TOPK)
 
 
+class _Env:
+    """Sets one environment variable for a with-block, then restores it."""
+
+    def __init__(self, name: str, value: str) -> None:
+        self.name, self.value, self.previous = name, value, None
+
+    def __enter__(self) -> None:
+        self.previous = os.environ.get(self.name)
+        os.environ[self.name] = self.value
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is None:
+            os.environ.pop(self.name, None)
+        else:
+            os.environ[self.name] = self.previous
+
+
 def bench_shape(torch, flash_mla, timer: Timer, h_q: int, d_qk: int, s_kv: int,
                 reference: bool) -> Dict:
     q, kv, indices = make_problem(torch, h_q, d_qk, s_kv)
@@ -58,18 +77,14 @@ def bench_shape(torch, flash_mla, timer: Timer, h_q: int, d_qk: int, s_kv: int,
     us, how = timer.time_us(call)
     valid = S_Q * TOPK
     row = {"s_q": S_Q, "h_q": h_q, "d_qk": d_qk, "s_kv": s_kv, "topk": TOPK, "us": us,
-           "timing": how, "tflops": flop(valid, h_q, d_qk) / us / 1e6, "reference_us": None,
-           "reference_tflops": None}
+           "timing": how, "tflops": flop(valid, h_q, d_qk) / us / 1e6, "rowblock_us": None,
+           "reference_us": None, "reference_tflops": None}
+    if h_q > 32:
+        with _Env("FLASH_MLA_SPARSE_PREFILL_CTA", "rowblock"):
+            row["rowblock_us"] = timer.time_us(call)[0]
     if reference:
-        previous = os.environ.get("FLASH_MLA_BACKEND")
-        os.environ["FLASH_MLA_BACKEND"] = "reference"
-        try:
+        with _Env("FLASH_MLA_BACKEND", "reference"):
             ref_us = Timer(torch, 1, 3)._median(call)
-        finally:
-            if previous is None:
-                os.environ.pop("FLASH_MLA_BACKEND", None)
-            else:
-                os.environ["FLASH_MLA_BACKEND"] = previous
         row["reference_us"] = ref_us
         row["reference_tflops"] = flop(valid, h_q, d_qk) / ref_us / 1e6
     return row
@@ -125,8 +140,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     shapes = QUICK if args.quick else UPSTREAM + SERVING
     rows = []
     referenced = set()
-    print(f"{'h_q':>4} {'d_qk':>4} {'s_kv':>6} {'us':>10} {'TFLOPS':>7} {'/mma':>6} {'ref us':>11} "
-          f"{'ref TFLOPS':>10}")
+    print(f"{'h_q':>4} {'d_qk':>4} {'s_kv':>6} {'us':>10} {'TFLOPS':>7} {'/mma':>6} "
+          f"{'rowblock us':>11} {'x':>5} {'ref us':>11} {'ref TFLOPS':>10}")
     for h_q, d_qk, s_kv in shapes:
         reference = not args.no_reference and d_qk not in referenced
         referenced.add(d_qk)
@@ -134,8 +149,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows.append(row)
         ref = (f"{row['reference_us']:>11.0f} {row['reference_tflops']:>10.2f}"
                if row["reference_us"] is not None else f"{'-':>11} {'-':>10}")
+        rb = (f"{row['rowblock_us']:>11.1f} {row['rowblock_us'] / row['us']:>5.2f}"
+              if row["rowblock_us"] is not None else f"{'-':>11} {'-':>5}")
         print(f"{h_q:>4} {d_qk:>4} {s_kv:>6} {row['us']:>10.1f} {row['tflops']:>7.1f} "
-              f"{row['tflops'] / peak:>6.3f} {ref}")
+              f"{row['tflops'] / peak:>6.3f} {rb} {ref}", flush=True)
         torch.cuda.empty_cache()
     payload = {"device": device_line(torch), "mma_sync_tflops": peak, "rows": rows}
     save_results(args.out, "bench_sparse_prefill", payload, plot)

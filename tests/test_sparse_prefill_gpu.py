@@ -12,7 +12,8 @@ s_kv, 114514, 2147480000, 2^31-1) appears, kv rows that no valid index names hol
 the positions past topk_length name such NaN rows (so reading one shows). Shapes: d_qk 512
 and 576; h_q 1, 3, 8, 16, 32, 64, 128; regular and irregular (s_kv, topk), topk > s_kv;
 s_q 1, 62, 213, 1024 with and without sink and topk_length; all-invalid rows; s_q 70000;
-non-contiguous q, kv and indices; bit-identical reruns.
+non-contiguous q, kv and indices; bit-identical reruns. Both CTAs (the 32-head row block and
+the wide 64-head one, FLASH_MLA_SPARSE_PREFILL_CTA) at every head count.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from flash_mla.testing import check_op_close, check_plain_rule, make_noncontiguo
 gpu = pytest.mark.gpu
 D_V = 512
 INVALID = (-2 ** 31, -123456, -1, None, 114514, 2147480000, 2 ** 31 - 1)  # None = s_kv
+CTA_VARIABLE = "FLASH_MLA_SPARSE_PREFILL_CTA"
+WIDE_SMEM = {576: 230928, 512: 206352}  # bytes per block of the wide CTA (config.h)
 
 
 @pytest.fixture(autouse=True)
@@ -236,6 +239,71 @@ def test_reruns_are_bit_identical():
     second = _run(p)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def _wide_fits(d_qk: int) -> bool:
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return props.shared_memory_per_block_optin >= WIDE_SMEM[d_qk]
+
+
+def _force_cta(monkeypatch, cta: str, d_qk: int) -> bool:
+    """Sets the override; False when the device cannot run that CTA (then a call must
+    raise a ValueError naming the variable, which the caller checks instead)."""
+    monkeypatch.setenv(CTA_VARIABLE, cta)
+    return cta != "wide" or _wide_fits(d_qk)
+
+
+def _run_forced(monkeypatch, cta: str, p: Problem, **tensors):
+    if not _force_cta(monkeypatch, cta, p.q.shape[2]):
+        with pytest.raises(ValueError, match=CTA_VARIABLE):
+            _run(p, **tensors)
+        return None
+    return _run(p, **tensors)
+
+
+@gpu
+@pytest.mark.parametrize("cta", ("wide", "rowblock"))
+@pytest.mark.parametrize("d_qk", (512, 576))
+@pytest.mark.parametrize("h_q", (1, 20, 33, 64, 100, 128))
+def test_every_cta_element_rule(monkeypatch, cta, d_qk, h_q):
+    """Both CTAs at any head count (the library takes the wide one past 32 heads where the
+    device allows it): a sink, topk_length, an invalid index every third position, topk not
+    a multiple of either tile (16 or 64 tokens)."""
+    p = _problem(29, h_q, d_qk, 1000, 300, seed=h_q + d_qk, sink=True, lengths=True,
+                 invalid_every=3)
+    got = _run_forced(monkeypatch, cta, p)
+    if got is not None:
+        _check_element(p, got, f"{cta} d{d_qk} h{h_q}")
+
+
+@gpu
+@pytest.mark.parametrize("cta", ("wide", "rowblock"))
+@pytest.mark.parametrize("h_q", (48, 128))
+def test_every_cta_hostile_plain_rule(monkeypatch, cta, h_q):
+    p = _problem(16, h_q, 576, 4096, 2048, seed=17 + h_q, std=1.0, sink=True, lengths=True,
+                 invalid_every=5)
+    got = _run_forced(monkeypatch, cta, p, kv=make_noncontiguous(p.kv))
+    if got is not None:
+        _check_plain(p, got, f"hostile {cta} h{h_q}")
+
+
+@gpu
+@pytest.mark.parametrize("cta", ("wide", "rowblock"))
+def test_every_cta_reruns_are_bit_identical(monkeypatch, cta):
+    p = _problem(200, 128, 576, 5000, 1000, seed=98, std=1.0, sink=True, lengths=True)
+    first = _run_forced(monkeypatch, cta, p)
+    if first is not None:
+        second = _run(p)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+
+
+@gpu
+def test_unknown_cta_override_raises(monkeypatch):
+    monkeypatch.setenv(CTA_VARIABLE, "narrow")
+    p = _problem(2, 64, 576, 100, 32, seed=1)
+    with pytest.raises(ValueError, match=CTA_VARIABLE):
+        _run(p)
 
 
 @gpu

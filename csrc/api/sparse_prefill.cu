@@ -6,12 +6,16 @@
 //       [s_q, 1, topk], topk_length int32 [s_q], attn_sink fp32 [h_q]; writes out bf16
 //       [s_q, h_q, 512], max_logits and lse fp32 [s_q, h_q] (natural log) on the caller's
 //       stream. An index < 0 or >= s_kv is skipped (never read).
+//   The CTA: the wide one (8 warps, 64 heads) where h_q > 32 and the device's blocks may opt
+//   in to its shared memory, else the 32-head row block (config.h choose_cta);
+//   FLASH_MLA_SPARSE_PREFILL_CTA=wide|rowblock forces one (cta_for).
 // Layouts: SparsePrefillParams in csrc/portable/prefill/sparse/kernel.h; design:
 // docs/sparse_prefill.md. Validation happens in one function, in the order device, dtype,
 // layout, shape, values; a wrong call raises ValueError or TypeError and never reaches the
 // kernel.
 #include <cstdint>
 #include <iterator>
+#include <string>
 
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
@@ -32,6 +36,30 @@ using tvm::ffi::Optional;
 namespace sp = ::flash_mla::portable::sparse_prefill;
 
 FLASH_MLA_REGISTER_OP(sparse_prefill, sp::capabilities_json);
+
+// The CTA for this call (config.h choose_cta). FLASH_MLA_SPARSE_PREFILL_CTA=wide|rowblock
+// forces one, so both are tested and timed at any head count where the device allows; read
+// on every call, no process-wide state.
+sp::Cta cta_for(int device, int h_q, int d_qk) {
+  const int needed = sp::wide_smem_bytes(d_qk);
+  const bool wide_fits = max_smem_per_block(device) >= needed;
+  const std::string forced = forced_variant("FLASH_MLA_SPARSE_PREFILL_CTA");
+  if (!forced.empty()) {
+    if (forced == "rowblock") return sp::Cta::kRowBlock;
+    if (forced == "wide") {
+      if (!wide_fits) {
+        TVM_FFI_THROW(ValueError)
+            << "FLASH_MLA_SPARSE_PREFILL_CTA=wide needs a GPU whose blocks may use " << needed
+            << " bytes of shared memory at d_qk " << d_qk << ", this one allows "
+            << max_smem_per_block(device);
+      }
+      return sp::Cta::kWide;
+    }
+    TVM_FFI_THROW(ValueError) << "FLASH_MLA_SPARSE_PREFILL_CTA must be wide or rowblock (or "
+                              << "unset), got '" << forced << "'";
+  }
+  return sp::choose_cta(h_q, wide_fits);
+}
 
 // All checks of sparse_prefill_fwd, in the order device, dtype, layout, shape, values.
 sp::SparsePrefillParams validate_sparse_prefill(
@@ -110,9 +138,6 @@ sp::SparsePrefillParams validate_sparse_prefill(
   p.h_q = static_cast<int>(h_q);
   p.s_kv = narrow_to_int32(s_kv, "kv.shape[0] (s_kv)");
   p.topk = narrow_to_int32(topk, "indices.shape[2] (topk)");
-  p.num_head_blocks = sp::num_head_blocks(p.h_q);
-  const int64_t items = s_q * p.num_head_blocks;
-  p.num_ctas = static_cast<int>(items < INT32_MAX ? items : INT32_MAX);
   p.softmax_scale = static_cast<float>(sm_scale);
   p.softmax_scale_log2 = static_cast<float>(sm_scale * 1.4426950408889634);
   p.q = data_ptr(q);
@@ -149,9 +174,18 @@ void sparse_prefill_fwd(TensorView q, TensorView kv, TensorView indices,
   DeviceGuard guard(device);
   p.stream = current_stream(device);
   const int d_qk = static_cast<int>(q.size(2));
+  const sp::Cta cta = cta_for(device, p.h_q, d_qk);
+  p.num_head_blocks = sp::num_head_blocks(p.h_q, cta);
+  const int64_t items = static_cast<int64_t>(p.s_q) * p.num_head_blocks;
+  p.num_ctas = static_cast<int>(items < INT32_MAX ? items : INT32_MAX);
   caps::for_each_entry<std::size(sp::kHeadDimsQK)>([&](auto i) {
     constexpr int kDimQK = sp::kHeadDimsQK[decltype(i)::value];
-    if (d_qk == kDimQK) sp::run_sparse_prefill<kDimQK>(p);
+    if (d_qk != kDimQK) return;
+    if (cta == sp::Cta::kWide) {
+      sp::run_sparse_prefill_wide<kDimQK>(p);
+    } else {
+      sp::run_sparse_prefill<kDimQK>(p);
+    }
   });
   check_launch("sparse_prefill");
 }

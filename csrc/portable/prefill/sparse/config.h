@@ -65,7 +65,60 @@ static_assert(Layout<512>::kSmemBytes == 90000, "sparse prefill budget as in doc
 static_assert(Layout<576>::kSmemBytes <= kMaxSmemPerBlockSm120, "tile exceeds sm_120's 99 KB");
 static_assert(Layout<512>::kSmemBytes <= kMaxSmemPerBlockSm120, "tile exceeds sm_120's 99 KB");
 
+// ---- The wide CTA (kernel_wide.cuh): 8 warps, 64 heads, 64-token tiles ----
+// For GPUs whose blocks may opt in to about 226 KB (H100/H200, B200): every gathered K / V
+// fragment feeds 64 rows instead of 32, a tile is 64 tokens (three barriers per 64 keys
+// instead of per 16), and the softmax runs in all 8 warps. Never launched on sm_80/86/89/120
+// (the kernel traps there; the entry checks the device's opt-in limit).
+enum class Cta { kRowBlock, kWide };
+
+namespace wide {
+constexpr int kNumWarps = 8;
+constexpr int kThreads = kNumWarps * 32;
+constexpr int kBlockM = 64;           // heads of one query
+constexpr int kBlockN = 64;           // gathered tokens per tile
+constexpr int kStages = 2;            // tile i + 1 is copied while tile i is computed
+constexpr int kSlabsO = kBlockM / 16; // every warp's O covers all 64 rows
+constexpr int kColsPerWarp = kHeadDimV / kNumWarps;  // 64 output columns per warp
+constexpr int kRowsPerCopyWarp = kBlockN / kNumWarps; // warp w gathers tile rows [8w, 8w + 8)
+
+// Shared-memory byte layout (kernel_wide.cuh's header comment gives the protocol).
+template <int kDimQK>
+struct Layout {
+  static constexpr int kQBytes = kBlockM * kDimQK * kElemBytes;     // 73728 | 65536, swizzled
+  static constexpr int kTileBytes = kBlockN * kDimQK * kElemBytes;  // 73728 | 65536, swizzled
+  static constexpr int kStagesOffset = kQBytes;
+  static constexpr int kPOffset = kStagesOffset + kStages * kTileBytes;  // P [64][64] bf16
+  static constexpr int kPBytes = kBlockM * kBlockN * kElemBytes;         // 8192, swizzled
+  // Per token half (the two S warps of a row slab), per row: the tile's partial row max,
+  // then (epilogue) the partial row sum.
+  static constexpr int kHalfMaxOffset = kPOffset + kPBytes;
+  static constexpr int kHalfSumOffset = kHalfMaxOffset + 2 * kBlockM * 4;
+  static constexpr int kRescaleOffset = kHalfSumOffset + 2 * kBlockM * 4;  // [64] fp32
+  static constexpr int kOutScaleOffset = kRescaleOffset + kBlockM * 4;    // [64] fp32
+  // Per stage, one byte per copying warp: bit j = token 8w + j of the tile is valid.
+  static constexpr int kValidOffset = kOutScaleOffset + kBlockM * 4;
+  static constexpr int kSmemBytes = kValidOffset + kStages * kNumWarps;
+};
+static_assert(Layout<576>::kSmemBytes == 230928, "wide CTA budget as in docs/sparse_prefill.md");
+static_assert(Layout<512>::kSmemBytes == 206352, "wide CTA budget as in docs/sparse_prefill.md");
+static_assert(Layout<576>::kSmemBytes <= kMaxSmemPerBlockLarge, "wide CTA exceeds 227 KB");
+}  // namespace wide
+
+inline int wide_smem_bytes(int d_qk) {
+  return d_qk == 576 ? wide::Layout<576>::kSmemBytes : wide::Layout<512>::kSmemBytes;
+}
+
+// The CTA for h_q where the device allows both: the wide one once a query has more heads
+// than one 32-row block (at h_q <= 32 its extra rows would be zeros).
+inline Cta choose_cta(int h_q, bool wide_fits) {
+  return wide_fits && h_q > kBlockM ? Cta::kWide : Cta::kRowBlock;
+}
+
 // Head blocks per query.
-inline int num_head_blocks(int h_q) { return (h_q + kBlockM - 1) / kBlockM; }
+inline int num_head_blocks(int h_q, Cta cta) {
+  const int rows = cta == Cta::kWide ? wide::kBlockM : kBlockM;
+  return (h_q + rows - 1) / rows;
+}
 
 }  // namespace flash_mla::portable::sparse_prefill

@@ -17,7 +17,7 @@ namespace flash_mla::portable::sparse_prefill {
 // out 0, max_logits -inf, lse +inf.
 struct SparsePrefillParams {
   int s_q, h_q, s_kv, topk;
-  int num_head_blocks;       // ceil(h_q / 32)
+  int num_head_blocks;       // ceil(h_q / rows of the CTA): 32 (kernel.cuh) or 64 (wide)
   int num_ctas;              // grid size; CTA x serves work items x, x + num_ctas, ...
   float softmax_scale;       // applied to q.k (max_logits are in these units)
   float softmax_scale_log2;  // softmax_scale * log2(e)
@@ -43,5 +43,10 @@ static_assert(sizeof(SparsePrefillParams) == 152, "SparsePrefillParams layout ch
 // the caller reads cudaGetLastError().
 template <int kDimQK>
 void run_sparse_prefill(const SparsePrefillParams& params);
+
+// The wide CTA (kernel_wide.cuh), params.num_head_blocks counted in 64-head blocks; only on a
+// device whose blocks may opt in to wide::Layout<kDimQK>::kSmemBytes.
+template <int kDimQK>
+void run_sparse_prefill_wide(const SparsePrefillParams& params);
 
 }  // namespace flash_mla::portable::sparse_prefill

@@ -1,0 +1,362 @@
+// The wide CTA of the portable sparse MLA prefill: 8 warps, 64 heads of one query, 64-token
+// tiles, for GPUs whose blocks may opt in to config.h's wide::Layout (about 226 KB: H100/H200,
+// B200). Same instructions as kernel.cuh (mma.sync m16n8k16, ldmatrix, cp.async); same
+// results contract. Why it exists and what it measured: docs/sparse_prefill.md.
+//
+// Roles of warp w (g = lane / 4, t = lane % 4):
+//   S = Q K^T: rows [16 r, 16 r + 16) with r = w % 4, tokens [32 h, 32 h + 32) of the tile
+//     with h = w / 4, all d_qk dims (no partial sums to add). Warps w and w ^ 4 share rows.
+//   softmax: each S warp for its 16 rows x 32 tokens. The two warps of a row slab exchange
+//     their tile maxima through shared memory (a 64-thread named barrier), so both hold the
+//     same running max and rescale factor; each keeps its own running sum (its tokens'), the
+//     two are added once in the epilogue. The h = 0 warp publishes the rescale factors.
+//   O += P V: warp w owns output columns [64 w, 64 w + 64) for all 64 rows (4 slabs x 8
+//     n-tiles x 4 fp32 = 128 accumulators), reading P [64][64] and V from shared memory.
+//   gather: warp w copies tile rows [8 w, 8 w + 8); its lanes 0..7 hold their row's kv index
+//     (read one tile ahead, so the load's latency hides under a tile of math) and the warp
+//     publishes a valid byte per stage.
+//
+// Shared memory (wide::Layout; 16-bit rows XOR-swizzled in 16-byte chunks): Q [64][d] | 2
+//   KV stages [64][d] | P [64][64] | per-half row maxima [2][64] | per-half row sums [2][64]
+//   | rescale [64] | output scale [64] | valid bytes [2][8].
+//
+// Barrier / cp.async protocol per work item (T tiles):
+//   __syncthreads (the previous item's readers are done); Q and tile 0 -> commit.
+//   iteration i: wait_group 0 (tile i landed, this thread's part); B1 __syncthreads (tile i
+//     and its valid bytes visible; every warp finished iteration i - 1, so stage (i + 1) % 2,
+//     its valid bytes, P, the rescale factors and the half maxima are free); issue tile
+//     i + 1 -> commit; S; store the half maxima; B2 (named barrier 1 + r, warps r and r + 4);
+//     softmax, P and (h = 0) the rescale factors; B3 __syncthreads; O *= rescale, O += P V.
+//   epilogue: the half sums; __syncthreads; the h = 0 warps write max_logits and lse and the
+//     output scale; __syncthreads; every warp writes its columns of out.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include <cuda_runtime.h>
+
+#include "../../../common/limits.h"
+#include "../../common/cp_async.cuh"
+#include "../../common/element.cuh"
+#include "../../common/ldmatrix.cuh"
+#include "../../common/math.cuh"
+#include "../../common/mma.cuh"
+#include "../../common/smem_opt_in.cuh"
+#include "../../common/swizzle.cuh"
+#include "../../common/tile_copy.cuh"
+#include "config.h"
+#include "kernel.h"
+
+namespace flash_mla::portable::sparse_prefill {
+
+namespace wide_detail {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLn2 = 0.69314718055994530942f;
+
+// P [64 rows][64 tokens] in the input dtype: 8 chunks of 16 bytes per row, chunk c of row r
+// at c ^ (r % 8), so the 8 rows of one ldmatrix matrix (and the 8 row groups of one store)
+// hit 32 distinct banks.
+__device__ __forceinline__ uint32_t p_offset(int row, int chunk) {
+  return static_cast<uint32_t>(row * 128 + ((chunk ^ (row & 7)) * 16));
+}
+
+// Rendezvous of the two S warps of row slab r (64 threads); barrier 0 is __syncthreads.
+__device__ __forceinline__ void pair_barrier(int r) {
+  asm volatile("bar.sync %0, 64;\n" ::"r"(1 + r) : "memory");
+}
+
+}  // namespace wide_detail
+
+template <int kDimQK>
+__global__ void __launch_bounds__(wide::kThreads, 1)
+    sparse_prefill_wide_kernel(const __grid_constant__ SparsePrefillParams params) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ < 900 || __CUDA_ARCH__ >= 1200)
+  // sm_80 .. sm_89 and sm_120 / sm_121 cannot give a block wide::Layout's shared memory; the
+  // entry never launches this CTA there (cta_for reads the device's opt-in limit). A launch
+  // would be a bug: trap, and the code below is not emitted.
+  __trap();
+#else
+  using L = wide::Layout<kDimQK>;
+  using Elem = BF16;
+  using Storage = typename Elem::Storage;
+  namespace wd = wide_detail;
+  constexpr int kChunksPerRow = kDimQK / 8;
+  constexpr int kKSteps = kDimQK / 16;
+  constexpr int kCopyChunks = wide::kRowsPerCopyWarp * kChunksPerRow / 32;  // per lane
+  static_assert(wide::kRowsPerCopyWarp * kChunksPerRow % 32 == 0, "whole chunks per lane");
+  static_assert(wide::kRowsPerCopyWarp == 8, "a copy warp's valid mask is one byte");
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t smem_base = cvta_shared(smem);
+  const uint32_t q_smem = smem_base;
+  const uint32_t p_smem = smem_base + L::kPOffset;
+  float* half_max_smem = reinterpret_cast<float*>(smem + L::kHalfMaxOffset);
+  float* half_sum_smem = reinterpret_cast<float*>(smem + L::kHalfSumOffset);
+  float* rescale_smem = reinterpret_cast<float*>(smem + L::kRescaleOffset);
+  float* out_scale_smem = reinterpret_cast<float*>(smem + L::kOutScaleOffset);
+  uint8_t* valid_smem = smem + L::kValidOffset;
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int slab = warp % 4;  // S rows [16 slab, 16 slab + 16)
+  const int half = warp / 4;  // S tokens [32 half, 32 half + 32) of the tile
+
+  const Storage* q_base = static_cast<const Storage*>(params.q);
+  const Storage* kv_base = static_cast<const Storage*>(params.kv);
+  const float scale_log2 = params.softmax_scale_log2;  // > 0 (validated)
+  const int64_t num_items = static_cast<int64_t>(params.s_q) * params.num_head_blocks;
+
+  // ldmatrix coordinates (as mla_row_block.cuh): A row-major (Q, P): row lane & 15, chunk
+  // lane >> 4. K (B of S): token (lane & 7) + 8 * bit 4, chunk bit 3; b[0..1] tokens 0..7,
+  // b[2..3] tokens 8..15. V (B of P V, transposed): token lane & 15, chunk bit 4.
+  const int a_row = lane & 15;
+  const int a_col = (lane >> 4) * 8;
+  const int k_row = (lane & 7) + ((lane >> 4) & 1) * 8;
+  const int k_col = ((lane >> 3) & 1) * 8;
+  const int v_row = lane & 15;
+  const int v_col = (lane >> 4) * 8;
+
+  for (int64_t item = blockIdx.x; item < num_items; item += params.num_ctas) {
+    const int query = static_cast<int>(item / params.num_head_blocks);
+    const int hb = static_cast<int>(item % params.num_head_blocks);
+    const int head0 = hb * wide::kBlockM;
+    const int valid_rows = min(wide::kBlockM, params.h_q - head0);
+    int limit = params.topk;
+    if (params.topk_length != nullptr) limit = min(max(params.topk_length[query], 0), limit);
+    const int num_tiles = (limit + wide::kBlockN - 1) / wide::kBlockN;
+    const int32_t* idx_row = params.indices + static_cast<int64_t>(query) * params.indices_row_stride;
+
+    // This lane's tile row (lanes 0..7: row 8 warp + lane) of `tile`: its kv row, or -1 when
+    // the position is past the limit or the index is outside [0, s_kv).
+    auto read_index = [&](int tile) -> int {
+      const int pos = tile * wide::kBlockN + warp * wide::kRowsPerCopyWarp + (lane & 7);
+      if (lane >= wide::kRowsPerCopyWarp || tile >= num_tiles || pos >= limit) return -1;
+      const int v = idx_row[pos];
+      return v >= 0 && v < params.s_kv ? v : -1;
+    };
+    auto stage_addr = [&](int tile) -> uint32_t {
+      return smem_base + L::kStagesOffset +
+             static_cast<uint32_t>(tile % wide::kStages) * L::kTileBytes;
+    };
+    // This warp's 8 rows of `tile` (kv_row: read_index's value in lanes 0..7).
+    auto issue_tile = [&](int tile, int kv_row) {
+      if (tile >= num_tiles) return;  // uniform over the CTA
+      const uint32_t mask = __ballot_sync(0xffffffffu, kv_row >= 0) & 0xffu;
+      if (lane == 0) valid_smem[(tile % wide::kStages) * wide::kNumWarps + warp] = mask;
+      const uint32_t dst = stage_addr(tile);
+      // Not unrolled: unrolled, ptxas keeps the 16-18 chunk addresses live across the tile
+      // loop, beside the 128 O accumulators, and spilled (sm_90a, 44 bytes).
+#pragma unroll 1
+      for (int j = 0; j < kCopyChunks; ++j) {
+        const int idx = lane + 32 * j;
+        const int row = idx / kChunksPerRow;
+        const int col = (idx % kChunksPerRow) * 8;
+        const int src_row = __shfl_sync(0xffffffffu, kv_row, row);
+        const bool valid = src_row >= 0;
+        const Storage* src =
+            valid ? kv_base + static_cast<int64_t>(src_row) * params.kv_row_stride + col : kv_base;
+        cp_async_16_zfill(dst + swizzled_offset<kDimQK>(warp * wide::kRowsPerCopyWarp + row, col),
+                          src, valid);
+      }
+    };
+
+    __syncthreads();  // every warp is done with the previous item's shared memory
+
+    load_tile_async<wide::kBlockM, kDimQK, wide::kThreads>(
+        q_smem, q_base + static_cast<int64_t>(query) * params.q_row_stride,
+        params.q_head_stride, head0, valid_rows, tid);
+    issue_tile(0, read_index(0));
+    cp_async_commit();
+    int next_index = read_index(1);
+
+    // Softmax state of this lane's S rows 16 slab + g (0) and + 8 (1): the running max (raw
+    // score units, the same in both warps of the slab) and this warp's tokens' running sum.
+    float row_max[2] = {wd::kNegInf, wd::kNegInf};
+    float row_sum[2] = {0.f, 0.f};
+    float o_acc[wide::kSlabsO][wide::kColsPerWarp / 8][4];
+#pragma unroll
+    for (int s = 0; s < wide::kSlabsO; ++s)
+#pragma unroll
+      for (int n = 0; n < wide::kColsPerWarp / 8; ++n)
+        o_acc[s][n][0] = o_acc[s][n][1] = o_acc[s][n][2] = o_acc[s][n][3] = 0.f;
+
+    for (int i = 0; i < num_tiles; ++i) {
+      cp_async_wait<0>();
+      __syncthreads();  // B1
+      issue_tile(i + 1, next_index);
+      cp_async_commit();
+      next_index = read_index(i + 2);
+      const uint32_t tile_smem = stage_addr(i);
+
+      // ---- S for rows [16 slab, +16) x tokens [32 half, +32), all dims ----
+      float s_acc[4][4];
+#pragma unroll
+      for (int n = 0; n < 4; ++n) s_acc[n][0] = s_acc[n][1] = s_acc[n][2] = s_acc[n][3] = 0.f;
+      const uint32_t a_base = q_smem;
+      const int k_tok = 32 * half + k_row;
+#pragma unroll 4
+      for (int kk = 0; kk < kKSteps; ++kk) {
+        const int col = kk * 16;
+        uint32_t a[4], b0[4], b1[4];
+        ldmatrix_x4(a, a_base + swizzled_offset<kDimQK>(16 * slab + a_row, col + a_col));
+        ldmatrix_x4(b0, tile_smem + swizzled_offset<kDimQK>(k_tok, col + k_col));
+        ldmatrix_x4(b1, tile_smem + swizzled_offset<kDimQK>(k_tok + 16, col + k_col));
+        const uint32_t b00[2] = {b0[0], b0[1]}, b01[2] = {b0[2], b0[3]};
+        const uint32_t b10[2] = {b1[0], b1[1]}, b11[2] = {b1[2], b1[3]};
+        mma_m16n8k16<Elem>(s_acc[0], a, b00);
+        mma_m16n8k16<Elem>(s_acc[1], a, b01);
+        mma_m16n8k16<Elem>(s_acc[2], a, b10);
+        mma_m16n8k16<Elem>(s_acc[3], a, b11);
+      }
+
+      // ---- mask, tile maxima, exchange with the other half ----
+      const uint32_t valid = *reinterpret_cast<const uint32_t*>(
+          valid_smem + (i % wide::kStages) * wide::kNumWarps + 4 * half);  // 32 tokens' bits
+      float tile_max[2] = {row_max[0], row_max[1]};
+#pragma unroll
+      for (int n = 0; n < 4; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int tok = n * 8 + 2 * t + (e & 1);
+          if (!((valid >> tok) & 1u)) s_acc[n][e] = wd::kNegInf;
+          tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s_acc[n][e]);
+        }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        tile_max[r] = quad_max(tile_max[r]);
+        if (t == 0) half_max_smem[half * wide::kBlockM + 16 * slab + g + 8 * r] = tile_max[r];
+      }
+      wd::pair_barrier(slab);  // B2
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = 16 * slab + g + 8 * r;
+        // max is exact and commutative: both warps of the slab get the same value.
+        const float m = fmaxf(tile_max[r], half_max_smem[(1 - half) * wide::kBlockM + row]);
+        const float ref = m == wd::kNegInf ? 0.f : __fmul_rn(m, scale_log2);
+        const float correction = exp2_approx(__fmul_rn(row_max[r], scale_log2) - ref);
+        row_max[r] = m;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
+          s_acc[n][2 * r] = exp2_approx(fmaf(s_acc[n][2 * r], scale_log2, -ref));
+          s_acc[n][2 * r + 1] = exp2_approx(fmaf(s_acc[n][2 * r + 1], scale_log2, -ref));
+          sum += s_acc[n][2 * r] + s_acc[n][2 * r + 1];
+          *reinterpret_cast<uint32_t*>(smem + L::kPOffset + wd::p_offset(row, 4 * half + n) +
+                                       4 * t) =
+              pack_float2<Elem>(s_acc[n][2 * r], s_acc[n][2 * r + 1]);
+        }
+        row_sum[r] = row_sum[r] * correction + sum;
+        if (half == 0 && t == 0) rescale_smem[row] = correction;
+      }
+      __syncthreads();  // B3
+
+      // ---- O = O * rescale + P V over this warp's 64 columns ----
+#pragma unroll
+      for (int s = 0; s < wide::kSlabsO; ++s) {
+        const float c0 = rescale_smem[16 * s + g];
+        const float c1 = rescale_smem[16 * s + g + 8];
+#pragma unroll
+        for (int n = 0; n < wide::kColsPerWarp / 8; ++n) {
+          o_acc[s][n][0] *= c0;
+          o_acc[s][n][1] *= c0;
+          o_acc[s][n][2] *= c1;
+          o_acc[s][n][3] *= c1;
+        }
+      }
+#pragma unroll
+      for (int kt = 0; kt < wide::kBlockN / 16; ++kt) {
+        uint32_t p_frag[wide::kSlabsO][4];
+#pragma unroll
+        for (int s = 0; s < wide::kSlabsO; ++s) {
+          ldmatrix_x4(p_frag[s], p_smem + wd::p_offset(16 * s + a_row, 2 * kt + (lane >> 4)));
+        }
+#pragma unroll
+        for (int dp = 0; dp < wide::kColsPerWarp / 16; ++dp) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, tile_smem + swizzled_offset<kDimQK>(
+                                               16 * kt + v_row,
+                                               warp * wide::kColsPerWarp + 16 * dp + v_col));
+          const uint32_t b_lo[2] = {b[0], b[1]};
+          const uint32_t b_hi[2] = {b[2], b[3]};
+#pragma unroll
+          for (int s = 0; s < wide::kSlabsO; ++s) {
+            mma_m16n8k16<Elem>(o_acc[s][2 * dp], p_frag[s], b_lo);
+            mma_m16n8k16<Elem>(o_acc[s][2 * dp + 1], p_frag[s], b_hi);
+          }
+        }
+      }
+    }
+    cp_async_wait<0>();  // drain (a group past the last tile is empty)
+
+    // ---- epilogue ----
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float sum = quad_sum(row_sum[r]);
+      if (t == 0) half_sum_smem[half * wide::kBlockM + 16 * slab + g + 8 * r] = sum;
+    }
+    __syncthreads();
+    if (half == 0 && t == 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = 16 * slab + g + 8 * r;
+        const float sum = half_sum_smem[row] + half_sum_smem[wide::kBlockM + row];
+        float out_scale = 0.f;
+        if (row < valid_rows) {
+          const int head = head0 + row;
+          const int64_t at = static_cast<int64_t>(query) * params.h_q + head;
+          if (sum > 0.f) {
+            const float lse = (row_max[r] * scale_log2 + __log2f(sum)) * wd::kLn2;
+            params.lse[at] = lse;
+            params.max_logits[at] = row_max[r] * params.softmax_scale;
+            out_scale = 1.f / sum;
+            // out *= 1 / (1 + exp(sink - lse)): sink +inf gives 0, -inf gives 1.
+            if (params.attn_sink != nullptr) {
+              out_scale *= 1.f / (1.f + expf(params.attn_sink[head] - lse));
+            }
+          } else {
+            params.lse[at] = __int_as_float(0x7f800000);
+            params.max_logits[at] = wd::kNegInf;
+          }
+        }
+        out_scale_smem[row] = out_scale;
+      }
+    }
+    __syncthreads();
+
+#pragma unroll
+    for (int s = 0; s < wide::kSlabsO; ++s) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = 16 * s + g + 8 * r;
+        if (row >= valid_rows) continue;
+        const float scale = out_scale_smem[row];
+        Storage* dst = static_cast<Storage*>(params.out) +
+                       static_cast<int64_t>(query) * params.out_row_stride +
+                       static_cast<int64_t>(head0 + row) * params.out_head_stride +
+                       warp * wide::kColsPerWarp + 2 * t;
+#pragma unroll
+        for (int n = 0; n < wide::kColsPerWarp / 8; ++n) {
+          *reinterpret_cast<uint32_t*>(dst + n * 8) =
+              pack_float2<Elem>(o_acc[s][n][2 * r] * scale, o_acc[s][n][2 * r + 1] * scale);
+        }
+      }
+    }
+  }
+#endif
+}
+
+template <int kDimQK>
+void run_sparse_prefill_wide(const SparsePrefillParams& params) {
+  constexpr auto kKernel = sparse_prefill_wide_kernel<kDimQK>;
+  constexpr int kSmemBytes = wide::Layout<kDimQK>::kSmemBytes;
+  opt_in_smem<kKernel, kSmemBytes, /*kMaxCarveout=*/true>();
+  kKernel<<<static_cast<unsigned>(params.num_ctas), wide::kThreads, kSmemBytes, params.stream>>>(
+      params);
+}
+
+}  // namespace flash_mla::portable::sparse_prefill
