@@ -13,8 +13,8 @@
 //   O += P V: warp w owns output columns [64 w, 64 w + 64) for all 64 rows (4 slabs x 8
 //     n-tiles x 4 fp32 = 128 accumulators), reading P [64][64] and V from shared memory.
 //   gather: warp w copies tile rows [8 w, 8 w + 8); its lanes 0..7 hold their row's kv index
-//     (read one tile ahead, so the load's latency hides under a tile of math) and the warp
-//     publishes a valid byte per stage.
+//     (loaded one tile ahead and range-checked when used, so the load's latency hides under
+//     a tile of math) and the warp publishes a valid byte per stage.
 //
 // Shared memory (wide::Layout; 16-bit rows XOR-swizzled in 16-byte chunks): Q [64][d] | 2
 //   KV stages [64][d] | P [64][64] | per-half row maxima [2][64] | per-half row sums [2][64]
@@ -84,8 +84,11 @@ __global__ void __launch_bounds__(wide::kThreads, 1)
   namespace wd = wide_detail;
   constexpr int kChunksPerRow = kDimQK / 8;
   constexpr int kKSteps = kDimQK / 16;
-  constexpr int kCopyChunks = wide::kRowsPerCopyWarp * kChunksPerRow / 32;  // per lane
-  static_assert(wide::kRowsPerCopyWarp * kChunksPerRow % 32 == 0, "whole chunks per lane");
+  constexpr int kRowBytes = kDimQK * kElemBytes;
+  // A gathered row's chunks past its last multiple of 32 (8 at d_qk 576), copied two per lane.
+  constexpr int kTailChunks = kChunksPerRow % 32;
+  constexpr int kTailChunksPerLane = wide::kRowsPerCopyWarp * kTailChunks / 32;
+  static_assert(wide::kRowsPerCopyWarp * kTailChunks % 32 == 0, "whole tail chunks per lane");
   static_assert(wide::kRowsPerCopyWarp == 8, "a copy warp's valid mask is one byte");
 
   extern __shared__ __align__(128) unsigned char smem[];
@@ -120,6 +123,7 @@ __global__ void __launch_bounds__(wide::kThreads, 1)
   const int k_col = ((lane >> 3) & 1) * 8;
   const int v_row = lane & 15;
   const int v_col = (lane >> 4) * 8;
+  static_assert(kKSteps % 4 == 0, "k-steps come in groups of 4 (one 128-byte swizzle span)");
 
   for (int64_t item = blockIdx.x; item < num_items; item += params.num_ctas) {
     const int query = static_cast<int>(item / params.num_head_blocks);
@@ -131,37 +135,54 @@ __global__ void __launch_bounds__(wide::kThreads, 1)
     const int num_tiles = (limit + wide::kBlockN - 1) / wide::kBlockN;
     const int32_t* idx_row = params.indices + static_cast<int64_t>(query) * params.indices_row_stride;
 
-    // This lane's tile row (lanes 0..7: row 8 warp + lane) of `tile`: its kv row, or -1 when
-    // the position is past the limit or the index is outside [0, s_kv).
-    auto read_index = [&](int tile) -> int {
+    // The raw index of this lane's tile row (lanes 0..7: row 8 warp + lane) of `tile`, or -1
+    // past the limit (nothing there is read). Range checks wait for issue_tile: the value is
+    // loaded a tile ahead and a check here would stall on the load at once.
+    auto load_index = [&](int tile) -> int {
       const int pos = tile * wide::kBlockN + warp * wide::kRowsPerCopyWarp + (lane & 7);
-      if (lane >= wide::kRowsPerCopyWarp || tile >= num_tiles || pos >= limit) return -1;
-      const int v = idx_row[pos];
-      return v >= 0 && v < params.s_kv ? v : -1;
+      const bool inside = lane < wide::kRowsPerCopyWarp && tile < num_tiles && pos < limit;
+      return inside ? __ldg(idx_row + pos) : -1;
     };
     auto stage_addr = [&](int tile) -> uint32_t {
       return smem_base + L::kStagesOffset +
              static_cast<uint32_t>(tile % wide::kStages) * L::kTileBytes;
     };
-    // This warp's 8 rows of `tile` (kv_row: read_index's value in lanes 0..7).
-    auto issue_tile = [&](int tile, int kv_row) {
+    // This warp's 8 rows of `tile` (raw: load_index's value in lanes 0..7). Row by row, the
+    // lane's chunks lane + 32 k below the row's last multiple of 32 (one shuffle and one row
+    // address per row); then the rows' remaining chunks (d_qk 576: chunks 64..71 of each of
+    // the 8 rows, two per lane), so no lane idles in a divergent tail. Chunk c of tile row
+    // 8 warp + row sits at c ^ row (swizzle.cuh).
+    auto issue_tile = [&](int tile, int raw) {
       if (tile >= num_tiles) return;  // uniform over the CTA
+      const int kv_row = raw >= 0 && raw < params.s_kv ? raw : -1;
       const uint32_t mask = __ballot_sync(0xffffffffu, kv_row >= 0) & 0xffu;
       if (lane == 0) valid_smem[(tile % wide::kStages) * wide::kNumWarps + warp] = mask;
-      const uint32_t dst = stage_addr(tile);
-      // Not unrolled: unrolled, ptxas keeps the 16-18 chunk addresses live across the tile
-      // loop, beside the 128 O accumulators, and spilled (sm_90a, 44 bytes).
-#pragma unroll 1
-      for (int j = 0; j < kCopyChunks; ++j) {
-        const int idx = lane + 32 * j;
-        const int row = idx / kChunksPerRow;
-        const int col = (idx % kChunksPerRow) * 8;
+      const uint32_t dst_warp = stage_addr(tile) + warp * wide::kRowsPerCopyWarp * kRowBytes;
+      // An invalid row copies nothing (src-size 0) from an address inside kv's first row.
+      auto row_src = [&](int src_row) -> const Storage* {
+        return kv_base + (src_row >= 0 ? static_cast<int64_t>(src_row) * params.kv_row_stride : 0);
+      };
+#pragma unroll 2
+      for (int row = 0; row < wide::kRowsPerCopyWarp; ++row) {
         const int src_row = __shfl_sync(0xffffffffu, kv_row, row);
-        const bool valid = src_row >= 0;
-        const Storage* src =
-            valid ? kv_base + static_cast<int64_t>(src_row) * params.kv_row_stride + col : kv_base;
-        cp_async_16_zfill(dst + swizzled_offset<kDimQK>(warp * wide::kRowsPerCopyWarp + row, col),
-                          src, valid);
+        const Storage* src = row_src(src_row) + lane * 8;
+        // (lane + 32 k) ^ row = (lane ^ row) + 32 k: row < 8 flips only the low 3 bits.
+        const uint32_t dst = dst_warp + row * kRowBytes + static_cast<uint32_t>((lane ^ row) * 16);
+#pragma unroll
+        for (int k = 0; k < kChunksPerRow / 32; ++k) {
+          cp_async_16_zfill(dst + 512 * k, src + 256 * k, src_row >= 0);
+        }
+      }
+      if constexpr (kTailChunks > 0) {
+#pragma unroll
+        for (int k = 0; k < kTailChunksPerLane; ++k) {
+          const int at = lane + 32 * k;  // over (row, tail chunk), row-major
+          const int row = at / kTailChunks;
+          const int chunk = kChunksPerRow - kTailChunks + at % kTailChunks;
+          const int src_row = __shfl_sync(0xffffffffu, kv_row, row);
+          cp_async_16_zfill(dst_warp + row * kRowBytes + static_cast<uint32_t>((chunk ^ row) * 16),
+                            row_src(src_row) + chunk * 8, src_row >= 0);
+        }
       }
     };
 
@@ -170,9 +191,9 @@ __global__ void __launch_bounds__(wide::kThreads, 1)
     load_tile_async<wide::kBlockM, kDimQK, wide::kThreads>(
         q_smem, q_base + static_cast<int64_t>(query) * params.q_row_stride,
         params.q_head_stride, head0, valid_rows, tid);
-    issue_tile(0, read_index(0));
+    issue_tile(0, load_index(0));
     cp_async_commit();
-    int next_index = read_index(1);
+    int next_index = load_index(1);
 
     // Softmax state of this lane's S rows 16 slab + g (0) and + 8 (1): the running max (raw
     // score units, the same in both warps of the slab) and this warp's tokens' running sum.
@@ -190,28 +211,48 @@ __global__ void __launch_bounds__(wide::kThreads, 1)
       __syncthreads();  // B1
       issue_tile(i + 1, next_index);
       cp_async_commit();
-      next_index = read_index(i + 2);
+      next_index = load_index(i + 2);
       const uint32_t tile_smem = stage_addr(i);
 
       // ---- S for rows [16 slab, +16) x tokens [32 half, +32), all dims ----
       float s_acc[4][4];
 #pragma unroll
       for (int n = 0; n < 4; ++n) s_acc[n][0] = s_acc[n][1] = s_acc[n][2] = s_acc[n][3] = 0.f;
-      const uint32_t a_base = q_smem;
-      const int k_tok = 32 * half + k_row;
-#pragma unroll 4
-      for (int kk = 0; kk < kKSteps; ++kk) {
-        const int col = kk * 16;
-        uint32_t a[4], b0[4], b1[4];
-        ldmatrix_x4(a, a_base + swizzled_offset<kDimQK>(16 * slab + a_row, col + a_col));
-        ldmatrix_x4(b0, tile_smem + swizzled_offset<kDimQK>(k_tok, col + k_col));
-        ldmatrix_x4(b1, tile_smem + swizzled_offset<kDimQK>(k_tok + 16, col + k_col));
-        const uint32_t b00[2] = {b0[0], b0[1]}, b01[2] = {b0[2], b0[3]};
-        const uint32_t b10[2] = {b1[0], b1[1]}, b11[2] = {b1[2], b1[3]};
-        mma_m16n8k16<Elem>(s_acc[0], a, b00);
-        mma_m16n8k16<Elem>(s_acc[1], a, b01);
-        mma_m16n8k16<Elem>(s_acc[2], a, b10);
-        mma_m16n8k16<Elem>(s_acc[3], a, b11);
+      {
+        // K-step kk = 4 m + j of a swizzled row starts at the row + 128 m + off[j] (see
+        // s_chunk_offsets): every address below is a per-lane base plus an immediate.
+        // S operand addresses, computed per tile so they hold no registers during P V. In a
+        // swizzled row, chunk 8 m + 2 j + b (k-step 4 m + j, b = which 8 of its 16 dims) sits
+        // at 8 m + ((2 j + b) ^ (row % 8)): off[j] below is that chunk's byte offset for
+        // m = 0, and 128 m is added as an immediate.
+        uint32_t a_base[4], k_off[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          a_base[j] = q_smem + (16 * slab + a_row) * kRowBytes +
+                      static_cast<uint32_t>(((2 * j + a_col / 8) ^ (a_row & 7)) * 16);
+          k_off[j] = static_cast<uint32_t>(((2 * j + k_col / 8) ^ (k_row & 7)) * 16);
+        }
+        const uint32_t k_rows = tile_smem + (32 * half + k_row) * kRowBytes;
+        uint32_t frag[2][3][4];  // [buffer][Q, K tokens 0..15, K tokens 16..31]
+        auto load = [&](int kk, uint32_t (&f)[3][4]) {
+          const uint32_t step = 128u * static_cast<uint32_t>(kk / 4);
+          ldmatrix_x4(f[0], a_base[kk % 4] + step);
+          ldmatrix_x4(f[1], k_rows + k_off[kk % 4] + step);
+          ldmatrix_x4(f[2], k_rows + k_off[kk % 4] + 16 * kRowBytes + step);
+        };
+        // Fragments of step kk + 1 load while step kk's MMAs run.
+        load(0, frag[0]);
+#pragma unroll
+        for (int kk = 0; kk < kKSteps; ++kk) {
+          if (kk + 1 < kKSteps) load(kk + 1, frag[(kk + 1) % 2]);
+          const uint32_t(&f)[3][4] = frag[kk % 2];
+          const uint32_t b00[2] = {f[1][0], f[1][1]}, b01[2] = {f[1][2], f[1][3]};
+          const uint32_t b10[2] = {f[2][0], f[2][1]}, b11[2] = {f[2][2], f[2][3]};
+          mma_m16n8k16<Elem>(s_acc[0], f[0], b00);
+          mma_m16n8k16<Elem>(s_acc[1], f[0], b01);
+          mma_m16n8k16<Elem>(s_acc[2], f[0], b10);
+          mma_m16n8k16<Elem>(s_acc[3], f[0], b11);
+        }
       }
 
       // ---- mask, tile maxima, exchange with the other half ----
