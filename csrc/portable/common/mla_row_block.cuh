@@ -85,30 +85,52 @@ struct SCoords {
 };
 
 // This warp's share of S for the tile at tile_smem: s_acc = Q[:, dims] K[:, dims]^T.
-template <typename Elem, int kDimQK, int kS = kSlabs>
+// Addresses: k-step g of a swizzled row (chunks 2 g and 2 g + 1) has chunk 2 g + b at
+// 8 (g / 4) + ((2 (g % 4) + b) ^ (row % 8)) (swizzle.cuh). This warp's k-steps are
+// g0 + kk (g0 = warp * kKStepsPerWarp), so k-step g0 + 4 q + jj sits at rot[jj] + 128 q:
+// the four rot values are computed once and every load is a base plus an immediate.
+// kPrefetch: the next step's fragments load while this step's MMAs run (two fragment
+// buffers). The dense decode passes false: there it measured the same on an H100 and
+// spilled 12 bytes on sm_100f (benchmarks/results/row_block_s_step_ab_h100_2026-12-06.log).
+template <typename Elem, int kDimQK, int kS = kSlabs, bool kPrefetch = true>
 __device__ __forceinline__ void s_partial(SAccOf<kS>& s_acc, uint32_t q_smem, uint32_t tile_smem,
                                           int warp, const SCoords& c) {
   using D = Dims<kDimQK>;
-  const int a_row = c.a_row;
-  const int a_col = c.a_col;
-  const int k_row = c.k_row;
-  const int k_col = c.k_col;
+  constexpr int kRowBytes = kDimQK * 2;
   zero_s<kS>(s_acc);
-  // Not unrolled: fragments are loaded per step anyway, and unrolling lets the scheduler
-  // hoist loads into registers that the 128 O accumulators need (sm_100f spilled).
-#pragma unroll 1
-  for (int kk = 0; kk < D::kKStepsPerWarp; ++kk) {
-    const int col = (warp * D::kKStepsPerWarp + kk) * 16;
-    uint32_t b[4];
-    ldmatrix_x4(b, tile_smem + swizzled_offset<kDimQK>(k_row, col + k_col));
-    const uint32_t b_lo[2] = {b[0], b[1]};
-    const uint32_t b_hi[2] = {b[2], b[3]};
+  const int g0 = warp * D::kKStepsPerWarp;
+  uint32_t a_rot[4], k_rot[4];
+#pragma unroll
+  for (int jj = 0; jj < 4; ++jj) {
+    const int g = g0 + jj;
+    a_rot[jj] = static_cast<uint32_t>(128 * (g >> 2) + (((2 * (g & 3) + c.a_col / 8) ^ (c.a_row & 7)) * 16));
+    k_rot[jj] = static_cast<uint32_t>(128 * (g >> 2) + (((2 * (g & 3) + c.k_col / 8) ^ (c.k_row & 7)) * 16));
+  }
+  const uint32_t a_rows = q_smem + static_cast<uint32_t>(c.a_row * kRowBytes);
+  const uint32_t k_rows = tile_smem + static_cast<uint32_t>(c.k_row * kRowBytes);
+  uint32_t a[2][kS][4], b[2][4];
+  auto load = [&](int kk, int buf) {
+    const uint32_t step = 128u * static_cast<uint32_t>(kk >> 2);
+    ldmatrix_x4(b[buf], k_rows + k_rot[kk & 3] + step);
 #pragma unroll
     for (int s = 0; s < kS; ++s) {
-      uint32_t a[4];
-      ldmatrix_x4(a, q_smem + swizzled_offset<kDimQK>(16 * s + a_row, col + a_col));
-      mma_m16n8k16<Elem>(s_acc[s][0], a, b_lo);
-      mma_m16n8k16<Elem>(s_acc[s][1], a, b_hi);
+      ldmatrix_x4(a[buf][s], a_rows + 16 * s * kRowBytes + a_rot[kk & 3] + step);
+    }
+  };
+  if constexpr (kPrefetch) load(0, 0);
+#pragma unroll
+  for (int kk = 0; kk < D::kKStepsPerWarp; ++kk) {
+    if constexpr (kPrefetch) {
+      if (kk + 1 < D::kKStepsPerWarp) load(kk + 1, (kk + 1) & 1);
+    } else {
+      load(kk, kk & 1);
+    }
+    const uint32_t b_lo[2] = {b[kk & 1][0], b[kk & 1][1]};
+    const uint32_t b_hi[2] = {b[kk & 1][2], b[kk & 1][3]};
+#pragma unroll
+    for (int s = 0; s < kS; ++s) {
+      mma_m16n8k16<Elem>(s_acc[s][0], a[kk & 1][s], b_lo);
+      mma_m16n8k16<Elem>(s_acc[s][1], a[kk & 1][s], b_hi);
     }
   }
 }

@@ -247,7 +247,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t tile_smem = stage_addr(i);
 
       float s_acc[kSlabs][2][4];
-      rb::s_partial<Elem, kHeadDimQK>(s_acc, q_smem, tile_smem, warp, s_coords);
+      rb::s_partial<Elem, kHeadDimQK, kSlabs, /*kPrefetch=*/false>(s_acc, q_smem, tile_smem, warp,
+                                                                  s_coords);
       if (warp > 0) rb::store_s_partial(s_partial, s_acc, warp, lane);
       __syncthreads();  // B2
 
