@@ -49,6 +49,7 @@
 #include "../../common/swizzle.cuh"
 #include "../../common/tile_copy.cuh"
 #include "config.h"
+#include "epilogue.cuh"
 #include "kernel.h"
 
 namespace flash_mla::portable::sparse_prefill {
@@ -186,24 +187,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const float row_max = row_max_smem[row];
           if (t == 0) {
             float out_scale = 0.f;
-            if (row < valid_rows) {
-              const int head = head0 + row;
-              const int64_t at = static_cast<int64_t>(query) * params.h_q + head;
-              if (sum > 0.f) {
-                const float lse = (row_max * scale_log2 + __log2f(sum)) * rb::kLn2;
-                params.lse[at] = lse;
-                params.max_logits[at] = row_max * params.softmax_scale;
-                out_scale = 1.f / sum;
-                // out *= exp(lse) / (exp(lse) + exp(sink)) = 1 / (1 + exp(sink - lse)):
-                // sink +inf gives 0, -inf gives 1.
-                if (params.attn_sink != nullptr) {
-                  out_scale *= 1.f / (1.f + expf(params.attn_sink[head] - lse));
-                }
-              } else {
-                params.lse[at] = __int_as_float(0x7f800000);
-                params.max_logits[at] = rb::kNegInf;
-              }
-            }
+            if (row < valid_rows) out_scale = finish_row(params, query, head0 + row, row_max, sum);
             out_scale_smem[row] = out_scale;
           }
         }

@@ -46,6 +46,7 @@
 #include "../../common/swizzle.cuh"
 #include "../../common/tile_copy.cuh"
 #include "config.h"
+#include "epilogue.cuh"
 #include "kernel.h"
 
 namespace flash_mla::portable::sparse_prefill {
@@ -53,7 +54,6 @@ namespace flash_mla::portable::sparse_prefill {
 namespace wide_detail {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr float kLn2 = 0.69314718055994530942f;
 
 // P [64 rows][64 tokens] in the input dtype: 8 chunks of 16 bytes per row, chunk c of row r
 // at c ^ (r % 8), so the 8 rows of one ldmatrix matrix (and the 8 row groups of one store)
@@ -347,23 +347,7 @@ __global__ void __launch_bounds__(wide::kThreads, 1)
         const int row = 16 * slab + g + 8 * r;
         const float sum = half_sum_smem[row] + half_sum_smem[wide::kBlockM + row];
         float out_scale = 0.f;
-        if (row < valid_rows) {
-          const int head = head0 + row;
-          const int64_t at = static_cast<int64_t>(query) * params.h_q + head;
-          if (sum > 0.f) {
-            const float lse = (row_max[r] * scale_log2 + __log2f(sum)) * wd::kLn2;
-            params.lse[at] = lse;
-            params.max_logits[at] = row_max[r] * params.softmax_scale;
-            out_scale = 1.f / sum;
-            // out *= 1 / (1 + exp(sink - lse)): sink +inf gives 0, -inf gives 1.
-            if (params.attn_sink != nullptr) {
-              out_scale *= 1.f / (1.f + expf(params.attn_sink[head] - lse));
-            }
-          } else {
-            params.lse[at] = __int_as_float(0x7f800000);
-            params.max_logits[at] = wd::kNegInf;
-          }
-        }
+        if (row < valid_rows) out_scale = finish_row(params, query, head0 + row, row_max[r], sum);
         out_scale_smem[row] = out_scale;
       }
     }
