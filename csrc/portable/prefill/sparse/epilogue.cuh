@@ -1,6 +1,6 @@
-// The per-row end of a sparse prefill work item, shared by both CTAs (kernel.cuh,
-// kernel_wide.cuh): lse and max_logits of one head, and the scale its output row is
-// multiplied by before the one rounding to bf16.
+// The end of a sparse prefill work item, shared by both CTAs (kernel.cuh, kernel_wide.cuh):
+// lse and max_logits of each head and the scale of its output row (finish_row), then the
+// scaled, rounded output rows (store_out_rows).
 #pragma once
 
 #include <cstdint>
@@ -8,6 +8,7 @@
 
 #include <cuda_runtime.h>
 
+#include "../../common/element.cuh"
 #include "kernel.h"
 
 namespace flash_mla::portable::sparse_prefill {
@@ -31,6 +32,37 @@ __device__ __forceinline__ float finish_row(const SparsePrefillParams& params, i
   float out_scale = 1.f / sum;
   if (params.attn_sink != nullptr) out_scale *= 1.f / (1.f + expf(params.attn_sink[head] - lse));
   return out_scale;
+}
+
+// Writes this lane's rows of a CTA's O accumulators (kS m16 slabs x kN n-tiles, columns
+// [col0, col0 + 8 kN) of every row) to out: row 16 s + g + 8 r of the block is head
+// head0 + row, scaled by out_scale_smem[row] and rounded to bf16 once; rows at or past
+// valid_rows are not written (g = lane / 4, t = lane % 4).
+template <int kS, int kN>
+__device__ __forceinline__ void store_out_rows(const SparsePrefillParams& params,
+                                               const float (&o_acc)[kS][kN][4], int query,
+                                               int head0, int valid_rows,
+                                               const float* out_scale_smem, int col0, int lane) {
+  using Storage = BF16::Storage;
+  const int g = lane / 4;
+  const int t = lane % 4;
+#pragma unroll
+  for (int s = 0; s < kS; ++s) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = 16 * s + g + 8 * r;
+      if (row >= valid_rows) continue;
+      const float scale = out_scale_smem[row];
+      Storage* dst = static_cast<Storage*>(params.out) +
+                     static_cast<int64_t>(query) * params.out_row_stride +
+                     static_cast<int64_t>(head0 + row) * params.out_head_stride + col0 + 2 * t;
+#pragma unroll
+      for (int n = 0; n < kN; ++n) {
+        *reinterpret_cast<uint32_t*>(dst + n * 8) =
+            pack_float2<BF16>(o_acc[s][n][2 * r] * scale, o_acc[s][n][2 * r + 1] * scale);
+      }
+    }
+  }
 }
 
 }  // namespace flash_mla::portable::sparse_prefill

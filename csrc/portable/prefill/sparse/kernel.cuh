@@ -195,20 +195,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();
 
-#pragma unroll
-    for (int s = 0; s < rb::kSlabs; ++s) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = 16 * s + g + 8 * r;
-        if (row >= valid_rows) continue;
-        const float scale = out_scale_smem[row];
-        Storage* dst = static_cast<Storage*>(params.out) +
-                       static_cast<int64_t>(query) * params.out_row_stride +
-                       static_cast<int64_t>(head0 + row) * params.out_head_stride +
-                       warp * rb::kColsPerWarp + 2 * t;
-        rb::store_o_row<Elem, rb::kSlabs>(dst, o_acc, s, r, scale);
-      }
-    }
+    store_out_rows(params, o_acc, query, head0, valid_rows, out_scale_smem,
+                   warp * rb::kColsPerWarp, lane);
   }
 }
 

@@ -353,24 +353,8 @@ __global__ void __launch_bounds__(wide::kThreads, 1)
     }
     __syncthreads();
 
-#pragma unroll
-    for (int s = 0; s < wide::kSlabsO; ++s) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = 16 * s + g + 8 * r;
-        if (row >= valid_rows) continue;
-        const float scale = out_scale_smem[row];
-        Storage* dst = static_cast<Storage*>(params.out) +
-                       static_cast<int64_t>(query) * params.out_row_stride +
-                       static_cast<int64_t>(head0 + row) * params.out_head_stride +
-                       warp * wide::kColsPerWarp + 2 * t;
-#pragma unroll
-        for (int n = 0; n < wide::kColsPerWarp / 8; ++n) {
-          *reinterpret_cast<uint32_t*>(dst + n * 8) =
-              pack_float2<Elem>(o_acc[s][n][2 * r] * scale, o_acc[s][n][2 * r + 1] * scale);
-        }
-      }
-    }
+    store_out_rows(params, o_acc, query, head0, valid_rows, out_scale_smem,
+                   warp * wide::kColsPerWarp, lane);
   }
 #endif
 }
