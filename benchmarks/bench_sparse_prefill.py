@@ -100,9 +100,19 @@ def plot(json_path: Path, png_path: Path) -> None:
     rows = data["rows"]
     labels = [f"h{r['h_q']} d{r['d_qk']} s_kv{r['s_kv']}" for r in rows]
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
-    ax[0].bar(labels, [r["tflops"] for r in rows])
+    x = list(range(len(rows)))
+    # Past 32 heads the row block was timed too (rowblock_us): its bar stands beside.
+    rowblock = [flop(r["s_q"] * r["topk"], r["h_q"], r["d_qk"]) / r["rowblock_us"] / 1e6
+                if r.get("rowblock_us") else 0.0 for r in rows]
+    for a, scale in ((ax[0], 1.0), (ax[1], 1.0 / data["mma_sync_tflops"])):
+        a.bar([i - 0.2 for i in x], [r["tflops"] * scale for r in rows], width=0.4,
+              label="default CTA")
+        a.bar([i + 0.2 for i in x], [v * scale for v in rowblock], width=0.4,
+              label="32-head row block")
+        a.set_xticks(x)
+        a.set_xticklabels(labels)
     ax[0].set_title("TFLOPS")
-    ax[1].bar(labels, [r["tflops"] / data["mma_sync_tflops"] for r in rows])
+    ax[1].legend(fontsize=8, loc="upper right")
     ax[1].set_title("TFLOPS / mma.sync peak")
     for a in ax:
         a.tick_params(axis="x", rotation=70, labelsize=7)
