@@ -36,7 +36,6 @@
 
 #include <cuda_runtime.h>
 
-#include "../../../common/limits.h"
 #include "../../common/cp_async.cuh"
 #include "../../common/element.cuh"
 #include "../../common/ldmatrix.cuh"
@@ -158,7 +157,7 @@ __global__ void __launch_bounds__(wide::kThreads, 1)
       const uint32_t mask = __ballot_sync(0xffffffffu, kv_row >= 0) & 0xffu;
       if (lane == 0) valid_smem[(tile % wide::kStages) * wide::kNumWarps + warp] = mask;
       const uint32_t dst_warp = stage_addr(tile) + warp * wide::kRowsPerCopyWarp * kRowBytes;
-      // An invalid row copies nothing (src-size 0) from an address inside kv's first row.
+      // An invalid row copies nothing (src-size 0); its address is kv's first row (never read).
       auto row_src = [&](int src_row) -> const Storage* {
         return kv_base + (src_row >= 0 ? static_cast<int64_t>(src_row) * params.kv_row_stride : 0);
       };
@@ -219,8 +218,6 @@ __global__ void __launch_bounds__(wide::kThreads, 1)
 #pragma unroll
       for (int n = 0; n < 4; ++n) s_acc[n][0] = s_acc[n][1] = s_acc[n][2] = s_acc[n][3] = 0.f;
       {
-        // K-step kk = 4 m + j of a swizzled row starts at the row + 128 m + off[j] (see
-        // s_chunk_offsets): every address below is a per-lane base plus an immediate.
         // S operand addresses, computed per tile so they hold no registers during P V. In a
         // swizzled row, chunk 8 m + 2 j + b (k-step 4 m + j, b = which 8 of its 16 dims) sits
         // at 8 m + ((2 j + b) ^ (row % 8)): off[j] below is that chunk's byte offset for
