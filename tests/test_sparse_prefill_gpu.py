@@ -242,8 +242,10 @@ def test_reruns_are_bit_identical():
 
 
 def _wide_fits(d_qk: int) -> bool:
+    """The entry's rule (config.h wide_fits): compute capability 9.x or 10.x and blocks
+    that may opt in to the wide CTA's shared memory."""
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return props.shared_memory_per_block_optin >= WIDE_SMEM[d_qk]
+    return props.major in (9, 10) and props.shared_memory_per_block_optin >= WIDE_SMEM[d_qk]
 
 
 def _force_cta(monkeypatch, cta: str, d_qk: int) -> bool:

@@ -41,17 +41,20 @@ FLASH_MLA_REGISTER_OP(sparse_prefill, sp::capabilities_json);
 // forces one, so both are tested and timed at any head count where the device allows; read
 // on every call, no process-wide state.
 sp::Cta cta_for(int device, int h_q, int d_qk) {
-  const int needed = sp::wide_smem_bytes(d_qk);
-  const bool wide_fits = max_smem_per_block(device) >= needed;
+  const int cc_major = device_attribute(device, cudaDevAttrComputeCapabilityMajor,
+                                        "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
+  const int smem_per_block = max_smem_per_block(device);
+  const bool wide_fits = sp::wide_fits(cc_major, smem_per_block, d_qk);
   const std::string forced = forced_variant("FLASH_MLA_SPARSE_PREFILL_CTA");
   if (!forced.empty()) {
     if (forced == "rowblock") return sp::Cta::kRowBlock;
     if (forced == "wide") {
       if (!wide_fits) {
         TVM_FFI_THROW(ValueError)
-            << "FLASH_MLA_SPARSE_PREFILL_CTA=wide needs a GPU whose blocks may use " << needed
-            << " bytes of shared memory at d_qk " << d_qk << ", this one allows "
-            << max_smem_per_block(device);
+            << "FLASH_MLA_SPARSE_PREFILL_CTA=wide needs a compute capability 9.x or 10.x GPU "
+            << "whose blocks may use " << sp::wide_smem_bytes(d_qk)
+            << " bytes of shared memory at d_qk " << d_qk << ", this one is " << cc_major
+            << ".x and allows " << smem_per_block;
       }
       return sp::Cta::kWide;
     }

@@ -109,6 +109,13 @@ inline int wide_smem_bytes(int d_qk) {
   return d_qk == 576 ? wide::Layout<576>::kSmemBytes : wide::Layout<512>::kSmemBytes;
 }
 
+// Whether the wide CTA can run on a device: its blocks may opt in to the layout, and its
+// compute capability is one whose cubin holds the kernel's body (sm_90, sm_100 family; on
+// every other target the body is a trap, kernel_wide.cuh).
+inline bool wide_fits(int cc_major, int max_smem_per_block_optin, int d_qk) {
+  return (cc_major == 9 || cc_major == 10) && max_smem_per_block_optin >= wide_smem_bytes(d_qk);
+}
+
 // The CTA for h_q where the device allows both: the wide one once a query has more heads
 // than one 32-row block (at h_q <= 32 its extra rows would be zeros).
 inline Cta choose_cta(int h_q, bool wide_fits) {
