@@ -177,7 +177,15 @@ def test_hostile_plain_rule(seqlens, s_q, h_q, h_k, causal, dtype):
 # Every CTA (FLASH_MLA_DENSE_DECODE_WARPS: the 4-warp 32-row CTA, the wide 8-warp one, the
 # narrow 16-row one) serves every shape; the default picks by rows per kv head (config.h
 # choose_cta), so the grid above runs each CTA only where it is picked.
-CTAS = ["4", "8", "4x16"]
+CTAS = ["4", "8", "4x16", "8x64"]
+ROWS64_SMEM = 231168  # bytes per block of the 64-row CTA (config.h rows64::kSmemBytes)
+
+
+def _rows64_fits() -> bool:
+    """The entry's rule (config.h rows64::fits): compute capability 9.x or 10.x and blocks
+    that may opt in to the 64-row CTA's shared memory."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return props.major in (9, 10) and props.shared_memory_per_block_optin >= ROWS64_SMEM
 
 
 @gpu
@@ -192,6 +200,10 @@ def test_every_cta_shape(monkeypatch, cta, seqlens, s_q, h_q, h_k, causal, dtype
     monkeypatch.setenv("FLASH_MLA_DENSE_DECODE_WARPS", cta)
     monkeypatch.setenv("FLASH_MLA_DENSE_DECODE_PARTS", "9")  # split and direct requests
     q, cache = _problem(seqlens, s_q, h_q, h_k, dtype, seed=len(seqlens) * 31 + h_q)
+    if cta == "8x64" and not _rows64_fits():
+        with pytest.raises(ValueError, match="FLASH_MLA_DENSE_DECODE_WARPS=8x64"):
+            _decode(q, cache, causal)
+        return
     out, lse = _decode(q, cache, causal)
     _check_element_rule(q, cache, causal, out, lse, f"cta={cta}")
     q, cache = _problem(seqlens, s_q, h_q, h_k, dtype, seed=h_q, std=1.0)
@@ -206,7 +218,7 @@ def test_every_cta_shape(monkeypatch, cta, seqlens, s_q, h_q, h_k, causal, dtype
 def test_unknown_cta_override_raises(monkeypatch):
     monkeypatch.setenv("FLASH_MLA_DENSE_DECODE_WARPS", "16")
     q, cache = _problem([64], 1, 16, 1, torch.bfloat16, seed=2)
-    with pytest.raises(ValueError, match=r"FLASH_MLA_DENSE_DECODE_WARPS must be 4, 8 or 4x16.*'16'"):
+    with pytest.raises(ValueError, match=r"FLASH_MLA_DENSE_DECODE_WARPS must be 4, 8, 4x16 or 8x64.*'16'"):
         _decode(q, cache, causal=False)
 
 

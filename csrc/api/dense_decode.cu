@@ -4,7 +4,7 @@
 //       schedule parts P for this problem on cuda:<device> (the first call sizes the
 //       schedule and partial buffers with it); FLASH_MLA_DENSE_DECODE_PARTS=n forces P
 //       (tests: results must not depend on the number of SMs); ignored when invariant.
-//       FLASH_MLA_DENSE_DECODE_WARPS=4|8|4x16 forces the CTA shape (cta_for below).
+//       FLASH_MLA_DENSE_DECODE_WARPS=4|8|4x16|8x64 forces the CTA shape (cta_for below).
 //   dense_decode_schedule(cache_seqlens, metadata, split_offsets, batch_invariant) -> None
 //       metadata int32 [P, 8] and split_offsets int32 [b + 1] from cache_seqlens, on the
 //       GPU (no host synchronisation; capturable in a CUDA graph).
@@ -60,14 +60,28 @@ int64_t forced_parts() { return forced_count("FLASH_MLA_DENSE_DECODE_PARTS", 1 <
 // forces one (the 4-warp 32-row CTA, the wide CTA, the narrow 16-row CTA), so each is
 // tested and timed on one GPU at any shape; it is read on every call (the schedule's part
 // count and the launch), no process-wide state.
-dec::CtaShape cta_for(int64_t s_q, int64_t h_q, int64_t h_k) {
+// 8x64 (the 64-row CTA, kernel_64rows.cuh) is not chosen by default yet: it has not been
+// run on a GPU (work in progress).
+dec::CtaShape cta_for(int device, int64_t s_q, int64_t h_q, int64_t h_k) {
   const std::string forced = forced_variant("FLASH_MLA_DENSE_DECODE_WARPS");
   if (!forced.empty()) {
     if (forced == "4") return dec::CtaShape::kWarps4;
     if (forced == "8") return dec::CtaShape::kWarps8;
     if (forced == "4x16") return dec::CtaShape::kWarps4Rows16;
-    TVM_FFI_THROW(ValueError) << "FLASH_MLA_DENSE_DECODE_WARPS must be 4, 8 or 4x16 (or unset), "
-                              << "got '" << forced << "'";
+    if (forced == "8x64") {
+      const int cc_major = device_attribute(device, cudaDevAttrComputeCapabilityMajor,
+                                            "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
+      const int smem_per_block = max_smem_per_block(device);
+      if (!dec::rows64::fits(cc_major, smem_per_block)) {
+        TVM_FFI_THROW(ValueError)
+            << "FLASH_MLA_DENSE_DECODE_WARPS=8x64 needs a compute capability 9.x or 10.x GPU "
+            << "whose blocks may use " << dec::rows64::kSmemBytes << " bytes of shared memory, "
+            << "this one is " << cc_major << ".x and allows " << smem_per_block;
+      }
+      return dec::CtaShape::kWarps8Rows64;
+    }
+    TVM_FFI_THROW(ValueError) << "FLASH_MLA_DENSE_DECODE_WARPS must be 4, 8, 4x16 or 8x64 (or "
+                              << "unset), got '" << forced << "'";
   }
   return dec::choose_cta(static_cast<int>(s_q), static_cast<int>(h_q), static_cast<int>(h_k));
 }
@@ -91,7 +105,7 @@ int64_t dense_decode_num_parts(int64_t device, int64_t batch, int64_t s_q, int64
   const int dev = static_cast<int>(device);
   return dec::num_parts(num_sms(dev), max_smem_per_sm(dev),
                         static_cast<int>(batch), static_cast<int>(s_q), static_cast<int>(h_q),
-                        static_cast<int>(h_k), false, cta_for(s_q, h_q, h_k));
+                        static_cast<int>(h_k), false, cta_for(dev, s_q, h_q, h_k));
 }
 
 DenseDecodeScheduleParams validate_schedule(const TensorView& cache_seqlens,
@@ -219,7 +233,7 @@ DenseDecodeParams validate_dense_decode(const TensorView& q, const TensorView& k
   }
   check_positive_finite(softmax_scale, "softmax_scale");
   split.check_rows();
-  *cta = cta_for(s_q, h_q, h_k);  // once per call: the block size and the launch agree
+  *cta = cta_for(q.device().device_id, s_q, h_q, h_k);  // once per call: block size = launch
   const int m_blocks = dec::num_m_blocks(static_cast<int>(s_q), static_cast<int>(h_q),
                                          static_cast<int>(h_k), *cta);
   const int64_t ctas = parts * h_k * m_blocks;

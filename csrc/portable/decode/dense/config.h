@@ -113,7 +113,44 @@ constexpr bool kWideEnabled = false;  // false: over 16 rows every shape takes t
 // the narrow CTA; with kWideEnabled, more than one 32-row block per kv head would take the
 // wide CTA; the rest the 4-warp kernel. Every CTA serves every shape (the host may force
 // one: FLASH_MLA_DENSE_DECODE_WARPS in csrc/api/dense_decode.cu).
-enum class CtaShape { kWarps4, kWarps8, kWarps4Rows16 };
+enum class CtaShape { kWarps4, kWarps8, kWarps4Rows16, kWarps8Rows64 };
+
+// The 64-row CTA (kernel_64rows.cuh; FLASH_MLA_DENSE_DECODE_WARPS=8x64): 8 warps, 64 rows of
+// one kv head, one 64-token page per tile, the sparse prefill's wide CTA applied to paged
+// dense keys (docs/dense_decode.md). Only where a block may opt in to its 231168 B (H100/
+// H200, B200); the kernel traps on every other target.
+namespace rows64 {
+constexpr int kNumWarps = 8;
+constexpr int kThreads = kNumWarps * 32;
+constexpr int kBlockM = 64;
+constexpr int kBlockN = kPageSize;      // one page per tile
+constexpr int kStages = 2;              // tile i + 1 is copied while tile i is computed
+constexpr int kSlabsO = kBlockM / 16;   // every warp's O covers all 64 rows
+constexpr int kColsPerWarp = kHeadDimV / kNumWarps;    // 64
+constexpr int kRowsPerCopyWarp = kBlockN / kNumWarps;  // warp w copies tokens [8w, 8w + 8)
+constexpr int kQBytes = kBlockM * kHeadDimQK * kElemBytes;     // 73728, swizzled
+constexpr int kTileBytes = kBlockN * kHeadDimQK * kElemBytes;  // 73728, swizzled
+constexpr int kStagesOffset = kQBytes;
+constexpr int kPOffset = kStagesOffset + kStages * kTileBytes;  // P [64][64], input dtype
+constexpr int kPBytes = kBlockM * kBlockN * kElemBytes;         // 8192, swizzled
+constexpr int kHalfMaxOffset = kPOffset + kPBytes;              // [2 halves][64] fp32
+constexpr int kHalfSumOffset = kHalfMaxOffset + 2 * kBlockM * 4;
+constexpr int kRescaleOffset = kHalfSumOffset + 2 * kBlockM * 4;  // [64] fp32
+constexpr int kInvSumOffset = kRescaleOffset + kBlockM * 4;       // [64] fp32, epilogue
+// Per row, the visible-key bound of the piece (int32): in shared memory, not registers,
+// because the causal build spilled with two more live registers per thread.
+constexpr int kRowLimitOffset = kInvSumOffset + kBlockM * 4;
+constexpr int kSmemBytes = kRowLimitOffset + kBlockM * 4;
+static_assert(kSmemBytes == 231168, "64-row decode budget as documented in docs/dense_decode.md");
+static_assert(kSmemBytes <= kMaxSmemPerBlockLarge, "64-row decode CTA exceeds 227 KB");
+static_assert(kBlockN == 64, "the tile is one 64-token page");
+
+// Whether a device can run it: compute capability 9.x or 10.x (the targets whose cubin
+// holds its body) and blocks that may opt in to its shared memory.
+inline bool fits(int cc_major, int max_smem_per_block_optin) {
+  return (cc_major == 9 || cc_major == 10) && max_smem_per_block_optin >= kSmemBytes;
+}
+}  // namespace rows64
 
 inline int64_t rows_per_kv_head(int s_q, int h_q, int h_k) {
   return static_cast<int64_t>(s_q) * (h_q / h_k);
@@ -126,6 +163,7 @@ inline CtaShape choose_cta(int s_q, int h_q, int h_k) {
 }
 
 inline int block_rows(CtaShape cta) {
+  if (cta == CtaShape::kWarps8Rows64) return rows64::kBlockM;
   return cta == CtaShape::kWarps4Rows16 ? NarrowCta::kBlockM : kBlockM;
 }
 
@@ -140,7 +178,7 @@ inline int num_m_blocks(int s_q, int h_q, int h_k, CtaShape cta) {
 // target), so one fills an SM's 64K registers whatever its shared memory allows; the
 // narrow CTA's 128 threads stay under 256 registers, so its shared memory decides.
 inline int ctas_per_sm(int smem_per_sm, CtaShape cta) {
-  if (cta == CtaShape::kWarps8) return 1;
+  if (cta == CtaShape::kWarps8 || cta == CtaShape::kWarps8Rows64) return 1;
   const int bytes = cta == CtaShape::kWarps4Rows16 ? NarrowCta::kSmemBytes : kSmemBytes;
   const int n = smem_per_sm / (bytes + kReservedSmemPerBlock);
   return n > 0 ? n : 1;

@@ -66,6 +66,7 @@
 #include "../schedule/config.h"
 #include "config.h"
 #include "kernel.h"
+#include "kernel_64rows.cuh"
 #include "kernel_wide.cuh"
 
 namespace flash_mla::portable::dense_decode {
@@ -366,6 +367,14 @@ void launch_dense_decode(const DenseDecodeParams& params) {
 template <DType kDType>
 void run_dense_decode(const DenseDecodeParams& params, CtaShape cta) {
   using Elem = typename std::conditional<kDType == DType::kBF16, BF16, FP16>::type;
+  if (cta == CtaShape::kWarps8Rows64) {
+    if (params.is_causal) {
+      rows64::launch<Elem, true>(params);
+    } else {
+      rows64::launch<Elem, false>(params);
+    }
+    return;
+  }
   if (cta == CtaShape::kWarps8 || cta == CtaShape::kWarps4Rows16) {
     const bool narrow = cta == CtaShape::kWarps4Rows16;
     if (params.is_causal) {

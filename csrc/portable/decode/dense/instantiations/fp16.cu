@@ -17,4 +17,9 @@ FLASH_MLA_REGISTER_KERNEL_SYMBOL(dense_decode_narrow_fp16, "dense_decode",
                                  NarrowCta::kSmemBytes, NarrowCta::kThreads,
                                  "24dense_decode_wide_kernelI 4FP16E ELi1EEEv");
 
+FLASH_MLA_REGISTER_LARGE_SMEM_KERNEL(dense_decode_64rows_fp16, "dense_decode",
+                                     "fp16 d576 dv512 64 rows (8 warps, 64-token pages), causal|full",
+                                     rows64::kSmemBytes, rows64::kThreads,
+                                     "26dense_decode_64rows_kernelI 4FP16E");
+
 }  // namespace flash_mla::portable::dense_decode
