@@ -191,6 +191,42 @@ struct Piece {
 };
 static_assert(sizeof(Piece) <= 32, "the Piece record has 32 bytes of shared memory (config.h)");
 
+// The piece of request `req` that schedule part `meta` gives this CTA (row block
+// blockIdx.x % num_m_blocks, kRows heads), and its number of 16-position tiles. False when
+// there is nothing to write: no positions scheduled, or a stale split index. A piece the
+// schedule counted but the current lengths left empty still counts (0 tiles), so the
+// combine never reads an unwritten split.
+__device__ __forceinline__ bool piece_of(const SparseDecodeParams& params, const int32_t* meta,
+                                         int req, bool has_extra, int rows, Piece& here,
+                                         int& num_tiles) {
+  const int main_limit = pool_limit(params.main, req);
+  const int main_span = (main_limit + kBlockN - 1) / kBlockN * kBlockN;
+  const int extra_limit = has_extra ? pool_limit(params.extra, req) : 0;
+  const int total = main_span + extra_limit;
+  const int n_blocks = (total + kPositionsPerBlock - 1) / kPositionsPerBlock;
+  const bool first = req == meta[sched::kBeginReq];
+  const bool last = req == meta[sched::kEndReq];
+  const int lo = first ? meta[sched::kBeginBlock] : 0;
+  const int hi = min(last ? meta[sched::kEndBlock] : n_blocks, n_blocks);
+  const int sched_hi = last ? meta[sched::kEndBlock] : n_blocks;
+  if (lo >= sched_hi) return false;
+  const int total_splits = params.num_splits_total;
+  const int off_begin = min(max(params.split_offsets[req], 0), total_splits);
+  const int off_end = min(max(params.split_offsets[req + 1], off_begin), total_splits);
+  const bool direct = off_end - off_begin == 1;
+  const int split = first ? meta[sched::kFirstSplit] : off_begin;
+  if (!direct && (split < 0 || split >= total_splits)) return false;  // stale schedule
+
+  const int pos_begin = lo * kPositionsPerBlock;
+  const int m_block = static_cast<int>(blockIdx.x % params.num_m_blocks);
+  here = Piece{req,        m_block / params.num_head_blocks,
+               (m_block % params.num_head_blocks) * rows,
+               main_limit, main_span, extra_limit, pos_begin, direct ? -1 : split};
+  const int pos_end = min(max(hi, lo) * kPositionsPerBlock, total);
+  num_tiles = pos_end > pos_begin ? (pos_end - pos_begin + kBlockN - 1) / kBlockN : 0;
+  return true;
+}
+
 // The first tile position of `tile` of piece pc in its pool (pos) and that pool's counted
 // limit: the main pool's positions come first, then the extra pool's (the file comment).
 __device__ __forceinline__ const CachePool& tile_pool(const SparseDecodeParams& params,
@@ -290,35 +326,9 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(kSlabs))
   const int v_col = (lane >> 4) * 8;
 
   for (int req = begin_req; req <= last_req; ++req) {
-    const int main_limit = pool_limit(params.main, req);
-    const int main_span = (main_limit + kBlockN - 1) / kBlockN * kBlockN;
-    const int extra_limit = has_extra ? pool_limit(params.extra, req) : 0;
-    const int total = main_span + extra_limit;
-    const int n_blocks = (total + kPositionsPerBlock - 1) / kPositionsPerBlock;
-    const bool first = req == meta[sched::kBeginReq];
-    const bool last = req == meta[sched::kEndReq];
-    const int lo = first ? meta[sched::kBeginBlock] : 0;
-    const int hi = min(last ? meta[sched::kEndBlock] : n_blocks, n_blocks);
-    // A piece the schedule counted but the current lengths left empty still writes its
-    // (empty) result, so the combine never reads an unwritten split.
-    const int sched_hi = last ? meta[sched::kEndBlock] : n_blocks;
-    if (lo >= sched_hi) continue;
-    const int total_splits = params.num_splits_total;
-    const int off_begin = min(max(params.split_offsets[req], 0), total_splits);
-    const int off_end = min(max(params.split_offsets[req + 1], off_begin), total_splits);
-    const bool direct = off_end - off_begin == 1;
-    const int split = first ? meta[sched::kFirstSplit] : off_begin;
-    if (!direct && (split < 0 || split >= total_splits)) continue;  // stale schedule
-
-    const int pos_begin = lo * kPositionsPerBlock;
-    const Piece here = [&] {
-      const int m_block = static_cast<int>(blockIdx.x % params.num_m_blocks);
-      const int head_block = m_block % params.num_head_blocks;
-      return Piece{req,         m_block / params.num_head_blocks, head_block * kRows,
-                   main_limit,  main_span, extra_limit, pos_begin, direct ? -1 : split};
-    }();
-    const int pos_end = min(max(hi, lo) * kPositionsPerBlock, total);
-    const int num_tiles = pos_end > pos_begin ? (pos_end - pos_begin + kBlockN - 1) / kBlockN : 0;
+    Piece here;
+    int num_tiles;
+    if (!piece_of(params, meta, req, has_extra, kRows, here, num_tiles)) continue;
 
     __syncthreads();  // every warp is done with the previous piece's shared memory
 

@@ -156,34 +156,9 @@ __global__ void __launch_bounds__(kThreads, kNarrowMinCtas)
   const int token_row = tid / kThreadsPerToken;
 
   for (int req = begin_req; req <= last_req; ++req) {
-    const int main_limit = pool_limit(params.main, req);
-    const int main_span = (main_limit + kBlockN - 1) / kBlockN * kBlockN;
-    const int extra_limit = has_extra ? pool_limit(params.extra, req) : 0;
-    const int total = main_span + extra_limit;
-    const int n_blocks = (total + kPositionsPerBlock - 1) / kPositionsPerBlock;
-    const bool first = req == meta[sched::kBeginReq];
-    const bool last = req == meta[sched::kEndReq];
-    const int lo = first ? meta[sched::kBeginBlock] : 0;
-    const int hi = min(last ? meta[sched::kEndBlock] : n_blocks, n_blocks);
-    // A piece the schedule counted but the current lengths left empty still writes its
-    // (empty) result, so the combine never reads an unwritten split.
-    const int sched_hi = last ? meta[sched::kEndBlock] : n_blocks;
-    if (lo >= sched_hi) continue;
-    const int total_splits = params.num_splits_total;
-    const int off_begin = min(max(params.split_offsets[req], 0), total_splits);
-    const int off_end = min(max(params.split_offsets[req + 1], off_begin), total_splits);
-    const bool direct = off_end - off_begin == 1;
-    const int split = first ? meta[sched::kFirstSplit] : off_begin;
-    if (!direct && (split < 0 || split >= total_splits)) continue;  // stale schedule
-
-    const int m_block = static_cast<int>(blockIdx.x % params.num_m_blocks);
-    const Piece here{req,        m_block / params.num_head_blocks,
-                     (m_block % params.num_head_blocks) * kRows,
-                     main_limit, main_span, extra_limit, lo * kPositionsPerBlock,
-                     direct ? -1 : split};
-    const int pos_end = min(max(hi, lo) * kPositionsPerBlock, total);
-    const int num_tiles =
-        pos_end > here.pos_begin ? (pos_end - here.pos_begin + kBlockN - 1) / kBlockN : 0;
+    Piece here;
+    int num_tiles;
+    if (!piece_of(params, meta, req, has_extra, kRows, here, num_tiles)) continue;
 
     __syncthreads();  // every warp is done with the previous piece's shared memory
     if (tid == 0) *piece_smem = here;
