@@ -29,9 +29,9 @@ Usage: python benchmarks/bench_dense_decode.py --out DIR [--lib PATH] [--quick] 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
-import os
 import statistics
 import sys
 import time
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mha import Timer, device_line, load_native, save_results  # noqa: E402
+from bench_mha import Timer, device_line, forced_env, load_native, save_results  # noqa: E402
 
 D_QK, D_V, PAGE = 576, 512, 64
 UPSTREAM = [(128, s_q, 128, s_k) for s_q in (1, 2) for s_k in (4096, 8192, 16384, 32768)]
@@ -206,16 +206,8 @@ def bench_shape(torch, flash_mla, timer: Timer, b: int, s_q: int, h_q: int, s_k:
         flash_mla.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, D_V, meta,
                                          causal=True)
 
-    saved = os.environ.get(CTA_VARIABLE)
-    if cta != "default":
-        os.environ[CTA_VARIABLE] = cta
-    try:
+    with forced_env(CTA_VARIABLE, cta) if cta != "default" else contextlib.nullcontext():
         us, how = timer.time_us(call)
-    finally:
-        if saved is None:
-            os.environ.pop(CTA_VARIABLE, None)
-        else:
-            os.environ[CTA_VARIABLE] = saved
     return {"b": b, "s_q": s_q, "h_q": h_q, "h_k": 1, "s_k": s_k, "cta": cta, "us": us,
             "timing": how, "tflops": flop(b, s_q, h_q, s_k) / us / 1e6,
             "gbps": nbytes(b, s_q, h_q, s_k) / us / 1e3,

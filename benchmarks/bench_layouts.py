@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mha import (BATCH, SHAPES_HEADS, SHAPES_SEQLEN, Native, Timer, device_line,  # noqa: E402
-                       fmt, load_native, pairs_count, save_results)
+                       fmt, forced_env, load_native, pairs_count, save_results)
 
 FWD_VARIABLE, BWD_VARIABLE = "FLASH_MLA_DENSE_FWD_WARPS", "FLASH_MLA_DENSE_BWD_WARPS"
 BASE = "8"  # every ratio is against the 8-warp CTA, which runs everywhere
@@ -46,19 +46,13 @@ def layouts(pass_: str, d_qk: int) -> List[str]:
 def time_layout(timer: Timer, variable: str, layout: str, call) -> Dict:
     """Median microseconds of call with `variable` forcing `layout`, or the reason it
     cannot run here."""
-    saved = os.environ.pop(variable, None)
     try:
-        if layout != "default":
-            os.environ[variable] = layout
-        us, how = timer.time_us(call)
+        with forced_env(variable, None if layout == "default" else layout):
+            us, how = timer.time_us(call)
         return {"us": us, "timing": how}
     except Exception as err:  # e.g. the 4-warp backward where two CTAs do not fit an SM
         lines = str(err).strip().splitlines()
         return {"us": None, "note": (lines[-1] if lines else type(err).__name__)[:200]}
-    finally:
-        os.environ.pop(variable, None)
-        if saved is not None:
-            os.environ[variable] = saved
 
 
 def bench_shape(torch, native: Native, timer: Timer, s: int, h_q: int, h_k: int, d_qk: int,

@@ -23,13 +23,14 @@ from the libraries given by --lib or by FLASH_MLA_LIBRARY_PATH (os.pathsep-separ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import statistics
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 SHAPES_SEQLEN = (4096, 8192)
 SHAPES_HEADS = ((128, 128), (32, 4))
@@ -77,6 +78,21 @@ def load_native(lib_args: List[str]) -> Native:
     if not libs and env:
         libs = [p for p in env.split(os.pathsep) if p]
     return Native(libs)
+
+
+@contextlib.contextmanager
+def forced_env(name: str, value: Optional[str]) -> Iterator[None]:
+    """Sets one environment variable to `value` (None: unsets it) for a with-block, then
+    restores what was there. The benchmarks force a kernel variant or backend this way."""
+    saved = os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+        if saved is not None:
+            os.environ[name] = saved
 
 
 def device_line(torch_mod) -> str:

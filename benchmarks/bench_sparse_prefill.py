@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dense_decode import mma_sync_peak  # noqa: E402
-from bench_mha import Timer, device_line, save_results  # noqa: E402
+from bench_mha import Timer, device_line, forced_env, save_results  # noqa: E402
 
 D_V, S_Q, TOPK = 512, 4096, 2048
 # (h_q, d_qk, s_kv)
@@ -49,23 +49,6 @@ def make_problem(torch, h_q: int, d_qk: int, s_kv: int) -> Tuple:
     return q, kv, indices.to(torch.int32).view(S_Q, 1, TOPK)
 
 
-class _Env:
-    """Sets one environment variable for a with-block, then restores it."""
-
-    def __init__(self, name: str, value: str) -> None:
-        self.name, self.value, self.previous = name, value, None
-
-    def __enter__(self) -> None:
-        self.previous = os.environ.get(self.name)
-        os.environ[self.name] = self.value
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is None:
-            os.environ.pop(self.name, None)
-        else:
-            os.environ[self.name] = self.previous
-
-
 def bench_shape(torch, flash_mla, timer: Timer, h_q: int, d_qk: int, s_kv: int,
                 reference: bool) -> Dict:
     q, kv, indices = make_problem(torch, h_q, d_qk, s_kv)
@@ -80,10 +63,10 @@ def bench_shape(torch, flash_mla, timer: Timer, h_q: int, d_qk: int, s_kv: int,
            "timing": how, "tflops": flop(valid, h_q, d_qk) / us / 1e6, "rowblock_us": None,
            "reference_us": None, "reference_tflops": None}
     if h_q > 32:
-        with _Env("FLASH_MLA_SPARSE_PREFILL_CTA", "rowblock"):
+        with forced_env("FLASH_MLA_SPARSE_PREFILL_CTA", "rowblock"):
             row["rowblock_us"] = timer.time_us(call)[0]
     if reference:
-        with _Env("FLASH_MLA_BACKEND", "reference"):
+        with forced_env("FLASH_MLA_BACKEND", "reference"):
             ref_us = Timer(torch, 1, 3)._median(call)
         row["reference_us"] = ref_us
         row["reference_tflops"] = flop(valid, h_q, d_qk) / ref_us / 1e6

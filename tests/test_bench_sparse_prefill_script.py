@@ -37,14 +37,23 @@ def test_shapes_and_flop(bench):
 
 
 @pytest.mark.parametrize("before", (None, "wide"))
-def test_env_helper_sets_then_restores(monkeypatch, bench, before):
+@pytest.mark.parametrize("value", ("rowblock", None))
+def test_env_helper_sets_then_restores(monkeypatch, bench, before, value):
     if before is None:
         monkeypatch.delenv(CTA, raising=False)
     else:
         monkeypatch.setenv(CTA, before)
-    with bench._Env(CTA, "rowblock"):
-        assert os.environ[CTA] == "rowblock"
+    with bench.forced_env(CTA, value):
+        assert os.environ.get(CTA) == value
     assert os.environ.get(CTA) == before
+
+
+def test_env_helper_restores_after_an_error(monkeypatch, bench):
+    monkeypatch.setenv(CTA, "wide")
+    with pytest.raises(RuntimeError):
+        with bench.forced_env(CTA, "rowblock"):
+            raise RuntimeError("the timed call failed")
+    assert os.environ[CTA] == "wide"
 
 
 class _FakeTimer:

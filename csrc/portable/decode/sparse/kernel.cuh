@@ -191,6 +191,95 @@ struct Piece {
 };
 static_assert(sizeof(Piece) <= 32, "the Piece record has 32 bytes of shared memory (config.h)");
 
+// The piece of request `req` that schedule part `meta` gives this CTA (row block
+// blockIdx.x % num_m_blocks, kRows heads), and its number of 16-position tiles. False when
+// there is nothing to write: no positions scheduled, or a stale split index. A piece the
+// schedule counted but the current lengths left empty still counts (0 tiles), so the
+// combine never reads an unwritten split.
+__device__ __forceinline__ bool piece_of(const SparseDecodeParams& params, const int32_t* meta,
+                                         int req, bool has_extra, int rows, Piece& here,
+                                         int& num_tiles) {
+  const int main_limit = pool_limit(params.main, req);
+  const int main_span = (main_limit + kBlockN - 1) / kBlockN * kBlockN;
+  const int extra_limit = has_extra ? pool_limit(params.extra, req) : 0;
+  const int total = main_span + extra_limit;
+  const int n_blocks = (total + kPositionsPerBlock - 1) / kPositionsPerBlock;
+  const bool first = req == meta[sched::kBeginReq];
+  const bool last = req == meta[sched::kEndReq];
+  const int lo = first ? meta[sched::kBeginBlock] : 0;
+  const int hi = min(last ? meta[sched::kEndBlock] : n_blocks, n_blocks);
+  const int sched_hi = last ? meta[sched::kEndBlock] : n_blocks;
+  if (lo >= sched_hi) return false;
+  const int total_splits = params.num_splits_total;
+  const int off_begin = min(max(params.split_offsets[req], 0), total_splits);
+  const int off_end = min(max(params.split_offsets[req + 1], off_begin), total_splits);
+  const bool direct = off_end - off_begin == 1;
+  const int split = first ? meta[sched::kFirstSplit] : off_begin;
+  if (!direct && (split < 0 || split >= total_splits)) return false;  // stale schedule
+
+  const int pos_begin = lo * kPositionsPerBlock;
+  const int m_block = static_cast<int>(blockIdx.x % params.num_m_blocks);
+  here = Piece{req,        m_block / params.num_head_blocks,
+               (m_block % params.num_head_blocks) * rows,
+               main_limit, main_span, extra_limit, pos_begin, direct ? -1 : split};
+  const int pos_end = min(max(hi, lo) * kPositionsPerBlock, total);
+  num_tiles = pos_end > pos_begin ? (pos_end - pos_begin + kBlockN - 1) / kBlockN : 0;
+  return true;
+}
+
+// The first tile position of `tile` of piece pc in its pool (pos) and that pool's counted
+// limit: the main pool's positions come first, then the extra pool's (the file comment).
+__device__ __forceinline__ const CachePool& tile_pool(const SparseDecodeParams& params,
+                                                      const Piece& pc, int tile, int& pos,
+                                                      int& limit) {
+  const int pos0 = pc.pos_begin + tile * kBlockN;
+  if (pos0 < pc.main_span) {
+    pos = pos0;
+    limit = pc.main_limit;
+    return params.main;
+  }
+  pos = pos0 - pc.main_span;
+  limit = pc.extra_limit;
+  return params.extra;
+}
+
+// A tile's 16 index values into ring stage tile % kStages at index_ring (threads 0..15, one
+// 4-byte copy each: index rows have any alignment), copied ahead of the tile's gather so
+// the gather never waits for a dependent load. Positions past the pool's limit are
+// zero-filled without a read and never used.
+template <int kStages>
+__device__ __forceinline__ void issue_index(const SparseDecodeParams& params, const Piece& pc,
+                                            int tile, int num_tiles, int tid,
+                                            uint32_t index_ring) {
+  if (tile >= num_tiles || tid >= kBlockN) return;
+  int pos0, limit;
+  const CachePool& pool = tile_pool(params, pc, tile, pos0, limit);
+  const int pos = pos0 + tid;
+  const bool valid = pos < limit;
+  const int32_t* src = pool.indices + static_cast<int64_t>(pc.req) * pool.indices_batch_stride +
+                       static_cast<int64_t>(pc.query) * pool.indices_row_stride +
+                       (valid ? pos : 0);
+  cp_async_4_zfill(index_ring + static_cast<uint32_t>(((tile % kStages) * kBlockN + tid) * 4),
+                   src, valid);
+}
+
+// Token token_row's index value in a tile, -1 past the tile's pool limit or the piece:
+// from the index ring (`ring`: the tile's copy landed and is visible) or, in a piece's
+// prologue, straight from global memory.
+template <int kStages>
+__device__ __forceinline__ int tile_index(const SparseDecodeParams& params, const Piece& pc,
+                                          int tile, int num_tiles, int token_row,
+                                          const int* index_ring, bool ring) {
+  if (tile >= num_tiles) return -1;
+  int pos0, limit;
+  const CachePool& pool = tile_pool(params, pc, tile, pos0, limit);
+  const int pos = pos0 + token_row;
+  if (pos >= limit) return -1;
+  if (ring) return index_ring[(tile % kStages) * kBlockN + token_row];
+  return pool.indices[static_cast<int64_t>(pc.req) * pool.indices_batch_stride +
+                      static_cast<int64_t>(pc.query) * pool.indices_row_stride + pos];
+}
+
 template <int kDimQK, int kSlabs>
 __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(kSlabs))
     sparse_decode_kernel(const __grid_constant__ SparseDecodeParams params) {
@@ -237,35 +326,9 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(kSlabs))
   const int v_col = (lane >> 4) * 8;
 
   for (int req = begin_req; req <= last_req; ++req) {
-    const int main_limit = pool_limit(params.main, req);
-    const int main_span = (main_limit + kBlockN - 1) / kBlockN * kBlockN;
-    const int extra_limit = has_extra ? pool_limit(params.extra, req) : 0;
-    const int total = main_span + extra_limit;
-    const int n_blocks = (total + kPositionsPerBlock - 1) / kPositionsPerBlock;
-    const bool first = req == meta[sched::kBeginReq];
-    const bool last = req == meta[sched::kEndReq];
-    const int lo = first ? meta[sched::kBeginBlock] : 0;
-    const int hi = min(last ? meta[sched::kEndBlock] : n_blocks, n_blocks);
-    // A piece the schedule counted but the current lengths left empty still writes its
-    // (empty) result, so the combine never reads an unwritten split.
-    const int sched_hi = last ? meta[sched::kEndBlock] : n_blocks;
-    if (lo >= sched_hi) continue;
-    const int total_splits = params.num_splits_total;
-    const int off_begin = min(max(params.split_offsets[req], 0), total_splits);
-    const int off_end = min(max(params.split_offsets[req + 1], off_begin), total_splits);
-    const bool direct = off_end - off_begin == 1;
-    const int split = first ? meta[sched::kFirstSplit] : off_begin;
-    if (!direct && (split < 0 || split >= total_splits)) continue;  // stale schedule
-
-    const int pos_begin = lo * kPositionsPerBlock;
-    const Piece here = [&] {
-      const int m_block = static_cast<int>(blockIdx.x % params.num_m_blocks);
-      const int head_block = m_block % params.num_head_blocks;
-      return Piece{req,         m_block / params.num_head_blocks, head_block * kRows,
-                   main_limit,  main_span, extra_limit, pos_begin, direct ? -1 : split};
-    }();
-    const int pos_end = min(max(hi, lo) * kPositionsPerBlock, total);
-    const int num_tiles = pos_end > pos_begin ? (pos_end - pos_begin + kBlockN - 1) / kBlockN : 0;
+    Piece here;
+    int num_tiles;
+    if (!piece_of(params, meta, req, has_extra, kRows, here, num_tiles)) continue;
 
     __syncthreads();  // every warp is done with the previous piece's shared memory
 
@@ -287,49 +350,19 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(kSlabs))
       return smem_base + L::kRawOffset + static_cast<uint32_t>(tile % kRawStages) * L::kRawStageBytes;
     };
     auto tile_pool = [&](const Piece& pc, int tile, int& pos, int& limit) -> const CachePool& {
-      const int pos0 = pc.pos_begin + tile * kBlockN;
-      if (pos0 < pc.main_span) {
-        pos = pos0;
-        limit = pc.main_limit;
-        return params.main;
-      }
-      pos = pos0 - pc.main_span;
-      limit = pc.extra_limit;
-      return params.extra;
+      return sparse_decode::tile_pool(params, pc, tile, pos, limit);
     };
-    // A tile's 16 index values into index stage tile % 3 (threads 0..15, one 4-byte copy
-    // each: index rows have any alignment), kIndexLead tiles ahead of its gather, so the
-    // gather never waits for a dependent load. Positions past the pool's limit are
-    // zero-filled without a read and never used.
+    // Index values kIndexLead tiles ahead of their gather, into the ring (issue_index);
+    // this thread's token (row tid / 8 of a tile) reads its value back (tile_index).
     const int token_row = tid / kThreadsPerToken;
     auto issue_index = [&](const Piece& pc, int tile) {
-      if (tile >= num_tiles || tid >= kBlockN) return;
-      int pos0, limit;
-      const CachePool& pool = tile_pool(pc, tile, pos0, limit);
-      const int pos = pos0 + tid;
-      const bool valid = pos < limit;
-      const int32_t* src = pool.indices + static_cast<int64_t>(pc.req) * pool.indices_batch_stride +
-                           static_cast<int64_t>(pc.query) * pool.indices_row_stride +
-                           (valid ? pos : 0);
-      cp_async_4_zfill(smem_base + L::kIndexOffset +
-                           static_cast<uint32_t>(((tile % L::kIndexStages) * kBlockN + tid) * 4),
-                       src, valid);
+      sparse_decode::issue_index<L::kIndexStages>(params, pc, tile, num_tiles, tid,
+                                                  smem_base + L::kIndexOffset);
     };
-    // This thread's token's (row tid / 8 of a tile) index value, -1 past the tile's pool
-    // limit or the piece: from the index ring (`ring`: the copy landed and is visible) or,
-    // in a piece's prologue, straight from global memory.
     auto tile_index = [&](const Piece& pc, int tile, bool ring) -> int {
-      if (tile >= num_tiles) return -1;
-      int pos0, limit;
-      const CachePool& pool = tile_pool(pc, tile, pos0, limit);
-      const int pos = pos0 + token_row;
-      if (pos >= limit) return -1;
-      if (ring) {
-        return reinterpret_cast<const int*>(smem + L::kIndexOffset)[(tile % L::kIndexStages) *
-                                                                        kBlockN + token_row];
-      }
-      return pool.indices[static_cast<int64_t>(pc.req) * pool.indices_batch_stride +
-                          static_cast<int64_t>(pc.query) * pool.indices_row_stride + pos];
+      return sparse_decode::tile_index<L::kIndexStages>(
+          params, pc, tile, num_tiles, token_row,
+          reinterpret_cast<const int*>(smem + L::kIndexOffset), ring);
     };
     // One raw tile of 16 index positions of one pool (uniform over the CTA); `value` is
     // this thread's load_index of the tile. The first thread of each token records whether

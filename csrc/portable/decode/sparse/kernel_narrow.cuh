@@ -156,34 +156,9 @@ __global__ void __launch_bounds__(kThreads, kNarrowMinCtas)
   const int token_row = tid / kThreadsPerToken;
 
   for (int req = begin_req; req <= last_req; ++req) {
-    const int main_limit = pool_limit(params.main, req);
-    const int main_span = (main_limit + kBlockN - 1) / kBlockN * kBlockN;
-    const int extra_limit = has_extra ? pool_limit(params.extra, req) : 0;
-    const int total = main_span + extra_limit;
-    const int n_blocks = (total + kPositionsPerBlock - 1) / kPositionsPerBlock;
-    const bool first = req == meta[sched::kBeginReq];
-    const bool last = req == meta[sched::kEndReq];
-    const int lo = first ? meta[sched::kBeginBlock] : 0;
-    const int hi = min(last ? meta[sched::kEndBlock] : n_blocks, n_blocks);
-    // A piece the schedule counted but the current lengths left empty still writes its
-    // (empty) result, so the combine never reads an unwritten split.
-    const int sched_hi = last ? meta[sched::kEndBlock] : n_blocks;
-    if (lo >= sched_hi) continue;
-    const int total_splits = params.num_splits_total;
-    const int off_begin = min(max(params.split_offsets[req], 0), total_splits);
-    const int off_end = min(max(params.split_offsets[req + 1], off_begin), total_splits);
-    const bool direct = off_end - off_begin == 1;
-    const int split = first ? meta[sched::kFirstSplit] : off_begin;
-    if (!direct && (split < 0 || split >= total_splits)) continue;  // stale schedule
-
-    const int m_block = static_cast<int>(blockIdx.x % params.num_m_blocks);
-    const Piece here{req,        m_block / params.num_head_blocks,
-                     (m_block % params.num_head_blocks) * kRows,
-                     main_limit, main_span, extra_limit, lo * kPositionsPerBlock,
-                     direct ? -1 : split};
-    const int pos_end = min(max(hi, lo) * kPositionsPerBlock, total);
-    const int num_tiles =
-        pos_end > here.pos_begin ? (pos_end - here.pos_begin + kBlockN - 1) / kBlockN : 0;
+    Piece here;
+    int num_tiles;
+    if (!piece_of(params, meta, req, has_extra, kRows, here, num_tiles)) continue;
 
     __syncthreads();  // every warp is done with the previous piece's shared memory
     if (tid == 0) *piece_smem = here;
@@ -196,45 +171,17 @@ __global__ void __launch_bounds__(kThreads, kNarrowMinCtas)
         params.q_head_stride, here.head0, min(kRows, params.h_q - here.head0), tid);
 
     // The prologue passes `here`; the tile loop, the record it reads back after its barrier.
+    // Index values and their ring: kernel.cuh's issue_index / tile_index.
     auto tile_pool = [&](const Piece& pc, int tile, int& pos, int& limit) -> const CachePool& {
-      const int pos0 = pc.pos_begin + tile * kBlockN;
-      if (pos0 < pc.main_span) {
-        pos = pos0;
-        limit = pc.main_limit;
-        return params.main;
-      }
-      pos = pos0 - pc.main_span;
-      limit = pc.extra_limit;
-      return params.extra;
+      return sparse_decode::tile_pool(params, pc, tile, pos, limit);
     };
-    // A tile's 16 index values into index stage tile % 3 (threads 0..15, one value each;
-    // 4-byte copies: index rows have any alignment). Positions past the pool's limit are
-    // zero-filled without a read; issue_tile never uses them. The index ring is what keeps
-    // the gather from waiting on a dependent load per tile (docs/sparse_decode.md).
     auto issue_index = [&](const Piece& pc, int tile) {
-      if (tile >= num_tiles || tid >= kBlockN) return;
-      int pos0, limit;
-      const CachePool& pool = tile_pool(pc, tile, pos0, limit);
-      const int pos = pos0 + tid;
-      const bool valid = pos < limit;
-      const int32_t* src = pool.indices + static_cast<int64_t>(pc.req) * pool.indices_batch_stride +
-                           static_cast<int64_t>(pc.query) * pool.indices_row_stride +
-                           (valid ? pos : 0);
-      cp_async_4_zfill(smem_base + L::kIndexOffset +
-                           static_cast<uint32_t>(((tile % kIndexStages) * kBlockN + tid) * 4),
-                       src, valid);
+      sparse_decode::issue_index<kIndexStages>(params, pc, tile, num_tiles, tid,
+                                               smem_base + L::kIndexOffset);
     };
-    // This thread's token's index value in a tile: from the index ring (`ring`; the tile's
-    // copy landed and is visible) or, in a piece's prologue, straight from global memory.
     auto tile_index = [&](const Piece& pc, int tile, bool ring) -> int {
-      if (tile >= num_tiles) return -1;
-      int pos0, limit;
-      const CachePool& pool = tile_pool(pc, tile, pos0, limit);
-      const int pos = pos0 + token_row;
-      if (pos >= limit) return -1;
-      if (ring) return index_smem[(tile % kIndexStages) * kBlockN + token_row];
-      return pool.indices[static_cast<int64_t>(pc.req) * pool.indices_batch_stride +
-                          static_cast<int64_t>(pc.query) * pool.indices_row_stride + pos];
+      return sparse_decode::tile_index<kIndexStages>(params, pc, tile, num_tiles, token_row,
+                                                     index_smem, ring);
     };
     // One raw tile into stage tile % 3 and its valid flags into flag stage tile % 4: byte w
     // holds bit k for token 4 w + k, the tokens whose first threads are warp w's lanes 8 k
