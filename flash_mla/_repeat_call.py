@@ -79,7 +79,24 @@ def record_of(holder: Any, record_type: type) -> Any:
     return record if type(record) is record_type else None
 
 
-def backend_env() -> Optional[str]:
-    """The raw FLASH_MLA_BACKEND value a record was made under (read per call: a
-    changed value must reach the dispatch again)."""
-    return os.environ.get(ENV_VAR)
+def _environ_key(name: str) -> Any:
+    """``name`` as os.environ stores it internally (CPython's os._Environ encodes keys;
+    on Windows it also upper-cases them), or None where os.environ has no such method."""
+    encode = getattr(os.environ, "encodekey", None)
+    return encode(name) if encode is not None else None
+
+
+_ENV_KEY = _environ_key(ENV_VAR)
+
+
+def backend_env() -> Any:
+    """The raw FLASH_MLA_BACKEND value a record was made under, read per call (a changed
+    value must reach the dispatch again). It reads os.environ's own mapping, which every
+    os.environ assignment updates: os.environ.get costs about 0.6 us more per call,
+    because it encodes the key and decodes the value each time. Only equality with the
+    recorded value matters, so the raw stored value (bytes on POSIX) is returned; a
+    replaced os.environ without that mapping takes os.environ.get."""
+    try:
+        return os.environ._data.get(_ENV_KEY)  # type: ignore[attr-defined]
+    except AttributeError:
+        return os.environ.get(ENV_VAR)

@@ -39,6 +39,8 @@ from ._decode_buffers import decode_buffers, run_schedule, split_count
 from ._repeat_call import RECORD_ATTR, Record, backend_env, layout_key, record_of
 from .sched_meta import FlashMLASchedMeta, bind_or_check_config, stored_schedule
 
+_Tensor = torch.Tensor
+
 OP = "dense_decode"
 
 # The API contract of dense decode.
@@ -257,7 +259,7 @@ class _Repeat(Record):
     with the same tensor layouts and scalar arguments runs the native decode with the
     stored schedule, skipping validation, dispatch and the holder's checks."""
 
-    __slots__ = ("causal", "fwd", "item", "out_shape", "lse_shape", "o_accum_shape",
+    __slots__ = ("causal", "fwd", "item", "native_key", "out_shape", "lse_shape", "o_accum_shape",
                  "lse_accum_shape", "dtype", "device")
 
     def __init__(self, q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
@@ -269,9 +271,16 @@ class _Repeat(Record):
         self.causal = causal
         # The library allocates out, lse and the partials where torch's allocator is
         # installed for the call (item unpacks its result); else they are allocated here.
+        # With the allocator, the library also compares the tensors' layouts with the
+        # recorded ones (dense_decode_fwd_repeat, csrc/api/layout_key.h): cheaper than
+        # building the key in Python, which remains for the other case.
         self.item = _native.array_item() if _native.env_allocator_available(q) else None
+        self.native_key = None
+        if self.item is not None:
+            self.native_key = _native.function("dense_decode_layout_key")(
+                q, k_cache, block_table, cache_seqlens)
         self.fwd = _native.function("dense_decode_fwd" if self.item is None
-                                    else "dense_decode_fwd_alloc")
+                                    else "dense_decode_fwd_repeat")
         splits = split_count(p.b, int(metadata.shape[0]), invariant)
         self.out_shape = (p.b, p.s_q, p.h_q, HEAD_DIM_V)
         self.lse_shape = (p.b, p.h_q, p.s_q)
@@ -301,14 +310,22 @@ class _Repeat(Record):
                 or is_fp8_kvcache is not False
                 or type(head_dim_v) is not int or head_dim_v != HEAD_DIM_V
                 or not self.same_scale(softmax_scale)
-                or layout_key(q, k_cache, block_table, cache_seqlens) != self.key
                 or backend_env() != self.backend or C.is_compiling()):
             return None
         if self.item is not None:
+            # Plain tensors only, as layout_key requires; the library compares the rest.
+            if (type(q) is not _Tensor or type(k_cache) is not _Tensor
+                    or type(block_table) is not _Tensor or type(cache_seqlens) is not _Tensor):
+                return None
             result = self.fwd(q, k_cache, block_table, cache_seqlens, self.metadata,
-                              self.num_splits, self.scale, self.causal, self.invariant)
+                              self.num_splits, self.scale, self.causal, self.invariant,
+                              self.native_key)
+            if result is None:
+                return None
             out, lse = self.item(result, 0), self.item(result, 1)
         else:
+            if layout_key(q, k_cache, block_table, cache_seqlens) != self.key:
+                return None
             out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
             lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
             o_accum = torch.empty(self.o_accum_shape, dtype=torch.float32, device=self.device)

@@ -327,6 +327,40 @@ def test_repeat_calls_match_fresh_holders_bit_for_bit():
     _check_element_rule(q2, cache2, True, out, lse, "repeat")
 
 
+@gpu
+def test_repeat_with_another_layout_takes_the_full_path(monkeypatch):
+    """The library's layout-key comparison (dense_decode_fwd_repeat): a call whose tensors
+    differ from the recorded ones only in layout is validated again (a wider block_table:
+    accepted, correct; a q with strided heads: refused with a fresh holder's message)."""
+    seqlens = [300, 0, 1500, 64]
+    q, cache = _problem(seqlens, 1, 16, 1, torch.bfloat16, seed=43)
+    meta = flash_mla.get_mla_metadata()[0]
+    _decode(q, cache, True, meta=meta)
+    assert dense_decode.repeat_record(meta).native_key is not None
+    validations = [0]
+    original = dense_decode.validate
+
+    def counting(*args, **kwargs):
+        validations[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dense_decode, "validate", counting)
+    wider = torch.full((cache.block_table.shape[0], cache.block_table.shape[1] + 3), 2 ** 30,
+                       dtype=torch.int32, device="cuda")
+    wider[:, :cache.block_table.shape[1]] = cache.block_table
+    out, lse = flash_mla.flash_mla_with_kvcache(q, cache.k_cache, wider, cache.cache_seqlens,
+                                                512, meta, causal=True)
+    assert validations[0] == 1, "a call with another block_table layout took the repeat path"
+    _check_element_rule(q, cache, True, out, lse, "wider block_table")
+    strided = torch.zeros(q.shape[0], q.shape[1], 2 * q.shape[2], q.shape[3], dtype=q.dtype,
+                          device="cuda")[:, :, ::2]
+    strided.copy_(q)
+    same = flash_mla.flash_mla_with_kvcache(strided, cache.k_cache, cache.block_table,
+                                            cache.cache_seqlens, 512, meta, causal=True)
+    assert validations[0] == 2, "a call with a strided q took the repeat path"
+    assert torch.equal(same[0], out) and torch.equal(same[1], lse)
+
+
 # --------------------------------------------------------------------------- CUDA graphs
 
 @gpu

@@ -22,7 +22,7 @@ class _FakeNative:
     """Stands in for the library: a fixed part count, a zero schedule, a decode that
     writes zeros and records its arguments; with ``allocates``, the allocating entry
     (returns zero out and lse of the shapes it was asked for) instead of the one that
-    takes buffers."""
+    takes buffers, and its repeat twin, which compares a recorded layout key first."""
 
     def __init__(self, allocates: bool) -> None:
         self.fwd_calls: List[Tuple[Any, ...]] = []
@@ -42,6 +42,17 @@ class _FakeNative:
                 return (torch.zeros(b, s_q, h_q, D_V, dtype=q.dtype),
                         torch.zeros(b, h_q, s_q))
             return fwd_alloc
+        if name == "dense_decode_layout_key":
+            return _repeat_call.layout_key
+        if name == "dense_decode_fwd_repeat":
+            fwd_alloc = self.function("dense_decode_fwd_alloc")
+
+            def fwd_repeat(q, k_cache, block_table, cache_seqlens, *rest):
+                # the library's comparison, emulated with the Python key it mirrors
+                if _repeat_call.layout_key(q, k_cache, block_table, cache_seqlens) != rest[-1]:
+                    return None
+                return fwd_alloc(q, k_cache, block_table, cache_seqlens, *rest[:-1])
+            return fwd_repeat
         if name == "dense_decode_num_parts":
             return lambda *args: PARTS
         if name == "dense_decode_schedule":

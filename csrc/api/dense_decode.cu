@@ -15,6 +15,13 @@
 //                          softmax_scale, causal, batch_invariant) -> (out, lse)
 //       the same, with out, lse and the partials (S = P, or b + P unless batch_invariant)
 //       allocated through the caller's allocator (env_alloc.h); the per-call path of Python.
+//   dense_decode_layout_key(q, k_cache, block_table, cache_seqlens) -> Shape
+//       the layout key of a call's tensors (layout_key.h), recorded by Python's repeat path.
+//   dense_decode_fwd_repeat(q, k_cache, block_table, cache_seqlens, metadata, split_offsets,
+//                           softmax_scale, causal, batch_invariant, key) -> (out, lse) | None
+//       dense_decode_fwd_alloc for a call that repeats a recorded one: None, before any
+//       other work, when the tensors' layouts differ from `key` (Python then takes the full
+//       path, which validates and raises exactly as a first call would).
 // Layouts: DenseDecodeParams in csrc/params.h; design: docs/dense_decode.md. o_accum
 // fp32 [S, h_q, s_q, 512] and lse_accum fp32 [S, h_q, s_q] are head-major, so the combine,
 // called with its (s_q, h_q) roles swapped, writes lse as a contiguous [b, h_q, s_q].
@@ -32,6 +39,7 @@
 #include <tvm/ffi/container/tuple.h>
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/function.h>
+#include <tvm/ffi/optional.h>
 
 #include "../common/kernel_registry.h"
 #include "../params.h"
@@ -43,6 +51,7 @@
 #include "checks.h"
 #include "env_alloc.h"
 #include "launch.h"
+#include "layout_key.h"
 #include "split_buffers.h"
 
 namespace flash_mla::api {
@@ -325,6 +334,22 @@ tvm::ffi::Tuple<Tensor, Tensor> dense_decode_fwd_alloc(
   return tvm::ffi::Tuple<Tensor, Tensor>(out, lse);
 }
 
+tvm::ffi::Shape dense_decode_layout_key(TensorView q, TensorView k_cache,
+                                        TensorView block_table, TensorView cache_seqlens) {
+  return layout_key({&q, &k_cache, &block_table, &cache_seqlens});
+}
+
+tvm::ffi::Optional<tvm::ffi::Tuple<Tensor, Tensor>> dense_decode_fwd_repeat(
+    TensorView q, TensorView k_cache, TensorView block_table, TensorView cache_seqlens,
+    TensorView metadata, TensorView split_offsets, double softmax_scale, bool causal,
+    bool batch_invariant, tvm::ffi::Shape key) {
+  if (!matches_layout_key(key, {&q, &k_cache, &block_table, &cache_seqlens})) {
+    return tvm::ffi::Optional<tvm::ffi::Tuple<Tensor, Tensor>>();
+  }
+  return dense_decode_fwd_alloc(q, k_cache, block_table, cache_seqlens, metadata, split_offsets,
+                                softmax_scale, causal, batch_invariant);
+}
+
 }  // namespace
 }  // namespace flash_mla::api
 
@@ -332,3 +357,7 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(dense_decode_num_parts, flash_mla::api::dense_deco
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(dense_decode_schedule, flash_mla::api::dense_decode_schedule);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(dense_decode_fwd, flash_mla::api::dense_decode_fwd);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(dense_decode_fwd_alloc, flash_mla::api::dense_decode_fwd_alloc);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(dense_decode_layout_key,
+                              flash_mla::api::dense_decode_layout_key);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(dense_decode_fwd_repeat,
+                              flash_mla::api::dense_decode_fwd_repeat);
