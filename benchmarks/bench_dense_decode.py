@@ -20,8 +20,10 @@ tvm-ffi dense_decode_fwd call with preallocated buffers and of dense_decode_fwd_
 entry the API's repeat path calls), without synchronisation (median of --host-iters).
 
 CTA shapes: by default each shape runs the CTA the library picks; --ab also times every
-shape with FLASH_MLA_DENSE_DECODE_WARPS=4, =8 and =4x16 (every CTA serves every shape),
-rows marked by "cta", to check the pick; --ctas names the values to time instead.
+shape with FLASH_MLA_DENSE_DECODE_WARPS=4, =8, =4x16 and =8x64 (every CTA serves every
+shape), rows marked by "cta", to check the pick; --ctas names the values to time instead.
+A forced CTA the device cannot run (8x64 needs an H100/H200 or B200) is reported once and
+left out.
 
 Usage: python benchmarks/bench_dense_decode.py --out DIR [--lib PATH] [--quick] [--ab | --ctas LIST]
        python benchmarks/bench_dense_decode.py --plot DIR/bench_dense_decode.json
@@ -197,8 +199,8 @@ CTA_VARIABLE = "FLASH_MLA_DENSE_DECODE_WARPS"
 
 def bench_shape(torch, flash_mla, timer: Timer, b: int, s_q: int, h_q: int, s_k: int,
                 cta: str = "default") -> Dict:
-    """Time one shape; cta "4", "8" or "4x16" forces that CTA (through CTA_VARIABLE, restored
-    afterwards), "default" leaves the library's choice."""
+    """Time one shape; cta "4", "8", "4x16" or "8x64" forces that CTA (through CTA_VARIABLE,
+    restored afterwards), "default" leaves the library's choice."""
     q, k_cache, block_table, seqlens = make_problem(torch, b, s_q, h_q, s_k)
     meta = flash_mla.get_mla_metadata()[0]
 
@@ -286,7 +288,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--lib", action="append", default=[])
     ap.add_argument("--quick", action="store_true", help="serving shapes and s_k 8192 only")
     ap.add_argument("--ab", action="store_true",
-                    help=f"also time every shape with {CTA_VARIABLE}=4, =8 and =4x16")
+                    help=f"also time every shape with {CTA_VARIABLE}=4, =8, =4x16 and =8x64")
     ap.add_argument("--ctas", default=None,
                     help="comma-separated CTA values to time per shape instead (e.g. default,4,4x16)")
     add_timing_options(ap)
@@ -309,14 +311,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(base.line(torch))
     shapes = SERVING + [s for s in UPSTREAM if not args.quick or s[3] == 8192]
     rows = []
-    ctas = ("default", "4", "8", "4x16") if args.ab else ("default",)
+    ctas = ("default", "4", "8", "4x16", "8x64") if args.ab else ("default",)
     if args.ctas:
         ctas = tuple(c for c in args.ctas.split(",") if c)
     print(f"{'b':>4} {'s_q':>3} {'h_q':>4} {'s_k':>6} {'cta':>7} {'us':>9} {'GB/s':>7} {'/copy':>6} "
           f"{'TFLOPS':>7} {'/mma':>6} parts")
+    unavailable = set()
     for b, s_q, h_q, s_k in shapes:
         for cta in ctas:
-            row = bench_shape(torch, flash_mla, timer, b, s_q, h_q, s_k, cta)
+            if cta in unavailable:
+                continue
+            try:
+                row = bench_shape(torch, flash_mla, timer, b, s_q, h_q, s_k, cta)
+            except ValueError as exc:  # a forced CTA this device cannot run: say so, go on
+                if cta == "default" or CTA_VARIABLE not in str(exc):
+                    raise
+                print(f"cta {cta}: not run on this device ({exc})")
+                unavailable.add(cta)
+                continue
             rows.append(row)
             print(f"{b:>4} {s_q:>3} {h_q:>4} {s_k:>6} {cta:>7} {row['us']:>9.1f} "
                   f"{row['gbps']:>7.0f} {row['gbps'] / copy_gbps:>6.3f} {row['tflops']:>7.1f} "

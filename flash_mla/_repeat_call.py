@@ -9,7 +9,8 @@ layout key (``layout_key``), its scalar arguments and what it resolved (schedule
 buffer shapes, the native function). A later call whose key and scalars compare
 equal, under the same ``FLASH_MLA_BACKEND`` value and outside torch.compile
 tracing, goes straight to the native entry, which checks every tensor again in
-C++. Anything that differs takes the full path, so every error a full call raises,
+C++. Dense decode lets the library compare the layouts too (dense_decode_fwd_repeat
+returns None on a difference), which is cheaper than building the key here. Anything that differs takes the full path, so every error a full call raises,
 the same call raises on a repeat, with the same message. The measurement behind it
 is in docs/dense_decode.md ("Host time of an eager call").
 """

@@ -174,9 +174,10 @@ def test_hostile_plain_rule(seqlens, s_q, h_q, h_k, causal, dtype):
     check_plain_rule(lse, exact_lse, None, "dense_decode", "lse")
 
 
-# Every CTA (FLASH_MLA_DENSE_DECODE_WARPS: the 4-warp 32-row CTA, the wide 8-warp one, the
-# narrow 16-row one) serves every shape; the default picks by rows per kv head (config.h
-# choose_cta), so the grid above runs each CTA only where it is picked.
+# Every CTA (FLASH_MLA_DENSE_DECODE_WARPS: the 4-warp 32-row CTA, the 8-warp Q-in-registers
+# one, the narrow 16-row one, the 64-row one where the device runs it) serves every shape;
+# the default picks by rows per kv head (config.h choose_cta), so the grid above runs each
+# CTA only where it is picked.
 CTAS = ["4", "8", "4x16", "8x64"]
 ROWS64_SMEM = 231168  # bytes per block of the 64-row CTA (config.h rows64::kSmemBytes)
 

@@ -65,23 +65,23 @@ FLASH_MLA_REGISTER_OP(dense_decode_schedule, sched::capabilities_json);
 
 int64_t forced_parts() { return forced_count("FLASH_MLA_DENSE_DECODE_PARTS", 1 << 20); }
 
-// CTA shape for (s_q, h_q, h_k) (config.h: choose_cta). FLASH_MLA_DENSE_DECODE_WARPS=4|8|4x16
-// forces one (the 4-warp 32-row CTA, the wide CTA, the narrow 16-row CTA), so each is
-// tested and timed on one GPU at any shape; it is read on every call (the schedule's part
-// count and the launch), no process-wide state.
-// 8x64 (the 64-row CTA, kernel_64rows.cuh) is not chosen by default yet: it has not been
-// run on a GPU (work in progress).
+// CTA shape for (s_q, h_q, h_k) on `device` (config.h: choose_cta).
+// FLASH_MLA_DENSE_DECODE_WARPS=4|8|4x16|8x64 forces one (the 4-warp 32-row CTA, the
+// Q-in-registers 8-warp CTA, the narrow 16-row CTA, the 64-row CTA), so each is tested and
+// timed on one GPU at any shape; it is read on every call (the schedule's part count and
+// the launch), no process-wide state. Forcing 8x64 where the device cannot run it raises.
 dec::CtaShape cta_for(int device, int64_t s_q, int64_t h_q, int64_t h_k) {
+  const int cc_major = device_attribute(device, cudaDevAttrComputeCapabilityMajor,
+                                        "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
+  const int smem_per_block = max_smem_per_block(device);
+  const bool rows64_fits = dec::rows64::fits(cc_major, smem_per_block);
   const std::string forced = forced_variant("FLASH_MLA_DENSE_DECODE_WARPS");
   if (!forced.empty()) {
     if (forced == "4") return dec::CtaShape::kWarps4;
     if (forced == "8") return dec::CtaShape::kWarps8;
     if (forced == "4x16") return dec::CtaShape::kWarps4Rows16;
     if (forced == "8x64") {
-      const int cc_major = device_attribute(device, cudaDevAttrComputeCapabilityMajor,
-                                            "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
-      const int smem_per_block = max_smem_per_block(device);
-      if (!dec::rows64::fits(cc_major, smem_per_block)) {
+      if (!rows64_fits) {
         TVM_FFI_THROW(ValueError)
             << "FLASH_MLA_DENSE_DECODE_WARPS=8x64 needs a compute capability 9.x or 10.x GPU "
             << "whose blocks may use " << dec::rows64::kSmemBytes << " bytes of shared memory, "
@@ -92,7 +92,8 @@ dec::CtaShape cta_for(int device, int64_t s_q, int64_t h_q, int64_t h_k) {
     TVM_FFI_THROW(ValueError) << "FLASH_MLA_DENSE_DECODE_WARPS must be 4, 8, 4x16 or 8x64 (or "
                               << "unset), got '" << forced << "'";
   }
-  return dec::choose_cta(static_cast<int>(s_q), static_cast<int>(h_q), static_cast<int>(h_k));
+  return dec::choose_cta(static_cast<int>(s_q), static_cast<int>(h_q), static_cast<int>(h_k),
+                         rows64_fits);
 }
 
 int64_t dense_decode_num_parts(int64_t device, int64_t batch, int64_t s_q, int64_t h_q,

@@ -107,12 +107,10 @@ using WideCta = QRegCta<2>;
 using NarrowCta = QRegCta<1>;
 static_assert(WideCta::kSmemBytes == 90112, "wide decode budget as documented in docs/dense_decode.md");
 static_assert(NarrowCta::kSmemBytes == 81920, "narrow decode budget as documented in docs/dense_decode.md");
-constexpr bool kWideEnabled = false;  // false: over 16 rows every shape takes the 4-warp kernel
+constexpr bool kWideEnabled = false;  // false: the 8-warp Q-in-registers CTA runs only when forced
 
-// The one place that picks the CTA shape: up to 16 rows per kv head (h_q / h_k x s_q <= 16)
-// the narrow CTA; with kWideEnabled, more than one 32-row block per kv head would take the
-// wide CTA; the rest the 4-warp kernel. Every CTA serves every shape (the host may force
-// one: FLASH_MLA_DENSE_DECODE_WARPS in csrc/api/dense_decode.cu).
+// The CTA shapes; choose_cta (below) picks one. Every CTA serves every shape (the host may
+// force one: FLASH_MLA_DENSE_DECODE_WARPS in csrc/api/dense_decode.cu).
 enum class CtaShape { kWarps4, kWarps8, kWarps4Rows16, kWarps8Rows64 };
 
 // The 64-row CTA (kernel_64rows.cuh; FLASH_MLA_DENSE_DECODE_WARPS=8x64): 8 warps, 64 rows of
@@ -156,9 +154,17 @@ inline int64_t rows_per_kv_head(int s_q, int h_q, int h_k) {
   return static_cast<int64_t>(s_q) * (h_q / h_k);
 }
 
-inline CtaShape choose_cta(int s_q, int h_q, int h_k) {
+// The one place that picks the CTA shape, by rows per kv head (h_q / h_k x s_q):
+// - up to 16: the narrow CTA;
+// - more than 32, where the device runs it (rows64::fits): the 64-row CTA, which reads each
+//   key once for 64 rows where the 4-warp kernel's 32-row blocks read it once per block
+//   (H100: 1.50x at h_q 64, 1.56x at h_q 128 s_q 2; docs/dense_decode.md);
+// - the rest the 4-warp kernel (with kWideEnabled, the 8-warp Q-in-registers CTA would take
+//   more than one 32-row block per kv head).
+inline CtaShape choose_cta(int s_q, int h_q, int h_k, bool rows64_fits) {
   const int64_t rows = rows_per_kv_head(s_q, h_q, h_k);
   if (rows <= NarrowCta::kBlockM) return CtaShape::kWarps4Rows16;
+  if (rows > kBlockM && rows64_fits) return CtaShape::kWarps8Rows64;
   return kWideEnabled && rows > kBlockM ? CtaShape::kWarps8 : CtaShape::kWarps4;
 }
 

@@ -1,6 +1,7 @@
-// The 64-row CTA of the portable dense MLA decode (FLASH_MLA_DENSE_DECODE_WARPS=8x64): 8
-// warps, 64 rows of one kv head, one 64-token page per tile, for GPUs whose blocks may opt
-// in to config.h's rows64::kSmemBytes (H100/H200, B200). The sparse prefill's wide CTA
+// The 64-row CTA of the portable dense MLA decode: 8 warps, 64 rows of one kv head, one
+// 64-token page per tile, for GPUs whose blocks may opt in to config.h's rows64::kSmemBytes
+// (H100/H200, B200), where it takes more than 32 rows per kv head (config.h choose_cta;
+// FLASH_MLA_DENSE_DECODE_WARPS=8x64 forces it). The sparse prefill's wide CTA
 // (csrc/portable/prefill/sparse/kernel_wide.cuh) applied to paged dense keys: same roles,
 // same instructions; the work split, pieces, causal bounds and split-KV outputs are the
 // 4-warp kernel's (kernel.cuh). Design: docs/dense_decode.md.
