@@ -63,8 +63,8 @@
 #include "../../common/mma.cuh"
 #include "../../common/smem_opt_in.cuh"
 #include "../../common/swizzle.cuh"
-#include "../schedule/config.h"
 #include "config.h"
+#include "piece.cuh"
 #include "kernel.h"
 #include "kernel_64rows.cuh"
 #include "kernel_wide.cuh"
@@ -75,7 +75,6 @@ namespace flash_mla::portable::dense_decode {
 // compiler (MSVC or gcc) and the device pass.
 static_assert(sizeof(DenseDecodeParams) == 216, "DenseDecodeParams layout changed");
 
-namespace sched = ::flash_mla::portable::decode_schedule;
 namespace rb = ::flash_mla::portable::mla_row_block;
 
 // The per-tile steps (S partials, their reduction, the softmax step, rescale + P V) are
@@ -89,15 +88,7 @@ static_assert(rb::kThreads == kThreads && rb::kSlabs == kSlabs && rb::kBlockM ==
               "the row-block steps and this kernel must agree on the tile");
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr float kLn2 = 0.69314718055994530942f;
 constexpr int kChunksPerRow = kHeadDimQK / 8;  // 16-byte chunks per 576-element row
-
-// Keys [0, bound) that query `query` sees in a piece ending at tok_end (causal: also
-// keys <= s_k - s_q + query, bottom-right aligned).
-template <bool kIsCausal>
-__device__ __forceinline__ int visible_bound(int tok_end, int s_k, int s_q, int query) {
-  return kIsCausal ? min(tok_end, s_k - s_q + query + 1) : tok_end;
-}
 
 template <typename Elem, bool kIsCausal>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -119,28 +110,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int g = lane / 4;
   const int t = lane % 4;
 
-  const int m_block = static_cast<int>(blockIdx.x % params.num_m_blocks);
-  const int rest = static_cast<int>(blockIdx.x / params.num_m_blocks);
-  const int kv_head = rest % params.h_k;
-  const int part = rest / params.h_k;
-
-  const int32_t* meta = params.metadata + static_cast<int64_t>(part) * sched::kMetaInts;
-  const int begin_req = meta[sched::kBeginReq];
-  const int begin_block = meta[sched::kBeginBlock];
-  const int end_req = meta[sched::kEndReq];
-  const int end_block = meta[sched::kEndBlock];
-  const int first_split = meta[sched::kFirstSplit];
-  if (begin_req < 0 || begin_req >= params.batch) return;  // empty part
-  const int last_req = min(end_req, params.batch - 1);
-
-  const int group = params.h_q / params.h_k;
-  const int rows = params.s_q * group;
-  const int m0 = m_block * kBlockM;
-  const int valid_rows = min(kBlockM, rows - m0);
+  Work w;
+  if (!work_of<kBlockM>(params, w)) return;  // empty part
   const float scale_log2 = params.softmax_scale_log2;  // > 0 (validated)
-  const Storage* q_base = static_cast<const Storage*>(params.q);
   const Storage* k_base = static_cast<const Storage*>(params.k_cache);
-  const Storage* k_head = k_base + static_cast<int64_t>(kv_head) * params.k_head_stride;
+  const Storage* k_head = k_base + static_cast<int64_t>(w.kv_head) * params.k_head_stride;
 
   // Per-lane ldmatrix coordinates (mla_row_block.cuh), computed once for the whole CTA.
   const rb::SCoords s_coords{lane & 15, (lane >> 4) * 8, (lane & 7) + ((lane >> 4) & 1) * 8,
@@ -148,38 +122,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8;
   const int v_col = (lane >> 4) * 8;
 
-  for (int req = begin_req; req <= last_req; ++req) {
-    const int s_k = max(params.seqlens[req], 0);
-    const int n_blocks = static_cast<int>((static_cast<int64_t>(s_k) + kPageSize - 1) / kPageSize);
-    const int lo = req == begin_req ? begin_block : 0;
-    const int hi = min(req == end_req ? end_block : n_blocks, n_blocks);
-    // A piece the schedule counted but the current lengths left empty still writes its
-    // (empty) result, so the combine never reads an unwritten split.
-    const int sched_hi = req == end_req ? end_block : n_blocks;
-    if (lo >= sched_hi) continue;
-    const int total_splits = params.num_splits_total;
-    const int off_begin = min(max(params.split_offsets[req], 0), total_splits);
-    const int off_end = min(max(params.split_offsets[req + 1], off_begin), total_splits);
-    const bool direct = off_end - off_begin == 1;
-    const int split = req == begin_req ? first_split : off_begin;
-    if (!direct && (split < 0 || split >= total_splits)) continue;  // stale schedule
-
-    const int tok_begin = lo * kPageSize;
-    int tok_end = static_cast<int>(min(static_cast<int64_t>(max(hi, lo)) * kPageSize,
-                                       static_cast<int64_t>(s_k)));
-    const int tok_end_piece = tok_end;
-    if (kIsCausal) {
-      // No row of this block sees keys at or past s_k - s_q + (its last query) + 1.
-      const int last_query = (m0 + valid_rows - 1) / group;
-      tok_end = min(tok_end, s_k - params.s_q + last_query + 1);
-    }
-    const int num_tiles = tok_end > tok_begin ? (tok_end - tok_begin + kBlockN - 1) / kBlockN : 0;
+  for (int req = w.begin_req; req <= w.last_req; ++req) {
+    Piece piece;
+    if (!piece_of<kIsCausal, kBlockN>(params, w, req, piece)) continue;
 
     __syncthreads();  // every warp is done with the previous piece's shared memory
 
     // Warp 0's softmax state: row `lane` sees keys [0, limit); max -inf, sums 0.
     if (warp == 0) {
-      const int bound = visible_bound<kIsCausal>(tok_end_piece, s_k, params.s_q, (m0 + lane) / group);
+      const int bound = visible_bound<kIsCausal>(piece.tok_end_piece, piece.s_k, params.s_q,
+                                                 (w.m0 + lane) / w.group);
       row_limit_smem[lane] = bound;
       row_max_smem[lane] = kNegInf;
 #pragma unroll
@@ -188,31 +140,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 
     // ---- Q block: 32 rows x 72 chunks, gathered per row (row -> query, head) ----
-    {
-      const Storage* q_req = q_base + static_cast<int64_t>(req) * params.q_batch_stride;
-#pragma unroll 2
-      for (int j = 0; j < kBlockM * kChunksPerRow / kThreads; ++j) {
-        const int idx = tid + j * kThreads;
-        const int row = idx / kChunksPerRow;
-        const int col = (idx % kChunksPerRow) * 8;
-        const bool valid = row < valid_rows;
-        const Storage* src = q_base;
-        if (valid) {
-          const int r = m0 + row;
-          const int head = kv_head * group + r % group;
-          src = q_req + static_cast<int64_t>(r / group) * params.q_row_stride +
-                static_cast<int64_t>(head) * params.q_head_stride + col;
-        }
-        cp_async_16_zfill(q_smem + swizzled_offset<kHeadDimQK>(row, col), src, valid);
-      }
-    }
+    copy_q_block<Storage, kBlockM, kThreads, 2>(q_smem, params, w, req, tid);
     auto stage_addr = [&](int tile) -> uint32_t {
       return smem_base + kStagesOffset + static_cast<uint32_t>(tile % kStages) * kTileBytes;
     };
     // One 16-token tile: one page (a tile never straddles two), 9 chunks per thread.
     auto issue_tile = [&](int tile) {
-      const int tok0 = tok_begin + tile * kBlockN;
-      if (tile >= num_tiles) return;
+      const int tok0 = piece.tok_begin + tile * kBlockN;
+      if (tile >= piece.num_tiles) return;
       const int page = params.block_table[static_cast<int64_t>(req) * params.block_table_stride +
                                           tok0 / kPageSize];
       const bool page_ok = page >= 0 && page < params.num_cache_blocks;
@@ -225,7 +160,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int row = idx / kChunksPerRow;
         const int col = (idx % kChunksPerRow) * 8;
         const int tok = tok0 + row;
-        const bool valid = page_ok && tok < tok_end;
+        const bool valid = page_ok && tok < piece.tok_end;
         const Storage* src =
             valid ? page_base + static_cast<int64_t>(tok % kPageSize) * params.k_token_stride + col
                   : k_base;
@@ -240,7 +175,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float o_acc[kSlabs][kNTilesO][4];
     rb::zero_o(o_acc);
 
-    for (int i = 0; i < num_tiles; ++i) {
+    for (int i = 0; i < piece.num_tiles; ++i) {
       cp_async_wait<1>();
       __syncthreads();  // B1
       issue_tile(i + 2);
@@ -254,7 +189,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();  // B2
 
       if (warp == 0) {
-        const int tok0 = tok_begin + i * kBlockN;
+        const int tok0 = piece.tok_begin + i * kBlockN;
         // The softmax state is loaded here with the row limits, not by
         // rb::load_softmax_state: each reduced fragment is masked as soon as it is summed.
         float row_max[kSlabs][2], row_sum[kSlabs][2];
@@ -306,18 +241,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           const float row_max = row_max_smem[row];
           if (t == 0) {
             inv_sum_smem[row] = sum > 0.f ? 1.f / sum : 0.f;
-            if (row < valid_rows) {
-              const int rr = m0 + row;
-              const int head = kv_head * group + rr % group;
-              const int64_t hs = static_cast<int64_t>(head) * params.s_q + rr / group;
-              const float lse2 = row_max * scale_log2 + __log2f(sum);
-              if (direct) {
-                params.lse[static_cast<int64_t>(req) * params.h_q * params.s_q + hs] =
-                    sum > 0.f ? lse2 * kLn2 : __int_as_float(0x7f800000);
-              } else {
-                params.lse_accum[static_cast<int64_t>(split) * params.h_q * params.s_q + hs] =
-                    sum > 0.f ? lse2 : kNegInf;
-              }
+            if (row < w.valid_rows) {
+              store_lse(params, req, piece, row_pos(w, row), row_max, sum, scale_log2);
             }
           }
         }
@@ -330,23 +255,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = 16 * s + g + 8 * r;
-        if (row >= valid_rows) continue;
+        if (row >= w.valid_rows) continue;
         const float inv = inv_sum_smem[row];
-        const int rr = m0 + row;
-        const int head = kv_head * group + rr % group;
-        const int query = rr / group;
-        if (direct) {
-          Storage* dst = static_cast<Storage*>(params.out) +
-                         static_cast<int64_t>(req) * params.out_batch_stride +
-                         static_cast<int64_t>(query) * params.out_row_stride +
-                         static_cast<int64_t>(head) * params.out_head_stride +
-                         warp * kColsPerWarp + 2 * t;
+        const RowPos pos = row_pos(w, row);
+        if (piece.direct) {
+          Storage* dst = out_row<Storage>(params, req, pos, warp * kColsPerWarp + 2 * t);
           rb::store_o_row<Elem, kSlabs>(dst, o_acc, s, r, inv);
         } else {
-          float* dst = params.o_accum +
-                       ((static_cast<int64_t>(split) * params.h_q + head) * params.s_q + query) *
-                           kHeadDimV +
-                       warp * kColsPerWarp + 2 * t;
+          float* dst = partial_row(params, piece, pos, warp * kColsPerWarp + 2 * t);
           rb::store_o_row_f32<kSlabs>(dst, o_acc, s, r, inv);
         }
       }

@@ -49,17 +49,15 @@
 #include "../../common/qreg_steps.cuh"
 #include "../../common/smem_opt_in.cuh"
 #include "../../common/swizzle.cuh"
-#include "../schedule/config.h"
 #include "config.h"
+#include "piece.cuh"
 
 namespace flash_mla::portable::dense_decode {
 
 namespace wide {
 
-namespace sched = ::flash_mla::portable::decode_schedule;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr float kLn2 = 0.69314718055994530942f;
 constexpr int kChunksPerRow = kHeadDimQK / 8;                // 72 16-byte chunks per row
 constexpr int kTileChunks = kBlockN * kChunksPerRow;         // 1152
 
@@ -78,10 +76,7 @@ __global__ void __launch_bounds__(QRegCta<kSlabs>::kThreads, min_ctas_per_sm<kSl
   constexpr int kKStepsPerWarp = Cta::kKStepsPerWarp;
   constexpr int kNTilesO = Cta::kNTilesO;
   constexpr int kStages = Cta::kStages;
-  constexpr int kQChunks = kBlockM * kChunksPerRow;
-  constexpr int kQChunksPerThread = kQChunks / kThreads;  // 9
   constexpr int kTileChunksPerThread = (kTileChunks + kThreads - 1) / kThreads;  // 9 or 5
-  static_assert(kQChunks % kThreads == 0, "whole Q chunks per thread");
   using Storage = typename Elem::Storage;
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t smem_base = cvta_shared(smem);
@@ -95,28 +90,12 @@ __global__ void __launch_bounds__(QRegCta<kSlabs>::kThreads, min_ctas_per_sm<kSl
   const int slab = warp % kSlabs;
   const int kg = warp / kSlabs;
 
-  const int m_block = static_cast<int>(blockIdx.x % params.num_m_blocks);
-  const int rest = static_cast<int>(blockIdx.x / params.num_m_blocks);
-  const int kv_head = rest % params.h_k;
-  const int part = rest / params.h_k;
-
-  const int32_t* meta = params.metadata + static_cast<int64_t>(part) * sched::kMetaInts;
-  const int begin_req = meta[sched::kBeginReq];
-  const int begin_block = meta[sched::kBeginBlock];
-  const int end_req = meta[sched::kEndReq];
-  const int end_block = meta[sched::kEndBlock];
-  const int first_split = meta[sched::kFirstSplit];
-  if (begin_req < 0 || begin_req >= params.batch) return;  // empty part
-  const int last_req = min(end_req, params.batch - 1);
-
-  const int group = params.h_q / params.h_k;
-  const int rows = params.s_q * group;
-  const int m0 = m_block * kBlockM;
-  const int valid_rows = min(kBlockM, rows - m0);
+  Work w;
+  if (!work_of<kBlockM>(params, w)) return;  // empty part
   const float scale_log2 = params.softmax_scale_log2;  // > 0 (validated)
-  const Storage* q_base = static_cast<const Storage*>(params.q);
   const Storage* k_base = static_cast<const Storage*>(params.k_cache);
-  const Storage* k_head = k_base + static_cast<int64_t>(kv_head) * params.k_head_stride;
+  const Storage* q_base = static_cast<const Storage*>(params.q);
+  const Storage* k_head = k_base + static_cast<int64_t>(w.kv_head) * params.k_head_stride;
 
   // Per-lane ldmatrix coordinates (mma.cuh / ldmatrix.cuh give the fragment orders), as in
   // kernel.cuh. Q (A of S): row (lane & 15) of the slab, chunk bit lane >> 4. K (B of S,
@@ -133,39 +112,16 @@ __global__ void __launch_bounds__(QRegCta<kSlabs>::kThreads, min_ctas_per_sm<kSl
   // This lane's accumulator rows within the block: 16 slab + g and 16 slab + g + 8.
   const int row_lo = 16 * slab + g;
 
-  for (int req = begin_req; req <= last_req; ++req) {
-    const int s_k = max(params.seqlens[req], 0);
-    const int n_blocks = static_cast<int>((static_cast<int64_t>(s_k) + kPageSize - 1) / kPageSize);
-    const int lo = req == begin_req ? begin_block : 0;
-    const int hi = min(req == end_req ? end_block : n_blocks, n_blocks);
-    // A piece the schedule counted but the current lengths left empty still writes its
-    // (empty) result, so the combine never reads an unwritten split.
-    const int sched_hi = req == end_req ? end_block : n_blocks;
-    if (lo >= sched_hi) continue;
-    const int total_splits = params.num_splits_total;
-    const int off_begin = min(max(params.split_offsets[req], 0), total_splits);
-    const int off_end = min(max(params.split_offsets[req + 1], off_begin), total_splits);
-    const bool direct = off_end - off_begin == 1;
-    const int split = req == begin_req ? first_split : off_begin;
-    if (!direct && (split < 0 || split >= total_splits)) continue;  // stale schedule
-
-    const int tok_begin = lo * kPageSize;
-    int tok_end = static_cast<int>(min(static_cast<int64_t>(max(hi, lo)) * kPageSize,
-                                       static_cast<int64_t>(s_k)));
-    const int tok_end_piece = tok_end;
-    if (kIsCausal) {
-      // No row of this block sees keys at or past s_k - s_q + (its last query) + 1.
-      const int last_query = (m0 + valid_rows - 1) / group;
-      tok_end = min(tok_end, s_k - params.s_q + last_query + 1);
-    }
-    const int num_tiles = tok_end > tok_begin ? (tok_end - tok_begin + kBlockN - 1) / kBlockN : 0;
+  for (int req = w.begin_req; req <= w.last_req; ++req) {
+    Piece piece;
+    if (!piece_of<kIsCausal, kBlockN>(params, w, req, piece)) continue;
 
     // Keys [0, lim[r]) that this lane's row r (row_lo + 8 r) sees.
     int lim[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int query = (m0 + row_lo + 8 * r) / group;
-      lim[r] = kIsCausal ? min(tok_end_piece, s_k - params.s_q + query + 1) : tok_end_piece;
+      const int query = (w.m0 + row_lo + 8 * r) / w.group;
+      lim[r] = visible_bound<kIsCausal>(piece.tok_end_piece, piece.s_k, params.s_q, query);
     }
 
     __syncthreads();  // every warp is done with the previous piece's shared memory
@@ -175,8 +131,8 @@ __global__ void __launch_bounds__(QRegCta<kSlabs>::kThreads, min_ctas_per_sm<kSl
     };
     // One 16-token tile: one page (a tile never straddles two), 9 or 4.5 chunks per thread.
     auto issue_tile = [&](int tile) {
-      const int tok0 = tok_begin + tile * kBlockN;
-      if (tile >= num_tiles) return;
+      const int tok0 = piece.tok_begin + tile * kBlockN;
+      if (tile >= piece.num_tiles) return;
       const int page = params.block_table[static_cast<int64_t>(req) * params.block_table_stride +
                                           tok0 / kPageSize];
       const bool page_ok = page >= 0 && page < params.num_cache_blocks;
@@ -190,7 +146,7 @@ __global__ void __launch_bounds__(QRegCta<kSlabs>::kThreads, min_ctas_per_sm<kSl
           const int row = idx / kChunksPerRow;
           const int col = (idx % kChunksPerRow) * 8;
           const int tok = tok0 + row;
-          const bool valid = page_ok && tok < tok_end;
+          const bool valid = page_ok && tok < piece.tok_end;
           const Storage* src =
               valid ? page_base + static_cast<int64_t>(tok % kPageSize) * params.k_token_stride + col
                     : k_base;
@@ -204,17 +160,16 @@ __global__ void __launch_bounds__(QRegCta<kSlabs>::kThreads, min_ctas_per_sm<kSl
     {
       const Storage* q_req = q_base + static_cast<int64_t>(req) * params.q_batch_stride;
 #pragma unroll 3
-      for (int j = 0; j < kQChunksPerThread; ++j) {
+      for (int j = 0; j < kBlockM * kChunksPerRow / kThreads; ++j) {
         const int idx = tid + j * kThreads;
         const int row = idx / kChunksPerRow;
         const int col = (idx % kChunksPerRow) * 8;
-        const bool valid = row < valid_rows;
+        const bool valid = row < w.valid_rows;
         const Storage* src = q_base;
         if (valid) {
-          const int r = m0 + row;
-          const int head = kv_head * group + r % group;
-          src = q_req + static_cast<int64_t>(r / group) * params.q_row_stride +
-                static_cast<int64_t>(head) * params.q_head_stride + col;
+          const RowPos pos = row_pos(w, row);
+          src = q_req + static_cast<int64_t>(pos.query) * params.q_row_stride +
+                static_cast<int64_t>(pos.head) * params.q_head_stride + col;
         }
         cp_async_16_zfill(smem_base + Cta::kQStageOffset + swizzled_offset<kHeadDimQK>(row, col),
                           src, valid);
@@ -255,12 +210,12 @@ __global__ void __launch_bounds__(QRegCta<kSlabs>::kThreads, min_ctas_per_sm<kSl
 
     // Prologue: tile 0's S partial (groups after Q: tiles 0, 1, 2; tile 0 must be done).
     float s_own[2][4];  // this warp's partial of the tile whose partials are read next
-    if (num_tiles > 0) {
+    if (piece.num_tiles > 0) {
       cp_async_wait<2>();
       __syncthreads();  // tile 0 visible
       s_partial_to_smem(0, 0, s_own);
     }
-    for (int i = 0; i < num_tiles; ++i) {
+    for (int i = 0; i < piece.num_tiles; ++i) {
       // Groups committed: tiles 0 .. i+2; tiles 0 .. i+1 must be done.
       cp_async_wait<1>();
       __syncthreads();  // B: tile i+1 and the partials of tile i visible; iteration i-1 done
@@ -291,9 +246,9 @@ __global__ void __launch_bounds__(QRegCta<kSlabs>::kThreads, min_ctas_per_sm<kSl
         sc[n][3] = v.w;
       }
       // ---- tile i+1's S partial: its MMAs overlap this tile's softmax below ----
-      if (i + 1 < num_tiles) s_partial_to_smem(i + 1, (i + 1) & 1, s_own);
+      if (i + 1 < piece.num_tiles) s_partial_to_smem(i + 1, (i + 1) & 1, s_own);
 
-      const int tok0 = tok_begin + i * kBlockN;
+      const int tok0 = piece.tok_begin + i * kBlockN;
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
 #pragma unroll
@@ -330,36 +285,18 @@ __global__ void __launch_bounds__(QRegCta<kSlabs>::kThreads, min_ctas_per_sm<kSl
       const int row = row_lo + 8 * r;
       const float sum = quad_sum(row_sum[r]);
       const float inv = sum > 0.f ? 1.f / sum : 0.f;
-      if (row >= valid_rows) continue;
-      const int rr = m0 + row;
-      const int head = kv_head * group + rr % group;
-      const int query = rr / group;
-      if (kg == 0 && t == 0) {
-        const int64_t hs = static_cast<int64_t>(head) * params.s_q + query;
-        const float lse2 = row_max[r] * scale_log2 + __log2f(sum);
-        if (direct) {
-          params.lse[static_cast<int64_t>(req) * params.h_q * params.s_q + hs] =
-              sum > 0.f ? lse2 * kLn2 : __int_as_float(0x7f800000);
-        } else {
-          params.lse_accum[static_cast<int64_t>(split) * params.h_q * params.s_q + hs] =
-              sum > 0.f ? lse2 : kNegInf;
-        }
-      }
-      if (direct) {
-        Storage* dst = static_cast<Storage*>(params.out) +
-                       static_cast<int64_t>(req) * params.out_batch_stride +
-                       static_cast<int64_t>(query) * params.out_row_stride +
-                       static_cast<int64_t>(head) * params.out_head_stride + col0 + 2 * t;
+      if (row >= w.valid_rows) continue;
+      const RowPos pos = row_pos(w, row);
+      if (kg == 0 && t == 0) store_lse(params, req, piece, pos, row_max[r], sum, scale_log2);
+      if (piece.direct) {
+        Storage* dst = out_row<Storage>(params, req, pos, col0 + 2 * t);
 #pragma unroll
         for (int n = 0; n < kNTilesO; ++n) {
           *reinterpret_cast<uint32_t*>(dst + n * 8) =
               pack_float2<Elem>(o_acc[n][2 * r] * inv, o_acc[n][2 * r + 1] * inv);
         }
       } else {
-        float* dst = params.o_accum +
-                     ((static_cast<int64_t>(split) * params.h_q + head) * params.s_q + query) *
-                         kHeadDimV +
-                     col0 + 2 * t;
+        float* dst = partial_row(params, piece, pos, col0 + 2 * t);
 #pragma unroll
         for (int n = 0; n < kNTilesO; ++n) {
           *reinterpret_cast<float2*>(dst + n * 8) =

@@ -1,7 +1,9 @@
 // The wide CTA of the portable sparse MLA prefill: 8 warps, 64 heads of one query, 64-token
 // tiles, for GPUs whose blocks may opt in to config.h's wide::Layout (about 226 KB: H100/H200,
 // B200). Same instructions as kernel.cuh (mma.sync m16n8k16, ldmatrix, cp.async); same
-// results contract. Why it exists and what it measured: docs/sparse_prefill.md.
+// results contract. Why it exists and what it measured: docs/sparse_prefill.md. Its S,
+// softmax and P V steps are common/wide_steps.cuh's, shared with the dense decode's 64-row
+// CTA; the gather, the valid mask, the barriers and the epilogue are its own.
 //
 // Roles of warp w (g = lane / 4, t = lane % 4):
 //   S = Q K^T: rows [16 r, 16 r + 16) with r = w % 4, tokens [32 h, 32 h + 32) of the tile
@@ -44,29 +46,18 @@
 #include "../../common/smem_opt_in.cuh"
 #include "../../common/swizzle.cuh"
 #include "../../common/tile_copy.cuh"
+#include "../../common/wide_steps.cuh"
 #include "config.h"
 #include "epilogue.cuh"
 #include "kernel.h"
 
 namespace flash_mla::portable::sparse_prefill {
 
-namespace wide_detail {
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// P [64 rows][64 tokens] in the input dtype: 8 chunks of 16 bytes per row, chunk c of row r
-// at c ^ (r % 8), so the 8 rows of one ldmatrix matrix (and the 8 row groups of one store)
-// hit 32 distinct banks.
-__device__ __forceinline__ uint32_t p_offset(int row, int chunk) {
-  return static_cast<uint32_t>(row * 128 + ((chunk ^ (row & 7)) * 16));
-}
-
-// Rendezvous of the two S warps of row slab r (64 threads); barrier 0 is __syncthreads.
-__device__ __forceinline__ void pair_barrier(int r) {
-  asm volatile("bar.sync %0, 64;\n" ::"r"(1 + r) : "memory");
-}
-
-}  // namespace wide_detail
+namespace ws = ::flash_mla::portable::wide_steps;
+static_assert(wide::kThreads == ws::kThreads && wide::kBlockM == ws::kBlockM &&
+                  wide::kBlockN == ws::kBlockN && wide::kSlabsO == ws::kSlabsO &&
+                  wide::kColsPerWarp == ws::kColsPerWarp,
+              "the wide CTA and wide_steps.cuh must agree on the tile");
 
 template <int kDimQK>
 __global__ void __launch_bounds__(wide::kThreads, 1)
@@ -80,9 +71,7 @@ __global__ void __launch_bounds__(wide::kThreads, 1)
   using L = wide::Layout<kDimQK>;
   using Elem = BF16;
   using Storage = typename Elem::Storage;
-  namespace wd = wide_detail;
   constexpr int kChunksPerRow = kDimQK / 8;
-  constexpr int kKSteps = kDimQK / 16;
   constexpr int kRowBytes = kDimQK * kElemBytes;
   // A gathered row's chunks past its last multiple of 32 (8 at d_qk 576), copied two per lane.
   constexpr int kTailChunks = kChunksPerRow % 32;
@@ -113,16 +102,7 @@ __global__ void __launch_bounds__(wide::kThreads, 1)
   const float scale_log2 = params.softmax_scale_log2;  // > 0 (validated)
   const int64_t num_items = static_cast<int64_t>(params.s_q) * params.num_head_blocks;
 
-  // ldmatrix coordinates (as mla_row_block.cuh): A row-major (Q, P): row lane & 15, chunk
-  // lane >> 4. K (B of S): token (lane & 7) + 8 * bit 4, chunk bit 3; b[0..1] tokens 0..7,
-  // b[2..3] tokens 8..15. V (B of P V, transposed): token lane & 15, chunk bit 4.
-  const int a_row = lane & 15;
-  const int a_col = (lane >> 4) * 8;
-  const int k_row = (lane & 7) + ((lane >> 4) & 1) * 8;
-  const int k_col = ((lane >> 3) & 1) * 8;
-  const int v_row = lane & 15;
-  const int v_col = (lane >> 4) * 8;
-  static_assert(kKSteps % 4 == 0, "k-steps come in groups of 4 (one 128-byte swizzle span)");
+  const ws::Coords coords = ws::coords_of(lane);  // ldmatrix coordinates
 
   for (int64_t item = blockIdx.x; item < num_items; item += params.num_ctas) {
     const int query = static_cast<int>(item / params.num_head_blocks);
@@ -196,7 +176,7 @@ __global__ void __launch_bounds__(wide::kThreads, 1)
 
     // Softmax state of this lane's S rows 16 slab + g (0) and + 8 (1): the running max (raw
     // score units, the same in both warps of the slab) and this warp's tokens' running sum.
-    float row_max[2] = {wd::kNegInf, wd::kNegInf};
+    float row_max[2] = {ws::kNegInf, ws::kNegInf};
     float row_sum[2] = {0.f, 0.f};
     float o_acc[wide::kSlabsO][wide::kColsPerWarp / 8][4];
 #pragma unroll
@@ -215,119 +195,23 @@ __global__ void __launch_bounds__(wide::kThreads, 1)
 
       // ---- S for rows [16 slab, +16) x tokens [32 half, +32), all dims ----
       float s_acc[4][4];
-#pragma unroll
-      for (int n = 0; n < 4; ++n) s_acc[n][0] = s_acc[n][1] = s_acc[n][2] = s_acc[n][3] = 0.f;
-      {
-        // S operand addresses, computed per tile so they hold no registers during P V. In a
-        // swizzled row, chunk 8 m + 2 j + b (k-step 4 m + j, b = which 8 of its 16 dims) sits
-        // at 8 m + ((2 j + b) ^ (row % 8)): off[j] below is that chunk's byte offset for
-        // m = 0, and 128 m is added as an immediate.
-        uint32_t a_base[4], k_off[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          a_base[j] = q_smem + (16 * slab + a_row) * kRowBytes +
-                      static_cast<uint32_t>(((2 * j + a_col / 8) ^ (a_row & 7)) * 16);
-          k_off[j] = static_cast<uint32_t>(((2 * j + k_col / 8) ^ (k_row & 7)) * 16);
-        }
-        const uint32_t k_rows = tile_smem + (32 * half + k_row) * kRowBytes;
-        uint32_t frag[2][3][4];  // [buffer][Q, K tokens 0..15, K tokens 16..31]
-        auto load = [&](int kk, uint32_t (&f)[3][4]) {
-          const uint32_t step = 128u * static_cast<uint32_t>(kk / 4);
-          ldmatrix_x4(f[0], a_base[kk % 4] + step);
-          ldmatrix_x4(f[1], k_rows + k_off[kk % 4] + step);
-          ldmatrix_x4(f[2], k_rows + k_off[kk % 4] + 16 * kRowBytes + step);
-        };
-        // Fragments of step kk + 1 load while step kk's MMAs run.
-        load(0, frag[0]);
-#pragma unroll
-        for (int kk = 0; kk < kKSteps; ++kk) {
-          if (kk + 1 < kKSteps) load(kk + 1, frag[(kk + 1) % 2]);
-          const uint32_t(&f)[3][4] = frag[kk % 2];
-          const uint32_t b00[2] = {f[1][0], f[1][1]}, b01[2] = {f[1][2], f[1][3]};
-          const uint32_t b10[2] = {f[2][0], f[2][1]}, b11[2] = {f[2][2], f[2][3]};
-          mma_m16n8k16<Elem>(s_acc[0], f[0], b00);
-          mma_m16n8k16<Elem>(s_acc[1], f[0], b01);
-          mma_m16n8k16<Elem>(s_acc[2], f[0], b10);
-          mma_m16n8k16<Elem>(s_acc[3], f[0], b11);
-        }
-      }
+      ws::s_tile<Elem, kDimQK>(s_acc, q_smem, tile_smem, slab, half, coords);
 
-      // ---- mask, tile maxima, exchange with the other half ----
+      // ---- mask (invalid keys), then the softmax step (its pair barrier is B2) ----
       const uint32_t valid = *reinterpret_cast<const uint32_t*>(
           valid_smem + (i % wide::kStages) * wide::kNumWarps + 4 * half);  // 32 tokens' bits
-      float tile_max[2] = {row_max[0], row_max[1]};
 #pragma unroll
       for (int n = 0; n < 4; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int tok = n * 8 + 2 * t + (e & 1);
-          if (!((valid >> tok) & 1u)) s_acc[n][e] = wd::kNegInf;
-          tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s_acc[n][e]);
+          if (!((valid >> (n * 8 + 2 * t + (e & 1))) & 1u)) s_acc[n][e] = ws::kNegInf;
         }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        tile_max[r] = quad_max(tile_max[r]);
-        if (t == 0) half_max_smem[half * wide::kBlockM + 16 * slab + g + 8 * r] = tile_max[r];
-      }
-      wd::pair_barrier(slab);  // B2
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = 16 * slab + g + 8 * r;
-        // max is exact and commutative: both warps of the slab get the same value.
-        const float m = fmaxf(tile_max[r], half_max_smem[(1 - half) * wide::kBlockM + row]);
-        const float ref = m == wd::kNegInf ? 0.f : __fmul_rn(m, scale_log2);
-        const float correction = exp2_approx(__fmul_rn(row_max[r], scale_log2) - ref);
-        row_max[r] = m;
-        float sum = 0.f;
-#pragma unroll
-        for (int n = 0; n < 4; ++n) {
-          s_acc[n][2 * r] = exp2_approx(fmaf(s_acc[n][2 * r], scale_log2, -ref));
-          s_acc[n][2 * r + 1] = exp2_approx(fmaf(s_acc[n][2 * r + 1], scale_log2, -ref));
-          sum += s_acc[n][2 * r] + s_acc[n][2 * r + 1];
-          *reinterpret_cast<uint32_t*>(smem + L::kPOffset + wd::p_offset(row, 4 * half + n) +
-                                       4 * t) =
-              pack_float2<Elem>(s_acc[n][2 * r], s_acc[n][2 * r + 1]);
-        }
-        row_sum[r] = row_sum[r] * correction + sum;
-        if (half == 0 && t == 0) rescale_smem[row] = correction;
-      }
+      ws::softmax_tile<Elem>(s_acc, row_max, row_sum, scale_log2, half_max_smem, rescale_smem,
+                             smem + L::kPOffset, slab, half, g, t);
       __syncthreads();  // B3
 
       // ---- O = O * rescale + P V over this warp's 64 columns ----
-#pragma unroll
-      for (int s = 0; s < wide::kSlabsO; ++s) {
-        const float c0 = rescale_smem[16 * s + g];
-        const float c1 = rescale_smem[16 * s + g + 8];
-#pragma unroll
-        for (int n = 0; n < wide::kColsPerWarp / 8; ++n) {
-          o_acc[s][n][0] *= c0;
-          o_acc[s][n][1] *= c0;
-          o_acc[s][n][2] *= c1;
-          o_acc[s][n][3] *= c1;
-        }
-      }
-#pragma unroll
-      for (int kt = 0; kt < wide::kBlockN / 16; ++kt) {
-        uint32_t p_frag[wide::kSlabsO][4];
-#pragma unroll
-        for (int s = 0; s < wide::kSlabsO; ++s) {
-          ldmatrix_x4(p_frag[s], p_smem + wd::p_offset(16 * s + a_row, 2 * kt + (lane >> 4)));
-        }
-#pragma unroll
-        for (int dp = 0; dp < wide::kColsPerWarp / 16; ++dp) {
-          uint32_t b[4];
-          ldmatrix_x4_trans(b, tile_smem + swizzled_offset<kDimQK>(
-                                               16 * kt + v_row,
-                                               warp * wide::kColsPerWarp + 16 * dp + v_col));
-          const uint32_t b_lo[2] = {b[0], b[1]};
-          const uint32_t b_hi[2] = {b[2], b[3]};
-#pragma unroll
-          for (int s = 0; s < wide::kSlabsO; ++s) {
-            mma_m16n8k16<Elem>(o_acc[s][2 * dp], p_frag[s], b_lo);
-            mma_m16n8k16<Elem>(o_acc[s][2 * dp + 1], p_frag[s], b_hi);
-          }
-        }
-      }
+      ws::pv_tile<Elem, kDimQK>(o_acc, rescale_smem, p_smem, tile_smem, warp, lane, g, coords);
     }
     cp_async_wait<0>();  // drain (a group past the last tile is empty)
 

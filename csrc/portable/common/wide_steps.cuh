@@ -1,0 +1,189 @@
+// The per-tile steps of the 64-row CTAs: 8 warps, 64 query rows, 64-key tiles, Q and the
+// key tile in XOR-swizzled shared memory (swizzle.cuh), for GPUs whose blocks may opt in to
+// about 226 KB (H100/H200, B200). The sparse prefill's wide CTA
+// (prefill/sparse/kernel_wide.cuh) and the dense decode's 64-row CTA
+// (decode/dense/kernel_64rows.cuh) run these steps; each kernel keeps its own copy, mask,
+// barriers and epilogue.
+//
+// Roles of warp w (g = lane / 4, t = lane % 4), slab = w % 4, half = w / 4:
+//   s_tile: S for rows [16 slab, +16) x tokens [32 half, +32) of the tile over all kDim
+//     dims (16 fp32 per lane). The fragments of k-step kk + 1 load while kk's MMAs run, and
+//     every ldmatrix address is a per-lane base plus an immediate: in a swizzled row, chunk
+//     8 m + 2 j + b (k-step 4 m + j, b = which 8 of its 16 dims) sits at 8 m + ((2 j + b) ^
+//     (row % 8)), so four offsets computed per tile serve every k-step.
+//   softmax_tile: the tile maxima of the (masked) S, exchanged with the slab's other warp at
+//     a 64-thread named barrier (both then hold the same running max), exp2, this warp's
+//     tokens' running sum, P rounded to the input dtype, and (half 0) the rows' rescale
+//     factors for P V.
+//   pv_tile: warp w owns output columns [64 w, +64) for all 64 rows (4 slabs x 8 n-tiles x 4
+//     fp32 = 128 per lane); it rescales them, then adds P V with each V fragment feeding the
+//     four slabs.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include <cuda_runtime.h>
+
+#include "element.cuh"
+#include "ldmatrix.cuh"
+#include "math.cuh"
+#include "mma.cuh"
+#include "swizzle.cuh"
+
+namespace flash_mla::portable::wide_steps {
+
+constexpr int kNumWarps = 8;
+constexpr int kThreads = kNumWarps * 32;
+constexpr int kBlockM = 64;                       // query rows
+constexpr int kBlockN = 64;                       // keys per tile
+constexpr int kSlabsO = kBlockM / 16;             // every warp's O covers all 64 rows
+constexpr int kDimV = 512;
+constexpr int kColsPerWarp = kDimV / kNumWarps;   // 64
+constexpr int kPBytes = kBlockM * kBlockN * 2;    // P [64][64] in the input dtype
+constexpr int kElemBytes = 2;                   // bf16 / fp16 rows
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// P [64 rows][64 tokens]: 8 chunks of 16 bytes per row, chunk c of row r at c ^ (r % 8), so
+// the 8 rows of one ldmatrix matrix (and the 8 row groups of one store) hit 32 distinct
+// banks.
+__device__ __forceinline__ uint32_t p_offset(int row, int chunk) {
+  return static_cast<uint32_t>(row * 128 + ((chunk ^ (row & 7)) * 16));
+}
+
+// Rendezvous of the two S warps of row slab r (64 threads); barrier 0 is __syncthreads.
+__device__ __forceinline__ void pair_barrier(int r) {
+  asm volatile("bar.sync %0, 64;\n" ::"r"(1 + r) : "memory");
+}
+
+// Per-lane ldmatrix coordinates (mma.cuh / ldmatrix.cuh give the fragment orders), computed
+// once per CTA: A row-major (Q, P): row lane & 15, chunk bit lane >> 4. K (B of S): token
+// (lane & 7) + 8 * bit 4, chunk bit 3. V (B of P V, transposed): token lane & 15, chunk bit 4.
+struct Coords {
+  int a_row, a_col, k_row, k_col, v_row, v_col;
+};
+__device__ __forceinline__ Coords coords_of(int lane) {
+  return Coords{lane & 15, (lane >> 4) * 8, (lane & 7) + ((lane >> 4) & 1) * 8,
+                ((lane >> 3) & 1) * 8, lane & 15, (lane >> 4) * 8};
+}
+
+template <typename Elem, int kDim>
+__device__ __forceinline__ void s_tile(float (&s_acc)[4][4], uint32_t q_smem, uint32_t tile_smem,
+                                       int slab, int half, const Coords& c) {
+  constexpr int kKSteps = kDim / 16;
+  constexpr int kRowBytes = kDim * kElemBytes;
+  static_assert(kKSteps % 4 == 0, "k-steps come in groups of 4 (one 128-byte swizzle span)");
+#pragma unroll
+  for (int n = 0; n < 4; ++n) s_acc[n][0] = s_acc[n][1] = s_acc[n][2] = s_acc[n][3] = 0.f;
+  // Operand addresses, computed per tile so they hold no registers during P V.
+  uint32_t a_base[4], k_off[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    a_base[j] = q_smem + (16 * slab + c.a_row) * kRowBytes +
+                static_cast<uint32_t>(((2 * j + c.a_col / 8) ^ (c.a_row & 7)) * 16);
+    k_off[j] = static_cast<uint32_t>(((2 * j + c.k_col / 8) ^ (c.k_row & 7)) * 16);
+  }
+  const uint32_t k_rows = tile_smem + (32 * half + c.k_row) * kRowBytes;
+  uint32_t frag[2][3][4];  // [buffer][Q, K tokens 0..15, K tokens 16..31]
+  auto load = [&](int kk, uint32_t(&f)[3][4]) {
+    const uint32_t step = 128u * static_cast<uint32_t>(kk / 4);
+    ldmatrix_x4(f[0], a_base[kk % 4] + step);
+    ldmatrix_x4(f[1], k_rows + k_off[kk % 4] + step);
+    ldmatrix_x4(f[2], k_rows + k_off[kk % 4] + 16 * kRowBytes + step);
+  };
+  load(0, frag[0]);
+#pragma unroll
+  for (int kk = 0; kk < kKSteps; ++kk) {
+    if (kk + 1 < kKSteps) load(kk + 1, frag[(kk + 1) % 2]);
+    const uint32_t(&f)[3][4] = frag[kk % 2];
+    const uint32_t b00[2] = {f[1][0], f[1][1]}, b01[2] = {f[1][2], f[1][3]};
+    const uint32_t b10[2] = {f[2][0], f[2][1]}, b11[2] = {f[2][2], f[2][3]};
+    mma_m16n8k16<Elem>(s_acc[0], f[0], b00);
+    mma_m16n8k16<Elem>(s_acc[1], f[0], b01);
+    mma_m16n8k16<Elem>(s_acc[2], f[0], b10);
+    mma_m16n8k16<Elem>(s_acc[3], f[0], b11);
+  }
+}
+
+// After the caller masked s_acc (-inf for keys a row does not see). half_max_smem: [2][64]
+// fp32; rescale_smem: [64] fp32; p: the P buffer. The pair barrier inside is the tile's B2.
+template <typename Elem>
+__device__ __forceinline__ void softmax_tile(float (&s_acc)[4][4], float (&row_max)[2],
+                                             float (&row_sum)[2], float scale_log2,
+                                             float* half_max_smem, float* rescale_smem,
+                                             unsigned char* p, int slab, int half, int g, int t) {
+  float tile_max[2] = {row_max[0], row_max[1]};
+#pragma unroll
+  for (int n = 0; n < 4; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s_acc[n][e]);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    tile_max[r] = quad_max(tile_max[r]);
+    if (t == 0) half_max_smem[half * kBlockM + 16 * slab + g + 8 * r] = tile_max[r];
+  }
+  pair_barrier(slab);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = 16 * slab + g + 8 * r;
+    // max is exact and commutative: both warps of the slab get the same value.
+    const float m = fmaxf(tile_max[r], half_max_smem[(1 - half) * kBlockM + row]);
+    const float ref = m == kNegInf ? 0.f : __fmul_rn(m, scale_log2);
+    const float correction = exp2_approx(__fmul_rn(row_max[r], scale_log2) - ref);
+    row_max[r] = m;
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      s_acc[n][2 * r] = exp2_approx(fmaf(s_acc[n][2 * r], scale_log2, -ref));
+      s_acc[n][2 * r + 1] = exp2_approx(fmaf(s_acc[n][2 * r + 1], scale_log2, -ref));
+      sum += s_acc[n][2 * r] + s_acc[n][2 * r + 1];
+      *reinterpret_cast<uint32_t*>(p + p_offset(row, 4 * half + n) + 4 * t) =
+          pack_float2<Elem>(s_acc[n][2 * r], s_acc[n][2 * r + 1]);
+    }
+    row_sum[r] = row_sum[r] * correction + sum;
+    if (half == 0 && t == 0) rescale_smem[row] = correction;
+  }
+}
+
+// O = O * rescale + P V over warp `warp`'s 64 columns; V = dims [0, 512) of the tile.
+template <typename Elem, int kDim>
+__device__ __forceinline__ void pv_tile(float (&o_acc)[kSlabsO][kColsPerWarp / 8][4],
+                                        float* rescale_smem, uint32_t p_smem,
+                                        uint32_t tile_smem, int warp, int lane, int g,
+                                        const Coords& c) {
+#pragma unroll
+  for (int s = 0; s < kSlabsO; ++s) {
+    const float c0 = rescale_smem[16 * s + g];
+    const float c1 = rescale_smem[16 * s + g + 8];
+#pragma unroll
+    for (int n = 0; n < kColsPerWarp / 8; ++n) {
+      o_acc[s][n][0] *= c0;
+      o_acc[s][n][1] *= c0;
+      o_acc[s][n][2] *= c1;
+      o_acc[s][n][3] *= c1;
+    }
+  }
+#pragma unroll
+  for (int kt = 0; kt < kBlockN / 16; ++kt) {
+    uint32_t p_frag[kSlabsO][4];
+#pragma unroll
+    for (int s = 0; s < kSlabsO; ++s) {
+      ldmatrix_x4(p_frag[s], p_smem + p_offset(16 * s + c.a_row, 2 * kt + (lane >> 4)));
+    }
+#pragma unroll
+    for (int dp = 0; dp < kColsPerWarp / 16; ++dp) {
+      uint32_t b[4];
+      const int col = warp * kColsPerWarp + 16 * dp + c.v_col;
+      ldmatrix_x4_trans(b, tile_smem + swizzled_offset<kDim>(16 * kt + c.v_row, col));
+      const uint32_t b_lo[2] = {b[0], b[1]};
+      const uint32_t b_hi[2] = {b[2], b[3]};
+#pragma unroll
+      for (int s = 0; s < kSlabsO; ++s) {
+        mma_m16n8k16<Elem>(o_acc[s][2 * dp], p_frag[s], b_lo);
+        mma_m16n8k16<Elem>(o_acc[s][2 * dp + 1], p_frag[s], b_hi);
+      }
+    }
+  }
+}
+
+}  // namespace flash_mla::portable::wide_steps
