@@ -29,6 +29,7 @@ from flash_mla.testing import (  # noqa: E402
     make_paged_kv_cache,
 )
 from tests.test_decode_schedule import pieces_of, schedule_model  # noqa: E402
+from tests.test_repeat_call import _count_validations  # noqa: E402
 
 gpu = pytest.mark.gpu
 D_QK, D_V = 576, 512
@@ -338,14 +339,7 @@ def test_repeat_with_another_layout_takes_the_full_path(monkeypatch):
     meta = flash_mla.get_mla_metadata()[0]
     _decode(q, cache, True, meta=meta)
     assert dense_decode.repeat_record(meta).native_key is not None
-    validations = [0]
-    original = dense_decode.validate
-
-    def counting(*args, **kwargs):
-        validations[0] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(dense_decode, "validate", counting)
+    validations = _count_validations(monkeypatch, dense_decode)
     wider = torch.full((cache.block_table.shape[0], cache.block_table.shape[1] + 3), 2 ** 30,
                        dtype=torch.int32, device="cuda")
     wider[:, :cache.block_table.shape[1]] = cache.block_table
