@@ -76,6 +76,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   Work w;
   if (!work_of<kBlockM>(params, w)) return;  // empty part
   const float scale_log2 = params.softmax_scale_log2;  // > 0 (validated)
+  const Storage* q_base = static_cast<const Storage*>(params.q);
   const Storage* k_base = static_cast<const Storage*>(params.k_cache);
   const Storage* k_head = k_base + static_cast<int64_t>(w.kv_head) * params.k_head_stride;
 
@@ -94,7 +95,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 
     // ---- Q block: 64 rows x 72 chunks, row r -> (query r / group, head kv_head group + r % group)
-    copy_q_block<Storage, kBlockM, kThreads, 2>(q_smem, params, w, req, tid);
+    copy_q_block<Storage, kBlockM, kThreads, 2>(q_smem, q_base, params, w, req, tid);
     auto stage_addr = [&](int tile) -> uint32_t {
       return smem_base + kStagesOffset + static_cast<uint32_t>(tile % kStages) * kTileBytes;
     };
@@ -202,22 +203,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int row = 16 * s + g + 8 * r;
         if (row >= w.valid_rows) continue;
         const float inv = inv_sum_smem[row];
-        const RowPos pos = row_pos(w, row);
-        if (piece.direct) {
-          Storage* dst = out_row<Storage>(params, req, pos, warp * kColsPerWarp + 2 * t);
-#pragma unroll
-          for (int n = 0; n < kColsPerWarp / 8; ++n) {
-            *reinterpret_cast<uint32_t*>(dst + n * 8) =
-                pack_float2<Elem>(o_acc[s][n][2 * r] * inv, o_acc[s][n][2 * r + 1] * inv);
-          }
-        } else {
-          float* dst = partial_row(params, piece, pos, warp * kColsPerWarp + 2 * t);
-#pragma unroll
-          for (int n = 0; n < kColsPerWarp / 8; ++n) {
-            *reinterpret_cast<float2*>(dst + n * 8) =
-                make_float2(o_acc[s][n][2 * r] * inv, o_acc[s][n][2 * r + 1] * inv);
-          }
-        }
+        store_row<Elem>(params, req, piece, row_pos(w, row), warp * kColsPerWarp + 2 * t,
+                        o_acc[s], r, inv);
       }
     }
   }

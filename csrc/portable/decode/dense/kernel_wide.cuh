@@ -157,25 +157,9 @@ __global__ void __launch_bounds__(QRegCta<kSlabs>::kThreads, min_ctas_per_sm<kSl
 
     // ---- Q block: 16 kSlabs rows x 72 chunks staged from stage 2 on while tiles 0 and 1
     // land in stages 0 and 1, then into registers ----
-    {
-      const Storage* q_req = q_base + static_cast<int64_t>(req) * params.q_batch_stride;
-#pragma unroll 3
-      for (int j = 0; j < kBlockM * kChunksPerRow / kThreads; ++j) {
-        const int idx = tid + j * kThreads;
-        const int row = idx / kChunksPerRow;
-        const int col = (idx % kChunksPerRow) * 8;
-        const bool valid = row < w.valid_rows;
-        const Storage* src = q_base;
-        if (valid) {
-          const RowPos pos = row_pos(w, row);
-          src = q_req + static_cast<int64_t>(pos.query) * params.q_row_stride +
-                static_cast<int64_t>(pos.head) * params.q_head_stride + col;
-        }
-        cp_async_16_zfill(smem_base + Cta::kQStageOffset + swizzled_offset<kHeadDimQK>(row, col),
-                          src, valid);
-      }
-      cp_async_commit();
-    }
+    copy_q_block<Storage, kBlockM, kThreads, 3>(smem_base + Cta::kQStageOffset, q_base, params,
+                                                w, req, tid);
+    cp_async_commit();
     issue_tile(0);
     cp_async_commit();
     issue_tile(1);
@@ -288,21 +272,7 @@ __global__ void __launch_bounds__(QRegCta<kSlabs>::kThreads, min_ctas_per_sm<kSl
       if (row >= w.valid_rows) continue;
       const RowPos pos = row_pos(w, row);
       if (kg == 0 && t == 0) store_lse(params, req, piece, pos, row_max[r], sum, scale_log2);
-      if (piece.direct) {
-        Storage* dst = out_row<Storage>(params, req, pos, col0 + 2 * t);
-#pragma unroll
-        for (int n = 0; n < kNTilesO; ++n) {
-          *reinterpret_cast<uint32_t*>(dst + n * 8) =
-              pack_float2<Elem>(o_acc[n][2 * r] * inv, o_acc[n][2 * r + 1] * inv);
-        }
-      } else {
-        float* dst = partial_row(params, piece, pos, col0 + 2 * t);
-#pragma unroll
-        for (int n = 0; n < kNTilesO; ++n) {
-          *reinterpret_cast<float2*>(dst + n * 8) =
-              make_float2(o_acc[n][2 * r] * inv, o_acc[n][2 * r + 1] * inv);
-        }
-      }
+      store_row<Elem>(params, req, piece, pos, col0 + 2 * t, o_acc, r, inv);
     }
   }
 }

@@ -11,6 +11,7 @@
 
 #include "../../../params.h"
 #include "../../common/cp_async.cuh"
+#include "../../common/element.cuh"
 #include "../../common/swizzle.cuh"
 #include "../schedule/config.h"
 #include "config.h"
@@ -96,13 +97,14 @@ __device__ __forceinline__ bool piece_of(const DenseDecodeParams& params, const 
 }
 
 // cp.async of the block's Q rows of request `req` into `dst` (swizzled rows of 576, rows
-// past valid_rows zero-filled without a read), kUnroll chunks per loop step.
+// past valid_rows zero-filled without a read), kUnroll chunks per loop step. q_base is
+// params.q, computed once per CTA by the caller.
 template <typename Storage, int kBlockM, int kThreads, int kUnroll>
-__device__ __forceinline__ void copy_q_block(uint32_t dst, const DenseDecodeParams& params,
-                                             const Work& w, int req, int tid) {
+__device__ __forceinline__ void copy_q_block(uint32_t dst, const Storage* q_base,
+                                             const DenseDecodeParams& params, const Work& w,
+                                             int req, int tid) {
   constexpr int kChunksPerRow = kHeadDimQK / 8;
   static_assert(kBlockM * kChunksPerRow % kThreads == 0, "whole Q chunks per thread");
-  const Storage* q_base = static_cast<const Storage*>(params.q);
   const Storage* q_req = q_base + static_cast<int64_t>(req) * params.q_batch_stride;
 #pragma unroll(kUnroll)
   for (int j = 0; j < kBlockM * kChunksPerRow / kThreads; ++j) {
@@ -171,6 +173,30 @@ __device__ __forceinline__ float* partial_row(const DenseDecodeParams& params,
          ((static_cast<int64_t>(piece.split) * params.h_q + pos.head) * params.s_q + pos.query) *
              kHeadDimV +
          col;
+}
+
+// One row of a warp's output columns, from its accumulator fragments o[n][2 r], o[n][2 r + 1]
+// (n-tile n at column col + 8 n, col including this lane's pair) scaled by inv: rounded
+// into out for a direct piece, or as the fp32 split partial.
+template <typename Elem, int kNTiles>
+__device__ __forceinline__ void store_row(const DenseDecodeParams& params, int req,
+                                          const Piece& piece, RowPos pos, int col,
+                                          const float (&o)[kNTiles][4], int r, float inv) {
+  if (piece.direct) {
+    typename Elem::Storage* dst = out_row<typename Elem::Storage>(params, req, pos, col);
+#pragma unroll
+    for (int n = 0; n < kNTiles; ++n) {
+      *reinterpret_cast<uint32_t*>(dst + n * 8) =
+          pack_float2<Elem>(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+    }
+  } else {
+    float* dst = partial_row(params, piece, pos, col);
+#pragma unroll
+    for (int n = 0; n < kNTiles; ++n) {
+      *reinterpret_cast<float2*>(dst + n * 8) =
+          make_float2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+    }
+  }
 }
 
 }  // namespace flash_mla::portable::dense_decode
