@@ -1,10 +1,10 @@
 """Small sparse decode cases for compute-sanitizer (memcheck, racecheck): every cache
 format as the main pool, four main/extra pairings, attn_sink, topk_length (0 included),
 invalid index candidates, 1 to 7 schedule parts (FLASH_MLA_SPARSE_DECODE_PARTS), h_q 3, 8,
-16 (the narrow CTA) and 33, 64 (the row-block CTA with two slabs), page sizes 1, 2, 61, 64,
-69; each result checked against float64 math (flash_mla.oracle) by the element rule. Exit
-1 on a mismatch. FLASH_MLA_SPARSE_DECODE_CTA=narrow (or rowblock) runs every case on that
-CTA.
+16 (the narrow CTA) and 33, 64 (the 64-row CTA where the GPU runs it, else the row-block CTA
+with two slabs), page sizes 1, 2, 61, 64, 69; each result checked against float64 math
+(flash_mla.oracle) by the element rule. Exit 1 on a mismatch.
+FLASH_MLA_SPARSE_DECODE_CTA=narrow (or rowblock, rows64) runs every case on that CTA.
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_sparse_decode.py
 """

@@ -217,15 +217,24 @@ def test_every_format_and_head_count_element_rule(kv_format, h_q):
 
 
 CTA_VARIABLE = "FLASH_MLA_SPARSE_DECODE_CTA"
+ROWS64_SMEM = 199216  # config.h rows64::Layout<576>::kSmemBytes
+
+
+def _rows64_fits() -> bool:
+    """The entry's rule (config.h rows64::fits): compute capability 9.x or 10.x and blocks
+    that may opt in to the 64-row CTA's shared memory."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return props.major in (9, 10) and props.shared_memory_per_block_optin >= ROWS64_SMEM
 
 
 @gpu
-@pytest.mark.parametrize("cta", ("narrow", "rowblock"))
+@pytest.mark.parametrize("cta", ("narrow", "rowblock", "rows64"))
 @pytest.mark.parametrize("kv_format", quant.FORMAT_NAMES)
 @pytest.mark.parametrize("h_q", (1, 16, 20, 64))
 def test_every_cta(monkeypatch, cta, kv_format, h_q):
-    """Both CTAs at any head count (the library picks the narrow one up to 16 heads): an
-    extra pool, lengths, a sink, queries > 1 and rows of invalid indices."""
+    """Every CTA at any head count (the library picks the narrow one up to 16 heads, the
+    64-row one above 32 where the GPU runs it): an extra pool, lengths, a sink, queries > 1
+    and rows of invalid indices. Forcing the 64-row CTA where it cannot run raises."""
     monkeypatch.setenv(CTA_VARIABLE, cta)
     main = PoolSpec(kv_format, (700, 33, 0), topk=300, page_size=(64, 7)[h_q % 2],
                     topk_length=True)
@@ -233,8 +242,38 @@ def test_every_cta(monkeypatch, cta, kv_format, h_q):
                      topk_length=True)
     p = make_problem(main, 2, h_q, device=DEVICE, seed=h_q + 7 * len(kv_format), extra=extra,
                      sink=True, invalid_every=3)
+    if cta == "rows64" and not _rows64_fits():
+        with pytest.raises(ValueError, match=f"{CTA_VARIABLE}=rows64"):
+            run(p)
+        return
     out, lse = _run_native(p)
     _check_element(p, out, lse, f"{cta} {kv_format} h{h_q}")
+
+
+@gpu
+@pytest.mark.parametrize("kv_format", quant.FORMAT_NAMES)
+@pytest.mark.parametrize("parts", (None, 700))
+def test_rows64_tiles_that_change_pool_and_many_splits(monkeypatch, kv_format, parts):
+    """The 64-row CTA's 64-position tiles: main lists padded to 32 and 96 positions (a tile
+    holds main and extra positions, in that order), an empty main list, a request with no
+    extra tokens; with parts forced to 700 every request is cut into many splits (the
+    combine merges them). 100 heads leave the second 64-row block 36 rows; two queries.
+    Where the GPU cannot run the CTA, forcing it raises."""
+    monkeypatch.setenv(CTA_VARIABLE, "rows64")
+    if parts is not None:
+        monkeypatch.setenv(PARTS_VARIABLE, str(parts))
+    main = PoolSpec(kv_format, (900, 40, 300, 0), topk=400, page_size=(64, 61)[len(kv_format) % 2],
+                    topk_length=(400, 17, 90, 0))
+    extra = PoolSpec(_extra_format(kv_format, 3), (200, 90, 0, 150), topk=150, page_size=16,
+                     topk_length=(150, 77, 0, 150))
+    p = make_problem(main, 2, 100, device=DEVICE, seed=31 + len(kv_format), extra=extra,
+                     sink=True, invalid_every=4)
+    if not _rows64_fits():
+        with pytest.raises(ValueError, match=f"{CTA_VARIABLE}=rows64"):
+            run(p)
+        return
+    out, lse = _run_native(p)
+    _check_element(p, out, lse, f"rows64 {kv_format} parts={parts}")
 
 
 @gpu

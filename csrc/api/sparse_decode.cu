@@ -4,7 +4,7 @@
 //   sparse_decode_num_parts(device, batch, s_q, h_q, d_qk, batch_invariant) -> int
 //       schedule parts P for this problem on cuda:<device>; FLASH_MLA_SPARSE_DECODE_PARTS=n
 //       forces P (tests: results must not depend on the number of SMs); ignored when
-//       invariant. FLASH_MLA_SPARSE_DECODE_CTA=narrow|rowblock forces the CTA (cta_for).
+//       invariant. FLASH_MLA_SPARSE_DECODE_CTA=narrow|rowblock|rows64 forces the CTA (cta_for).
 //       The schedule itself is the dense decode's kernel (dense_decode_schedule), run over
 //       each request's key-list length (flash_mla/sparse_decode.py computes it on the GPU:
 //       main limit rounded up to 16, plus the extra limit).
@@ -60,18 +60,32 @@ FLASH_MLA_REGISTER_OP(sparse_decode, sd::capabilities_json);
 
 int64_t forced_parts() { return forced_count("FLASH_MLA_SPARSE_DECODE_PARTS", 1 << 20); }
 
-// The CTA for h_q (config.h choose_cta). FLASH_MLA_SPARSE_DECODE_CTA=narrow|rowblock forces
-// one, so each is tested and timed at any head count; read on every call (the schedule's
-// part count and the launch), no process-wide state.
-sd::Cta cta_for(int64_t h_q) {
+// The CTA for h_q on `device` (config.h choose_cta).
+// FLASH_MLA_SPARSE_DECODE_CTA=narrow|rowblock|rows64 forces one, so each is tested and timed at
+// any head count; read on every call (the schedule's part count and the launch), no
+// process-wide state. Forcing rows64 where the device cannot run it raises.
+sd::Cta cta_for(int device, int64_t h_q) {
+  const int cc_major = device_attribute(device, cudaDevAttrComputeCapabilityMajor,
+                                        "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
+  const bool rows64_fits = sd::rows64::fits(cc_major, max_smem_per_block(device));
   const std::string forced = forced_variant("FLASH_MLA_SPARSE_DECODE_CTA");
   if (!forced.empty()) {
     if (forced == "narrow") return sd::Cta::kNarrow;
     if (forced == "rowblock") return sd::Cta::kRowBlock;
-    TVM_FFI_THROW(ValueError) << "FLASH_MLA_SPARSE_DECODE_CTA must be narrow or rowblock (or "
-                              << "unset), got '" << forced << "'";
+    if (forced == "rows64") {
+      if (!rows64_fits) {
+        TVM_FFI_THROW(ValueError)
+            << "FLASH_MLA_SPARSE_DECODE_CTA=rows64 needs compute capability 9.x or 10.x and "
+            << sd::rows64::Layout<576>::kSmemBytes << " bytes of shared memory per block, got "
+            << "compute capability major " << cc_major << " and "
+            << max_smem_per_block(device) << " bytes on cuda:" << device;
+      }
+      return sd::Cta::kRows64;
+    }
+    TVM_FFI_THROW(ValueError) << "FLASH_MLA_SPARSE_DECODE_CTA must be narrow, rowblock or rows64 "
+                              << "(or unset), got '" << forced << "'";
   }
-  return sd::choose_cta(static_cast<int>(h_q));
+  return sd::choose_cta(static_cast<int>(h_q), rows64_fits);
 }
 
 int64_t sparse_decode_num_parts(int64_t device, int64_t batch, int64_t s_q, int64_t h_q,
@@ -85,7 +99,8 @@ int64_t sparse_decode_num_parts(int64_t device, int64_t batch, int64_t s_q, int6
   }
   if (batch_invariant) {
     return sd::num_parts(0, 0, 0, static_cast<int>(batch), static_cast<int>(s_q),
-                         static_cast<int>(h_q), static_cast<int>(d_qk), true, cta_for(h_q));
+                         static_cast<int>(h_q), static_cast<int>(d_qk), true,
+                         cta_for(static_cast<int>(device), h_q));
   }
   const int64_t forced = forced_parts();
   if (forced > 0) return forced;
@@ -94,7 +109,7 @@ int64_t sparse_decode_num_parts(int64_t device, int64_t batch, int64_t s_q, int6
                                         "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
   return sd::num_parts(num_sms(dev), max_smem_per_sm(dev), cc_major,
                        static_cast<int>(batch), static_cast<int>(s_q), static_cast<int>(h_q),
-                       static_cast<int>(d_qk), false, cta_for(h_q));
+                       static_cast<int>(d_qk), false, cta_for(dev, h_q));
 }
 
 // A byte cache: uint8, int8 or float8_e4m3fn (8-bit, one lane).
@@ -279,7 +294,7 @@ sd::SparseDecodeParams validate_sparse_decode(
   // --- values ---
   check_positive_finite(softmax_scale, "softmax_scale");
   split.check_rows();
-  *cta = cta_for(h_q);  // once per call: the block size and the launch agree
+  *cta = cta_for(q.device().device_id, h_q);  // once per call: block size and launch agree
   const int m_blocks = sd::num_m_blocks(static_cast<int>(s_q), static_cast<int>(h_q), *cta);
   if (parts * m_blocks > INT32_MAX) {
     TVM_FFI_THROW(ValueError) << "tile_scheduler_metadata has " << parts << " parts, which with "
@@ -344,7 +359,9 @@ void sparse_decode_fwd(TensorView q, TensorView k_cache, TensorView indices,
   DeviceGuard guard(device);
   p.stream = current_stream(device);
   const bool one_slab = sd::slabs_for(p.h_q) == 1;
-  if (cta == sd::Cta::kNarrow) {
+  if (cta == sd::Cta::kRows64) {
+    q.size(3) == 576 ? sd::run_sparse_decode_64rows<576>(p) : sd::run_sparse_decode_64rows<512>(p);
+  } else if (cta == sd::Cta::kNarrow) {
     q.size(3) == 576 ? sd::run_sparse_decode_narrow<576>(p) : sd::run_sparse_decode_narrow<512>(p);
   } else if (q.size(3) == 576) {
     one_slab ? sd::run_sparse_decode<576, 1>(p) : sd::run_sparse_decode<576, 2>(p);

@@ -160,12 +160,69 @@ static_assert(NarrowLayout<576>::kSmemBytes <= kMaxSmemPerBlockSm120, "tile exce
 static_assert(3 * (NarrowLayout<576>::kSmemBytes + kReservedSmemPerBlock) <= 228 * 1024,
               "three narrow CTAs share an H100 SM");
 
-// Which CTA runs a call: the narrow one up to 16 heads (one 16-row block per query), the
-// row-block CTA of kernel.cuh (16 x slabs_for(h_q) rows) above. Either serves any h_q
+// The 64-row CTA (kernel_64rows.cuh): 8 warps, 64 heads of one query, 64-position tiles
+// (four of the 16-position tiles above, so a tile may change pools only at a 16-position
+// boundary); the dense decode's 64-row CTA with a dequantisation step. It needs about 200 KB
+// of shared memory, so it exists only where a block may opt in to that (H100/H200, B200).
+// Byte layout: Q [64][d] | one dequantised tile [64][d] (bf16, swizzled) | one raw stage
+// [64][raw row] | P [64][64] bf16 | per-half row maxima [2][64] and sums [2][64] | rescale
+// [64] | output scale [64] | valid bytes [2 stages][8 warps] | the piece record.
+namespace rows64 {
+constexpr int kNumWarps = 8;
+constexpr int kThreads = kNumWarps * 32;
+constexpr int kBlockM = 64;                  // heads of one query
+constexpr int kBlockN = 64;                  // positions per tile: one schedule block
+constexpr int kSubTiles = kBlockN / sparse_decode::kBlockN;  // piece_of's 16-position tiles
+constexpr int kSlabsO = kBlockM / 16;
+constexpr int kColsPerWarp = kHeadDimV / kNumWarps;  // 64
+constexpr int kTokensPerWarp = kBlockN / kNumWarps;  // warp w gathers tokens [8 w, 8 w + 8)
+constexpr int kThreadsPerToken = 32 / kTokensPerWarp;  // 4
+constexpr int kFlagStages = 2;  // tile i + 1's flags are written while tile i's are read
+
+template <int kDimQK>
+struct Layout {
+  static constexpr int kRawRowBytes = Tiles<kDimQK, 1>::kRawRowBytes;  // 656 | 592
+  static constexpr int kQBytes = kBlockM * kDimQK * kElemBytes;        // 73728 | 65536
+  static constexpr int kTileBytes = kBlockN * kDimQK * kElemBytes;     // 73728 | 65536
+  static constexpr int kRawBytes = kBlockN * kRawRowBytes;             // 41984 | 37888
+  static constexpr int kTileOffset = kQBytes;
+  static constexpr int kRawOffset = kTileOffset + kTileBytes;
+  static constexpr int kPOffset = kRawOffset + kRawBytes;              // P [64][64] bf16
+  static constexpr int kPBytes = kBlockM * kBlockN * kElemBytes;       // 8192, swizzled
+  static constexpr int kHalfMaxOffset = kPOffset + kPBytes;            // [2 halves][64] fp32
+  static constexpr int kHalfSumOffset = kHalfMaxOffset + 2 * kBlockM * 4;
+  static constexpr int kRescaleOffset = kHalfSumOffset + 2 * kBlockM * 4;  // [64] fp32
+  static constexpr int kOutScaleOffset = kRescaleOffset + kBlockM * 4;    // [64] fp32
+  static constexpr int kFlagOffset = kOutScaleOffset + kBlockM * 4;  // [2][8 warps] bytes
+  static constexpr int kPieceOffset = kFlagOffset + kFlagStages * kNumWarps;  // 32 bytes
+  static constexpr int kSmemBytes = kPieceOffset + 32;
+};
+static_assert(Layout<576>::kSmemBytes == 199216 && Layout<512>::kSmemBytes == 178736,
+              "64-row sparse decode budget as in docs/sparse_decode.md");
+static_assert(Layout<576>::kSmemBytes <= kMaxSmemPerBlockLarge, "64-row sparse decode over 227 KB");
+static_assert(format_info(0).bytes_per_token <= Layout<576>::kRawRowBytes &&
+                  format_info(2).bytes_per_token <= Layout<512>::kRawRowBytes,
+              "a raw row holds the widest token");
+
+// Whether a device can run it: compute capability 9.x or 10.x (the targets whose cubin
+// holds its body; elsewhere it is a trap) and blocks that may opt in to its shared memory.
+inline bool fits(int cc_major, int max_smem_per_block_optin) {
+  return (cc_major == 9 || cc_major == 10) && max_smem_per_block_optin >= Layout<576>::kSmemBytes;
+}
+}  // namespace rows64
+
+// Which CTA runs a call: the narrow one up to 16 heads (one 16-row block per query); above
+// 32 heads the 64-row CTA where the device runs it (rows64::fits), which gathers and
+// dequantises each token once for 64 heads instead of once per 32; otherwise the row-block
+// CTA of kernel.cuh (16 x slabs_for(h_q) rows). Each serves any h_q
 // (FLASH_MLA_SPARSE_DECODE_CTA forces one, csrc/api/sparse_decode.cu).
-enum class Cta { kRowBlock, kNarrow };
-constexpr Cta choose_cta(int h_q) { return h_q <= 16 ? Cta::kNarrow : Cta::kRowBlock; }
-constexpr int block_rows(Cta cta, int h_q) { return cta == Cta::kNarrow ? 16 : 16 * slabs_for(h_q); }
+enum class Cta { kRowBlock, kNarrow, kRows64 };
+constexpr Cta choose_cta(int h_q, bool rows64_fits) {
+  return h_q <= 16 ? Cta::kNarrow : h_q > 32 && rows64_fits ? Cta::kRows64 : Cta::kRowBlock;
+}
+constexpr int block_rows(Cta cta, int h_q) {
+  return cta == Cta::kNarrow ? 16 : cta == Cta::kRows64 ? rows64::kBlockM : 16 * slabs_for(h_q);
+}
 
 constexpr int kMaxQueriesPerRequest = 1 << 16;
 
@@ -181,6 +238,9 @@ inline int smem_bytes(int d_qk, int slabs) {
   return slabs == 1 ? Layout<512, 1>::kSmemBytes : Layout<512, 2>::kSmemBytes;
 }
 inline int smem_bytes(int d_qk, int h_q, Cta cta) {
+  if (cta == Cta::kRows64) {
+    return d_qk == 576 ? rows64::Layout<576>::kSmemBytes : rows64::Layout<512>::kSmemBytes;
+  }
   if (cta == Cta::kNarrow) {
     return d_qk == 576 ? NarrowLayout<576>::kSmemBytes : NarrowLayout<512>::kSmemBytes;
   }
@@ -210,8 +270,10 @@ constexpr int narrow_ctas_by_registers(int cc_major) { return cc_major == 9 ? kN
 // on an H100) and by registers.
 inline int ctas_per_sm(int smem_per_sm, int d_qk, int h_q, Cta cta, int cc_major) {
   int n = smem_per_sm / (smem_bytes(d_qk, h_q, cta) + kReservedSmemPerBlock);
-  const int by_registers = cta == Cta::kNarrow ? narrow_ctas_by_registers(cc_major)
-                                               : ctas_by_registers(slabs_for(h_q));
+  // The 64-row CTA's 256 threads use about 250 registers each: one fills an SM.
+  const int by_registers = cta == Cta::kRows64   ? 1
+                           : cta == Cta::kNarrow ? narrow_ctas_by_registers(cc_major)
+                                                 : ctas_by_registers(slabs_for(h_q));
   if (n > by_registers) n = by_registers;
   return n > 0 ? n : 1;
 }

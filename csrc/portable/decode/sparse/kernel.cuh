@@ -105,17 +105,18 @@ __device__ __forceinline__ void token_offsets(const CachePool& pool, int token, 
 // t / 8 of the tile, so each thread computes one token's offsets and needs no shuffle.
 constexpr int kThreadsPerToken = kThreads / kBlockN;  // 8
 
-// cp.async of this thread's part of one raw tile: chunks `sub`, `sub` + 8, ... of the token
-// in raw row `row`, whose byte offsets are data / scales (-1: invalid; zero-filled without
-// a read). kRawRowBytes: the stride of raw rows in shared memory.
-template <typename F, int kRawRowBytes>
+// cp.async of this thread's part of one raw tile: chunks `sub`, `sub` + kTpt, ... of the
+// token in raw row `row`, whose byte offsets are data / scales (-1: invalid; zero-filled
+// without a read). kRawRowBytes: the stride of raw rows in shared memory; kTpt: threads per
+// token (8 here, 4 in the 64-row CTA).
+template <typename F, int kRawRowBytes, int kTpt = kThreadsPerToken>
 __device__ __forceinline__ void issue_raw_tile(const CachePool& pool, uint32_t raw_stage,
                                                int64_t data, int64_t scales, int row, int sub) {
   constexpr int kChunkBytes = F::kPageStructured ? 8 : 16;
   // V4: 72 data chunks + 1 scale chunk per token; the others: whole 16-byte chunks.
   constexpr int kDataChunks = F::kDataBytes / kChunkBytes;
   constexpr int kChunksPerToken = kDataChunks + (F::kPageStructured ? 1 : 0);
-  constexpr int kIters = (kChunksPerToken + kThreadsPerToken - 1) / kThreadsPerToken;
+  constexpr int kIters = (kChunksPerToken + kTpt - 1) / kTpt;
   static_assert(F::kDataBytes % kChunkBytes == 0 && F::kScaleBytes <= kChunkBytes,
                 "whole chunks per token");
   const bool valid = data >= 0;
@@ -123,8 +124,8 @@ __device__ __forceinline__ void issue_raw_tile(const CachePool& pool, uint32_t r
   const uint32_t dst_row = raw_stage + static_cast<uint32_t>(row * kRawRowBytes);
 #pragma unroll
   for (int j = 0; j < kIters; ++j) {
-    const int chunk = sub + j * kThreadsPerToken;
-    if (kChunksPerToken % kThreadsPerToken != 0 && chunk >= kChunksPerToken) break;
+    const int chunk = sub + j * kTpt;
+    if (kChunksPerToken % kTpt != 0 && chunk >= kChunksPerToken) break;
     // The scale chunk of a page-structured format lands right after the data bytes.
     const bool is_scale = F::kPageStructured && chunk == kDataChunks;
     const unsigned char* src =

@@ -71,4 +71,9 @@ void run_sparse_decode(const SparseDecodeParams& params);
 template <int kDimQK>
 void run_sparse_decode_narrow(const SparseDecodeParams& params);
 
+// The 64-row CTA (kernel_64rows.cuh): 64 rows per CTA, num_head_blocks = ceil(h_q / 64); only
+// where rows64::fits (config.h).
+template <int kDimQK>
+void run_sparse_decode_64rows(const SparseDecodeParams& params);
+
 }  // namespace flash_mla::portable::sparse_decode
