@@ -20,7 +20,7 @@ the schedule; the call is then captured in a CUDA graph and replayed with the L2
 API, and the raw tvm-ffi sparse_decode_fwd call with the arguments the API passed it (both
 without synchronisation, median of --host-iters).
 
-Usage: python benchmarks/bench_sparse_decode.py --out DIR [--quick]
+Usage: python benchmarks/bench_sparse_decode.py --out DIR [--quick] [--heads 16,32]
        python benchmarks/bench_sparse_decode.py --plot DIR/bench_sparse_decode.json
 """
 from __future__ import annotations
@@ -66,8 +66,10 @@ QUICK = ([s for s in UPSTREAM if s.b == 64 and s.kv_format in ("V32", "V41")]
          + [s for s in SERVING if s.h_q == 16])
 
 
-def shapes(quick: bool) -> List[Shape]:
-    return QUICK if quick else UPSTREAM + SERVING
+def shapes(quick: bool, heads: Optional[List[int]] = None) -> List[Shape]:
+    """The shapes to time: QUICK or all, only those of the given head counts if any."""
+    chosen = QUICK if quick else UPSTREAM + SERVING
+    return [s for s in chosen if heads is None or s.h_q in heads]
 
 
 def flop(b: int, s_q: int, h_q: int, topk: int, d_qk: int) -> int:
@@ -273,6 +275,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, help="folder for bench_sparse_decode.json and .png")
     ap.add_argument("--quick", action="store_true",
                     help="upstream b=64 for V32 and V41, serving h_q=16 for every format")
+    ap.add_argument("--heads", type=lambda v: [int(h) for h in v.split(",")],
+                    help="only the shapes of these head counts, e.g. 32 or 16,32 (A/B runs)")
     add_timing_options(ap)
     args = ap.parse_args(argv)
     if args.plot is None and args.out is None:
@@ -301,7 +305,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           "(marked *)")
     print(HEADER, flush=True)
     rows = []
-    for shape in shapes(args.quick):
+    for shape in shapes(args.quick, args.heads):
         row = bench_shape(torch, flash_mla, timer, shape)
         rows.append(row)
         print(format_row(row, copy_gbps, peak), flush=True)

@@ -68,6 +68,14 @@ def test_shapes_are_the_upstream_and_serving_ones(bench):
     assert bench.TOPK == 2048 and bench.REGION == 8192
 
 
+def test_heads_option_keeps_only_those_head_counts(bench):
+    only = bench.shapes(False, [32, 128])
+    assert {s.h_q for s in only} == {32, 128}
+    assert only == [s for s in bench.shapes(False) if s.h_q in (32, 128)]
+    assert bench.shapes(True, [8]) == []  # --quick has no 8-head shape
+    assert bench.parse_args(["--out", "x", "--heads", "16,32"]).heads == [16, 32]
+
+
 def test_flop_and_byte_counts(bench):
     # upstream: 2 h_q b s_q topk (d_qk + 512)
     assert bench.flop(64, 2, 128, 2048, 576) == 2 * 128 * 64 * 2 * 2048 * 1088
