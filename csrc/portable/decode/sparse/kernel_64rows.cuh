@@ -20,7 +20,10 @@
 // Shared memory (rows64::Layout): Q | one dequantised tile | one raw stage | P | half maxima |
 // half sums | rescale | output scale | valid bytes [2][8] | the piece record. One raw stage is
 // enough: tile i + 1's gather is issued once tile i is dequantised and lands during tile i's
-// S, softmax and P V.
+// S, softmax and P V. A raw row is copied and dequantised by the same four lanes, so only
+// their warp reads it; and warps 4 h .. 4 h + 3 dequantise exactly the tile rows [32 h, +32)
+// that the S warps of token half h (the same four warps) read. So between the dequantisation
+// and S a warp waits only for its own lanes and then for its half, not for the CTA.
 //
 // Barrier / cp.async protocol per piece (T tiles):
 //   __syncthreads (the previous piece's readers are done); thread 0 stores the piece record;
@@ -28,10 +31,11 @@
 //   iteration i: wait_group 0 (raw tile i, at i = 0 also Q, this thread's part); B1
 //     __syncthreads (raw tile i and its valid bytes visible; every warp finished tile i - 1's
 //     P V, so the dequantised tile, P, the rescale factors and the half maxima are free);
-//     dequantise raw tile i; B2 __syncthreads (the dequantised tile visible, the raw stage
-//     free); issue raw tile i + 1 and its valid bytes (stage (i + 1) % 2, last read in
-//     iteration i - 1) -> commit; load the index values of tile i + 2; S; mask; half maxima;
-//     pair barrier; softmax, P, rescale factors; B3 __syncthreads; O *= rescale, O += P V.
+//     dequantise this warp's rows of raw tile i; __syncwarp (its raw rows read); issue its
+//     part of raw tile i + 1 and its valid byte (stage (i + 1) % 2, last read in iteration
+//     i - 1) -> commit; load the index values of tile i + 2; B2 half barrier (the half's
+//     dequantised rows visible); S; mask; half maxima; pair barrier; softmax, P, rescale
+//     factors; B3 __syncthreads; O *= rescale, O += P V.
 //   epilogue: wait_group 0; half sums; __syncthreads; the h = 0 warps write lse (or
 //     lse_accum) and each row's output scale (1 / sum, times the sink factor for a direct
 //     piece); __syncthreads; every warp writes its columns (out, or the fp32 split partial).
@@ -87,6 +91,12 @@ __device__ __forceinline__ const CachePool& row_pool(const SparseDecodeParams& p
   const CachePool& pool = tile_pool(params, pc, sub_tile, pos, limit);
   pos += row % sparse_decode::kBlockN;
   return pool;
+}
+
+// Rendezvous of the four warps of token half h (128 threads): they dequantise the tile rows
+// [32 h, +32) that their S reads. Barriers 1..4 are wide_steps' pair barriers.
+__device__ __forceinline__ void half_barrier(int h) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(5 + h) : "memory");
 }
 
 template <int kDimQK>
@@ -216,14 +226,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < num_tiles; ++i) {
       cp_async_wait<0>();
       __syncthreads();  // B1
-      dequantise(*piece_smem, i);
-      __syncthreads();  // B2
       {
         const Piece pc = *piece_smem;
+        dequantise(pc, i);
+        __syncwarp();  // the warp's raw rows are read: tile i + 1's gather may refill them
         issue_tile(pc, i + 1, next_value);
         cp_async_commit();
         next_value = load_value(pc, i + 2);
       }
+      half_barrier(half);  // B2
 
       // ---- S for rows [16 slab, +16) x tokens [32 half, +32), all dims ----
       float s_acc[4][4];
