@@ -67,6 +67,26 @@ __device__ __forceinline__ Coords coords_of(int lane) {
                 ((lane >> 3) & 1) * 8, lane & 15, (lane >> 4) * 8};
 }
 
+// O = 0 at a work item's start.
+__device__ __forceinline__ void zero_o(float (&o_acc)[kSlabsO][kColsPerWarp / 8][4]) {
+#pragma unroll
+  for (int s = 0; s < kSlabsO; ++s)
+#pragma unroll
+    for (int n = 0; n < kColsPerWarp / 8; ++n)
+      o_acc[s][n][0] = o_acc[s][n][1] = o_acc[s][n][2] = o_acc[s][n][3] = 0.f;
+}
+
+// -inf for the keys of this warp's 32 tokens that `valid` does not have (bit j: token j of
+// the warp's half; s_tile's fragment order).
+__device__ __forceinline__ void mask_tokens(float (&s_acc)[4][4], uint32_t valid, int t) {
+#pragma unroll
+  for (int n = 0; n < 4; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (!((valid >> (n * 8 + 2 * t + (e & 1))) & 1u)) s_acc[n][e] = kNegInf;
+    }
+}
+
 template <typename Elem, int kDim>
 __device__ __forceinline__ void s_tile(float (&s_acc)[4][4], uint32_t q_smem, uint32_t tile_smem,
                                        int slab, int half, const Coords& c) {

@@ -140,11 +140,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float row_max[2] = {ws::kNegInf, ws::kNegInf};
     float row_sum[2] = {0.f, 0.f};
     float o_acc[kSlabsO][kColsPerWarp / 8][4];
-#pragma unroll
-    for (int s = 0; s < kSlabsO; ++s)
-#pragma unroll
-      for (int n = 0; n < kColsPerWarp / 8; ++n)
-        o_acc[s][n][0] = o_acc[s][n][1] = o_acc[s][n][2] = o_acc[s][n][3] = 0.f;
+    ws::zero_o(o_acc);
 
     for (int i = 0; i < piece.num_tiles; ++i) {
       cp_async_wait<0>();

@@ -217,11 +217,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float row_max[2] = {ws::kNegInf, ws::kNegInf};
     float row_sum[2] = {0.f, 0.f};
     float o_acc[kSlabsO][kColsPerWarp / 8][4];
-#pragma unroll
-    for (int s = 0; s < kSlabsO; ++s)
-#pragma unroll
-      for (int n = 0; n < kColsPerWarp / 8; ++n)
-        o_acc[s][n][0] = o_acc[s][n][1] = o_acc[s][n][2] = o_acc[s][n][3] = 0.f;
+    ws::zero_o(o_acc);
 
     for (int i = 0; i < num_tiles; ++i) {
       cp_async_wait<0>();
@@ -243,12 +239,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // ---- mask (positions without a token), then the softmax step (B2 of wide_steps) ----
       const uint32_t valid = *reinterpret_cast<const uint32_t*>(
           flag_smem + (i % kFlagStages) * kNumWarps + 4 * half);  // this half's 32 tokens
-#pragma unroll
-      for (int n = 0; n < 4; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if (!((valid >> (n * 8 + 2 * t + (e & 1))) & 1u)) s_acc[n][e] = ws::kNegInf;
-        }
+      ws::mask_tokens(s_acc, valid, t);
       ws::softmax_tile<Elem>(s_acc, row_max, row_sum, scale_log2, half_max_smem, rescale_smem,
                              smem + L::kPOffset, slab, half, g, t);
       __syncthreads();  // B3

@@ -179,11 +179,7 @@ __global__ void __launch_bounds__(wide::kThreads, 1)
     float row_max[2] = {ws::kNegInf, ws::kNegInf};
     float row_sum[2] = {0.f, 0.f};
     float o_acc[wide::kSlabsO][wide::kColsPerWarp / 8][4];
-#pragma unroll
-    for (int s = 0; s < wide::kSlabsO; ++s)
-#pragma unroll
-      for (int n = 0; n < wide::kColsPerWarp / 8; ++n)
-        o_acc[s][n][0] = o_acc[s][n][1] = o_acc[s][n][2] = o_acc[s][n][3] = 0.f;
+    ws::zero_o(o_acc);
 
     for (int i = 0; i < num_tiles; ++i) {
       cp_async_wait<0>();
@@ -200,12 +196,7 @@ __global__ void __launch_bounds__(wide::kThreads, 1)
       // ---- mask (invalid keys), then the softmax step (its pair barrier is B2) ----
       const uint32_t valid = *reinterpret_cast<const uint32_t*>(
           valid_smem + (i % wide::kStages) * wide::kNumWarps + 4 * half);  // 32 tokens' bits
-#pragma unroll
-      for (int n = 0; n < 4; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if (!((valid >> (n * 8 + 2 * t + (e & 1))) & 1u)) s_acc[n][e] = ws::kNegInf;
-        }
+      ws::mask_tokens(s_acc, valid, t);
       ws::softmax_tile<Elem>(s_acc, row_max, row_sum, scale_log2, half_max_smem, rescale_smem,
                              smem + L::kPOffset, slab, half, g, t);
       __syncthreads();  // B3
