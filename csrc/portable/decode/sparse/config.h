@@ -162,7 +162,7 @@ static_assert(3 * (NarrowLayout<576>::kSmemBytes + kReservedSmemPerBlock) <= 228
 
 // The 64-row CTA (kernel_64rows.cuh): 8 warps, 64 heads of one query, 64-position tiles
 // (four of the 16-position tiles above, so a tile may change pools only at a 16-position
-// boundary); the dense decode's 64-row CTA with a dequantisation step. It needs about 200 KB
+// boundary); the dense decode's 64-row CTA with a dequantisation step. It needs about 195 KB
 // of shared memory, so it exists only where a block may opt in to that (H100/H200, B200).
 // Byte layout: Q [64][d] | one dequantised tile [64][d] (bf16, swizzled) | one raw stage
 // [64][raw row] | P [64][64] bf16 | per-half row maxima [2][64] and sums [2][64] | rescale

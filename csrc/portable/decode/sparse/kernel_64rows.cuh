@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       float s_acc[4][4];
       ws::s_tile<Elem, kDimQK>(s_acc, q_smem, tile_smem, slab, half, coords);
 
-      // ---- mask (positions without a token), then the softmax step (B2 of wide_steps) ----
+      // ---- mask (positions without a token), then the softmax step (its pair barrier) ----
       const uint32_t valid = *reinterpret_cast<const uint32_t*>(
           flag_smem + (i % kFlagStages) * kNumWarps + 4 * half);  // this half's 32 tokens
       ws::mask_tokens(s_acc, valid, t);
