@@ -206,4 +206,20 @@ __device__ __forceinline__ void pv_tile(float (&o_acc)[kSlabsO][kColsPerWarp / 8
   }
 }
 
+// Epilogue, first half: this lane's rows' running sums (this warp's tokens), added over the
+// quad, into half_sum_smem [2 halves][64] fp32; a __syncthreads must come before row_total.
+__device__ __forceinline__ void store_half_sums(const float (&row_sum)[2], float* half_sum_smem,
+                                                int slab, int half, int g, int t) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float sum = quad_sum(row_sum[r]);
+    if (t == 0) half_sum_smem[half * kBlockM + 16 * slab + g + 8 * r] = sum;
+  }
+}
+
+// Epilogue, second half: row `row`'s whole softmax sum, its two token halves' sums added.
+__device__ __forceinline__ float row_total(const float* half_sum_smem, int row) {
+  return half_sum_smem[row] + half_sum_smem[kBlockM + row];
+}
+
 }  // namespace flash_mla::portable::wide_steps

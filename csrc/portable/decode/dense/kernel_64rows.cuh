@@ -173,17 +173,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     cp_async_wait<0>();  // drain (a group past the last tile is empty)
 
     // ---- epilogue: lse (direct: natural log; split: log2) and 1 / sum, then the rows ----
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float sum = quad_sum(row_sum[r]);
-      if (t == 0) half_sum_smem[half * kBlockM + 16 * slab + g + 8 * r] = sum;
-    }
+    ws::store_half_sums(row_sum, half_sum_smem, slab, half, g, t);
     __syncthreads();
     if (half == 0 && t == 0) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = 16 * slab + g + 8 * r;
-        const float sum = half_sum_smem[row] + half_sum_smem[kBlockM + row];
+        const float sum = ws::row_total(half_sum_smem, row);
         inv_sum_smem[row] = sum > 0.f ? 1.f / sum : 0.f;
         if (row < w.valid_rows) {
           store_lse(params, req, piece, row_pos(w, row), row_max[r], sum, scale_log2);

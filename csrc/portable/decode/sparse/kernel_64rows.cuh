@@ -250,11 +250,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     cp_async_wait<0>();  // drain (a group past the last tile is empty)
 
     // ---- epilogue ----
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float sum = quad_sum(row_sum[r]);
-      if (t == 0) half_sum_smem[half * kBlockM + 16 * slab + g + 8 * r] = sum;
-    }
+    ws::store_half_sums(row_sum, half_sum_smem, slab, half, g, t);
     __syncthreads();
     const Piece pc = *piece_smem;
     const bool direct_out = pc.split < 0;
@@ -263,7 +259,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row_m = 16 * slab + g + 8 * r;
-        const float sum = half_sum_smem[row_m] + half_sum_smem[kBlockM + row_m];
+        const float sum = ws::row_total(half_sum_smem, row_m);
         float out_scale = sum > 0.f ? 1.f / sum : 0.f;
         if (row_m < valid_rows) {
           const int head = pc.head0 + row_m;

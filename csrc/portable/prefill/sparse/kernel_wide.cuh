@@ -207,17 +207,13 @@ __global__ void __launch_bounds__(wide::kThreads, 1)
     cp_async_wait<0>();  // drain (a group past the last tile is empty)
 
     // ---- epilogue ----
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float sum = quad_sum(row_sum[r]);
-      if (t == 0) half_sum_smem[half * wide::kBlockM + 16 * slab + g + 8 * r] = sum;
-    }
+    ws::store_half_sums(row_sum, half_sum_smem, slab, half, g, t);
     __syncthreads();
     if (half == 0 && t == 0) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = 16 * slab + g + 8 * r;
-        const float sum = half_sum_smem[row] + half_sum_smem[wide::kBlockM + row];
+        const float sum = ws::row_total(half_sum_smem, row);
         float out_scale = 0.f;
         if (row < valid_rows) out_scale = finish_row(params, query, head0 + row, row_max[r], sum);
         out_scale_smem[row] = out_scale;
