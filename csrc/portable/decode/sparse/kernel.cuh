@@ -155,11 +155,17 @@ __device__ __forceinline__ void dequant_tile(const unsigned char* raw_stage, uns
   const int row = lane >> 1;
   const int first = warp * kWarpChunksPerRow + (lane & 1) * kLaneChunks;
   const unsigned char* raw_row = raw_stage + row * kRawRowBytes;
+  constexpr int kGroup = kLaneChunks % 3 == 0 ? 3 : 4;
 #pragma unroll 1
-  for (int j = 0; j < kLaneChunks; ++j) {
-    const int dim0 = (first + j) * 8;
-    const uint4 v = F::dequant8(raw_row, dim0);
-    *reinterpret_cast<uint4*>(tile + swizzled_offset<kDimQK>(row, dim0)) = v;
+  for (int j0 = 0; j0 < kLaneChunks; j0 += kGroup) {
+    // A group's loads before any of its stores, so they overlap (a store might alias them).
+    uint4 v[kGroup];
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) v[j] = F::dequant8(raw_row, (first + j0 + j) * 8);
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      *reinterpret_cast<uint4*>(tile + swizzled_offset<kDimQK>(row, (first + j0 + j) * 8)) = v[j];
+    }
   }
 }
 

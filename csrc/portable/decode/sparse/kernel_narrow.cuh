@@ -75,22 +75,34 @@ __device__ __forceinline__ int kstep_dim(int warp, int kk) {
   return kk < kColsPerWarp / 16 ? kColsPerWarp * warp + 16 * kk : 512 + 16 * warp;
 }
 
-// Raw tile (shared) -> warp `warp`'s dims of the bf16 tile (shared, swizzled): 18 or 16
-// chunks of 8 dims per token; lane l takes token l / 2 and half of the chunks.
+// Raw tile (shared) -> warp `warp`'s dims of the bf16 tile (shared, swizzled). Lane l takes
+// token l / 2; lane half h = l % 2 takes latent dims [128 warp + 64 h, +64) (8 chunks of 8) and,
+// at d_qk 576, RoPE dims [512 + 16 warp + 8 h, +8): every lane the same work, the chunks of
+// one half independent (unrolled by 4 so their shared-memory loads overlap).
 template <typename F, int kDimQK, int kRawRowBytes>
 __device__ __forceinline__ void dequant_own_dims(const unsigned char* raw_stage,
                                                  unsigned char* tile, int warp, int lane) {
   static_assert(F::kDimQK == kDimQK, "format and kernel agree on d_qk");
-  constexpr int kLaneChunks = kDimQK / kNumWarps / 8 / 2;  // 9 or 8
   const int row = lane >> 1;
-  const int first = (lane & 1) * kLaneChunks;
+  const int half = lane & 1;
   const unsigned char* raw_row = raw_stage + row * kRawRowBytes;
+  // warp & 3 == warp: it tells the compiler that these dims stay below 512 (no RoPE branch).
+  const int latent0 = kColsPerWarp * (warp & (kNumWarps - 1)) + 64 * half;
 #pragma unroll 1
-  for (int j = 0; j < kLaneChunks; ++j) {
-    const int c = first + j;  // chunk c of the warp: k-step c / 2, half c % 2
-    const int dim0 = kstep_dim(warp, c >> 1) + 8 * (c & 1);
-    const uint4 v = F::dequant8(raw_row, dim0);
-    *reinterpret_cast<uint4*>(tile + swizzled_offset<kDimQK>(row, dim0)) = v;
+  for (int j0 = 0; j0 < 8; j0 += 4) {
+    // Four chunks' loads before any store, so they overlap (a store might alias them).
+    uint4 v[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = F::dequant8(raw_row, latent0 + 8 * (j0 + j));
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      *reinterpret_cast<uint4*>(tile + swizzled_offset<kDimQK>(row, latent0 + 8 * (j0 + j))) = v[j];
+    }
+  }
+  if constexpr (kDimQK == 576) {
+    const int dim0 = 512 + 16 * warp + 8 * half;
+    *reinterpret_cast<uint4*>(tile + swizzled_offset<kDimQK>(row, dim0)) =
+        F::dequant8(raw_row, dim0);
   }
 }
 
