@@ -204,7 +204,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int j0 = 0; j0 < kChunksPerThread; j0 += 2) {
           uint4 v[2];
 #pragma unroll
-          for (int j = 0; j < 2; ++j) v[j] = F::dequant8(raw_row, 8 * (sub + kThreadsPerToken * (j0 + j)));
+          for (int j = 0; j < 2; ++j) {
+            v[j] = F::dequant8(raw_row, 8 * (sub + kThreadsPerToken * (j0 + j)));
+          }
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             const int dim0 = 8 * (sub + kThreadsPerToken * (j0 + j));

@@ -77,8 +77,7 @@ __device__ __forceinline__ int kstep_dim(int warp, int kk) {
 
 // Raw tile (shared) -> warp `warp`'s dims of the bf16 tile (shared, swizzled). Lane l takes
 // token l / 2; lane half h = l % 2 takes latent dims [128 warp + 64 h, +64) (8 chunks of 8) and,
-// at d_qk 576, RoPE dims [512 + 16 warp + 8 h, +8): every lane the same work, the chunks of
-// one half independent (unrolled by 4 so their shared-memory loads overlap).
+// at d_qk 576, RoPE dims [512 + 16 warp + 8 h, +8): every lane the same work.
 template <typename F, int kDimQK, int kRawRowBytes>
 __device__ __forceinline__ void dequant_own_dims(const unsigned char* raw_stage,
                                                  unsigned char* tile, int warp, int lane) {
