@@ -315,29 +315,6 @@ __device__ __forceinline__ void rescale_o_if_changed(OAccOf<kS>& o_acc, const fl
   if (!__all_sync(0xffffffffu, unchanged)) rescale_o<kS>(o_acc, rescale_smem, lane);
 }
 
-// Epilogue: row r (0: row g, 1: row g + 8) of slab s of this warp's O columns, times
-// `scale`, to dst = the row's first column of this warp plus 2 (lane % 4): rounded to
-// nearest in the input dtype, or (store_o_row_f32) as fp32 split partials.
-template <typename Elem, int kS>
-__device__ __forceinline__ void store_o_row(typename Elem::Storage* dst, const OAccOf<kS>& o_acc,
-                                            int s, int r, float scale) {
-#pragma unroll
-  for (int n = 0; n < kNTilesO; ++n) {
-    *reinterpret_cast<uint32_t*>(dst + n * 8) =
-        pack_float2<Elem>(o_acc[s][n][2 * r] * scale, o_acc[s][n][2 * r + 1] * scale);
-  }
-}
-
-template <int kS>
-__device__ __forceinline__ void store_o_row_f32(float* dst, const OAccOf<kS>& o_acc, int s, int r,
-                                                float scale) {
-#pragma unroll
-  for (int n = 0; n < kNTilesO; ++n) {
-    *reinterpret_cast<float2*>(dst + n * 8) =
-        make_float2(o_acc[s][n][2 * r] * scale, o_acc[s][n][2 * r + 1] * scale);
-  }
-}
-
 template <int kS> using PFragOf = uint32_t[kS][4];
 using PFrag = PFragOf<kSlabs>;
 

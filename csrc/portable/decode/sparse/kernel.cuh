@@ -287,6 +287,42 @@ __device__ __forceinline__ int tile_index(const SparseDecodeParams& params, cons
                       static_cast<int64_t>(pc.query) * pool.indices_row_stride + pos];
 }
 
+// Epilogue output rows, shared by the three CTAs. out_row / partial_row: where output row
+// (query, head) of request req starts in out (a direct piece) and in o_accum[split] (a split
+// piece's normalised fp32 partial). store_row / store_row_f32: row r (0: row g, 1: row g + 8)
+// of a warp's O accumulators over kN n-tiles, times `scale`, to dst = the row's first column
+// of the warp plus 2 (lane % 4), rounded to nearest in the input dtype or as fp32.
+template <typename Storage>
+__device__ __forceinline__ Storage* out_row(const SparseDecodeParams& params, int req, int query,
+                                            int head) {
+  return static_cast<Storage*>(params.out) + static_cast<int64_t>(req) * params.out_batch_stride +
+         static_cast<int64_t>(query) * params.out_row_stride +
+         static_cast<int64_t>(head) * params.out_head_stride;
+}
+__device__ __forceinline__ float* partial_row(const SparseDecodeParams& params, int split,
+                                              int query, int head) {
+  return params.o_accum +
+         ((static_cast<int64_t>(split) * params.s_q + query) * params.h_q + head) * kHeadDimV;
+}
+template <typename Elem, int kN>
+__device__ __forceinline__ void store_row(typename Elem::Storage* dst, const float (&acc)[kN][4],
+                                          int r, float scale) {
+#pragma unroll
+  for (int n = 0; n < kN; ++n) {
+    *reinterpret_cast<uint32_t*>(dst + n * 8) =
+        pack_float2<Elem>(acc[n][2 * r] * scale, acc[n][2 * r + 1] * scale);
+  }
+}
+template <int kN>
+__device__ __forceinline__ void store_row_f32(float* dst, const float (&acc)[kN][4], int r,
+                                              float scale) {
+#pragma unroll
+  for (int n = 0; n < kN; ++n) {
+    *reinterpret_cast<float2*>(dst + n * 8) =
+        make_float2(acc[n][2 * r] * scale, acc[n][2 * r + 1] * scale);
+  }
+}
+
 template <int kDimQK, int kSlabs>
 __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(kSlabs))
     sparse_decode_kernel(const __grid_constant__ SparseDecodeParams params) {
@@ -495,17 +531,9 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(kSlabs))
         const int head = head0 + row;
         const int col0 = warp * rb::kColsPerWarp + 2 * t;
         if (direct_out) {
-          Storage* dst = static_cast<Storage*>(params.out) +
-                         static_cast<int64_t>(pc.req) * params.out_batch_stride +
-                         static_cast<int64_t>(query) * params.out_row_stride +
-                         static_cast<int64_t>(head) * params.out_head_stride + col0;
-          rb::store_o_row<Elem, kSlabs>(dst, o_acc, s, r, scale);
+          store_row<Elem>(out_row<Storage>(params, pc.req, query, head) + col0, o_acc[s], r, scale);
         } else {
-          float* dst = params.o_accum +
-                       ((static_cast<int64_t>(pc.split) * params.s_q + query) * params.h_q + head) *
-                           kHeadDimV +
-                       col0;
-          rb::store_o_row_f32<kSlabs>(dst, o_acc, s, r, scale);
+          store_row_f32(partial_row(params, pc.split, query, head) + col0, o_acc[s], r, scale);
         }
       }
     }

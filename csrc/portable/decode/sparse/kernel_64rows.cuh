@@ -302,24 +302,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         const float scale = out_scale_smem[row_m];
         const int head = pc.head0 + row_m;
         if (direct_out) {
-          Storage* dst = static_cast<Storage*>(params.out) +
-                         static_cast<int64_t>(pc.req) * params.out_batch_stride +
-                         static_cast<int64_t>(pc.query) * params.out_row_stride +
-                         static_cast<int64_t>(head) * params.out_head_stride + col0;
-#pragma unroll
-          for (int n = 0; n < kColsPerWarp / 8; ++n) {
-            *reinterpret_cast<uint32_t*>(dst + 8 * n) =
-                pack_float2<Elem>(o_acc[s][n][2 * r] * scale, o_acc[s][n][2 * r + 1] * scale);
-          }
+          store_row<Elem>(out_row<Storage>(params, pc.req, pc.query, head) + col0, o_acc[s], r,
+                          scale);
         } else {
-          float* dst = params.o_accum +
-                       ((static_cast<int64_t>(pc.split) * params.s_q + pc.query) * params.h_q +
-                        head) * kHeadDimV + col0;
-#pragma unroll
-          for (int n = 0; n < kColsPerWarp / 8; ++n) {
-            *reinterpret_cast<float2*>(dst + 8 * n) =
-                make_float2(o_acc[s][n][2 * r] * scale, o_acc[s][n][2 * r + 1] * scale);
-          }
+          store_row_f32(partial_row(params, pc.split, pc.query, head) + col0, o_acc[s], r, scale);
         }
       }
     }

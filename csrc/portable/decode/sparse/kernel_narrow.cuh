@@ -363,29 +363,15 @@ __global__ void __launch_bounds__(kThreads, kNarrowMinCtas)
         if (sum > 0.f && params.attn_sink != nullptr) {
           out_scale *= 1.f / (1.f + expf(params.attn_sink[head] - lse));
         }
-        Storage* dst = static_cast<Storage*>(params.out) +
-                       static_cast<int64_t>(req) * params.out_batch_stride +
-                       static_cast<int64_t>(query) * params.out_row_stride +
-                       static_cast<int64_t>(head) * params.out_head_stride + col0 + 2 * t;
-#pragma unroll
-        for (int n = 0; n < kNTilesO; ++n) {
-          *reinterpret_cast<uint32_t*>(dst + n * 8) =
-              pack_float2<Elem>(o_acc[n][2 * r] * out_scale, o_acc[n][2 * r + 1] * out_scale);
-        }
+        store_row<Elem>(out_row<Storage>(params, req, query, head) + col0 + 2 * t, o_acc, r,
+                        out_scale);
       } else {
         if (warp == 0 && t == 0) {
           params.lse_accum[static_cast<int64_t>(out_split) * params.s_q * params.h_q + qh] =
               sum > 0.f ? lse2 : kNegInf;
         }
-        float* dst = params.o_accum +
-                     ((static_cast<int64_t>(out_split) * params.s_q + query) * params.h_q + head) *
-                         kHeadDimV +
-                     col0 + 2 * t;
-#pragma unroll
-        for (int n = 0; n < kNTilesO; ++n) {
-          *reinterpret_cast<float2*>(dst + n * 8) =
-              make_float2(o_acc[n][2 * r] * out_scale, o_acc[n][2 * r + 1] * out_scale);
-        }
+        store_row_f32(partial_row(params, out_split, query, head) + col0 + 2 * t, o_acc, r,
+                      out_scale);
       }
     }
   }
