@@ -139,6 +139,22 @@ __device__ __forceinline__ void issue_raw_tile(const CachePool& pool, uint32_t r
   }
 }
 
+// Groups dim_of(0), ..., dim_of(kN - 1) (8 dims each) of one raw token row -> row `row` of
+// the bf16 tile (swizzled), every load and conversion before any store: a store might alias a
+// later load, so in one loop ptxas kept each load behind the previous store and no two
+// overlapped. The three CTAs' dequantisations call this for their groups.
+template <typename F, int kDimQK, int kN, typename DimOf>
+__device__ __forceinline__ void dequant_chunks(const unsigned char* raw_row, unsigned char* tile,
+                                               int row, DimOf dim_of) {
+  uint4 v[kN];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) v[j] = F::dequant8(raw_row, dim_of(j));
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    *reinterpret_cast<uint4*>(tile + swizzled_offset<kDimQK>(row, dim_of(j))) = v[j];
+  }
+}
+
 // Raw tile (shared) -> dequantised bf16 tile (shared, swizzled), the part that warp `warp`
 // reads for its S partial: dims [warp d / 4, (warp + 1) d / 4) of all 16 tokens (18 or 16
 // chunks of 8 dims per token). Lane l takes token l / 2 and half of the warp's chunks of
@@ -158,14 +174,8 @@ __device__ __forceinline__ void dequant_tile(const unsigned char* raw_stage, uns
   constexpr int kGroup = kLaneChunks % 3 == 0 ? 3 : 4;
 #pragma unroll 1
   for (int j0 = 0; j0 < kLaneChunks; j0 += kGroup) {
-    // A group's loads before any of its stores, so they overlap (a store might alias them).
-    uint4 v[kGroup];
-#pragma unroll
-    for (int j = 0; j < kGroup; ++j) v[j] = F::dequant8(raw_row, (first + j0 + j) * 8);
-#pragma unroll
-    for (int j = 0; j < kGroup; ++j) {
-      *reinterpret_cast<uint4*>(tile + swizzled_offset<kDimQK>(row, (first + j0 + j) * 8)) = v[j];
-    }
+    dequant_chunks<F, kDimQK, kGroup>(raw_row, tile, row,
+                                      [&](int j) { return (first + j0 + j) * 8; });
   }
 }
 

@@ -199,19 +199,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       unsigned char* dst = smem + L::kTileOffset;
       with_format<kDimQK>(pool.format, [&](auto fmt) {
         using F = decltype(fmt);
-        // Two chunks' loads before either store, so they overlap (a store might alias them).
 #pragma unroll 1
-        for (int j0 = 0; j0 < kChunksPerThread; j0 += 2) {
-          uint4 v[2];
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            v[j] = F::dequant8(raw_row, 8 * (sub + kThreadsPerToken * (j0 + j)));
-          }
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int dim0 = 8 * (sub + kThreadsPerToken * (j0 + j));
-            *reinterpret_cast<uint4*>(dst + swizzled_offset<kDimQK>(row, dim0)) = v[j];
-          }
+        for (int j0 = 0; j0 < kChunksPerThread; j0 += 2) {  // two at a time (dequant_chunks)
+          dequant_chunks<F, kDimQK, 2>(
+              raw_row, dst, row, [&](int j) { return 8 * (sub + kThreadsPerToken * (j0 + j)); });
         }
       });
     };

@@ -89,14 +89,8 @@ __device__ __forceinline__ void dequant_own_dims(const unsigned char* raw_stage,
   const int latent0 = kColsPerWarp * (warp & (kNumWarps - 1)) + 64 * half;
 #pragma unroll 1
   for (int j0 = 0; j0 < 8; j0 += 4) {
-    // Four chunks' loads before any store, so they overlap (a store might alias them).
-    uint4 v[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) v[j] = F::dequant8(raw_row, latent0 + 8 * (j0 + j));
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      *reinterpret_cast<uint4*>(tile + swizzled_offset<kDimQK>(row, latent0 + 8 * (j0 + j))) = v[j];
-    }
+    dequant_chunks<F, kDimQK, 4>(raw_row, tile, row,
+                                 [&](int j) { return latent0 + 8 * (j0 + j); });
   }
   if constexpr (kDimQK == 576) {
     const int dim0 = 512 + 16 * warp + 8 * half;
