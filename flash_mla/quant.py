@@ -234,7 +234,7 @@ def power_of_two_scale(amax: torch.Tensor) -> torch.Tensor:
 def _quantize_tiles(values: torch.Tensor, tile: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """values fp32 [..., n * tile] -> (e4m3 codes as uint8 [..., n * tile], fp32 power-of-two scales [..., n])."""
     lead = values.shape[:-1]
-    tiles = values.reshape(*lead, -1, tile)
+    tiles = values.reshape(*lead, values.shape[-1] // tile, tile)  # explicit: lead may hold 0
     amax = tiles.abs().amax(dim=-1)
     # Marked explicitly rather than trusting amax's NaN propagation: any NaN/inf in a
     # tile makes the whole tile NaN (scale and codes), never finite garbage.
@@ -243,7 +243,7 @@ def _quantize_tiles(values: torch.Tensor, tile: int) -> Tuple[torch.Tensor, torc
     scale = torch.where(bad, torch.full_like(scale, float("nan")), scale)
     scaled = (tiles / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX)  # NaN stays NaN
     codes = scaled.to(torch.float8_e4m3fn).view(torch.uint8)
-    return codes.reshape(*lead, -1), scale
+    return codes.reshape(*lead, values.shape[-1]), scale
 
 
 def _e4m3_codes_to_float(codes: torch.Tensor) -> torch.Tensor:

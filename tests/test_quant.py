@@ -605,6 +605,16 @@ def test_values_on_the_grid_round_trip_exactly(fmt, dtype):
         assert torch.equal(quant.quantize_kv(make_noncontiguous(x), fmt), packed)
 
 
+@pytest.mark.parametrize("fmt", ["V32", "V32_NO_ROPE", "V4", "V41", "V41_FP4"])
+def test_an_empty_cache_quantises_and_reads_back(fmt):
+    # A pool with no blocks is legal (every index into it is invalid); torch cannot infer a
+    # -1 dimension of an empty tensor, so the encoders must name their sizes.
+    d_qk = quant.FORMATS[fmt].d_qk
+    packed = quant.quantize_kv(torch.zeros(0, 64, 1, d_qk, dtype=torch.bfloat16), fmt)
+    assert packed.shape == (0, 64, 1, quant.FORMATS[fmt].bytes_per_token) and packed.dtype == torch.uint8
+    assert quant.dequantize_kv(packed, fmt).shape == (0, 64, 1, d_qk)
+
+
 @pytest.mark.parametrize("fmt,group", [("V32", 128), ("V32_NO_ROPE", 128), ("V4", 64), ("V41", 32),
                                        ("V41_FP4", 16)])
 def test_a_nan_or_inf_makes_its_group_nan_and_nothing_else(fmt, group):

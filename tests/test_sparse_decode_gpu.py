@@ -358,6 +358,37 @@ def test_only_the_extra_pool_has_tokens():
 
 
 @gpu
+@pytest.mark.parametrize("kv_format", ("V32", "V41", "V4"))
+def test_a_main_pool_without_blocks(kv_format):
+    # A cache of zero blocks: every index is invalid (the candidates, 0 among them) and the
+    # kernel must read nothing from it; the rows attend to the extra pool only, or are empty.
+    d_qk = quant.FORMATS[kv_format].d_qk
+    b, s_q, h_q, topk = 3, 2, 16, 7
+    cache = quant.quantize_kv(torch.zeros(0, 64, 1, d_qk, dtype=torch.bfloat16), kv_format).to(DEVICE)
+    idx = torch.tensor([-2 ** 31, -123456, -1, 0, 1, 114514, 2 ** 31 - 1], dtype=torch.int32)
+    idx = idx.expand(b, s_q, topk).contiguous().to(DEVICE)
+    lens = torch.tensor([topk, 3, 0], dtype=torch.int32, device=DEVICE)
+    gen = torch.Generator().manual_seed(21)
+    kv2 = (torch.randn(4, 5, 1, d_qk, generator=gen) / 10).to(torch.bfloat16)
+    extra_format = "V32" if kv_format == "V32" else "V41_FP4"
+    cache2 = quant.quantize_kv(kv2, extra_format).to(DEVICE)
+    idx2 = torch.randint(-2, 22, (b, s_q, 9), generator=gen, dtype=torch.int32).to(DEVICE)
+    elens = torch.tensor([9, 0, 4], dtype=torch.int32, device=DEVICE)
+    q = (torch.randn(b, s_q, h_q, d_qk, generator=gen) / 10).clamp(-1, 1).to(torch.bfloat16).to(DEVICE)
+    meta = flash_mla.get_mla_metadata()[0]
+    out, lse = flash_mla.flash_mla_with_kvcache(
+        q, cache, None, None, D_V, meta, indices=idx, topk_length=lens, kv_format=kv_format,
+        extra_k_cache=cache2, extra_indices_in_kvcache=idx2, extra_topk_length=elens,
+        extra_kv_format=extra_format)
+    assert dispatch.last_backend(OP) == "native"
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isposinf(lse[1]).all()
+    pools = [(cache, idx, lens.tolist(), kv_format), (cache2, idx2, elens.tolist(), extra_format)]
+    e_out, e_lse = oracle.sparse_decode(q, pools, d_qk ** -0.5, D_V, None)
+    check_op_close(OP, "out", out, e_out, name=f"empty {kv_format} out")
+    check_op_close(OP, "lse", lse.transpose(1, 2), e_lse, name=f"empty {kv_format} lse")
+
+
+@gpu
 def test_sink_infinities():
     main = PoolSpec("V32", (300, 200, 0), topk=64, page_size=64, topk_length=None)
     p = make_problem(main, 2, 32, device=DEVICE, seed=11)
