@@ -178,6 +178,7 @@ sd::CachePool check_pool(const TensorView& cache, const char* cache_name, int fo
   pool.block_stride = cache.stride(0);
   pool.num_tokens = num_blocks * page_size;
   pool.page_size = narrow_to_int32(page_size, "page size (k_cache.shape[1])");
+  pool.page_div = flash_mla::portable::make_fast_div(pool.page_size);  // page_size >= 1 (checked)
   pool.format = format;
   pool.topk = narrow_to_int32(indices.size(2), "topk (indices.shape[2])");
   pool.indices = static_cast<const int32_t*>(data_ptr(indices));

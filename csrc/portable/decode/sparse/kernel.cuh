@@ -88,7 +88,7 @@ __device__ __forceinline__ int pool_limit(const CachePool& pool, int req) {
 template <typename F>
 __device__ __forceinline__ void token_offsets(const CachePool& pool, int token, int64_t& data,
                                               int64_t& scales) {
-  const int block = token / pool.page_size;
+  const int block = fast_div(pool.page_div, token);  // token in [0, 2^31) (checked)
   const int offset = token - block * pool.page_size;
   const int64_t base = static_cast<int64_t>(block) * pool.block_stride;
   if constexpr (F::kPageStructured) {

@@ -7,6 +7,7 @@
 
 #include <cuda_runtime.h>
 
+#include "../../common/fast_div.h"
 #include "config.h"
 
 namespace flash_mla::portable::sparse_decode {
@@ -23,6 +24,7 @@ struct CachePool {
   int format;                  // KvFormat (config.h)
   int topk;                    // indices.shape[2]
   int pad_;                    // unused; keeps the 64-bit fields 8-byte aligned on every compiler
+  FastDiv page_div;            // token / page_size as a multiply and a shift (make_fast_div)
   const int32_t* indices;      // [b, s_q, topk] int32, last dim contiguous
   int64_t indices_batch_stride, indices_row_stride;
   const int32_t* topk_length;  // [b] int32, contiguous; may be null
@@ -58,8 +60,8 @@ struct SparseDecodeParams {
 
 // The kernel takes the struct by value: its layout must be the same for the host compiler
 // (MSVC or gcc) and the device pass.
-static_assert(sizeof(CachePool) == 72, "CachePool layout changed");
-static_assert(sizeof(SparseDecodeParams) == 296, "SparseDecodeParams layout changed");
+static_assert(sizeof(CachePool) == 80, "CachePool layout changed");
+static_assert(sizeof(SparseDecodeParams) == 312, "SparseDecodeParams layout changed");
 
 // kDimQK 576 (V32) or 512 (the other formats); kSlabs = slabs_for(h_q) (config.h), which
 // also sized num_head_blocks. Launches on params.stream and never synchronises; the caller
