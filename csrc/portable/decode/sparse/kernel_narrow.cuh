@@ -42,6 +42,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include <cuda_runtime.h>
 
@@ -279,26 +280,36 @@ __global__ void __launch_bounds__(kThreads, kNarrowMinCtas)
       cp_async_commit();
 
       // ---- tile i's S: the partials of warps 0..3 in that order (the same sums in every
-      // warp); this warp's own from its registers ----
+      // warp); this warp's own from its registers. One code path per warp (a uniform branch):
+      // with a select per term ptxas copied the own partial into every load's destination ----
       float sc[2][4];
+      const float4* part = s_partial + (i & 1) * (kNumWarps * 2 * 32) + lane;
+      auto add_partials = [&](auto own_warp) {
+        constexpr int kOwn = decltype(own_warp)::value;
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        float4 v = warp == 0 ? make_float4(s_own[n][0], s_own[n][1], s_own[n][2], s_own[n][3])
-                             : s_partial[(((i & 1) * kNumWarps + 0) * 2 + n) * 32 + lane];
+        for (int n = 0; n < 2; ++n) {
+          const float4 own = make_float4(s_own[n][0], s_own[n][1], s_own[n][2], s_own[n][3]);
+          float4 v = kOwn == 0 ? own : part[n * 32];
 #pragma unroll
-        for (int k = 1; k < kNumWarps; ++k) {
-          const float4 p = warp == k
-                               ? make_float4(s_own[n][0], s_own[n][1], s_own[n][2], s_own[n][3])
-                               : s_partial[(((i & 1) * kNumWarps + k) * 2 + n) * 32 + lane];
-          v.x += p.x;
-          v.y += p.y;
-          v.z += p.z;
-          v.w += p.w;
+          for (int k = 1; k < kNumWarps; ++k) {
+            const float4 p = k == kOwn ? own : part[(k * 2 + n) * 32];
+            v.x += p.x;
+            v.y += p.y;
+            v.z += p.z;
+            v.w += p.w;
+          }
+          sc[n][0] = v.x;
+          sc[n][1] = v.y;
+          sc[n][2] = v.z;
+          sc[n][3] = v.w;
         }
-        sc[n][0] = v.x;
-        sc[n][1] = v.y;
-        sc[n][2] = v.z;
-        sc[n][3] = v.w;
+      };
+      static_assert(kNumWarps == 4, "one path per warp below");
+      switch (warp) {
+        case 0: add_partials(std::integral_constant<int, 0>{}); break;
+        case 1: add_partials(std::integral_constant<int, 1>{}); break;
+        case 2: add_partials(std::integral_constant<int, 2>{}); break;
+        default: add_partials(std::integral_constant<int, 3>{}); break;
       }
       // ---- tile i+1's dequantisation and S partial: they overlap this tile's softmax ----
       const uint32_t mask = mask_cur;
