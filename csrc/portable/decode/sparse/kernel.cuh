@@ -120,7 +120,10 @@ __device__ __forceinline__ void issue_raw_tile(const CachePool& pool, uint32_t r
   static_assert(F::kDataBytes % kChunkBytes == 0 && F::kScaleBytes <= kChunkBytes,
                 "whole chunks per token");
   const bool valid = data >= 0;
-  const unsigned char* token = pool.cache + (valid ? data : 0);
+  // This thread's first chunk; chunk sub + j kTpt is j kTpt kChunkBytes bytes further (an
+  // immediate). An invalid token copies nothing (src-size 0) from the same offsets of the
+  // cache's first token, which exists.
+  const unsigned char* first = pool.cache + (valid ? data : 0) + sub * kChunkBytes;
   const uint32_t dst_row = raw_stage + static_cast<uint32_t>(row * kRawRowBytes);
 #pragma unroll
   for (int j = 0; j < kIters; ++j) {
@@ -129,7 +132,7 @@ __device__ __forceinline__ void issue_raw_tile(const CachePool& pool, uint32_t r
     // The scale chunk of a page-structured format lands right after the data bytes.
     const bool is_scale = F::kPageStructured && chunk == kDataChunks;
     const unsigned char* src =
-        !valid ? pool.cache : is_scale ? pool.cache + scales : token + chunk * kChunkBytes;
+        is_scale && valid ? pool.cache + scales : first + j * kTpt * kChunkBytes;
     const uint32_t dst = dst_row + static_cast<uint32_t>(chunk * kChunkBytes);
     if constexpr (kChunkBytes == 8) {
       cp_async_8_zfill(dst, src, valid);
