@@ -327,7 +327,11 @@ __global__ void __launch_bounds__(kThreads, kNarrowMinCtas)
       uint32_t p_frag[4];
       qreg::pack_p<Elem>(p_frag, sc);
       // ---- O = O * rescale + P V over this warp's 128 columns (its own dequantised dims) ----
-      qreg::rescale_o(o_acc, correction);
+      // Every factor exactly 1 (no row's max moved; exp2 of an exact 0) leaves O as it is: 64
+      // multiplies saved per tile once the maxima settle. The same bits either way.
+      if (!__all_sync(0xffffffffu, correction[0] == 1.f && correction[1] == 1.f)) {
+        qreg::rescale_o(o_acc, correction);
+      }
       const uint32_t tile_smem = smem_base + L::kTileOffset + (i & 1) * L::kTileBytes;
 #pragma unroll
       for (int dp = 0; dp < kNTilesO / 2; ++dp) {
