@@ -4,7 +4,7 @@
 // Granlund and Montgomery's round-up method, for dividends in [0, 2^31) and divisors in
 // [1, 2^31): with l = ceil(log2 d) and m = floor(2^32 (2^l - d) / d) + 1,
 // n / d = (umulhi(n, m) + n) >> l. umulhi(n, m) < n, so the sum fits 32 bits. Plain C++ for
-// the host (tests/test_fast_div.py compiles it with the host compiler); div() is also a
+// the host (tests/test_fast_div.py compiles it with the host compiler); fast_div() is also a
 // device function under nvcc.
 #pragma once
 
