@@ -121,8 +121,8 @@ __device__ __forceinline__ void issue_raw_tile(const CachePool& pool, uint32_t r
                 "whole chunks per token");
   const bool valid = data >= 0;
   // This thread's first chunk; chunk sub + j kTpt is j kTpt kChunkBytes bytes further (an
-  // immediate). An invalid token copies nothing (src-size 0) from the same offsets of the
-  // cache's first token, which exists.
+  // immediate). An invalid token copies nothing (src-size 0: the address is never read, so
+  // it may lie past an empty cache) from the same offsets of the cache's base.
   const unsigned char* first = pool.cache + (valid ? data : 0) + sub * kChunkBytes;
   const uint32_t dst_row = raw_stage + static_cast<uint32_t>(row * kRawRowBytes);
 #pragma unroll
