@@ -12,11 +12,11 @@ tests/test_sparse_decode_problems.py.
 Every problem is hostile (tests/sparse_decode_problems.py): shuffled pages, 0xFF (NaN)
 bytes in every token no counted index names and in a spare block, the invalid index
 candidates mixed into every row, topk larger than the valid tokens, positions past
-topk_length naming NaN tokens. Also: all-invalid and zero-length rows, non-contiguous q,
-indices and cache, byte dtypes and format detection, sink infinities, results that do not
-depend on the number of schedule parts (FLASH_MLA_SPARSE_DECODE_PARTS), bit-identical
-batch invariance, and CUDA-graph capture (the schedule computed inside the capture) and
-replay with new indices and lengths.
+topk_length naming NaN tokens. Also: all-invalid and zero-length rows, a main pool with no
+blocks, non-contiguous q, indices and cache, byte dtypes and format detection, sink
+infinities, results that do not depend on the number of schedule parts
+(FLASH_MLA_SPARSE_DECODE_PARTS), bit-identical batch invariance, and CUDA-graph capture (the
+schedule computed inside the capture) and replay with new indices and lengths.
 
 The upstream grid (32 points of (s_k, topk, page) x b x s_q) runs with the format, h_q,
 extra pool, topk_length and sink rotated over its points; FLASH_MLA_FULL_GRID=1 runs the
