@@ -1,20 +1,29 @@
 // The per-tile steps of the 64-row CTAs: 8 warps, 64 query rows, 64-key tiles, Q and the
 // key tile in XOR-swizzled shared memory (swizzle.cuh), for GPUs whose blocks may opt in to
 // about 226 KB (H100/H200, B200). The sparse prefill's wide CTA
-// (prefill/sparse/kernel_wide.cuh) and the dense decode's 64-row CTA
-// (decode/dense/kernel_64rows.cuh) run these steps; each kernel keeps its own copy, mask,
+// (prefill/sparse/kernel_wide.cuh), the dense decode's 64-row CTA
+// (decode/dense/kernel_64rows.cuh) and the sparse decode's 64-row CTA
+// (decode/sparse/kernel_64rows.cuh) run these steps; each kernel keeps its own copy, mask,
 // barriers and epilogue.
 //
 // Roles of warp w (g = lane / 4, t = lane % 4), slab = w % 4, half = w / 4:
-//   s_tile: S for rows [16 slab, +16) x tokens [32 half, +32) of the tile over all kDim
-//     dims (16 fp32 per lane). The fragments of k-step kk + 1 load while kk's MMAs run, and
-//     every ldmatrix address is a per-lane base plus an immediate: in a swizzled row, chunk
-//     8 m + 2 j + b (k-step 4 m + j, b = which 8 of its 16 dims) sits at 8 m + ((2 j + b) ^
-//     (row % 8)), so four offsets computed per tile serve every k-step.
-//   softmax_tile: the tile maxima of the (masked) S, exchanged with the slab's other warp at
-//     a 64-thread named barrier (both then hold the same running max), exp2, this warp's
-//     tokens' running sum, P rounded to the input dtype, and (half 0) the rows' rescale
-//     factors for P V.
+//   s_tile: the warps w and w ^ 1 compute the 32 x 32 block rows [32 (slab / 2), +32) x
+//     tokens [32 half, +32) of S together, w over dims [kDim / 2 (slab % 2), +kDim / 2).
+//     Each k-step loads 4 ldmatrix.x4 for 8 MMAs; a 16 x 32 block over all dims needs 3 for
+//     4, and shared-memory bandwidth is what limits these CTAs (docs/sparse_prefill.md). The
+//     two partial sums meet in the P buffer, which is free until the softmax writes P: the
+//     odd warp stores its partial of the even warp's rows, the even warp adds it and stores
+//     its partial of the odd warp's rows in the same place, the odd warp adds that (two
+//     64-thread barriers). Each warp ends with S for rows [16 slab, +16) x tokens [32 half,
+//     +32) over all dims (16 fp32 per lane); a + b = b + a in fp32, so both halves of a row
+//     add the same two partial sums to the same bits. Every ldmatrix address is a per-lane
+//     base plus an immediate: in a swizzled row, chunk 8 m + 2 j + b (k-step 4 m + j, b =
+//     which 8 of its 16 dims) sits at 8 m + ((2 j + b) ^ (row % 8)), so four offsets
+//     computed per tile serve every k-step of the warp's dims.
+//   softmax_tile: the tile maxima of the (masked) S, exchanged with the slab's other warp
+//     (w ^ 4) through shared memory at a __syncthreads (which also ends every exchange in
+//     the P buffer before P is written), exp2, this warp's tokens' running sum, P rounded to
+//     the input dtype, and (half 0) the rows' rescale factors for P V.
 //   pv_tile: warp w owns output columns [64 w, +64) for all 64 rows (4 slabs x 8 n-tiles x 4
 //     fp32 = 128 per lane); it rescales them, then adds P V with each V fragment feeding the
 //     four slabs.
@@ -51,9 +60,10 @@ __device__ __forceinline__ uint32_t p_offset(int row, int chunk) {
   return static_cast<uint32_t>(row * 128 + ((chunk ^ (row & 7)) * 16));
 }
 
-// Rendezvous of the two S warps of row slab r (64 threads); barrier 0 is __syncthreads.
-__device__ __forceinline__ void pair_barrier(int r) {
-  asm volatile("bar.sync %0, 64;\n" ::"r"(1 + r) : "memory");
+// Rendezvous of the two warps of S block `pair` (warps w and w ^ 1; 64 threads). Barrier 0 is
+// __syncthreads; the sparse decode's 64-row CTA uses 5 and 6.
+__device__ __forceinline__ void block_pair_barrier(int pair) {
+  asm volatile("bar.sync %0, 64;\n" ::"r"(1 + pair) : "memory");
 }
 
 // Per-lane ldmatrix coordinates (mma.cuh / ldmatrix.cuh give the fragment orders), computed
@@ -87,46 +97,141 @@ __device__ __forceinline__ void mask_tokens(float (&s_acc)[4][4], uint32_t valid
     }
 }
 
+// The 32 x 32 block over half of the dims, and the exchange of partial sums (header).
 template <typename Elem, int kDim>
-__device__ __forceinline__ void s_tile(float (&s_acc)[4][4], uint32_t q_smem, uint32_t tile_smem,
-                                       int slab, int half, const Coords& c) {
+__device__ __forceinline__ void s_block_split(float (&s_acc)[4][4], uint32_t q_smem,
+                                              uint32_t tile_smem, float* exchange, int slab,
+                                              int half, int lane, const Coords& c) {
+  constexpr int kKSteps = kDim / 32;  // per warp: half of the dims
+  constexpr int kRowBytes = kDim * kElemBytes;
+  static_assert(kDim % 32 == 0, "whole k-steps in each half of the dims");
+  static_assert(kPBytes >= 4 * 2048, "the P buffer holds the four S blocks' exchanges");
+  const int odd = slab & 1;  // which half of the dims this warp adds
+  const int pair = 2 * half + (slab >> 1);
+  float acc[2][4][4];  // [slab 2 (slab / 2) + i][n-tile][fragment]
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int n = 0; n < 4; ++n) acc[i][n][0] = acc[i][n][1] = acc[i][n][2] = acc[i][n][3] = 0.f;
+  // Operand addresses of k-steps first + j, j < 4; k-step first + 4 m + j adds 128 m bytes.
+  // Computed per tile so they hold no registers during P V.
+  const int first = kKSteps * odd;
+  const uint32_t a_rows = q_smem + (32 * (slab >> 1) + c.a_row) * kRowBytes;
+  const uint32_t k_rows = tile_smem + (32 * half + c.k_row) * kRowBytes;
+  uint32_t a_off[4], k_off[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int kk = first + j;
+    const uint32_t span = 128u * static_cast<uint32_t>(kk / 4);
+    a_off[j] = a_rows + span + static_cast<uint32_t>(((2 * (kk % 4) + c.a_col / 8) ^ (c.a_row & 7)) * 16);
+    k_off[j] = k_rows + span + static_cast<uint32_t>(((2 * (kk % 4) + c.k_col / 8) ^ (c.k_row & 7)) * 16);
+  }
+  uint32_t frag[2][4][4];  // [buffer][Q rows 0..15, Q rows 16..31, K tokens 0..15, 16..31]
+  auto load = [&](int kk, uint32_t(&f)[4][4]) {
+    const uint32_t step = 128u * static_cast<uint32_t>(kk / 4);
+    ldmatrix_x4(f[0], a_off[kk % 4] + step);
+    ldmatrix_x4(f[1], a_off[kk % 4] + 16 * kRowBytes + step);
+    ldmatrix_x4(f[2], k_off[kk % 4] + step);
+    ldmatrix_x4(f[3], k_off[kk % 4] + 16 * kRowBytes + step);
+  };
+  load(0, frag[0]);
+#pragma unroll
+  for (int kk = 0; kk < kKSteps; ++kk) {
+    if (kk + 1 < kKSteps) load(kk + 1, frag[(kk + 1) % 2]);
+    const uint32_t(&f)[4][4] = frag[kk % 2];
+    const uint32_t b[4][2] = {{f[2][0], f[2][1]}, {f[2][2], f[2][3]},
+                              {f[3][0], f[3][1]}, {f[3][2], f[3][3]}};
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int n = 0; n < 4; ++n) mma_m16n8k16<Elem>(acc[i][n], f[i], b[n]);
+  }
+  // The exchange: float4 n * 32 + lane of the block's 2 KB (32 lanes x 16 B: no bank conflict).
+  float4* box = reinterpret_cast<float4*>(exchange) + 128 * pair + lane;
+  if (odd) {
+#pragma unroll
+    for (int n = 0; n < 4; ++n) box[32 * n] = make_float4(acc[0][n][0], acc[0][n][1], acc[0][n][2], acc[0][n][3]);
+    block_pair_barrier(pair);  // the even warp may read
+    block_pair_barrier(pair);  // the even warp's partial is there
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      const float4 v = box[32 * n];
+      s_acc[n][0] = acc[1][n][0] + v.x;
+      s_acc[n][1] = acc[1][n][1] + v.y;
+      s_acc[n][2] = acc[1][n][2] + v.z;
+      s_acc[n][3] = acc[1][n][3] + v.w;
+    }
+  } else {
+    block_pair_barrier(pair);  // the odd warp's partial is there
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      const float4 v = box[32 * n];  // this lane reads, then writes, the same 16 bytes
+      s_acc[n][0] = acc[0][n][0] + v.x;
+      s_acc[n][1] = acc[0][n][1] + v.y;
+      s_acc[n][2] = acc[0][n][2] + v.z;
+      s_acc[n][3] = acc[0][n][3] + v.w;
+      box[32 * n] = make_float4(acc[1][n][0], acc[1][n][1], acc[1][n][2], acc[1][n][3]);
+    }
+    block_pair_barrier(pair);  // the odd warp may read
+  }
+}
+
+// S for rows [16 slab, +16) x tokens [32 half, +32) over all dims in one warp: 3 ldmatrix.x4
+// per 4 MMAs, no exchange.
+template <typename Elem, int kDim>
+__device__ __forceinline__ void s_block_whole(float (&s_acc)[4][4], uint32_t q_smem,
+                                              uint32_t tile_smem, int slab, int half,
+                                              const Coords& c) {
   constexpr int kKSteps = kDim / 16;
   constexpr int kRowBytes = kDim * kElemBytes;
   static_assert(kKSteps % 4 == 0, "k-steps come in groups of 4 (one 128-byte swizzle span)");
 #pragma unroll
   for (int n = 0; n < 4; ++n) s_acc[n][0] = s_acc[n][1] = s_acc[n][2] = s_acc[n][3] = 0.f;
-  // Operand addresses, computed per tile so they hold no registers during P V.
-  uint32_t a_base[4], k_off[4];
+  uint32_t a_off[4], k_off[4];  // per tile, as in s_block_split
+  const uint32_t k_rows = tile_smem + (32 * half + c.k_row) * kRowBytes;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    a_base[j] = q_smem + (16 * slab + c.a_row) * kRowBytes +
-                static_cast<uint32_t>(((2 * j + c.a_col / 8) ^ (c.a_row & 7)) * 16);
-    k_off[j] = static_cast<uint32_t>(((2 * j + c.k_col / 8) ^ (c.k_row & 7)) * 16);
+    a_off[j] = q_smem + (16 * slab + c.a_row) * kRowBytes +
+               static_cast<uint32_t>(((2 * j + c.a_col / 8) ^ (c.a_row & 7)) * 16);
+    k_off[j] = k_rows + static_cast<uint32_t>(((2 * j + c.k_col / 8) ^ (c.k_row & 7)) * 16);
   }
-  const uint32_t k_rows = tile_smem + (32 * half + c.k_row) * kRowBytes;
   uint32_t frag[2][3][4];  // [buffer][Q, K tokens 0..15, K tokens 16..31]
   auto load = [&](int kk, uint32_t(&f)[3][4]) {
     const uint32_t step = 128u * static_cast<uint32_t>(kk / 4);
-    ldmatrix_x4(f[0], a_base[kk % 4] + step);
-    ldmatrix_x4(f[1], k_rows + k_off[kk % 4] + step);
-    ldmatrix_x4(f[2], k_rows + k_off[kk % 4] + 16 * kRowBytes + step);
+    ldmatrix_x4(f[0], a_off[kk % 4] + step);
+    ldmatrix_x4(f[1], k_off[kk % 4] + step);
+    ldmatrix_x4(f[2], k_off[kk % 4] + 16 * kRowBytes + step);
   };
   load(0, frag[0]);
 #pragma unroll
   for (int kk = 0; kk < kKSteps; ++kk) {
     if (kk + 1 < kKSteps) load(kk + 1, frag[(kk + 1) % 2]);
     const uint32_t(&f)[3][4] = frag[kk % 2];
-    const uint32_t b00[2] = {f[1][0], f[1][1]}, b01[2] = {f[1][2], f[1][3]};
-    const uint32_t b10[2] = {f[2][0], f[2][1]}, b11[2] = {f[2][2], f[2][3]};
-    mma_m16n8k16<Elem>(s_acc[0], f[0], b00);
-    mma_m16n8k16<Elem>(s_acc[1], f[0], b01);
-    mma_m16n8k16<Elem>(s_acc[2], f[0], b10);
-    mma_m16n8k16<Elem>(s_acc[3], f[0], b11);
+    const uint32_t b[4][2] = {{f[1][0], f[1][1]}, {f[1][2], f[1][3]},
+                              {f[2][0], f[2][1]}, {f[2][2], f[2][3]}};
+#pragma unroll
+    for (int n = 0; n < 4; ++n) mma_m16n8k16<Elem>(s_acc[n], f[0], b[n]);
   }
 }
 
+// S for rows [16 slab, +16) x tokens [32 half, +32) of the tile, all dims. exchange: the P
+// buffer (kPBytes; free from the tile's first barrier until the softmax's __syncthreads);
+// S block `pair` swaps its partial sums in bytes [2048 pair, +2048). On sm_100f the split
+// block spills at ptxas's 255 registers (8 to 16 bytes in the sparse prefill's wide CTA and
+// the dense decode's 64-row CTA), so that target keeps the whole-dims block.
+template <typename Elem, int kDim>
+__device__ __forceinline__ void s_tile(float (&s_acc)[4][4], uint32_t q_smem, uint32_t tile_smem,
+                                       float* exchange, int slab, int half, int lane,
+                                       const Coords& c) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000
+  s_block_whole<Elem, kDim>(s_acc, q_smem, tile_smem, slab, half, c);
+#else
+  s_block_split<Elem, kDim>(s_acc, q_smem, tile_smem, exchange, slab, half, lane, c);
+#endif
+}
+
 // After the caller masked s_acc (-inf for keys a row does not see). half_max_smem: [2][64]
-// fp32; rescale_smem: [64] fp32; p: the P buffer. The pair barrier inside is the tile's B2.
+// fp32; rescale_smem: [64] fp32; p: the P buffer. The __syncthreads inside is the tile's B2.
 template <typename Elem>
 __device__ __forceinline__ void softmax_tile(float (&s_acc)[4][4], float (&row_max)[2],
                                              float (&row_sum)[2], float scale_log2,
@@ -142,7 +247,7 @@ __device__ __forceinline__ void softmax_tile(float (&s_acc)[4][4], float (&row_m
     tile_max[r] = quad_max(tile_max[r]);
     if (t == 0) half_max_smem[half * kBlockM + 16 * slab + g + 8 * r] = tile_max[r];
   }
-  pair_barrier(slab);
+  __syncthreads();  // B2: the slab's other half's maxima are there; every S exchange is read
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = 16 * slab + g + 8 * r;

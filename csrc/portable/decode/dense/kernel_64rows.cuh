@@ -11,8 +11,9 @@
 //
 // Barrier / cp.async protocol per piece (T tiles): __syncthreads; Q and tile 0 -> commit.
 //   iteration i: wait_group 0; B1 __syncthreads (tile i visible; stage (i + 1) % 2, P, the
-//   rescale factors and the half maxima free); issue tile i + 1 -> commit; S; half maxima;
-//   B2 (pair barrier); softmax, P, rescale factors (half 0); B3 __syncthreads; O *= rescale,
+//   rescale factors and the half maxima free); issue tile i + 1 -> commit; S (its partial
+//   sums meet in P at two 64-thread barriers); half maxima; B2 __syncthreads; softmax, P,
+//   rescale factors (half 0); B3 __syncthreads; O *= rescale,
 //   O += P V. Epilogue: half sums; __syncthreads; lse and 1 / sum (half 0); __syncthreads;
 //   every warp writes its columns (out, or the fp32 split partial).
 #pragma once
@@ -149,9 +150,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       cp_async_commit();
       const uint32_t tile_smem = stage_addr(i);
 
-      // ---- S: rows [16 slab, +16) x tokens [32 half, +32), all dims ----
+      // ---- S: rows [16 slab, +16) x tokens [32 half, +32), all dims (P: the exchange) ----
       float s_acc[4][4];
-      ws::s_tile<Elem, kHeadDimQK>(s_acc, q_smem, tile_smem, slab, half, coords);
+      ws::s_tile<Elem, kHeadDimQK>(s_acc, q_smem, tile_smem,
+                                   reinterpret_cast<float*>(smem + kPOffset), slab, half, lane,
+                                   coords);
 
       // ---- mask (keys at or past a row's bound), then the softmax step (B2 inside) ----
       const int tok_half = piece.tok_begin + i * kBlockN + 32 * half;

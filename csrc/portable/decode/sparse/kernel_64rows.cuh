@@ -34,8 +34,9 @@
 //     dequantise this warp's rows of raw tile i; __syncwarp (its raw rows read); issue its
 //     part of raw tile i + 1 and its valid byte (stage (i + 1) % 2, last read in iteration
 //     i - 1) -> commit; load the index values of tile i + 2; B2 half barrier (the half's
-//     dequantised rows visible); S; mask; half maxima; pair barrier; softmax, P, rescale
-//     factors; B3 __syncthreads; O *= rescale, O += P V.
+//     dequantised rows visible); S (its partial sums meet in P at two 64-thread barriers);
+//     mask; half maxima; __syncthreads; softmax, P, rescale factors; B3 __syncthreads;
+//     O *= rescale, O += P V.
 //   epilogue: wait_group 0; half sums; __syncthreads; the h = 0 warps write lse (or
 //     lse_accum) and each row's output scale (1 / sum, times the sink factor for a direct
 //     piece); __syncthreads; every warp writes its columns (out, or the fp32 split partial).
@@ -94,7 +95,7 @@ __device__ __forceinline__ const CachePool& row_pool(const SparseDecodeParams& p
 }
 
 // Rendezvous of the four warps of token half h (128 threads): they dequantise the tile rows
-// [32 h, +32) that their S reads. Barriers 1..4 are wide_steps' pair barriers.
+// [32 h, +32) that their S reads. Barriers 1..4 are wide_steps' S block pairs.
 __device__ __forceinline__ void half_barrier(int h) {
   asm volatile("bar.sync %0, 128;\n" ::"r"(5 + h) : "memory");
 }
@@ -231,11 +232,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       half_barrier(half);  // B2
 
-      // ---- S for rows [16 slab, +16) x tokens [32 half, +32), all dims ----
+      // ---- S for rows [16 slab, +16) x tokens [32 half, +32), all dims (P: the exchange) ----
       float s_acc[4][4];
-      ws::s_tile<Elem, kDimQK>(s_acc, q_smem, tile_smem, slab, half, coords);
+      ws::s_tile<Elem, kDimQK>(s_acc, q_smem, tile_smem,
+                               reinterpret_cast<float*>(smem + L::kPOffset), slab, half, lane,
+                               coords);
 
-      // ---- mask (positions without a token), then the softmax step (its pair barrier) ----
+      // ---- mask (positions without a token), then the softmax step (its __syncthreads) ----
       const uint32_t valid = *reinterpret_cast<const uint32_t*>(
           flag_smem + (i % kFlagStages) * kNumWarps + 4 * half);  // this half's 32 tokens
       ws::mask_tokens(s_acc, valid, t);

@@ -6,10 +6,12 @@
 // CTA; the gather, the valid mask, the barriers and the epilogue are its own.
 //
 // Roles of warp w (g = lane / 4, t = lane % 4):
-//   S = Q K^T: rows [16 r, 16 r + 16) with r = w % 4, tokens [32 h, 32 h + 32) of the tile
-//     with h = w / 4, all d_qk dims (no partial sums to add). Warps w and w ^ 4 share rows.
+//   S = Q K^T: warps w and w ^ 1 compute rows [32 (r / 2), +32) x tokens [32 h, +32) of the
+//     tile (r = w % 4, h = w / 4), each over half of the d_qk dims, and add their partial sums
+//     through the P buffer (wide_steps.cuh s_tile); w ends with rows [16 r, +16) x tokens
+//     [32 h, +32) over all dims. Warps w and w ^ 4 share rows.
 //   softmax: each S warp for its 16 rows x 32 tokens. The two warps of a row slab exchange
-//     their tile maxima through shared memory (a 64-thread named barrier), so both hold the
+//     their tile maxima through shared memory (at a __syncthreads), so both hold the
 //     same running max and rescale factor; each keeps its own running sum (its tokens'), the
 //     two are added once in the epilogue. The h = 0 warp publishes the rescale factors.
 //   O += P V: warp w owns output columns [64 w, 64 w + 64) for all 64 rows (4 slabs x 8
@@ -27,7 +29,8 @@
 //   iteration i: wait_group 0 (tile i landed, this thread's part); B1 __syncthreads (tile i
 //     and its valid bytes visible; every warp finished iteration i - 1, so stage (i + 1) % 2,
 //     its valid bytes, P, the rescale factors and the half maxima are free); issue tile
-//     i + 1 -> commit; S; store the half maxima; B2 (named barrier 1 + r, warps r and r + 4);
+//     i + 1 -> commit; S (two 64-thread barriers of warps w and w ^ 1 around the exchange of
+//     partial sums in P); store the half maxima; B2 __syncthreads (every exchange read);
 //     softmax, P and (h = 0) the rescale factors; B3 __syncthreads; O *= rescale, O += P V.
 //   epilogue: the half sums; __syncthreads; the h = 0 warps write max_logits and lse and the
 //     output scale; __syncthreads; every warp writes its columns of out.
@@ -189,11 +192,13 @@ __global__ void __launch_bounds__(wide::kThreads, 1)
       next_index = load_index(i + 2);
       const uint32_t tile_smem = stage_addr(i);
 
-      // ---- S for rows [16 slab, +16) x tokens [32 half, +32), all dims ----
+      // ---- S for rows [16 slab, +16) x tokens [32 half, +32), all dims (P: the exchange) ----
       float s_acc[4][4];
-      ws::s_tile<Elem, kDimQK>(s_acc, q_smem, tile_smem, slab, half, coords);
+      ws::s_tile<Elem, kDimQK>(s_acc, q_smem, tile_smem,
+                               reinterpret_cast<float*>(smem + L::kPOffset), slab, half, lane,
+                               coords);
 
-      // ---- mask (invalid keys), then the softmax step (its pair barrier is B2) ----
+      // ---- mask (invalid keys), then the softmax step (its __syncthreads is B2) ----
       const uint32_t valid = *reinterpret_cast<const uint32_t*>(
           valid_smem + (i % wide::kStages) * wide::kNumWarps + 4 * half);  // 32 tokens' bits
       ws::mask_tokens(s_acc, valid, t);
