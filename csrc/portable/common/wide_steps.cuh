@@ -97,7 +97,8 @@ __device__ __forceinline__ void mask_tokens(float (&s_acc)[4][4], uint32_t valid
     }
 }
 
-// The 32 x 32 block over half of the dims, and the exchange of partial sums (header).
+// The 32 x 32 block over half of the dims and the exchange of partial sums (the file's
+// header describes both).
 template <typename Elem, int kDim>
 __device__ __forceinline__ void s_block_split(float (&s_acc)[4][4], uint32_t q_smem,
                                               uint32_t tile_smem, float* exchange, int slab,
@@ -123,8 +124,10 @@ __device__ __forceinline__ void s_block_split(float (&s_acc)[4][4], uint32_t q_s
   for (int j = 0; j < 4; ++j) {
     const int kk = first + j;
     const uint32_t span = 128u * static_cast<uint32_t>(kk / 4);
-    a_off[j] = a_rows + span + static_cast<uint32_t>(((2 * (kk % 4) + c.a_col / 8) ^ (c.a_row & 7)) * 16);
-    k_off[j] = k_rows + span + static_cast<uint32_t>(((2 * (kk % 4) + c.k_col / 8) ^ (c.k_row & 7)) * 16);
+    a_off[j] = a_rows + span +
+               static_cast<uint32_t>(((2 * (kk % 4) + c.a_col / 8) ^ (c.a_row & 7)) * 16);
+    k_off[j] = k_rows + span +
+               static_cast<uint32_t>(((2 * (kk % 4) + c.k_col / 8) ^ (c.k_row & 7)) * 16);
   }
   uint32_t frag[2][4][4];  // [buffer][Q rows 0..15, Q rows 16..31, K tokens 0..15, 16..31]
   auto load = [&](int kk, uint32_t(&f)[4][4]) {
@@ -150,7 +153,9 @@ __device__ __forceinline__ void s_block_split(float (&s_acc)[4][4], uint32_t q_s
   float4* box = reinterpret_cast<float4*>(exchange) + 128 * pair + lane;
   if (odd) {
 #pragma unroll
-    for (int n = 0; n < 4; ++n) box[32 * n] = make_float4(acc[0][n][0], acc[0][n][1], acc[0][n][2], acc[0][n][3]);
+    for (int n = 0; n < 4; ++n) {
+      box[32 * n] = make_float4(acc[0][n][0], acc[0][n][1], acc[0][n][2], acc[0][n][3]);
+    }
     block_pair_barrier(pair);  // the even warp may read
     block_pair_barrier(pair);  // the even warp's partial is there
 #pragma unroll
