@@ -97,28 +97,18 @@ __device__ __forceinline__ void mask_tokens(float (&s_acc)[4][4], uint32_t valid
     }
 }
 
-// The 32 x 32 block over half of the dims and the exchange of partial sums (the file's
-// header describes both).
-template <typename Elem, int kDim>
-__device__ __forceinline__ void s_block_split(float (&s_acc)[4][4], uint32_t q_smem,
-                                              uint32_t tile_smem, float* exchange, int slab,
-                                              int half, int lane, const Coords& c) {
-  constexpr int kKSteps = kDim / 32;  // per warp: half of the dims
+// acc[i][n] += Q rows [q_row0 + 16 i, +16) x K tokens [tok0 + 8 n, +8) of the tile over the
+// kKSteps k-steps (16 dims each) from k-step `first`: the MMA loop of both S blocks below.
+// The fragments of k-step kk + 1 load while kk's MMAs run. Operand addresses of k-steps
+// first + j, j < 4, are computed per tile (so they hold no registers during P V); k-step
+// first + 4 m + j adds 128 m bytes to them.
+template <typename Elem, int kDim, int kM, int kKSteps>
+__device__ __forceinline__ void s_block_mma(float (&acc)[kM][4][4], uint32_t q_smem,
+                                            uint32_t tile_smem, int q_row0, int tok0, int first,
+                                            const Coords& c) {
   constexpr int kRowBytes = kDim * kElemBytes;
-  static_assert(kDim % 32 == 0, "whole k-steps in each half of the dims");
-  static_assert(kPBytes >= 4 * 2048, "the P buffer holds the four S blocks' exchanges");
-  const int odd = slab & 1;  // which half of the dims this warp adds
-  const int pair = 2 * half + (slab >> 1);
-  float acc[2][4][4];  // [slab 2 (slab / 2) + i][n-tile][fragment]
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int n = 0; n < 4; ++n) acc[i][n][0] = acc[i][n][1] = acc[i][n][2] = acc[i][n][3] = 0.f;
-  // Operand addresses of k-steps first + j, j < 4; k-step first + 4 m + j adds 128 m bytes.
-  // Computed per tile so they hold no registers during P V.
-  const int first = kKSteps * odd;
-  const uint32_t a_rows = q_smem + (32 * (slab >> 1) + c.a_row) * kRowBytes;
-  const uint32_t k_rows = tile_smem + (32 * half + c.k_row) * kRowBytes;
+  const uint32_t a_rows = q_smem + (q_row0 + c.a_row) * kRowBytes;
+  const uint32_t k_rows = tile_smem + (tok0 + c.k_row) * kRowBytes;
   uint32_t a_off[4], k_off[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -129,26 +119,46 @@ __device__ __forceinline__ void s_block_split(float (&s_acc)[4][4], uint32_t q_s
     k_off[j] = k_rows + span +
                static_cast<uint32_t>(((2 * (kk % 4) + c.k_col / 8) ^ (c.k_row & 7)) * 16);
   }
-  uint32_t frag[2][4][4];  // [buffer][Q rows 0..15, Q rows 16..31, K tokens 0..15, 16..31]
-  auto load = [&](int kk, uint32_t(&f)[4][4]) {
+  uint32_t frag[2][kM + 2][4];  // [buffer][Q rows 16 i.., K tokens 0..15, K tokens 16..31]
+  auto load = [&](int kk, uint32_t(&f)[kM + 2][4]) {
     const uint32_t step = 128u * static_cast<uint32_t>(kk / 4);
-    ldmatrix_x4(f[0], a_off[kk % 4] + step);
-    ldmatrix_x4(f[1], a_off[kk % 4] + 16 * kRowBytes + step);
-    ldmatrix_x4(f[2], k_off[kk % 4] + step);
-    ldmatrix_x4(f[3], k_off[kk % 4] + 16 * kRowBytes + step);
+#pragma unroll
+    for (int i = 0; i < kM; ++i) ldmatrix_x4(f[i], a_off[kk % 4] + 16 * i * kRowBytes + step);
+    ldmatrix_x4(f[kM], k_off[kk % 4] + step);
+    ldmatrix_x4(f[kM + 1], k_off[kk % 4] + 16 * kRowBytes + step);
   };
   load(0, frag[0]);
 #pragma unroll
   for (int kk = 0; kk < kKSteps; ++kk) {
     if (kk + 1 < kKSteps) load(kk + 1, frag[(kk + 1) % 2]);
-    const uint32_t(&f)[4][4] = frag[kk % 2];
-    const uint32_t b[4][2] = {{f[2][0], f[2][1]}, {f[2][2], f[2][3]},
-                              {f[3][0], f[3][1]}, {f[3][2], f[3][3]}};
+    const uint32_t(&f)[kM + 2][4] = frag[kk % 2];
+    const uint32_t b[4][2] = {{f[kM][0], f[kM][1]}, {f[kM][2], f[kM][3]},
+                              {f[kM + 1][0], f[kM + 1][1]}, {f[kM + 1][2], f[kM + 1][3]}};
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < kM; ++i)
 #pragma unroll
       for (int n = 0; n < 4; ++n) mma_m16n8k16<Elem>(acc[i][n], f[i], b[n]);
   }
+}
+
+// The 32 x 32 block over half of the dims and the exchange of partial sums (the file's
+// header describes both).
+template <typename Elem, int kDim>
+__device__ __forceinline__ void s_block_split(float (&s_acc)[4][4], uint32_t q_smem,
+                                              uint32_t tile_smem, float* exchange, int slab,
+                                              int half, int lane, const Coords& c) {
+  constexpr int kKSteps = kDim / 32;  // per warp: half of the dims
+  static_assert(kDim % 32 == 0, "whole k-steps in each half of the dims");
+  static_assert(kPBytes >= 4 * 2048, "the P buffer holds the four S blocks' exchanges");
+  const int odd = slab & 1;  // which half of the dims this warp adds
+  const int pair = 2 * half + (slab >> 1);
+  float acc[2][4][4];  // [slab 2 (slab / 2) + i][n-tile][fragment]
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int n = 0; n < 4; ++n) acc[i][n][0] = acc[i][n][1] = acc[i][n][2] = acc[i][n][3] = 0.f;
+  s_block_mma<Elem, kDim, 2, kKSteps>(acc, q_smem, tile_smem, 32 * (slab >> 1), 32 * half,
+                                      kKSteps * odd, c);
   // The exchange: float4 n * 32 + lane of the block's 2 KB (32 lanes x 16 B: no bank conflict).
   float4* box = reinterpret_cast<float4*>(exchange) + 128 * pair + lane;
   if (odd) {
@@ -188,35 +198,15 @@ __device__ __forceinline__ void s_block_whole(float (&s_acc)[4][4], uint32_t q_s
                                               uint32_t tile_smem, int slab, int half,
                                               const Coords& c) {
   constexpr int kKSteps = kDim / 16;
-  constexpr int kRowBytes = kDim * kElemBytes;
   static_assert(kKSteps % 4 == 0, "k-steps come in groups of 4 (one 128-byte swizzle span)");
+  float acc[1][4][4];
 #pragma unroll
-  for (int n = 0; n < 4; ++n) s_acc[n][0] = s_acc[n][1] = s_acc[n][2] = s_acc[n][3] = 0.f;
-  uint32_t a_off[4], k_off[4];  // per tile, as in s_block_split
-  const uint32_t k_rows = tile_smem + (32 * half + c.k_row) * kRowBytes;
+  for (int n = 0; n < 4; ++n) acc[0][n][0] = acc[0][n][1] = acc[0][n][2] = acc[0][n][3] = 0.f;
+  s_block_mma<Elem, kDim, 1, kKSteps>(acc, q_smem, tile_smem, 16 * slab, 32 * half, 0, c);
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    a_off[j] = q_smem + (16 * slab + c.a_row) * kRowBytes +
-               static_cast<uint32_t>(((2 * j + c.a_col / 8) ^ (c.a_row & 7)) * 16);
-    k_off[j] = k_rows + static_cast<uint32_t>(((2 * j + c.k_col / 8) ^ (c.k_row & 7)) * 16);
-  }
-  uint32_t frag[2][3][4];  // [buffer][Q, K tokens 0..15, K tokens 16..31]
-  auto load = [&](int kk, uint32_t(&f)[3][4]) {
-    const uint32_t step = 128u * static_cast<uint32_t>(kk / 4);
-    ldmatrix_x4(f[0], a_off[kk % 4] + step);
-    ldmatrix_x4(f[1], k_off[kk % 4] + step);
-    ldmatrix_x4(f[2], k_off[kk % 4] + 16 * kRowBytes + step);
-  };
-  load(0, frag[0]);
+  for (int n = 0; n < 4; ++n)
 #pragma unroll
-  for (int kk = 0; kk < kKSteps; ++kk) {
-    if (kk + 1 < kKSteps) load(kk + 1, frag[(kk + 1) % 2]);
-    const uint32_t(&f)[3][4] = frag[kk % 2];
-    const uint32_t b[4][2] = {{f[1][0], f[1][1]}, {f[1][2], f[1][3]},
-                              {f[2][0], f[2][1]}, {f[2][2], f[2][3]}};
-#pragma unroll
-    for (int n = 0; n < 4; ++n) mma_m16n8k16<Elem>(s_acc[n], f[0], b[n]);
-  }
+    for (int e = 0; e < 4; ++e) s_acc[n][e] = acc[0][n][e];
 }
 
 // S for rows [16 slab, +16) x tokens [32 half, +32) of the tile, all dims. exchange: the P
